@@ -1,0 +1,1 @@
+//! The embedded segment log: topics × partitions as segment files on local disk.

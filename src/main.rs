@@ -1,0 +1,3 @@
+//! The `tidemark` command: dispatches subcommands to the library crates.
+
+fn main() {}

@@ -1,0 +1,1 @@
+//! The batching writer between the processor and a store.
