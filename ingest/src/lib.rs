@@ -4,3 +4,412 @@
 //! API key, validates and enriches each event, drops duplicates by `event_id`,
 //! and appends the accepted ones to the log; rejected ones go to the
 //! dead-letter topic with their reason.
+
+mod dedup;
+mod error;
+mod metrics;
+
+use std::borrow::Cow;
+use std::io::Read;
+use std::ops::Range;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use bytes::Bytes;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use rustc_hash::FxHashSet;
+use serde::Serialize;
+use serde_json::value::RawValue;
+use tidemark_log::{Log, LogError, Record};
+use tidemark_model::{topic, wire, Event, EventTime, Limits};
+
+pub use dedup::Dedup;
+pub use error::IngestError;
+pub use metrics::IngestMetrics;
+
+/// Longest prefix of a rejected event's text kept in its dead letter.
+const DEAD_LETTER_RAW_BYTES: usize = 4 * 1024;
+
+/// Settings of the collector.
+#[derive(Debug, Clone)]
+pub struct IngestConfig {
+    /// Accepted `Authorization: Bearer` keys.
+    pub api_keys: Vec<String>,
+    /// Validation limits applied to every event.
+    pub limits: Limits,
+    /// Largest request body, before and after gzip decompression.
+    pub max_body_bytes: usize,
+    /// How long an accepted `event_id` makes later copies duplicates.
+    pub dedup_window: Duration,
+    /// Most `event_id`s remembered; the oldest are forgotten first.
+    pub dedup_capacity: usize,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            api_keys: Vec::new(),
+            limits: Limits::default(),
+            max_body_bytes: 5 * 1024 * 1024,
+            dedup_window: Duration::from_secs(10 * 60),
+            dedup_capacity: 1_000_000,
+        }
+    }
+}
+
+/// Shared state of the collector's handlers.
+#[derive(Debug)]
+pub struct IngestState {
+    config: IngestConfig,
+    log: Arc<dyn Log>,
+    metrics: IngestMetrics,
+    dedup: Mutex<Dedup>,
+}
+
+impl IngestState {
+    /// State over `log`; the dedup memory starts empty.
+    pub fn new(config: IngestConfig, log: Arc<dyn Log>, metrics: IngestMetrics) -> IngestState {
+        let dedup = Mutex::new(Dedup::new(config.dedup_window, config.dedup_capacity));
+        IngestState {
+            config,
+            log,
+            metrics,
+            dedup,
+        }
+    }
+
+    /// Creates the event topics and the dead-letter topic with their default
+    /// partition counts (existing topics are left as they are).
+    pub async fn ensure_topics(&self) -> Result<(), LogError> {
+        for t in topic::INPUT_TOPICS.iter().chain([&topic::DEAD_LETTER]) {
+            self.log
+                .ensure_topic(t, topic::default_partitions(t))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The metrics this state counts into.
+    pub fn metrics(&self) -> &IngestMetrics {
+        &self.metrics
+    }
+
+    /// The settings the state was built with.
+    pub fn config(&self) -> &IngestConfig {
+        &self.config
+    }
+}
+
+/// The collector's routes: `POST /v1/events`.
+pub fn router(state: Arc<IngestState>) -> Router {
+    Router::new()
+        .route("/v1/events", post(post_events))
+        .with_state(state)
+}
+
+/// The reply to a request whose body was read and parsed.
+#[derive(Debug, Serialize)]
+struct Summary {
+    accepted: usize,
+    duplicates: usize,
+    rejected: Vec<Rejection>,
+}
+
+#[derive(Debug, Serialize)]
+struct Rejection {
+    index: usize,
+    reason: &'static str,
+    error: String,
+}
+
+#[derive(Serialize)]
+struct DeadLetter<'a> {
+    reason: &'static str,
+    error: String,
+    raw: Cow<'a, str>,
+}
+
+async fn post_events(
+    State(state): State<Arc<IngestState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let response = match ingest(&state, &headers, body).await {
+        Ok(response) => response,
+        Err(e) => {
+            if let IngestError::Log(err) = &e {
+                tracing::warn!(error = %err, "Log append failed; request refused");
+            } else {
+                state
+                    .metrics
+                    .rejected
+                    .with_label_values(&[e.reason()])
+                    .inc();
+            }
+            e.into_response()
+        }
+    };
+    state
+        .metrics
+        .requests
+        .with_label_values(&[response.status().as_str()])
+        .inc();
+    response
+}
+
+/// One accepted event waiting for its append; ranges index the request's buffer.
+struct Pending {
+    key: Range<usize>,
+    value: Range<usize>,
+    timestamp: EventTime,
+    id_hash: u64,
+}
+
+async fn ingest(
+    state: &IngestState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, IngestError> {
+    if !authorized(headers, &state.config.api_keys) {
+        return Err(IngestError::Unauthorized);
+    }
+    let body = read_body(headers, body, state.config.max_body_bytes).await?;
+    let received_at = EventTime::now();
+    let items = split_events(&body)?;
+    if items.is_empty() {
+        return Err(IngestError::EmptyBody);
+    }
+
+    let mut rejected = Vec::new();
+    let mut parsed = Vec::with_capacity(items.len());
+    for (index, raw) in items.iter().enumerate() {
+        match Event::from_json(raw, received_at, &state.config.limits) {
+            Ok(ev) => parsed.push((dedup::id_hash(&ev.event_id), ev)),
+            Err(e) => rejected.push((index, e)),
+        }
+    }
+
+    let mut fresh = Vec::with_capacity(parsed.len());
+    let mut duplicates = 0;
+    {
+        let seen = state.dedup.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut in_batch = FxHashSet::default();
+        for (hash, ev) in parsed {
+            if seen.contains(hash, received_at) || !in_batch.insert(hash) {
+                duplicates += 1;
+            } else {
+                fresh.push((hash, ev));
+            }
+        }
+    }
+
+    // Every key and value of the request lives in one buffer; records slice it.
+    let mut buf = Vec::with_capacity(body.len() + 64 * rejected.len());
+    let mut groups: Vec<(&'static str, Vec<Pending>)> = Vec::with_capacity(4);
+    for (hash, ev) in &fresh {
+        let t = topic::topic_for(&ev.event_type);
+        let key_start = buf.len();
+        buf.extend_from_slice(ev.user_id.as_bytes());
+        let value_start = buf.len();
+        wire::encode(ev, &mut buf);
+        let pending = Pending {
+            key: key_start..value_start,
+            value: value_start..buf.len(),
+            timestamp: ev.timestamp,
+            id_hash: *hash,
+        };
+        match groups.iter_mut().find(|(name, _)| *name == t) {
+            Some((_, group)) => group.push(pending),
+            None => groups.push((t, vec![pending])),
+        }
+    }
+    let mut dead = Vec::with_capacity(rejected.len());
+    for (index, e) in &rejected {
+        let key_start = buf.len();
+        buf.extend_from_slice(index.to_string().as_bytes());
+        let value_start = buf.len();
+        let raw = items[*index];
+        let letter = DeadLetter {
+            reason: e.reason(),
+            error: e.to_string(),
+            raw: String::from_utf8_lossy(&raw[..raw.len().min(DEAD_LETTER_RAW_BYTES)]),
+        };
+        if serde_json::to_writer(&mut buf, &letter).is_err() {
+            // Serialising plain strings into a Vec cannot fail; drop the letter if it ever does.
+            buf.truncate(key_start);
+            continue;
+        }
+        dead.push(Pending {
+            key: key_start..value_start,
+            value: value_start..buf.len(),
+            timestamp: received_at,
+            id_hash: 0,
+        });
+    }
+    let buf = Bytes::from(buf);
+    let records = |pending: &[Pending]| -> Vec<Record> {
+        pending
+            .iter()
+            .map(|p| Record {
+                key: buf.slice(p.key.clone()),
+                value: buf.slice(p.value.clone()),
+                timestamp: p.timestamp,
+            })
+            .collect()
+    };
+
+    for (t, pending) in &groups {
+        let started = Instant::now();
+        let result = state.log.append(t, records(pending)).await;
+        state
+            .metrics
+            .append_seconds
+            .observe(started.elapsed().as_secs_f64());
+        result?;
+        // Only now are these ids durable; marking them earlier would turn a
+        // retry after a failed append into a silently dropped duplicate.
+        let mut seen = state.dedup.lock().unwrap_or_else(PoisonError::into_inner);
+        for p in pending {
+            seen.insert(p.id_hash, received_at);
+        }
+        drop(seen);
+        state.metrics.log_appended.inc_by(pending.len() as u64);
+        state.metrics.accepted.inc_by(pending.len() as u64);
+    }
+    if !dead.is_empty() {
+        let started = Instant::now();
+        let result = state.log.append(topic::DEAD_LETTER, records(&dead)).await;
+        state
+            .metrics
+            .append_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(_) => state.metrics.log_appended.inc_by(dead.len() as u64),
+            // The client is told why each event was rejected either way; losing
+            // the dead letter is not worth failing the accepted events.
+            Err(e) => tracing::warn!(error = %e, count = dead.len(), "Dead-letter append failed"),
+        }
+    }
+
+    state.metrics.duplicates.inc_by(duplicates as u64);
+    for (_, e) in &rejected {
+        state
+            .metrics
+            .rejected
+            .with_label_values(&[e.reason()])
+            .inc();
+    }
+    let summary = Summary {
+        accepted: fresh.len(),
+        duplicates,
+        rejected: rejected
+            .iter()
+            .map(|(index, e)| Rejection {
+                index: *index,
+                reason: e.reason(),
+                error: e.to_string(),
+            })
+            .collect(),
+    };
+    let status = if summary.accepted + summary.duplicates > 0 {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::BAD_REQUEST
+    };
+    Ok((status, Json(summary)).into_response())
+}
+
+/// Whether the request carries `Authorization: Bearer <key>` with a configured key.
+fn authorized(headers: &HeaderMap, keys: &[String]) -> bool {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return false;
+    };
+    let value = value.as_bytes();
+    let Some(token) = value
+        .get(..7)
+        .filter(|p| p.eq_ignore_ascii_case(b"bearer "))
+        .map(|_| value[7..].trim_ascii())
+    else {
+        return false;
+    };
+    // Compare against every key without an early exit so timing does not leak a prefix.
+    keys.iter().fold(false, |found, key| {
+        found | constant_time_eq(token, key.as_bytes())
+    })
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Reads the body within `limit` bytes and undoes `Content-Encoding: gzip`,
+/// bounding the decompressed size by the same limit.
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, IngestError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(IngestError::BodyTooLarge { limit });
+    }
+    let bytes = match Limited::new(body, limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            return Err(IngestError::BodyTooLarge { limit })
+        }
+        Err(e) => return Err(IngestError::BodyRead(e.to_string())),
+    };
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .map(|v| v.to_str().unwrap_or("").trim());
+    match encoding {
+        None => Ok(bytes),
+        Some(e) if e.is_empty() || e.eq_ignore_ascii_case("identity") => Ok(bytes),
+        Some(e) if e.eq_ignore_ascii_case("gzip") || e.eq_ignore_ascii_case("x-gzip") => {
+            gunzip(&bytes, limit)
+        }
+        Some(e) => Err(IngestError::UnsupportedEncoding(e.to_string())),
+    }
+}
+
+fn gunzip(compressed: &[u8], limit: usize) -> Result<Bytes, IngestError> {
+    let mut out = Vec::with_capacity(compressed.len().saturating_mul(4).min(limit));
+    // Reading one byte past the limit tells "exactly at the limit" from "over it"
+    // without ever inflating more than that.
+    let mut reader = flate2::read::MultiGzDecoder::new(compressed).take(limit as u64 + 1);
+    reader
+        .read_to_end(&mut out)
+        .map_err(|e| IngestError::InvalidGzip(e.to_string()))?;
+    if out.len() > limit {
+        return Err(IngestError::BodyTooLarge { limit });
+    }
+    Ok(Bytes::from(out))
+}
+
+/// Splits a body into the raw bytes of its events: a JSON array of objects when
+/// it starts with `[`, otherwise NDJSON (one event per non-blank line).
+fn split_events(body: &[u8]) -> Result<Vec<&[u8]>, IngestError> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first == Some(&b'[') {
+        let items: Vec<&RawValue> =
+            serde_json::from_slice(body).map_err(|e| IngestError::InvalidJson(e.to_string()))?;
+        return Ok(items.into_iter().map(|raw| raw.get().as_bytes()).collect());
+    }
+    Ok(body
+        .split(|&b| b == b'\n')
+        .map(<[u8]>::trim_ascii)
+        .filter(|line| !line.is_empty())
+        .collect())
+}
+
+#[cfg(test)]
+mod tests;

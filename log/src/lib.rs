@@ -45,8 +45,15 @@ pub enum LogError {
     UnknownTopic(String),
     #[error("topic `{topic}` has no partition {partition}")]
     UnknownPartition { topic: String, partition: u32 },
-    #[error("offset {offset} of {topic}/{partition} is no longer retained (earliest is {earliest})")]
-    OffsetOutOfRange { topic: String, partition: u32, offset: u64, earliest: u64 },
+    #[error(
+        "offset {offset} of {topic}/{partition} is no longer retained (earliest is {earliest})"
+    )]
+    OffsetOutOfRange {
+        topic: String,
+        partition: u32,
+        offset: u64,
+        earliest: u64,
+    },
     #[error("corrupt log data in {path}: {detail}")]
     Corrupt { path: String, detail: String },
     #[error("log I/O failed: {0}")]
@@ -91,7 +98,12 @@ pub trait Log: Send + Sync + std::fmt::Debug + 'static {
 
     /// The first offset whose record timestamp is at or after `time`
     /// (the end offset if there is none).
-    async fn offset_for_time(&self, topic: &str, partition: u32, time: EventTime) -> Result<u64, LogError>;
+    async fn offset_for_time(
+        &self,
+        topic: &str,
+        partition: u32,
+        time: EventTime,
+    ) -> Result<u64, LogError>;
 
     /// The earliest offset still retained.
     async fn start_offset(&self, topic: &str, partition: u32) -> Result<u64, LogError>;

@@ -12,6 +12,9 @@ pub mod topic;
 pub mod update;
 pub mod wire;
 
+#[cfg(test)]
+mod test_support;
+
 pub use event::{Country, Device, Event, EventError, EventType, Limits};
 pub use point::{FieldValue, Point, Tier};
 pub use time::{EventTime, Watermark};

@@ -112,12 +112,21 @@ impl Point {
     ) -> Point {
         tags.sort_by(|a, b| a.0.cmp(&b.0));
         fields.sort_by(|a, b| a.0.cmp(&b.0));
-        Point { measurement: measurement.into(), tier, tags, fields, time }
+        Point {
+            measurement: measurement.into(),
+            tier,
+            tags,
+            fields,
+            time,
+        }
     }
 
     /// The value of a tag, if present.
     pub fn tag(&self, key: &str) -> Option<&str> {
-        self.tags.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.tags
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     /// The value of a field, if present.
@@ -186,10 +195,19 @@ mod tests {
             "traffic",
             Tier::Rt,
             EventTime(60_000),
-            vec![("device".into(), "ios".into()), ("country".into(), "a b".into())],
-            vec![("events".into(), FieldValue::Int(3)), ("avg".into(), FieldValue::Float(1.0))],
+            vec![
+                ("device".into(), "ios".into()),
+                ("country".into(), "a b".into()),
+            ],
+            vec![
+                ("events".into(), FieldValue::Int(3)),
+                ("avg".into(), FieldValue::Float(1.0)),
+            ],
         );
-        assert_eq!(p.to_line_protocol(), "traffic,country=a\\ b,device=ios avg=1.0,events=3i 60000");
+        assert_eq!(
+            p.to_line_protocol(),
+            "traffic,country=a\\ b,device=ios avg=1.0,events=3i 60000"
+        );
     }
 
     #[test]

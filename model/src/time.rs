@@ -6,7 +6,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 /// A point in event time, in milliseconds since the Unix epoch (UTC).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
 pub struct EventTime(pub i64);
 
 /// A watermark: the assertion that no more events at or before this time are expected.
@@ -88,6 +90,9 @@ mod tests {
     fn floors_to_window_start() {
         let t = EventTime(61_500);
         assert_eq!(t.floor(Duration::from_secs(60)), EventTime(60_000));
-        assert_eq!(EventTime(-1).floor(Duration::from_secs(60)), EventTime(-60_000));
+        assert_eq!(
+            EventTime(-1).floor(Duration::from_secs(60)),
+            EventTime(-60_000)
+        );
     }
 }

@@ -3,8 +3,17 @@
 //! Layout (little-endian, strings as varint length + bytes): a version byte,
 //! then the fields in a fixed order with a presence bitmap for the optional
 //! ones. Decoding is strict: a truncated or corrupt record is an error, never a panic.
+//!
+//! Record layout, version 1:
+//!
+//! ```text
+//! version u8 | type u8 (255: custom, then its name as a string) | event_id str | user_id str
+//! | timestamp i64 | received_at i64 | schema_version varint | device u8 | country [u8; 2]
+//! | presence u16 | present optionals in bit order
+//! ```
 
-use crate::event::Event;
+use crate::event::{Country, Device, Event, EventType};
+use crate::time::EventTime;
 
 /// Current wire version byte.
 pub const VERSION: u8 = 1;
@@ -20,12 +29,424 @@ pub enum WireError {
     Corrupt(&'static str),
 }
 
+impl WireError {
+    /// Never: the bytes of a record do not change on a second read.
+    pub fn is_retryable(&self) -> bool {
+        false
+    }
+}
+
+const CUSTOM_CODE: u8 = 255;
+
+const P_POST_ID: u16 = 1 << 0;
+const P_HASHTAGS: u16 = 1 << 1;
+const P_CAMPAIGN_ID: u16 = 1 << 2;
+const P_AD_ID: u16 = 1 << 3;
+const P_IMPRESSION_ID: u16 = 1 << 4;
+const P_COST: u16 = 1 << 5;
+const P_REVENUE: u16 = 1 << 6;
+const P_SESSION_ID: u16 = 1 << 7;
+const P_PAGE: u16 = 1 << 8;
+const P_DURATION_MS: u16 = 1 << 9;
+const P_AGE_BAND: u16 = 1 << 10;
+const P_SEGMENT: u16 = 1 << 11;
+const P_EXTRA: u16 = 1 << 12;
+const P_ALL: u16 = (1 << 13) - 1;
+
+fn type_code(t: &EventType) -> u8 {
+    match t {
+        EventType::PageView => 0,
+        EventType::Login => 1,
+        EventType::Follow => 2,
+        EventType::Search => 3,
+        EventType::PostCreated => 4,
+        EventType::View => 5,
+        EventType::Like => 6,
+        EventType::Comment => 7,
+        EventType::Share => 8,
+        EventType::AdImpression => 9,
+        EventType::AdClick => 10,
+        EventType::AdConversion => 11,
+        EventType::ProfileUpdate => 12,
+        EventType::Custom(_) => CUSTOM_CODE,
+    }
+}
+
+fn device_code(d: Device) -> u8 {
+    match d {
+        Device::Ios => 0,
+        Device::Android => 1,
+        Device::Web => 2,
+        Device::Other => 3,
+        Device::Unknown => 4,
+    }
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    put_varint(out, s.len() as u64);
+    out.extend_from_slice(s.as_bytes());
+}
+
 /// Appends the binary form of `ev` to `out`.
 pub fn encode(ev: &Event, out: &mut Vec<u8>) {
-    todo!("encode {ev:?} into {} bytes", out.len())
+    out.reserve(
+        64 + ev.event_id.len() + ev.user_id.len() + ev.extra.as_ref().map_or(0, |e| e.len()),
+    );
+    out.push(VERSION);
+    let code = type_code(&ev.event_type);
+    out.push(code);
+    if code == CUSTOM_CODE {
+        put_str(out, ev.event_type.as_str());
+    }
+    put_str(out, &ev.event_id);
+    put_str(out, &ev.user_id);
+    out.extend_from_slice(&ev.timestamp.0.to_le_bytes());
+    out.extend_from_slice(&ev.received_at.0.to_le_bytes());
+    put_varint(out, u64::from(ev.schema_version));
+    out.push(device_code(ev.device));
+    out.extend_from_slice(&ev.country.0);
+
+    let flags = [
+        (P_POST_ID, ev.post_id.is_some()),
+        (P_HASHTAGS, !ev.hashtags.is_empty()),
+        (P_CAMPAIGN_ID, ev.campaign_id.is_some()),
+        (P_AD_ID, ev.ad_id.is_some()),
+        (P_IMPRESSION_ID, ev.impression_id.is_some()),
+        (P_COST, ev.cost.is_some()),
+        (P_REVENUE, ev.revenue.is_some()),
+        (P_SESSION_ID, ev.session_id.is_some()),
+        (P_PAGE, ev.page.is_some()),
+        (P_DURATION_MS, ev.duration_ms.is_some()),
+        (P_AGE_BAND, ev.age_band.is_some()),
+        (P_SEGMENT, ev.segment.is_some()),
+        (P_EXTRA, ev.extra.is_some()),
+    ];
+    let presence = flags
+        .iter()
+        .filter(|(_, on)| *on)
+        .fold(0u16, |acc, (bit, _)| acc | bit);
+    out.extend_from_slice(&presence.to_le_bytes());
+
+    if let Some(s) = &ev.post_id {
+        put_str(out, s);
+    }
+    if !ev.hashtags.is_empty() {
+        put_varint(out, ev.hashtags.len() as u64);
+        for tag in &ev.hashtags {
+            put_str(out, tag);
+        }
+    }
+    for s in [&ev.campaign_id, &ev.ad_id, &ev.impression_id]
+        .into_iter()
+        .flatten()
+    {
+        put_str(out, s);
+    }
+    for v in [ev.cost, ev.revenue].into_iter().flatten() {
+        out.extend_from_slice(&v.to_bits().to_le_bytes());
+    }
+    for s in [&ev.session_id, &ev.page].into_iter().flatten() {
+        put_str(out, s);
+    }
+    if let Some(ms) = ev.duration_ms {
+        put_varint(out, ms);
+    }
+    for s in [&ev.age_band, &ev.segment, &ev.extra].into_iter().flatten() {
+        put_str(out, s);
+    }
+}
+
+/// A cursor over one record.
+struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+        if self.buf.len() < n {
+            return Err(WireError::Truncated);
+        }
+        let (head, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Ok(head)
+    }
+
+    fn u8(&mut self) -> Result<u8, WireError> {
+        let (&b, rest) = self.buf.split_first().ok_or(WireError::Truncated)?;
+        self.buf = rest;
+        Ok(b)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+
+    fn i64(&mut self) -> Result<i64, WireError> {
+        Ok(i64::from_le_bytes(self.array()?))
+    }
+
+    fn varint(&mut self) -> Result<u64, WireError> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = self.u8()?;
+            let bits = u64::from(b & 0x7f);
+            if shift == 63 && bits > 1 {
+                return Err(WireError::Corrupt("varint overflows 64 bits"));
+            }
+            v |= bits << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(WireError::Corrupt("varint too long"))
+    }
+
+    fn str(&mut self) -> Result<&'a str, WireError> {
+        let len = self.varint()?;
+        let len = usize::try_from(len).map_err(|_| WireError::Truncated)?;
+        let bytes = self.take(len)?;
+        std::str::from_utf8(bytes).map_err(|_| WireError::Corrupt("string is not UTF-8"))
+    }
+
+    fn string(&mut self) -> Result<String, WireError> {
+        self.str().map(str::to_owned)
+    }
+
+    fn opt_string(&mut self, presence: u16, bit: u16) -> Result<Option<String>, WireError> {
+        if presence & bit == 0 {
+            return Ok(None);
+        }
+        self.string().map(Some)
+    }
+
+    fn opt_f64(&mut self, presence: u16, bit: u16) -> Result<Option<f64>, WireError> {
+        if presence & bit == 0 {
+            return Ok(None);
+        }
+        Ok(Some(f64::from_bits(u64::from_le_bytes(self.array()?))))
+    }
+}
+
+fn event_type_from_code(code: u8) -> Option<EventType> {
+    EventType::BUILT_IN.get(usize::from(code)).cloned()
 }
 
 /// Decodes one event from exactly the bytes of one record.
 pub fn decode(buf: &[u8]) -> Result<Event, WireError> {
-    todo!("decode {} bytes", buf.len())
+    let mut r = Reader { buf };
+    let version = r.u8()?;
+    if version != VERSION {
+        return Err(WireError::Version(version));
+    }
+    let code = r.u8()?;
+    let event_type = if code == CUSTOM_CODE {
+        let name = r.str()?;
+        if !name.starts_with("custom.") {
+            return Err(WireError::Corrupt(
+                "custom event type without `custom.` prefix",
+            ));
+        }
+        EventType::Custom(name.into())
+    } else {
+        event_type_from_code(code).ok_or(WireError::Corrupt("unknown event type code"))?
+    };
+    let event_id = r.string()?;
+    let user_id = r.string()?;
+    let timestamp = EventTime(r.i64()?);
+    let received_at = EventTime(r.i64()?);
+    let schema_version = u32::try_from(r.varint()?)
+        .map_err(|_| WireError::Corrupt("schema_version out of range"))?;
+    let device = match r.u8()? {
+        0 => Device::Ios,
+        1 => Device::Android,
+        2 => Device::Web,
+        3 => Device::Other,
+        4 => Device::Unknown,
+        _ => return Err(WireError::Corrupt("unknown device code")),
+    };
+    let country = Country(r.array()?);
+    if country != Country::UNKNOWN && !country.0.iter().all(u8::is_ascii_uppercase) {
+        return Err(WireError::Corrupt("country is not two upper-case letters"));
+    }
+    let presence = u16::from_le_bytes(r.array()?);
+    if presence & !P_ALL != 0 {
+        return Err(WireError::Corrupt("unknown presence bits"));
+    }
+
+    let post_id = r.opt_string(presence, P_POST_ID)?;
+    let hashtags = if presence & P_HASHTAGS != 0 {
+        let n = r.varint()?;
+        // Every tag takes at least its length byte, which bounds the allocation.
+        if n > r.buf.len() as u64 {
+            return Err(WireError::Truncated);
+        }
+        let mut tags = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            tags.push(r.string()?);
+        }
+        tags
+    } else {
+        Vec::new()
+    };
+    let campaign_id = r.opt_string(presence, P_CAMPAIGN_ID)?;
+    let ad_id = r.opt_string(presence, P_AD_ID)?;
+    let impression_id = r.opt_string(presence, P_IMPRESSION_ID)?;
+    let cost = r.opt_f64(presence, P_COST)?;
+    let revenue = r.opt_f64(presence, P_REVENUE)?;
+    let session_id = r.opt_string(presence, P_SESSION_ID)?;
+    let page = r.opt_string(presence, P_PAGE)?;
+    let duration_ms = if presence & P_DURATION_MS != 0 {
+        Some(r.varint()?)
+    } else {
+        None
+    };
+    let age_band = r.opt_string(presence, P_AGE_BAND)?;
+    let segment = r.opt_string(presence, P_SEGMENT)?;
+    let extra = r.opt_string(presence, P_EXTRA)?;
+    if !r.buf.is_empty() {
+        return Err(WireError::Corrupt("trailing bytes after record"));
+    }
+
+    Ok(Event {
+        event_id,
+        event_type,
+        user_id,
+        timestamp,
+        received_at,
+        schema_version,
+        post_id,
+        hashtags,
+        campaign_id,
+        ad_id,
+        impression_id,
+        cost,
+        revenue,
+        device,
+        country,
+        session_id,
+        page,
+        duration_ms,
+        age_band,
+        segment,
+        extra,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::test_support;
+
+    fn sample() -> Event {
+        Event {
+            event_id: "e1".into(),
+            event_type: EventType::AdClick,
+            user_id: "u1".into(),
+            timestamp: EventTime(1_795_420_800_000),
+            received_at: EventTime(1_795_420_800_250),
+            schema_version: 1,
+            campaign_id: Some("c1".into()),
+            impression_id: Some("i1".into()),
+            hashtags: vec!["rust".into(), "tide".into()],
+            cost: Some(0.25),
+            device: Device::Ios,
+            country: Country(*b"DE"),
+            extra: Some(r#"{"properties":{"k":1}}"#.into()),
+            ..Event::default()
+        }
+    }
+
+    #[test]
+    fn round_trips_a_sample() {
+        let ev = sample();
+        let mut buf = Vec::new();
+        encode(&ev, &mut buf);
+        assert_eq!(buf[0], VERSION);
+        assert_eq!(decode(&buf), Ok(ev));
+    }
+
+    #[test]
+    fn round_trips_a_custom_type() {
+        let ev = Event {
+            event_type: EventType::Custom("custom.poll_vote".into()),
+            ..sample()
+        };
+        let mut buf = Vec::new();
+        encode(&ev, &mut buf);
+        assert_eq!(decode(&buf), Ok(ev));
+    }
+
+    #[test]
+    fn rejects_truncation_at_every_length() {
+        let mut buf = Vec::new();
+        encode(&sample(), &mut buf);
+        for len in 0..buf.len() {
+            assert_eq!(
+                decode(&buf[..len]),
+                Err(WireError::Truncated),
+                "length {len}"
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_bad_version_trailing_bytes_and_codes() {
+        let mut buf = Vec::new();
+        encode(&sample(), &mut buf);
+        let mut v = buf.clone();
+        v[0] = 9;
+        assert_eq!(decode(&v), Err(WireError::Version(9)));
+        let mut t = buf.clone();
+        t.push(0);
+        assert!(matches!(decode(&t), Err(WireError::Corrupt(_))));
+        let mut c = buf.clone();
+        c[1] = 13;
+        assert_eq!(
+            decode(&c),
+            Err(WireError::Corrupt("unknown event type code"))
+        );
+    }
+
+    #[test]
+    fn rejects_overlong_varint() {
+        let mut buf = vec![VERSION, 0];
+        buf.extend_from_slice(&[0xff; 11]);
+        assert!(matches!(decode(&buf), Err(WireError::Corrupt(_))));
+    }
+
+    proptest! {
+        #[test]
+        fn encode_decode_round_trips(ev in test_support::event()) {
+            let mut buf = vec![7u8];
+            encode(&ev, &mut buf);
+            prop_assert_eq!(decode(&buf[1..]), Ok(ev));
+        }
+
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode(&bytes);
+        }
+
+        #[test]
+        fn decode_survives_corrupted_records(ev in test_support::event(), pos in any::<usize>(), byte in any::<u8>()) {
+            let mut buf = Vec::new();
+            encode(&ev, &mut buf);
+            let i = pos % buf.len();
+            buf[i] = byte;
+            let _ = decode(&buf);
+            let _ = decode(&buf[..i]);
+        }
+    }
 }

@@ -7,7 +7,34 @@
 //! results to the live updates channel, and checkpoints. The same code runs
 //! live, in crash recovery and in replay.
 
+pub mod checkpoint;
+pub mod dedup;
+pub mod driver;
+pub mod hll;
+pub mod traffic;
+pub mod watermark;
+
+use std::time::Duration;
+
 use tidemark_model::{Event, Point, Watermark};
+
+pub use checkpoint::Checkpoint;
+pub use driver::{
+    run_driver, BoxFuture, DriverConfig, Engine, EventCodec, Outcome, PointSink, ProcessorMetrics,
+};
+pub use hll::Hll;
+pub use traffic::TrafficPipeline;
+pub use watermark::PartitionWatermarks;
+
+/// The pipelines tidemark runs, with the default allowed lateness.
+pub fn default_pipelines() -> Vec<Box<dyn Pipeline>> {
+    pipelines_with_lateness(traffic::DEFAULT_ALLOWED_LATENESS)
+}
+
+/// The pipelines tidemark runs; `allowed_lateness` must match [`DriverConfig::allowed_lateness`].
+pub fn pipelines_with_lateness(allowed_lateness: Duration) -> Vec<Box<dyn Pipeline>> {
+    vec![Box::new(TrafficPipeline::new(allowed_lateness))]
+}
 
 /// A stateful, deterministic computation over events in event time.
 pub trait Pipeline: Send {

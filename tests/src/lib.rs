@@ -1,2 +1,340 @@
 //! Harness for tidemark's end-to-end tests: starts the `tidemark` binary and
 //! real services (InfluxDB) on free loopback ports, and stops them afterwards.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub use tidemark_tsdb_writer::testing::InfluxServer;
+
+/// The API key every test instance accepts.
+pub const API_KEY: &str = "test-key";
+
+/// The `tidemark` binary: `TIDEMARK_BIN`, else the workspace's build of it.
+pub fn tidemark_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("TIDEMARK_BIN") {
+        return PathBuf::from(bin);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    for profile in ["release", "debug"] {
+        let candidate = target.join(profile).join("tidemark");
+        if candidate.exists() {
+            return candidate;
+        }
+    }
+    panic!("no tidemark binary: build it with `cargo build --release --bin tidemark` or set TIDEMARK_BIN");
+}
+
+/// A free loopback port (bound, then released for the child to take).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// A `tidemark run` process on a free port; killed on drop.
+#[derive(Debug)]
+pub struct Tidemark {
+    child: Option<Child>,
+    pub base: String,
+    pub port: u16,
+    pub data_dir: PathBuf,
+    extra_args: Vec<String>,
+}
+
+impl Tidemark {
+    /// Starts `tidemark run` over `data_dir` with `extra_args`, and waits until healthy.
+    pub async fn start(data_dir: &Path, extra_args: &[&str]) -> Tidemark {
+        let port = free_port();
+        let mut t = Tidemark {
+            child: None,
+            base: format!("http://127.0.0.1:{port}"),
+            port,
+            data_dir: data_dir.to_path_buf(),
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+        };
+        t.spawn().await;
+        t
+    }
+
+    async fn spawn(&mut self) {
+        let child = Command::new(tidemark_bin())
+            .arg("run")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--api-key")
+            .arg(API_KEY)
+            .args(&self.extra_args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("tidemark starts");
+        self.child = Some(child);
+        let client = reqwest::Client::new();
+        let health = format!("{}/api/v1/health", self.base);
+        wait_until("tidemark to become healthy", Duration::from_secs(30), || {
+            let request = client.get(&health).send();
+            async move { matches!(request.await, Ok(r) if r.status().is_success()) }
+        })
+        .await;
+    }
+
+    /// Kills the process with SIGKILL (no shutdown, no final checkpoint).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops with SIGTERM and waits for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+        child.wait().expect("exit status")
+    }
+
+    /// Starts again on the same port and data folder.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Posts events (a JSON array) and returns status and reply.
+    pub async fn post(&self, events: &[Value]) -> (u16, Value) {
+        let reply = reqwest::Client::new()
+            .post(format!("{}/v1/events", self.base))
+            .bearer_auth(API_KEY)
+            .json(events)
+            .send()
+            .await
+            .expect("ingest reachable");
+        let status = reply.status().as_u16();
+        (status, reply.json().await.unwrap_or(Value::Null))
+    }
+
+    /// GET a JSON API path.
+    pub async fn get_json(&self, path_and_query: &str) -> Value {
+        reqwest::get(format!("{}{}", self.base, path_and_query))
+            .await
+            .expect("API reachable")
+            .json()
+            .await
+            .expect("JSON answer")
+    }
+
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics_text(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.base)).await.expect("metrics").text().await.expect("text")
+    }
+}
+
+impl Drop for Tidemark {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `probe` every 100 ms until it holds; panics after `timeout`.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut probe: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if probe().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
+}
+
+/// The value of a Prometheus sample whose name and labels contain all of `parts`.
+pub fn metric_value(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A known event set over three closed minutes, with the exact answers.
+#[derive(Debug)]
+pub struct KnownEvents {
+    /// Start of the first minute.
+    pub base: i64,
+    /// Batches to post, in order: out-of-order within 4 s, duplicates and
+    /// invalid events mixed in, and a final batch that closes the three minutes.
+    pub batches: Vec<Vec<Value>>,
+    /// Expected `traffic` events per (minute start, event_type, country, device).
+    pub traffic: std::collections::BTreeMap<(i64, String, String, String), u64>,
+    /// Expected distinct users per minute start.
+    pub users: std::collections::BTreeMap<i64, u64>,
+    /// Number of invalid events in the batches.
+    pub invalid: usize,
+}
+
+impl KnownEvents {
+    /// Builds the set for minutes starting `minutes_ago` minutes before now.
+    pub fn new(minutes_ago: i64) -> KnownEvents {
+        use serde_json::json;
+        let now = tidemark_model::EventTime::now().millis();
+        let base = (now - minutes_ago * 60_000).div_euclid(60_000) * 60_000;
+        let types = ["view", "like", "page_view", "ad_impression", "comment"];
+        let devices = ["ios", "android", "web"];
+        let countries = ["US", "DE"];
+        let mut events = Vec::new();
+        let mut traffic = std::collections::BTreeMap::new();
+        let mut users: std::collections::BTreeMap<i64, std::collections::BTreeSet<String>> = Default::default();
+        for minute in 0..3i64 {
+            for j in 0..120i64 {
+                let ts = base + minute * 60_000 + j * 500;
+                let t = types[(j % 5) as usize];
+                let user = format!("u{}", (j * 7 + minute * 13) % 90);
+                let device = devices[(j % 3) as usize];
+                let country = countries[(j % 2) as usize];
+                let mut ev = json!({
+                    "event_id": format!("k{minute}-{j}"), "event_type": t, "user_id": user,
+                    "timestamp": ts, "device": device, "country": country,
+                });
+                match t {
+                    "view" | "like" | "comment" => ev["post_id"] = json!(format!("p{}", j % 11)),
+                    "ad_impression" => {
+                        ev["campaign_id"] = json!("c1");
+                        ev["ad_id"] = json!("c1-a1");
+                        ev["impression_id"] = json!(format!("i{minute}-{j}"));
+                        ev["cost"] = json!(0.01);
+                    }
+                    _ => ev["page"] = json!("/home"),
+                }
+                // Every fifth event arrives without device and country.
+                let (device, country) = if j % 10 == 9 {
+                    let o = ev.as_object_mut().expect("object");
+                    o.remove("device");
+                    o.remove("country");
+                    ("unknown", "unknown")
+                } else {
+                    (device, country)
+                };
+                let window = base + minute * 60_000;
+                *traffic.entry((window, t.to_string(), country.to_string(), device.to_string())).or_insert(0) += 1;
+                users.entry(window).or_default().insert(user);
+                events.push(ev);
+            }
+        }
+        // Out of order within 4 s: reverse every run of 8 events (4 s of event time).
+        for chunk in events.chunks_mut(8) {
+            chunk.reverse();
+        }
+        let mut batches: Vec<Vec<Value>> = events.chunks(25).map(<[Value]>::to_vec).collect();
+        // Duplicates: resend earlier events in later batches.
+        for (i, batch) in batches.iter_mut().enumerate().skip(2) {
+            let dup = events[(i * 17) % events.len().min(i * 25)].clone();
+            batch.push(dup);
+        }
+        // Invalid events: each gets a reason, none is counted.
+        let invalid = vec![
+            json!({"event_id": "bad-1", "event_type": "view", "user_id": "u1", "timestamp": base}),
+            json!({"event_id": "bad-2", "event_type": "teleport", "user_id": "u1", "timestamp": base}),
+            json!({"event_id": "bad-3", "event_type": "like", "user_id": 5, "post_id": "p", "timestamp": base}),
+            json!({"event_id": "bad-4", "event_type": "like", "user_id": "u1", "post_id": "p", "timestamp": now + 3_600_000}),
+        ];
+        let invalid_count = invalid.len();
+        for (i, bad) in invalid.into_iter().enumerate() {
+            batches[i * 3 + 1].push(bad);
+        }
+        // Close the three minutes on every topic: event time well past their end.
+        let closing: Vec<Value> = (0..90)
+            .flat_map(|u| {
+                let ts = base + 4 * 60_000 + 10_000;
+                [
+                    json!({"event_id": format!("close-l{u}"), "event_type": "login", "user_id": format!("u{u}"), "timestamp": ts}),
+                    json!({"event_id": format!("close-v{u}"), "event_type": "view", "user_id": format!("u{u}"), "post_id": "p0", "timestamp": ts}),
+                    json!({"event_id": format!("close-a{u}"), "event_type": "ad_impression", "user_id": format!("u{u}"),
+                           "campaign_id": "c1", "ad_id": "c1-a1", "impression_id": format!("ic{u}"), "timestamp": ts}),
+                ]
+            })
+            .collect();
+        batches.push(closing);
+        KnownEvents {
+            base,
+            batches,
+            traffic,
+            users: users.into_iter().map(|(k, v)| (k, v.len() as u64)).collect(),
+            invalid: invalid_count,
+        }
+    }
+
+    /// `traffic` per (minute, event_type, country, device) as the REST API answers it.
+    pub async fn read_traffic(&self, t: &Tidemark) -> std::collections::BTreeMap<(i64, String, String, String), u64> {
+        let reply = t
+            .get_json(&format!(
+                "/api/v1/metrics?name=traffic&field=events&step=1m&from={}&to={}&group_by=event_type,country,device",
+                self.base,
+                self.base + 3 * 60_000
+            ))
+            .await;
+        let mut out = std::collections::BTreeMap::new();
+        for series in reply["series"].as_array().into_iter().flatten() {
+            let tag = |k: &str| series["tags"][k].as_str().unwrap_or("").to_string();
+            for p in series["points"].as_array().into_iter().flatten() {
+                let t = p["t"].as_str().and_then(tidemark_model::EventTime::parse).map_or(0, |t| t.millis());
+                out.insert((t, tag("event_type"), tag("country"), tag("device")), p["v"].as_f64().unwrap_or(0.0) as u64);
+            }
+        }
+        out
+    }
+
+    /// `active_users` per minute as the REST API answers it.
+    pub async fn read_users(&self, t: &Tidemark) -> std::collections::BTreeMap<i64, u64> {
+        let reply = t
+            .get_json(&format!(
+                "/api/v1/metrics?name=active_users&field=users&step=1m&from={}&to={}",
+                self.base,
+                self.base + 3 * 60_000
+            ))
+            .await;
+        let mut out = std::collections::BTreeMap::new();
+        for series in reply["series"].as_array().into_iter().flatten() {
+            for p in series["points"].as_array().into_iter().flatten() {
+                let t = p["t"].as_str().and_then(tidemark_model::EventTime::parse).map_or(0, |t| t.millis());
+                out.insert(t, p["v"].as_f64().unwrap_or(0.0) as u64);
+            }
+        }
+        out
+    }
+
+    /// Waits until the REST API answers exactly the expected traffic, then checks users within 2 %.
+    pub async fn assert_results(&self, t: &Tidemark) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut seen = Default::default();
+        while Instant::now() < deadline {
+            seen = self.read_traffic(t).await;
+            if seen == self.traffic {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert_eq!(seen, self.traffic, "per-minute traffic counts through the REST API");
+        let users = self.read_users(t).await;
+        assert_eq!(users.len(), self.users.len(), "one active_users point per minute: {users:?}");
+        for (minute, expected) in &self.users {
+            let got = users.get(minute).copied().unwrap_or(0) as f64;
+            let error = (got - *expected as f64).abs() / *expected as f64;
+            assert!(error <= 0.02, "active_users at {minute}: {got} vs {expected}");
+        }
+    }
+}

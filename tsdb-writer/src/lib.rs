@@ -91,3 +91,6 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// A short description for logs and `/api/v1/health`, e.g. `sqlite` or `influxdb`.
     fn kind(&self) -> &'static str;
 }
+
+#[cfg(feature = "testing")]
+pub mod testing;

@@ -1,0 +1,83 @@
+import { useEffect, useRef, useState } from 'react';
+import type { ServerMessage, WireWindow } from './data';
+
+export type Status =
+  | { kind: 'connecting' }
+  | { kind: 'live' }
+  | { kind: 'retrying'; inSeconds: number };
+
+const MIN_BACKOFF_MS = 1000;
+const MAX_BACKOFF_MS = 30_000;
+
+function wsUrl(): string {
+  const proto = window.location.protocol === 'https:' ? 'wss:' : 'ws:';
+  return `${proto}//${window.location.host}/ws`;
+}
+
+/**
+ * Keeps a WebSocket subscribed to the overview channel, reconnecting with
+ * exponential backoff (and jitter, so many dashboards do not reconnect in step).
+ * Snapshots and updates both carry whole windows, so `onWindows` merges either
+ * the same way.
+ */
+export function useOverview(onWindows: (windows: WireWindow[]) => void): Status {
+  const [status, setStatus] = useState<Status>({ kind: 'connecting' });
+  const handler = useRef(onWindows);
+  handler.current = onWindows;
+
+  useEffect(() => {
+    let socket: WebSocket | null = null;
+    let timer: number | undefined;
+    let countdown: number | undefined;
+    let backoff = MIN_BACKOFF_MS;
+    let stopped = false;
+
+    const connect = () => {
+      setStatus({ kind: 'connecting' });
+      const ws = new WebSocket(wsUrl());
+      socket = ws;
+      ws.onopen = () => {
+        backoff = MIN_BACKOFF_MS;
+        setStatus({ kind: 'live' });
+        ws.send(JSON.stringify({ op: 'subscribe', channel: 'overview' }));
+      };
+      ws.onmessage = (event) => {
+        let msg: ServerMessage;
+        try {
+          msg = JSON.parse(String(event.data)) as ServerMessage;
+        } catch {
+          return;
+        }
+        if (msg.type === 'snapshot' || msg.type === 'update') {
+          handler.current(msg.windows);
+        } else if (msg.type === 'error') {
+          console.warn('tidemark:', msg.error);
+        }
+      };
+      ws.onclose = () => {
+        if (stopped) return;
+        const delay = Math.min(MAX_BACKOFF_MS, backoff) * (0.8 + Math.random() * 0.4);
+        backoff = Math.min(MAX_BACKOFF_MS, backoff * 2);
+        const due = Date.now() + delay;
+        const tick = () =>
+          setStatus({ kind: 'retrying', inSeconds: Math.max(0, Math.ceil((due - Date.now()) / 1000)) });
+        tick();
+        countdown = window.setInterval(tick, 1000);
+        timer = window.setTimeout(() => {
+          window.clearInterval(countdown);
+          connect();
+        }, delay);
+      };
+    };
+
+    connect();
+    return () => {
+      stopped = true;
+      window.clearTimeout(timer);
+      window.clearInterval(countdown);
+      socket?.close();
+    };
+  }, []);
+
+  return status;
+}

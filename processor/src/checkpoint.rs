@@ -1,0 +1,113 @@
+//! Checkpoints: input offsets, watermarks, dedup state and pipeline states,
+//! bincode-encoded, zstd-compressed and replaced atomically on disk.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::dedup::PartitionDedup;
+use crate::watermark::{PartitionKey, WatermarkState};
+use crate::ProcessorError;
+
+/// File name of the checkpoint inside its directory.
+pub const FILE_NAME: &str = "checkpoint.bin.zst";
+const TMP_NAME: &str = "checkpoint.bin.zst.tmp";
+const ZSTD_LEVEL: i32 = 3;
+
+/// Everything needed to resume processing exactly where it stopped.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Next offset to read, per (topic, partition).
+    pub offsets: BTreeMap<PartitionKey, u64>,
+    pub watermarks: WatermarkState,
+    pub dedup: BTreeMap<PartitionKey, PartitionDedup>,
+    /// (pipeline name, [`crate::Pipeline::snapshot`]).
+    pub pipelines: Vec<(String, Vec<u8>)>,
+}
+
+/// Path of the checkpoint file in `dir`.
+pub fn path(dir: &Path) -> PathBuf {
+    dir.join(FILE_NAME)
+}
+
+/// Writes `cp` to `dir` atomically: a temporary file, fsync, rename, fsync of
+/// the directory. A crash leaves either the old or the new checkpoint.
+pub fn save(dir: &Path, cp: &Checkpoint) -> Result<(), ProcessorError> {
+    fs::create_dir_all(dir)?;
+    let raw = bincode::serialize(cp).map_err(|e| ProcessorError::Io(std::io::Error::other(e)))?;
+    let compressed = zstd::bulk::compress(&raw, ZSTD_LEVEL)?;
+    let tmp = dir.join(TMP_NAME);
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(&compressed)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path(dir))?;
+    File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+/// Reads the checkpoint in `dir`; `None` when there is none.
+pub fn load(dir: &Path) -> Result<Option<Checkpoint>, ProcessorError> {
+    let bytes = match fs::read(path(dir)) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let raw = zstd::stream::decode_all(bytes.as_slice())
+        .map_err(|e| ProcessorError::CorruptCheckpoint(format!("decompress: {e}")))?;
+    let cp = bincode::deserialize(&raw)
+        .map_err(|e| ProcessorError::CorruptCheckpoint(format!("decode: {e}")))?;
+    Ok(Some(cp))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidemark_model::EventTime;
+
+    #[test]
+    fn save_load_round_trip_and_replace() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(load(dir.path()).unwrap(), None);
+        let mut cp = Checkpoint::default();
+        cp.offsets.insert(("user-events".into(), 3), 42);
+        cp.watermarks
+            .insert(("user-events".into(), 3), EventTime(1_000));
+        let mut d = PartitionDedup::new();
+        d.check_and_insert("e1", EventTime(1_000));
+        cp.dedup.insert(("user-events".into(), 3), d);
+        cp.pipelines.push(("traffic".into(), vec![1, 2, 3]));
+        save(dir.path(), &cp).unwrap();
+        let back = load(dir.path()).unwrap().unwrap();
+        assert_eq!(back, cp);
+        let mut d = back.dedup[&("user-events".to_string(), 3)].clone();
+        assert!(!d.check_and_insert("e1", EventTime(1_000)));
+
+        cp.offsets.insert(("user-events".into(), 3), 43);
+        save(dir.path(), &cp).unwrap();
+        assert_eq!(
+            load(dir.path()).unwrap().unwrap().offsets[&("user-events".to_string(), 3)],
+            43
+        );
+        assert!(!dir.path().join(TMP_NAME).exists());
+    }
+
+    #[test]
+    fn corrupt_file_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(path(dir.path()), b"not zstd").unwrap();
+        let err = load(dir.path()).unwrap_err();
+        assert!(matches!(err, ProcessorError::CorruptCheckpoint(_)));
+        assert!(!err.is_retryable());
+        let junk = zstd::bulk::compress(&[0xff; 7], 1).unwrap();
+        fs::write(path(dir.path()), junk).unwrap();
+        assert!(matches!(
+            load(dir.path()),
+            Err(ProcessorError::CorruptCheckpoint(_))
+        ));
+    }
+}

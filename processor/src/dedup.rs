@@ -1,0 +1,119 @@
+//! Per-partition duplicate detection by `event_id` within a bounded event-time
+//! horizon. Ids are kept as 64-bit hashes in one-minute buckets of event time,
+//! and whole buckets are evicted once the partition's watermark has moved
+//! past them by the horizon.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rustc_hash::FxHashSet;
+use serde::{Deserialize, Serialize};
+use tidemark_model::{EventTime, Watermark};
+
+/// Default horizon within which duplicates are detected.
+pub const DEFAULT_HORIZON: Duration = Duration::from_secs(600);
+
+const BUCKET_MS: i64 = 60_000;
+
+/// The event ids seen recently on one partition.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(from = "DedupState", into = "DedupState")]
+pub struct PartitionDedup {
+    seen: FxHashSet<u64>,
+    buckets: BTreeMap<i64, Vec<u64>>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct DedupState {
+    buckets: BTreeMap<i64, Vec<u64>>,
+}
+
+impl From<DedupState> for PartitionDedup {
+    fn from(s: DedupState) -> Self {
+        let seen = s.buckets.values().flatten().copied().collect();
+        PartitionDedup {
+            seen,
+            buckets: s.buckets,
+        }
+    }
+}
+
+impl From<PartitionDedup> for DedupState {
+    fn from(d: PartitionDedup) -> Self {
+        DedupState { buckets: d.buckets }
+    }
+}
+
+impl PartitionDedup {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records `event_id` at event time `ts`; `true` if it is new, `false` if
+    /// it is a duplicate of one still remembered.
+    #[inline]
+    pub fn check_and_insert(&mut self, event_id: &str, ts: EventTime) -> bool {
+        let h = xxhash_rust::xxh3::xxh3_64(event_id.as_bytes());
+        if !self.seen.insert(h) {
+            return false;
+        }
+        let bucket = ts.0.div_euclid(BUCKET_MS);
+        match self.buckets.last_entry() {
+            Some(mut e) if *e.key() == bucket => e.get_mut().push(h),
+            _ => self.buckets.entry(bucket).or_default().push(h),
+        }
+        true
+    }
+
+    /// Forgets ids whose whole bucket lies before `wm - horizon`.
+    pub fn evict(&mut self, wm: Watermark, horizon: Duration) {
+        let cutoff = wm.minus(horizon).0;
+        while let Some(e) = self.buckets.first_entry() {
+            let bucket_end = e.key().saturating_add(1).saturating_mul(BUCKET_MS);
+            if bucket_end > cutoff {
+                break;
+            }
+            for h in e.remove() {
+                self.seen.remove(&h);
+            }
+        }
+    }
+
+    /// Number of remembered ids.
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detects_duplicates_and_evicts_old_ids() {
+        let mut d = PartitionDedup::new();
+        assert!(d.check_and_insert("a", EventTime(1_000)));
+        assert!(!d.check_and_insert("a", EventTime(1_000)));
+        assert!(d.check_and_insert("b", EventTime(700_000)));
+        d.evict(EventTime(650_000), DEFAULT_HORIZON);
+        assert_eq!(d.len(), 2, "bucket of `a` ends at 60 s, cutoff is 50 s");
+        d.evict(EventTime(661_000), DEFAULT_HORIZON);
+        assert_eq!(d.len(), 1);
+        assert!(d.check_and_insert("a", EventTime(1_000)));
+        assert!(!d.check_and_insert("b", EventTime(700_000)));
+    }
+
+    #[test]
+    fn serde_round_trip_keeps_ids() {
+        let mut d = PartitionDedup::new();
+        d.check_and_insert("x", EventTime(5));
+        let back: PartitionDedup = bincode::deserialize(&bincode::serialize(&d).unwrap()).unwrap();
+        let mut back = back;
+        assert!(!back.check_and_insert("x", EventTime(5)));
+        assert!(back.check_and_insert("y", EventTime(5)));
+    }
+}

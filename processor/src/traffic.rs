@@ -1,0 +1,570 @@
+//! The traffic pipeline: events per minute and per hour by country, device and
+//! event type, and distinct active users per window (HyperLogLog).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
+use tidemark_model::{
+    Country, Device, Event, EventTime, EventType, FieldValue, Point, Tier, Watermark,
+};
+
+use crate::hll::Hll;
+use crate::{Pipeline, ProcessorError};
+
+/// Default allowed lateness: how long a fired window still accepts events.
+pub const DEFAULT_ALLOWED_LATENESS: Duration = Duration::from_secs(60);
+
+/// Distinct custom event types tracked; beyond this they share one key so a
+/// flood of made-up names cannot grow the state without bound.
+const MAX_CUSTOM_TYPES: usize = 1024;
+const OVERFLOW_CUSTOM: &str = "custom.other";
+const BUILT_IN: usize = EventType::BUILT_IN.len();
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Window {
+    /// Compact key (see [`pack`]) -> event count.
+    counts: FxHashMap<u64, i64>,
+    users: Hll,
+    fired: bool,
+    /// Changed since it last fired.
+    dirty: bool,
+}
+
+impl Window {
+    fn new() -> Self {
+        Window {
+            counts: FxHashMap::default(),
+            users: Hll::new(),
+            fired: false,
+            dirty: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct WindowSet {
+    size_ms: i64,
+    tier: Tier,
+    windows: BTreeMap<i64, Window>,
+}
+
+/// Custom event type names seen, interned to small indices.
+#[derive(Debug, Clone, Default)]
+struct Interner {
+    names: Vec<Box<str>>,
+    index: FxHashMap<Box<str>, u16>,
+}
+
+impl Interner {
+    fn from_names(names: Vec<String>) -> Self {
+        let mut i = Interner::default();
+        for n in names {
+            i.intern(&n);
+        }
+        i
+    }
+
+    fn intern(&mut self, name: &str) -> u16 {
+        if let Some(&i) = self.index.get(name) {
+            return i;
+        }
+        let name = if self.names.len() >= MAX_CUSTOM_TYPES {
+            OVERFLOW_CUSTOM
+        } else {
+            name
+        };
+        if let Some(&i) = self.index.get(name) {
+            return i;
+        }
+        let i = (BUILT_IN + self.names.len()) as u16;
+        self.names.push(name.into());
+        self.index.insert(name.into(), i);
+        i
+    }
+
+    fn name(&self, idx: u16) -> &str {
+        let idx = idx as usize;
+        if idx < BUILT_IN {
+            EventType::BUILT_IN[idx].as_str()
+        } else {
+            self.names
+                .get(idx - BUILT_IN)
+                .map_or(OVERFLOW_CUSTOM, |n| n)
+        }
+    }
+}
+
+fn type_index(t: &EventType, interner: &mut Interner) -> u16 {
+    match t {
+        EventType::PageView => 0,
+        EventType::Login => 1,
+        EventType::Follow => 2,
+        EventType::Search => 3,
+        EventType::PostCreated => 4,
+        EventType::View => 5,
+        EventType::Like => 6,
+        EventType::Comment => 7,
+        EventType::Share => 8,
+        EventType::AdImpression => 9,
+        EventType::AdClick => 10,
+        EventType::AdConversion => 11,
+        EventType::ProfileUpdate => 12,
+        EventType::Custom(name) => interner.intern(name),
+    }
+}
+
+const DEVICES: [Device; 5] = [
+    Device::Ios,
+    Device::Android,
+    Device::Web,
+    Device::Other,
+    Device::Unknown,
+];
+
+fn device_index(d: Device) -> u64 {
+    match d {
+        Device::Ios => 0,
+        Device::Android => 1,
+        Device::Web => 2,
+        Device::Other => 3,
+        Device::Unknown => 4,
+    }
+}
+
+/// Packs (event type, country, device) into one integer key.
+#[inline]
+fn pack(type_idx: u16, country: Country, device: Device) -> u64 {
+    ((type_idx as u64) << 32)
+        | ((country.0[0] as u64) << 24)
+        | ((country.0[1] as u64) << 16)
+        | device_index(device)
+}
+
+fn unpack(key: u64) -> (u16, Country, Device) {
+    let type_idx = (key >> 32) as u16;
+    let country = Country([(key >> 24) as u8, (key >> 16) as u8]);
+    let device = DEVICES
+        .get((key & 0xffff) as usize)
+        .copied()
+        .unwrap_or(Device::Unknown);
+    (type_idx, country, device)
+}
+
+/// Tumbling 1-minute (`rt`) and 1-hour (`hourly`) traffic windows.
+///
+/// Points: `traffic` (tags `country`, `device`, `event_type`; field `events`)
+/// and `active_users` (no tags; field `users`), at the window start.
+#[derive(Debug, Clone)]
+pub struct TrafficPipeline {
+    sets: [WindowSet; 2],
+    interner: Interner,
+    allowed_lateness_ms: i64,
+    last_wm: Watermark,
+}
+
+#[derive(Serialize, Deserialize)]
+struct TrafficState {
+    windows: Vec<(u8, i64, Window)>,
+    custom_types: Vec<String>,
+    last_wm: Watermark,
+}
+
+impl Default for TrafficPipeline {
+    fn default() -> Self {
+        TrafficPipeline::new(DEFAULT_ALLOWED_LATENESS)
+    }
+}
+
+impl TrafficPipeline {
+    pub const NAME: &'static str = "traffic";
+
+    /// A pipeline whose fired windows accept late events for `allowed_lateness`.
+    pub fn new(allowed_lateness: Duration) -> Self {
+        TrafficPipeline {
+            sets: [
+                WindowSet {
+                    size_ms: 60_000,
+                    tier: Tier::Rt,
+                    windows: BTreeMap::new(),
+                },
+                WindowSet {
+                    size_ms: 3_600_000,
+                    tier: Tier::Hourly,
+                    windows: BTreeMap::new(),
+                },
+            ],
+            interner: Interner::default(),
+            allowed_lateness_ms: allowed_lateness.as_millis().min(i64::MAX as u128) as i64,
+            last_wm: EventTime::MIN,
+        }
+    }
+
+    /// Number of windows held (open or fired but still accepting late events).
+    pub fn open_windows(&self) -> usize {
+        self.sets.iter().map(|s| s.windows.len()).sum()
+    }
+
+    fn emit(&self, set: &WindowSet, start: i64, w: &Window, out: &mut Vec<Point>) {
+        let time = EventTime(start);
+        let mut keys: Vec<(u64, i64)> = w.counts.iter().map(|(k, v)| (*k, *v)).collect();
+        keys.sort_unstable_by_key(|(k, _)| *k);
+        for (key, n) in keys {
+            let (type_idx, country, device) = unpack(key);
+            out.push(Point {
+                measurement: "traffic".to_string(),
+                tier: set.tier,
+                // Already in key order.
+                tags: vec![
+                    ("country".to_string(), country.as_str().to_string()),
+                    ("device".to_string(), device.as_str().to_string()),
+                    (
+                        "event_type".to_string(),
+                        self.interner.name(type_idx).to_string(),
+                    ),
+                ],
+                fields: vec![("events".to_string(), FieldValue::Int(n))],
+                time,
+            });
+        }
+        out.push(Point {
+            measurement: "active_users".to_string(),
+            tier: set.tier,
+            tags: Vec::new(),
+            fields: vec![(
+                "users".to_string(),
+                FieldValue::Int(w.users.estimate() as i64),
+            )],
+            time,
+        });
+    }
+}
+
+impl Pipeline for TrafficPipeline {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+
+    fn on_event(&mut self, ev: &Event, _out: &mut Vec<Point>) {
+        let ts = ev.timestamp.0;
+        let user = Hll::hash_user(&ev.user_id);
+        let key = pack(
+            type_index(&ev.event_type, &mut self.interner),
+            ev.country,
+            ev.device,
+        );
+        let horizon = self.last_wm.0.saturating_sub(self.allowed_lateness_ms);
+        for set in &mut self.sets {
+            let start = ts.div_euclid(set.size_ms) * set.size_ms;
+            // The window was already dropped: the driver filters such events,
+            // this keeps a stray one from overwriting a complete result.
+            if start.saturating_add(set.size_ms) <= horizon {
+                continue;
+            }
+            let w = set.windows.entry(start).or_insert_with(Window::new);
+            *w.counts.entry(key).or_insert(0) += 1;
+            w.users.insert(user);
+            if w.fired {
+                w.dirty = true;
+            }
+        }
+    }
+
+    fn on_watermark(&mut self, wm: Watermark, out: &mut Vec<Point>) {
+        self.last_wm = self.last_wm.max(wm);
+        let wm = self.last_wm.0;
+        let lateness = self.allowed_lateness_ms;
+        for i in 0..self.sets.len() {
+            let set = &self.sets[i];
+            for (&start, w) in &set.windows {
+                if start.saturating_add(set.size_ms) > wm {
+                    break;
+                }
+                if !w.fired || w.dirty {
+                    self.emit(set, start, w, out);
+                }
+            }
+            let set = &mut self.sets[i];
+            let size = set.size_ms;
+            set.windows.retain(|&start, w| {
+                let end = start.saturating_add(size);
+                if end <= wm {
+                    w.fired = true;
+                    w.dirty = false;
+                }
+                end.saturating_add(lateness) > wm
+            });
+        }
+    }
+
+    fn early(&self, out: &mut Vec<Point>) {
+        for set in &self.sets {
+            for (&start, w) in &set.windows {
+                if !w.fired {
+                    self.emit(set, start, w, out);
+                }
+            }
+        }
+    }
+
+    fn snapshot(&self) -> Vec<u8> {
+        let state = TrafficState {
+            windows: self
+                .sets
+                .iter()
+                .enumerate()
+                .flat_map(|(i, s)| {
+                    s.windows
+                        .iter()
+                        .map(move |(&start, w)| (i as u8, start, w.clone()))
+                })
+                .collect(),
+            custom_types: self.interner.names.iter().map(|n| n.to_string()).collect(),
+            last_wm: self.last_wm,
+        };
+        // Serialising plain data into a Vec cannot fail.
+        bincode::serialize(&state).unwrap_or_default()
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<(), ProcessorError> {
+        let state: TrafficState = bincode::deserialize(state)
+            .map_err(|e| ProcessorError::CorruptCheckpoint(format!("traffic state: {e}")))?;
+        let mut fresh =
+            TrafficPipeline::new(Duration::from_millis(self.allowed_lateness_ms as u64));
+        fresh.interner = Interner::from_names(state.custom_types);
+        fresh.last_wm = state.last_wm;
+        for (i, start, w) in state.windows {
+            let set = fresh.sets.get_mut(i as usize).ok_or_else(|| {
+                ProcessorError::CorruptCheckpoint(format!("traffic state: window set {i}"))
+            })?;
+            set.windows.insert(start, w);
+        }
+        *self = fresh;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn ev(
+        id: &str,
+        user: &str,
+        t: EventType,
+        ts: i64,
+        country: &str,
+        device: Device,
+    ) -> Event {
+        Event {
+            event_id: id.into(),
+            event_type: t,
+            user_id: user.into(),
+            timestamp: EventTime(ts),
+            country: Country::parse(country).unwrap_or(Country::UNKNOWN),
+            device,
+            ..Event::default()
+        }
+    }
+
+    fn count(
+        points: &[Point],
+        tier: Tier,
+        time: i64,
+        country: &str,
+        device: &str,
+        t: &str,
+    ) -> Option<i64> {
+        points
+            .iter()
+            .rev()
+            .find(|p| {
+                p.measurement == "traffic"
+                    && p.tier == tier
+                    && p.time == EventTime(time)
+                    && p.tag("country") == Some(country)
+                    && p.tag("device") == Some(device)
+                    && p.tag("event_type") == Some(t)
+            })
+            .and_then(|p| p.field("events"))
+            .map(|v| match v {
+                FieldValue::Int(n) => n,
+                FieldValue::Float(f) => f as i64,
+            })
+    }
+
+    fn users(points: &[Point], tier: Tier, time: i64) -> Option<FieldValue> {
+        points
+            .iter()
+            .rev()
+            .find(|p| {
+                p.measurement == "active_users" && p.tier == tier && p.time == EventTime(time)
+            })
+            .and_then(|p| p.field("users"))
+    }
+
+    #[test]
+    fn counts_per_minute_and_hour_and_fires_on_watermark() {
+        let mut p = TrafficPipeline::default();
+        let mut out = Vec::new();
+        let base = 3_600_000;
+        p.on_event(
+            &ev("1", "u1", EventType::Login, base + 1_000, "de", Device::Ios),
+            &mut out,
+        );
+        p.on_event(
+            &ev(
+                "2",
+                "u2",
+                EventType::Login,
+                base + 59_999,
+                "de",
+                Device::Ios,
+            ),
+            &mut out,
+        );
+        p.on_event(
+            &ev("3", "u1", EventType::Like, base + 60_000, "us", Device::Web),
+            &mut out,
+        );
+        p.on_event(
+            &ev(
+                "4",
+                "u3",
+                EventType::Custom("custom.poll".into()),
+                base + 2_000,
+                "",
+                Device::Unknown,
+            ),
+            &mut out,
+        );
+        assert!(out.is_empty());
+        p.on_watermark(EventTime(base + 59_999), &mut out);
+        assert!(out.is_empty(), "window ends at base+60s");
+        p.on_watermark(EventTime(base + 60_000), &mut out);
+        assert_eq!(count(&out, Tier::Rt, base, "DE", "ios", "login"), Some(2));
+        assert_eq!(
+            count(&out, Tier::Rt, base, "unknown", "unknown", "custom.poll"),
+            Some(1)
+        );
+        assert_eq!(
+            count(&out, Tier::Rt, base + 60_000, "US", "web", "like"),
+            None
+        );
+        assert_eq!(users(&out, Tier::Rt, base), Some(FieldValue::Int(3)));
+        assert_eq!(out.len(), 3);
+        let tags: Vec<&str> = out[0].tags.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(tags, ["country", "device", "event_type"]);
+        out.clear();
+        p.on_watermark(EventTime(2 * base), &mut out);
+        assert_eq!(
+            count(&out, Tier::Rt, base + 60_000, "US", "web", "like"),
+            Some(1)
+        );
+        assert_eq!(
+            count(&out, Tier::Hourly, base, "DE", "ios", "login"),
+            Some(2)
+        );
+        assert_eq!(users(&out, Tier::Hourly, base), Some(FieldValue::Int(3)));
+        // Firing again emits nothing new.
+        out.clear();
+        p.on_watermark(EventTime(2 * base + 1), &mut out);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn late_event_within_lateness_re_emits_then_window_is_dropped() {
+        let mut p = TrafficPipeline::default();
+        let mut out = Vec::new();
+        p.on_event(
+            &ev("1", "u1", EventType::View, 10_000, "fr", Device::Android),
+            &mut out,
+        );
+        p.on_watermark(EventTime(60_000), &mut out);
+        assert_eq!(count(&out, Tier::Rt, 0, "FR", "android", "view"), Some(1));
+        out.clear();
+        p.on_event(
+            &ev("2", "u2", EventType::View, 20_000, "fr", Device::Android),
+            &mut out,
+        );
+        p.on_watermark(EventTime(61_000), &mut out);
+        assert_eq!(count(&out, Tier::Rt, 0, "FR", "android", "view"), Some(2));
+        assert_eq!(users(&out, Tier::Rt, 0), Some(FieldValue::Int(2)));
+        out.clear();
+        p.on_watermark(EventTime(120_000), &mut out);
+        assert!(out.is_empty());
+        assert_eq!(p.open_windows(), 1, "the 1 h window stays open");
+        // Beyond the lateness the window is gone and a stray event is ignored.
+        p.on_event(
+            &ev("3", "u3", EventType::View, 30_000, "fr", Device::Android),
+            &mut out,
+        );
+        p.on_watermark(EventTime(121_000), &mut out);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn early_reports_open_windows_only() {
+        let mut p = TrafficPipeline::default();
+        let mut out = Vec::new();
+        p.on_event(
+            &ev("1", "u1", EventType::Search, 1_000, "gb", Device::Web),
+            &mut out,
+        );
+        p.on_event(
+            &ev("2", "u1", EventType::Search, 61_000, "gb", Device::Web),
+            &mut out,
+        );
+        p.on_watermark(EventTime(60_000), &mut out);
+        out.clear();
+        p.early(&mut out);
+        assert_eq!(count(&out, Tier::Rt, 0, "GB", "web", "search"), None);
+        assert_eq!(
+            count(&out, Tier::Rt, 60_000, "GB", "web", "search"),
+            Some(1)
+        );
+        assert_eq!(count(&out, Tier::Hourly, 0, "GB", "web", "search"), Some(2));
+    }
+
+    #[test]
+    fn snapshot_restore_round_trips() {
+        let mut p = TrafficPipeline::default();
+        let mut out = Vec::new();
+        p.on_event(
+            &ev(
+                "1",
+                "u1",
+                EventType::Custom("custom.x".into()),
+                1_000,
+                "it",
+                Device::Other,
+            ),
+            &mut out,
+        );
+        let snap = p.snapshot();
+        let mut q = TrafficPipeline::default();
+        q.restore(&snap).unwrap();
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        p.on_watermark(EventTime(4_000_000), &mut a);
+        q.on_watermark(EventTime(4_000_000), &mut b);
+        assert_eq!(a, b);
+        assert_eq!(count(&b, Tier::Rt, 0, "IT", "other", "custom.x"), Some(1));
+        assert!(q.restore(b"garbage").is_err());
+    }
+
+    #[test]
+    fn custom_types_are_bounded() {
+        let mut p = TrafficPipeline::default();
+        let mut out = Vec::new();
+        for i in 0..(MAX_CUSTOM_TYPES + 10) {
+            let t = EventType::Custom(format!("custom.t{i}").into());
+            p.on_event(&ev(&i.to_string(), "u", t, 0, "de", Device::Web), &mut out);
+        }
+        p.on_watermark(EventTime(60_000), &mut out);
+        assert_eq!(
+            count(&out, Tier::Rt, 0, "DE", "web", OVERFLOW_CUSTOM),
+            Some(10)
+        );
+    }
+}

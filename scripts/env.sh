@@ -1,0 +1,6 @@
+# Shared settings for the project's scripts: compiled output lives outside the
+# clone so fresh clones (and CI) reuse it.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tidemark/target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export ROOT

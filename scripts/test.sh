@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Runs every check and test: formatting, lints, unit and property tests, the
+# end-to-end tests against real InfluxDB, and the browser test of the dashboard.
+set -euo pipefail
+source "$(dirname "$0")/env.sh"
+cd "$ROOT"
+scripts/setup.sh
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+cargo build --release --quiet --bin tidemark
+export TIDEMARK_BIN="$CARGO_TARGET_DIR/release/tidemark"
+cargo test --workspace --all-targets
+
+mkdir -p artifacts
+(cd tests/browser && node --test --test-reporter=tap dashboard.test.mjs)

@@ -1,0 +1,174 @@
+//! The single-process deployment: every stage in one process over the
+//! embedded segment log and the embedded (or an InfluxDB) store, behind one
+//! HTTP listener.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tidemark_ingest::{IngestConfig, IngestMetrics, IngestState};
+use tidemark_log::segment::{SegmentLog, SegmentLogConfig};
+use tidemark_log::Log;
+use tidemark_model::{topic, EventTime, Point, Update};
+use tidemark_processor::driver::{run_driver, BoxFuture, DriverConfig, PointSink, ProcessorMetrics};
+use tidemark_processor::ProcessorError;
+use tidemark_tsdb_writer::influx::{InfluxConfig, InfluxStore};
+use tidemark_tsdb_writer::sqlite::SqliteStore;
+use tidemark_tsdb_writer::writer::{BatchingWriter, WriterConfig, WriterHandle, WriterMetrics};
+use tidemark_tsdb_writer::Store;
+use tidemark_ws_server::ServerState;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Which store final points go to.
+#[derive(Debug, Clone)]
+pub enum StoreChoice {
+    /// The embedded SQLite store under the data folder.
+    Sqlite,
+    /// An InfluxDB 1.x server.
+    Influx { url: String, database: String, username: Option<String>, password: Option<String> },
+}
+
+/// Everything `run` needs.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub data_dir: PathBuf,
+    pub api_keys: Vec<String>,
+    pub store: StoreChoice,
+    pub web_dir: Option<PathBuf>,
+}
+
+/// Opens the embedded log under `data_dir/log` with every topic provisioned.
+pub async fn open_log(data_dir: &std::path::Path) -> anyhow::Result<Arc<SegmentLog>> {
+    let log = SegmentLog::open(data_dir.join("log"), SegmentLogConfig::default())
+        .with_context(|| format!("cannot open the log in {}", data_dir.display()))?;
+    for t in topic::INPUT_TOPICS.iter().chain([&topic::DEAD_LETTER]) {
+        log.ensure_topic(t, topic::default_partitions(t)).await?;
+    }
+    Ok(Arc::new(log))
+}
+
+/// Opens the configured store and creates its tiers, waiting for InfluxDB to come up.
+/// The embedded store is returned a second time, typed, for its retention pruning.
+pub async fn open_store(
+    config: &RunConfig,
+    cancel: &CancellationToken,
+) -> anyhow::Result<(Arc<dyn Store>, Option<Arc<SqliteStore>>)> {
+    let (store, sqlite): (Arc<dyn Store>, _) = match &config.store {
+        StoreChoice::Sqlite => {
+            let sqlite = Arc::new(SqliteStore::open(config.data_dir.join("store.sqlite"))?);
+            (sqlite.clone(), Some(sqlite))
+        }
+        StoreChoice::Influx { url, database, username, password } => {
+            let influx = InfluxStore::new(InfluxConfig {
+                url: url.clone(),
+                database: database.clone(),
+                username: username.clone(),
+                password: password.clone(),
+                timeout: Duration::from_secs(10),
+            })?;
+            (Arc::new(influx), None)
+        }
+    };
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match store.ensure_schema().await {
+            Ok(()) => return Ok((store, sqlite)),
+            Err(error) if error.is_retryable() && !cancel.is_cancelled() => {
+                tracing::warn!(error = %error, "Store not ready; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(error) => return Err(error).context("cannot prepare the store"),
+        }
+    }
+}
+
+/// Runs every stage until `cancel`; then stops the front end first and lets the
+/// back end drain (processor checkpoint, writer flush).
+pub async fn run(config: RunConfig, listener: TcpListener, cancel: CancellationToken) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
+    let registry = prometheus::Registry::new();
+    let log = open_log(&config.data_dir).await?;
+    let (store, sqlite) = open_store(&config, &cancel).await?;
+
+    let (writer, writer_task) =
+        BatchingWriter::spawn(store.clone(), WriterConfig::default(), WriterMetrics::new(&registry)?);
+    let (updates, _) = tokio::sync::broadcast::channel::<Update>(1024);
+
+    let processor_cancel = CancellationToken::new();
+    let driver_config = DriverConfig {
+        checkpoint_dir: Some(config.data_dir.join("checkpoints")),
+        ..DriverConfig::default()
+    };
+    let processor = tokio::spawn(run_driver(
+        driver_config,
+        log.clone() as Arc<dyn Log>,
+        tidemark_processor::default_pipelines(),
+        Arc::new(WriterSink(writer.clone())),
+        updates.clone(),
+        ProcessorMetrics::new(&registry),
+        processor_cancel.clone(),
+    ));
+
+    let ingest = IngestState::new(
+        IngestConfig { api_keys: config.api_keys.clone(), ..IngestConfig::default() },
+        log.clone() as Arc<dyn Log>,
+        IngestMetrics::new(&registry)?,
+    );
+    let server = ServerState::new(store.clone(), updates.clone(), registry.clone(), config.web_dir.clone());
+    let router = tidemark_ingest::router(Arc::new(ingest)).merge(tidemark_ws_server::router(Arc::new(server)));
+
+    let housekeeping = tokio::spawn(housekeeping(log.clone(), sqlite, cancel.clone()));
+    let http_cancel = cancel.clone();
+    tidemark_ws_server::serve(listener, router, async move { http_cancel.cancelled().await })
+        .await
+        .context("HTTP server failed")?;
+
+    processor_cancel.cancel();
+    let processed = processor.await.context("processor task panicked")?;
+    drop(writer);
+    let _ = writer_task.await;
+    housekeeping.abort();
+    processed.context("processor failed")?;
+    Ok(())
+}
+
+/// Retention of the log and the embedded store, once a minute.
+async fn housekeeping(log: Arc<SegmentLog>, sqlite: Option<Arc<SqliteStore>>, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = EventTime::now();
+        let retention_log = log.clone();
+        match tokio::task::spawn_blocking(move || retention_log.enforce_retention(now)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => tracing::warn!(error = %error, "Log retention failed"),
+            Err(error) => tracing::warn!(error = %error, "Log retention task failed"),
+        }
+        if let Some(sqlite) = &sqlite {
+            if let Err(error) = sqlite.prune(now).await {
+                tracing::warn!(error = %error, "Store retention failed");
+            }
+        }
+    }
+}
+
+/// The store writer as the processor's point sink.
+#[derive(Debug, Clone)]
+pub struct WriterSink(pub WriterHandle);
+
+impl PointSink for WriterSink {
+    fn send(&self, points: Vec<Point>) -> BoxFuture<'_, Result<(), ProcessorError>> {
+        Box::pin(async move { Ok(self.0.send(points).await?) })
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<(), ProcessorError>> {
+        Box::pin(async move { Ok(self.0.flush().await?) })
+    }
+}

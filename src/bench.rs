@@ -1,0 +1,400 @@
+//! `tidemark bench`: measures one stage and prints one JSON line with at least
+//! `events`, `seconds` and `events_per_sec` (and `p50_ms`, `p99_ms` for latency).
+
+use std::io::BufRead as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use clap::{Args, ValueEnum};
+use futures::{SinkExt as _, StreamExt as _};
+use serde_json::{json, Value};
+use tidemark_log::segment::SegmentLog;
+use tidemark_log::{Log, Record};
+use tidemark_model::{topic, wire, Event, EventTime, Limits};
+use tidemark_processor::driver::{DriverConfig, Engine};
+use tokio_util::sync::CancellationToken;
+
+use crate::app::{self, RunConfig, StoreChoice};
+use crate::generator::{EventFactory, GeneratorConfig};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Stage {
+    /// Appends encoded events to the embedded log (durable, group fsync).
+    Log,
+    /// Reads the embedded log, decodes, and runs the Traffic pipeline on one core.
+    Pipeline,
+    /// HTTP ingest into a durable embedded log, from a local client.
+    Ingest,
+    /// Event-to-update latency: ingest receive to WebSocket push.
+    Latency,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[arg(value_enum)]
+    pub stage: Stage,
+    /// NDJSON event file to use instead of generated events.
+    #[arg(long)]
+    pub input: Option<PathBuf>,
+    /// Number of generated events (without `--input`).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub events: usize,
+    /// Records per append (log) or events per request (ingest, latency).
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Concurrent appenders (log) or requests in flight (ingest).
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// Offered load for `latency`, events per second.
+    #[arg(long, default_value_t = 20_000)]
+    pub rate: u64,
+    /// Duration of the `latency` run, seconds.
+    #[arg(long, default_value_t = 20)]
+    pub seconds: u64,
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let summary = match args.stage {
+        Stage::Log => bench_log(&args).await?,
+        Stage::Pipeline => bench_pipeline(&args).await?,
+        Stage::Ingest => bench_ingest(&args).await?,
+        Stage::Latency => bench_latency(&args).await?,
+    };
+    println!("{summary}");
+    Ok(())
+}
+
+fn summary(stage: &str, events: u64, seconds: f64, extra: Value) -> Value {
+    let mut out = json!({
+        "bench": stage,
+        "events": events,
+        "seconds": (seconds * 1000.0).round() / 1000.0,
+        "events_per_sec": (events as f64 / seconds.max(1e-9)).round(),
+    });
+    if let (Some(out), Some(extra)) = (out.as_object_mut(), extra.as_object()) {
+        out.extend(extra.clone());
+    }
+    out
+}
+
+/// The benchmark's events as validated `Event`s: from `--input` or generated,
+/// with event time advancing 5,000 events per second like the peers' workload.
+fn load_events(args: &BenchArgs) -> anyhow::Result<Vec<Event>> {
+    let limits = Limits { max_past: Duration::MAX / 4, max_future: Duration::MAX / 4, ..Limits::default() };
+    match &args.input {
+        Some(path) => {
+            let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+            let mut events = Vec::new();
+            for (n, line) in std::io::BufReader::new(file).split(b'\n').enumerate() {
+                let line = line?;
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                let ev = Event::from_json(&line, EventTime(0), &limits)
+                    .with_context(|| format!("{}:{}: invalid event", path.display(), n + 1))?;
+                events.push(ev);
+            }
+            Ok(events)
+        }
+        None => {
+            let mut factory =
+                EventFactory::new(GeneratorConfig { invalid: 0.0, users: 1_000_000, ..GeneratorConfig::default() });
+            let start = 1_790_000_000_000i64;
+            (0..args.events)
+                .map(|i| {
+                    let now = EventTime(start + i as i64 / 5);
+                    let raw = serde_json::to_vec(&factory.event(now))?;
+                    Ok(Event::from_json(&raw, now, &limits)?)
+                })
+                .collect()
+        }
+    }
+}
+
+/// Encoded records grouped by topic and partition, as a producer's batching would.
+async fn records_by_partition(log: &SegmentLog, events: &[Event]) -> anyhow::Result<Vec<(&'static str, Vec<Record>)>> {
+    let mut groups: std::collections::BTreeMap<(&'static str, u32), Vec<Record>> = Default::default();
+    for ev in events {
+        let topic_name = topic::topic_for(&ev.event_type);
+        let partitions = log.partition_count(topic_name).await?;
+        let partition = topic::partition_for_key(ev.user_id.as_bytes(), partitions);
+        let mut value = Vec::with_capacity(128);
+        wire::encode(ev, &mut value);
+        groups.entry((topic_name, partition)).or_default().push(Record {
+            key: Bytes::copy_from_slice(ev.user_id.as_bytes()),
+            value: Bytes::from(value),
+            timestamp: ev.timestamp,
+        });
+    }
+    Ok(groups.into_iter().map(|((t, _), records)| (t, records)).collect())
+}
+
+async fn bench_log(args: &BenchArgs) -> anyhow::Result<Value> {
+    let events = load_events(args)?;
+    let dir = tempfile::tempdir()?;
+    let log = app::open_log(dir.path()).await?;
+    let batch = args.batch.unwrap_or(1_000);
+    let mut batches = Vec::new();
+    for (topic_name, records) in records_by_partition(&log, &events).await? {
+        for chunk in records.chunks(batch) {
+            batches.push((topic_name, chunk.to_vec()));
+        }
+    }
+    let batch_count = batches.len();
+    let queue = Arc::new(std::sync::Mutex::new(batches));
+    let started = Instant::now();
+    let mut appenders = tokio::task::JoinSet::new();
+    for _ in 0..args.concurrency.max(1) {
+        let (log, queue) = (log.clone(), queue.clone());
+        appenders.spawn(async move {
+            loop {
+                let next = queue.lock().map_err(|_| anyhow::anyhow!("queue poisoned"))?.pop();
+                let Some((topic_name, records)) = next else { return anyhow::Ok(()) };
+                log.append(topic_name, records).await?;
+            }
+        });
+    }
+    while let Some(done) = appenders.join_next().await {
+        done??;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(summary("log", events.len() as u64, seconds, json!({"batch": batch, "batches": batch_count, "sync": "group fsync before ack"})))
+}
+
+async fn bench_pipeline(args: &BenchArgs) -> anyhow::Result<Value> {
+    let events = load_events(args)?;
+    let dir = tempfile::tempdir()?;
+    let log = app::open_log(dir.path()).await?;
+    for (topic_name, records) in records_by_partition(&log, &events).await? {
+        for chunk in records.chunks(10_000) {
+            log.append(topic_name, chunk.to_vec()).await?;
+        }
+    }
+    drop(events);
+    // One core: the whole read → decode → pipeline loop on this thread.
+    let (events, points, seconds) = tokio::task::spawn_blocking(move || traffic_from_log(&log)).await??;
+    Ok(summary("pipeline", events, seconds, json!({"points": points, "threads": 1, "pipelines": ["traffic"]})))
+}
+
+/// Reads every input partition of `log` to its end, decodes, dedups and runs
+/// the Traffic pipeline, firing windows as the watermark advances: the live
+/// driver's synchronous core, on this thread. Returns events, points, seconds.
+fn traffic_from_log(log: &SegmentLog) -> anyhow::Result<(u64, u64, f64)> {
+    let config = DriverConfig::default();
+    let mut engine = Engine::new(&config, tidemark_processor::default_pipelines());
+    let mut partitions = Vec::new();
+    for topic_name in &config.topics {
+        for partition in 0..log.partition_count_blocking(topic_name)? {
+            partitions.push((topic_name.as_str(), partition, engine.register(topic_name, partition), 0u64));
+        }
+    }
+    let started = Instant::now();
+    let (mut events, mut points) = (0u64, 0u64);
+    let mut out = Vec::new();
+    loop {
+        let mut progressed = false;
+        for (topic_name, partition, slot, offset) in partitions.iter_mut() {
+            let records = log.read_blocking(topic_name, *partition, *offset, config.max_batch)?;
+            let Some(last) = records.last() else {
+                engine.set_progress(*slot, true, Instant::now());
+                continue;
+            };
+            *offset = last.offset + 1;
+            progressed = true;
+            for record in &records {
+                let ev = wire::decode(&record.value)?;
+                engine.process(*slot, &ev, &mut out);
+                events += 1;
+            }
+            engine.set_progress(*slot, false, Instant::now());
+        }
+        engine.advance(Instant::now(), &mut out);
+        points += out.len() as u64;
+        out.clear();
+        if !progressed {
+            break;
+        }
+    }
+    engine.finish(&mut out);
+    points += out.len() as u64;
+    Ok((events, points, started.elapsed().as_secs_f64()))
+}
+
+async fn bench_ingest(args: &BenchArgs) -> anyhow::Result<Value> {
+    let events = load_events(args)?;
+    let batch = args.batch.unwrap_or(100);
+    let bodies: Vec<Bytes> = events
+        .chunks(batch)
+        .map(|chunk| {
+            let now = EventTime::now();
+            let mut body = Vec::new();
+            for ev in chunk {
+                // Fresh event times so the skew window accepts them.
+                let mut ev = ev.clone();
+                ev.timestamp = now;
+                body.extend_from_slice(ev.to_json().as_bytes());
+                body.push(b'\n');
+            }
+            Bytes::from(body)
+        })
+        .collect();
+    let dir = tempfile::tempdir()?;
+    let log = app::open_log(dir.path()).await?;
+    let registry = prometheus::Registry::new();
+    let key = "bench-key".to_string();
+    let state = tidemark_ingest::IngestState::new(
+        tidemark_ingest::IngestConfig { api_keys: vec![key.clone()], ..Default::default() },
+        log as Arc<dyn Log>,
+        tidemark_ingest::IngestMetrics::new(&registry)?,
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/v1/events", listener.local_addr()?);
+    let cancel = CancellationToken::new();
+    let stop = cancel.clone();
+    let server = tokio::spawn(tidemark_ws_server::serve(
+        listener,
+        tidemark_ingest::router(Arc::new(state)),
+        async move { stop.cancelled().await },
+    ));
+    let client = reqwest::Client::new();
+    let queue = Arc::new(std::sync::Mutex::new(bodies));
+    let started = Instant::now();
+    let mut posters = tokio::task::JoinSet::new();
+    for _ in 0..args.concurrency.max(1) * 4 {
+        let (client, queue, url, key) = (client.clone(), queue.clone(), url.clone(), key.clone());
+        posters.spawn(async move {
+            let mut accepted = 0u64;
+            loop {
+                let next = queue.lock().map_err(|_| anyhow::anyhow!("queue poisoned"))?.pop();
+                let Some(body) = next else { return anyhow::Ok(accepted) };
+                let reply = client.post(&url).bearer_auth(&key).body(body).send().await?;
+                anyhow::ensure!(reply.status().as_u16() == 202, "ingest answered {}", reply.status());
+                let reply: Value = reply.json().await?;
+                accepted += reply["accepted"].as_u64().unwrap_or(0);
+            }
+        });
+    }
+    let mut accepted = 0;
+    while let Some(done) = posters.join_next().await {
+        accepted += done??;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    cancel.cancel();
+    server.await??;
+    Ok(summary("ingest", accepted, seconds, json!({"batch": batch, "durable": true})))
+}
+
+async fn bench_latency(args: &BenchArgs) -> anyhow::Result<Value> {
+    let dir = tempfile::tempdir()?;
+    let key = "bench-key".to_string();
+    let config = RunConfig {
+        data_dir: dir.path().to_path_buf(),
+        api_keys: vec![key.clone()],
+        store: StoreChoice::Sqlite,
+        web_dir: None,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let cancel = CancellationToken::new();
+    let system = tokio::spawn(app::run(config, listener, cancel.clone()));
+
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws")).await?;
+    ws.send(tokio_tungstenite::tungstenite::Message::text(r#"{"op":"subscribe","channel":"overview"}"#.to_string()))
+        .await?;
+
+    // Posted batches: (cumulative events after the batch, when it was sent).
+    let posted: Arc<std::sync::Mutex<std::collections::VecDeque<(u64, Instant)>>> = Default::default();
+    let batch = args.batch.unwrap_or(100);
+    let total_batches = (args.rate * args.seconds) as usize / batch;
+    let poster = {
+        let posted = posted.clone();
+        let (url, key, rate) = (format!("http://{addr}/v1/events"), key.clone(), args.rate);
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let mut factory = EventFactory::new(GeneratorConfig { invalid: 0.0, out_of_order: 0.0, ..Default::default() });
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(batch as f64 / rate as f64));
+            let mut cumulative = 0u64;
+            let mut in_flight = tokio::task::JoinSet::new();
+            for _ in 0..total_batches {
+                tick.tick().await;
+                let now = EventTime::now();
+                let body: Vec<Value> = (0..batch).map(|_| factory.event(now)).collect();
+                cumulative += batch as u64;
+                posted.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.push_back((cumulative, Instant::now()));
+                let request = client.post(&url).bearer_auth(&key).json(&body);
+                in_flight.spawn(async move { request.send().await.map(|r| r.status()) });
+                while in_flight.len() > 64 {
+                    in_flight.join_next().await;
+                }
+            }
+            while in_flight.join_next().await.is_some() {}
+            anyhow::Ok(cumulative)
+        })
+    };
+
+    let mut windows: std::collections::HashMap<String, u64> = Default::default();
+    let mut latencies_ms = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(args.seconds + 15);
+    let expected = (total_batches * batch) as u64;
+    while Instant::now() < deadline {
+        let message = match tokio::time::timeout(Duration::from_secs(2), ws.next()).await {
+            Ok(Some(message)) => message?,
+            Ok(None) => break,
+            Err(_) if poster.is_finished() && latencies_ms.len() >= total_batches => break,
+            Err(_) => continue,
+        };
+        let Ok(text) = message.to_text() else { continue };
+        let Ok(value) = serde_json::from_str::<Value>(text) else { continue };
+        collect_window_counts(&value, &mut windows);
+        let seen: u64 = windows.values().sum();
+        let now = Instant::now();
+        let mut posted = posted.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        while posted.front().is_some_and(|(cumulative, _)| *cumulative <= seen) {
+            if let Some((_, sent)) = posted.pop_front() {
+                latencies_ms.push(now.duration_since(sent).as_secs_f64() * 1000.0);
+            }
+        }
+        if seen >= expected && poster.is_finished() {
+            break;
+        }
+    }
+    let posted_events = poster.await??;
+    cancel.cancel();
+    system.await??;
+    anyhow::ensure!(!latencies_ms.is_empty(), "no update reflected any posted event");
+    latencies_ms.sort_by(f64::total_cmp);
+    let pct = |q: f64| latencies_ms[((latencies_ms.len() - 1) as f64 * q).round() as usize];
+    let measured = latencies_ms.len() * batch;
+    Ok(summary(
+        "latency",
+        posted_events,
+        args.seconds as f64,
+        json!({
+            "offered_rate": args.rate,
+            "events_seen_in_updates": measured,
+            "p50_ms": (pct(0.50) * 10.0).round() / 10.0,
+            "p99_ms": (pct(0.99) * 10.0).round() / 10.0,
+            "max_ms": (pct(1.0) * 10.0).round() / 10.0,
+        }),
+    ))
+}
+
+/// Keeps the newest total event count per window from an overview message.
+fn collect_window_counts(value: &Value, windows: &mut std::collections::HashMap<String, u64>) {
+    match value {
+        Value::Object(map) => {
+            if let (Some(start), Some(Value::Object(traffic))) = (map.get("window_start"), map.get("traffic")) {
+                let total = traffic.values().filter_map(Value::as_u64).sum();
+                windows.insert(start.to_string(), total);
+            }
+            for v in map.values() {
+                collect_window_counts(v, windows);
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|v| collect_window_counts(v, windows)),
+        _ => {}
+    }
+}

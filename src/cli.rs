@@ -1,0 +1,192 @@
+//! Command-line interface: every flag also reads a `TIDEMARK_*` variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::app::{self, RunConfig, StoreChoice};
+use crate::bench::{self, BenchArgs};
+use crate::generator::{self, GeneratorConfig, PostTarget};
+
+/// tidemark: real-time analytics for a social network.
+#[derive(Debug, Parser)]
+#[command(name = "tidemark", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Every stage in one process on the embedded log and store.
+    Run(RunArgs),
+    /// `run` plus a built-in traffic generator; prints the dashboard URL.
+    Demo(DemoArgs),
+    /// Posts generated social-network traffic to an ingest endpoint.
+    Generate(GenerateArgs),
+    /// Measures a stage and prints one JSON line.
+    Bench(BenchArgs),
+}
+
+/// Flags shared by `run` and `demo`.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Folder for the embedded log, store and checkpoints.
+    #[arg(long, env = "TIDEMARK_DATA_DIR", default_value = "tidemark-data")]
+    pub data_dir: PathBuf,
+    /// Address of the one HTTP listener (ingest, API, WebSocket, dashboard, /metrics).
+    #[arg(long, env = "TIDEMARK_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// API key accepted by ingest (repeatable).
+    #[arg(long = "api-key", env = "TIDEMARK_API_KEYS", value_delimiter = ',')]
+    pub api_keys: Vec<String>,
+    #[command(flatten)]
+    pub influx: InfluxArgs,
+    /// Folder of the built web dashboard.
+    #[arg(long, env = "TIDEMARK_WEB_DIR", default_value = "dashboards/web/dist")]
+    pub web_dir: PathBuf,
+}
+
+/// InfluxDB connection; without `--influx-url` the embedded SQLite store is used.
+#[derive(Debug, Clone, Args)]
+pub struct InfluxArgs {
+    /// InfluxDB 1.x base URL, e.g. `http://127.0.0.1:8086`.
+    #[arg(long, env = "TIDEMARK_INFLUX_URL")]
+    pub influx_url: Option<String>,
+    /// Database holding the tiers.
+    #[arg(long, env = "TIDEMARK_INFLUX_DB", default_value = "tidemark")]
+    pub influx_db: String,
+    #[arg(long, env = "TIDEMARK_INFLUX_USER")]
+    pub influx_user: Option<String>,
+    #[arg(long, env = "TIDEMARK_INFLUX_PASSWORD", hide_env_values = true)]
+    pub influx_password: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Generated events per second.
+    #[arg(long, env = "TIDEMARK_DEMO_RATE", default_value_t = 5_000)]
+    pub rate: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Events per second.
+    #[arg(long, env = "TIDEMARK_GENERATE_RATE", default_value_t = 5_000)]
+    pub rate: u64,
+    /// Base URL of ingest.
+    #[arg(long, env = "TIDEMARK_GENERATE_URL", default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// API key for ingest.
+    #[arg(long, env = "TIDEMARK_GENERATE_KEY")]
+    pub key: String,
+    /// Stop after this many events.
+    #[arg(long)]
+    pub events: Option<u64>,
+    /// Events per request.
+    #[arg(long, default_value_t = 100)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+/// Logs go to stderr, filtered by `RUST_LOG` (default `info`).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn run_config(args: RunArgs, fallback_key: impl FnOnce() -> String) -> RunConfig {
+    let store = match args.influx.influx_url {
+        Some(url) => StoreChoice::Influx {
+            url,
+            database: args.influx.influx_db,
+            username: args.influx.influx_user,
+            password: args.influx.influx_password,
+        },
+        None => StoreChoice::Sqlite,
+    };
+    let mut api_keys: Vec<String> = args.api_keys.into_iter().filter(|k| !k.is_empty()).collect();
+    if api_keys.is_empty() {
+        api_keys.push(fallback_key());
+    }
+    RunConfig { data_dir: args.data_dir, api_keys, store, web_dir: Some(args.web_dir) }
+}
+
+/// A random key for a run started without one, printed once so clients can use it.
+fn random_key() -> String {
+    use rand::Rng as _;
+    let bytes: [u8; 16] = rand::thread_rng().gen();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Cancelled on Ctrl-C or SIGTERM.
+fn shutdown_token() -> CancellationToken {
+    let token = CancellationToken::new();
+    let trigger = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler installs");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("Shutting down");
+        trigger.cancel();
+    });
+    token
+}
+
+pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run(args) => {
+            let listen = args.listen;
+            let config = run_config(args, || {
+                let key = random_key();
+                println!("No --api-key given; ingest accepts this generated key: {key}");
+                key
+            });
+            let listener = tokio::net::TcpListener::bind(listen).await?;
+            println!("tidemark is running: dashboard http://{}/", listener.local_addr()?);
+            app::run(config, listener, shutdown_token()).await
+        }
+        Command::Demo(args) => {
+            let config = run_config(args.run.clone(), random_key);
+            let listener = tokio::net::TcpListener::bind(args.run.listen).await?;
+            let addr = listener.local_addr()?;
+            println!("tidemark demo: open the dashboard at http://{addr}/");
+            println!("Generating {} events/s through http://{addr}/v1/events", args.rate);
+            let cancel = shutdown_token();
+            let target = PostTarget {
+                url: format!("http://{addr}"),
+                api_key: config.api_keys[0].clone(),
+                rate: args.rate,
+                batch: 100,
+                limit: None,
+            };
+            let generator_cancel = cancel.clone();
+            let generator = tokio::spawn(async move {
+                if let Err(error) = generator::post_events(target, GeneratorConfig::default(), generator_cancel).await {
+                    tracing::error!(error = %error, "Traffic generator stopped");
+                }
+            });
+            let result = app::run(config, listener, cancel).await;
+            generator.abort();
+            result
+        }
+        Command::Generate(args) => {
+            let target = PostTarget { url: args.url, api_key: args.key, rate: args.rate, batch: args.batch, limit: args.events };
+            let config = GeneratorConfig { seed: args.seed, ..GeneratorConfig::default() };
+            let sent = generator::post_events(target, config, shutdown_token()).await?;
+            println!("{{\"events\":{sent}}}");
+            Ok(())
+        }
+        Command::Bench(args) => bench::run(args).await,
+    }
+}

@@ -1,0 +1,292 @@
+//! The InfluxDB store against a real `influxd` (1.x).
+//!
+//! Needs `influxd` (or `$TIDEMARK_INFLUXD`); fails without it unless
+//! `TIDEMARK_SKIP_INFLUX=1`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tidemark_model::{EventTime, FieldValue, Point, Tier};
+use tidemark_tsdb_writer::influx::{InfluxConfig, InfluxStore};
+use tidemark_tsdb_writer::testing::InfluxServer;
+use tidemark_tsdb_writer::writer::{BatchingWriter, WriterConfig, WriterMetrics};
+use tidemark_tsdb_writer::{Aggregate, MetricQuery, Series, Store};
+
+fn server() -> Option<InfluxServer> {
+    if std::env::var("TIDEMARK_SKIP_INFLUX").as_deref() == Ok("1") {
+        eprintln!("TIDEMARK_SKIP_INFLUX=1: skipping InfluxDB test");
+        return None;
+    }
+    match InfluxServer::start() {
+        Ok(s) => Some(s),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn store(server: &InfluxServer) -> InfluxStore {
+    InfluxStore::new(InfluxConfig {
+        url: server.url.clone(),
+        timeout: Duration::from_secs(5),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+// Recent times, so the 7-day `rt` policy accepts them.
+fn base() -> i64 {
+    EventTime::now().floor(Duration::from_secs(3600)).millis() - 3_600_000
+}
+
+fn point(tier: Tier, country: &str, device: &str, t: i64, events: i64, ratio: f64) -> Point {
+    Point::new(
+        "traffic",
+        tier,
+        EventTime(t),
+        vec![
+            ("country".into(), country.into()),
+            ("device".into(), device.into()),
+        ],
+        vec![
+            ("events".into(), FieldValue::Int(events)),
+            ("ratio".into(), FieldValue::Float(ratio)),
+        ],
+    )
+}
+
+fn query(t0: i64, field: &str, aggregate: Aggregate) -> MetricQuery {
+    MetricQuery {
+        measurement: "traffic".into(),
+        field: field.into(),
+        tier: Tier::Rt,
+        from: EventTime(t0),
+        to: EventTime(t0 + 600_000),
+        filters: vec![],
+        group_by: vec![],
+        aggregate,
+    }
+}
+
+fn tags(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[tokio::test]
+async fn schema_is_idempotent() {
+    let Some(server) = server() else { return };
+    let store = store(&server);
+    // A policy left with other settings is brought to ours.
+    let client = reqwest::Client::new();
+    for q in [
+        "CREATE DATABASE tidemark",
+        "CREATE RETENTION POLICY hourly ON tidemark DURATION 2d REPLICATION 1",
+    ] {
+        let status = client
+            .post(format!("{}/query", server.url))
+            .form(&[("q", q)])
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert!(status.is_success());
+    }
+    store.ensure_schema().await.unwrap();
+    store.ensure_schema().await.unwrap();
+    assert_eq!(store.kind(), "influxdb");
+    let policies = client
+        .get(format!("{}/query", server.url))
+        .query(&[("q", "SHOW RETENTION POLICIES ON tidemark")])
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(policies.contains(r#"["hourly","9600h0m0s""#), "{policies}");
+    assert!(policies.contains(r#"["rt","168h0m0s""#), "{policies}");
+    assert!(policies.contains(r#"["daily","43800h0m0s""#), "{policies}");
+    // Every tier is writable.
+    let t0 = base();
+    for tier in Tier::ALL {
+        store
+            .write(&[point(tier, "de", "ios", t0, 1, 0.5)])
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn round_trip_with_groups_filters_and_overwrites() {
+    let Some(server) = server() else { return };
+    let store = store(&server);
+    store.ensure_schema().await.unwrap();
+    let t0 = base();
+    let t1 = t0 + 60_000;
+    store
+        .write(&[
+            point(Tier::Rt, "de", "ios", t0, 1, 0.5),
+            point(Tier::Rt, "de", "android", t0, 2, 0.25),
+            point(Tier::Rt, "fr", "ios", t0, 4, 1.0),
+            point(Tier::Rt, "fr", "ios", t1, 8, 0.0),
+            point(Tier::Hourly, "de", "ios", t0, 100, 9.0),
+            point(Tier::Rt, "o'ne\"il", "ios", t0 + 600_000, 100, 9.0),
+        ])
+        .await
+        .unwrap();
+
+    let all = store
+        .query(&query(t0, "events", Aggregate::Sum))
+        .await
+        .unwrap();
+    assert_eq!(
+        all,
+        vec![Series {
+            tags: tags(&[]),
+            points: vec![(EventTime(t0), 7.0), (EventTime(t1), 8.0)]
+        }]
+    );
+
+    let mean = store
+        .query(&query(t0, "ratio", Aggregate::Mean))
+        .await
+        .unwrap();
+    assert_eq!(
+        mean[0].points,
+        vec![(EventTime(t0), 1.75 / 3.0), (EventTime(t1), 0.0)]
+    );
+    let max = store
+        .query(&query(t0, "events", Aggregate::Max))
+        .await
+        .unwrap();
+    assert_eq!(
+        max[0].points,
+        vec![(EventTime(t0), 4.0), (EventTime(t1), 8.0)]
+    );
+
+    let mut q = query(t0, "events", Aggregate::Sum);
+    q.group_by = vec!["country".into()];
+    assert_eq!(
+        store.query(&q).await.unwrap(),
+        vec![
+            Series {
+                tags: tags(&[("country", "de")]),
+                points: vec![(EventTime(t0), 3.0)]
+            },
+            Series {
+                tags: tags(&[("country", "fr")]),
+                points: vec![(EventTime(t0), 4.0), (EventTime(t1), 8.0)]
+            },
+        ]
+    );
+
+    q.group_by = vec!["country".into(), "device".into()];
+    q.filters = vec![("device".into(), "ios".into())];
+    let got = store.query(&q).await.unwrap();
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0].tags, tags(&[("country", "de"), ("device", "ios")]));
+    assert_eq!(got[0].points, vec![(EventTime(t0), 1.0)]);
+
+    // Quotes in values are escaped, not interpreted.
+    let mut odd = query(t0, "events", Aggregate::Sum);
+    odd.to = EventTime(t0 + 1_200_000);
+    odd.filters = vec![("country".into(), "o'ne\"il".into())];
+    let got = store.query(&odd).await.unwrap();
+    assert_eq!(got[0].points, vec![(EventTime(t0 + 600_000), 100.0)]);
+
+    // Same identity: replaced, not added.
+    store
+        .write(&[point(Tier::Rt, "fr", "ios", t0, 40, 1.0)])
+        .await
+        .unwrap();
+    let mut fr = query(t0, "events", Aggregate::Sum);
+    fr.filters = vec![("country".into(), "fr".into())];
+    assert_eq!(
+        store.query(&fr).await.unwrap()[0].points,
+        vec![(EventTime(t0), 40.0), (EventTime(t1), 8.0)]
+    );
+
+    let mut hourly = query(t0, "events", Aggregate::Sum);
+    hourly.tier = Tier::Hourly;
+    assert_eq!(
+        store.query(&hourly).await.unwrap()[0].points,
+        vec![(EventTime(t0), 100.0)]
+    );
+}
+
+#[tokio::test]
+async fn bad_writes_are_rejected() {
+    let Some(server) = server() else { return };
+    let store = store(&server);
+    store.ensure_schema().await.unwrap();
+    let t0 = base();
+    store
+        .write(&[point(Tier::Rt, "de", "ios", t0, 1, 0.5)])
+        .await
+        .unwrap();
+    // `events` is an integer field; a float now is a type conflict.
+    let conflict = Point::new(
+        "traffic",
+        Tier::Rt,
+        EventTime(t0 + 60_000),
+        vec![],
+        vec![("events".into(), FieldValue::Float(1.5))],
+    );
+    let err = store.write(&[conflict]).await.unwrap_err();
+    assert!(!err.is_retryable(), "{err}");
+}
+
+#[tokio::test]
+async fn stopped_server_is_retryable_and_the_writer_catches_up() {
+    let Some(mut server) = server() else { return };
+    let influx = store(&server);
+    influx.ensure_schema().await.unwrap();
+    server.stop();
+    let t0 = base();
+    let err = influx
+        .write(&[point(Tier::Rt, "de", "ios", t0, 1, 0.5)])
+        .await
+        .unwrap_err();
+    assert!(err.is_retryable(), "{err}");
+    let err = influx
+        .query(&query(t0, "events", Aggregate::Sum))
+        .await
+        .unwrap_err();
+    assert!(err.is_retryable(), "{err}");
+
+    let registry = prometheus::Registry::new();
+    let metrics = WriterMetrics::new(&registry).unwrap();
+    let config = WriterConfig {
+        initial_backoff: Duration::from_millis(20),
+        max_backoff: Duration::from_millis(200),
+        ..Default::default()
+    };
+    let (handle, _task) = BatchingWriter::spawn(Arc::new(influx.clone()), config, metrics.clone());
+    handle
+        .send(vec![point(Tier::Rt, "de", "ios", t0, 5, 0.5)])
+        .await
+        .unwrap();
+    let flusher = tokio::spawn({
+        let handle = handle.clone();
+        async move { handle.flush().await }
+    });
+    while metrics.retries.get() == 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let server = tokio::task::spawn_blocking(move || {
+        server.restart().unwrap();
+        server
+    })
+    .await
+    .unwrap();
+    flusher.await.unwrap().unwrap();
+    let got = influx
+        .query(&query(t0, "events", Aggregate::Sum))
+        .await
+        .unwrap();
+    assert_eq!(got[0].points, vec![(EventTime(t0), 5.0)]);
+    assert_eq!(metrics.points.get(), 1);
+    drop(server);
+}

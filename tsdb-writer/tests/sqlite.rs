@@ -1,0 +1,184 @@
+//! The embedded store: overwrite semantics, queries and retention.
+
+use std::collections::BTreeMap;
+
+use tidemark_model::{EventTime, FieldValue, Point, Tier};
+use tidemark_tsdb_writer::sqlite::SqliteStore;
+use tidemark_tsdb_writer::{Aggregate, MetricQuery, Series, Store};
+
+fn point(tier: Tier, country: &str, device: &str, t: i64, events: i64, ratio: f64) -> Point {
+    Point::new(
+        "traffic",
+        tier,
+        EventTime(t),
+        vec![
+            ("country".into(), country.into()),
+            ("device".into(), device.into()),
+        ],
+        vec![
+            ("events".into(), FieldValue::Int(events)),
+            ("ratio".into(), FieldValue::Float(ratio)),
+        ],
+    )
+}
+
+fn query(field: &str, aggregate: Aggregate) -> MetricQuery {
+    MetricQuery {
+        measurement: "traffic".into(),
+        field: field.into(),
+        tier: Tier::Rt,
+        from: EventTime(0),
+        to: EventTime(600_000),
+        filters: vec![],
+        group_by: vec![],
+        aggregate,
+    }
+}
+
+fn tags(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+async fn sample() -> SqliteStore {
+    let store = SqliteStore::open_in_memory().unwrap();
+    store.ensure_schema().await.unwrap();
+    store
+        .write(&[
+            point(Tier::Rt, "de", "ios", 0, 1, 0.5),
+            point(Tier::Rt, "de", "android", 0, 2, 0.25),
+            point(Tier::Rt, "fr", "ios", 0, 4, 1.0),
+            point(Tier::Rt, "fr", "ios", 60_000, 8, 0.0),
+            // Other tier and out of range: never in the answers below.
+            point(Tier::Hourly, "de", "ios", 0, 100, 9.0),
+            point(Tier::Rt, "de", "ios", 600_000, 100, 9.0),
+        ])
+        .await
+        .unwrap();
+    store
+}
+
+#[tokio::test]
+async fn sums_all_series_per_time() {
+    let store = sample().await;
+    let got = store.query(&query("events", Aggregate::Sum)).await.unwrap();
+    assert_eq!(
+        got,
+        vec![Series {
+            tags: tags(&[]),
+            points: vec![(EventTime(0), 7.0), (EventTime(60_000), 8.0)]
+        }]
+    );
+    assert_eq!(store.kind(), "sqlite");
+}
+
+#[tokio::test]
+async fn mean_and_max() {
+    let store = sample().await;
+    let mean = store.query(&query("ratio", Aggregate::Mean)).await.unwrap();
+    assert_eq!(
+        mean[0].points,
+        vec![(EventTime(0), 1.75 / 3.0), (EventTime(60_000), 0.0)]
+    );
+    let max = store.query(&query("events", Aggregate::Max)).await.unwrap();
+    assert_eq!(
+        max[0].points,
+        vec![(EventTime(0), 4.0), (EventTime(60_000), 8.0)]
+    );
+}
+
+#[tokio::test]
+async fn groups_and_filters() {
+    let store = sample().await;
+    let mut q = query("events", Aggregate::Sum);
+    q.group_by = vec!["country".into()];
+    let got = store.query(&q).await.unwrap();
+    assert_eq!(
+        got,
+        vec![
+            Series {
+                tags: tags(&[("country", "de")]),
+                points: vec![(EventTime(0), 3.0)]
+            },
+            Series {
+                tags: tags(&[("country", "fr")]),
+                points: vec![(EventTime(0), 4.0), (EventTime(60_000), 8.0)]
+            },
+        ]
+    );
+
+    q.group_by = vec!["country".into(), "device".into()];
+    q.filters = vec![("device".into(), "ios".into())];
+    let got = store.query(&q).await.unwrap();
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0].tags, tags(&[("country", "de"), ("device", "ios")]));
+    assert_eq!(got[0].points, vec![(EventTime(0), 1.0)]);
+    assert_eq!(got[1].tags, tags(&[("country", "fr"), ("device", "ios")]));
+
+    q.filters = vec![("device".into(), "o'neil\"".into())];
+    assert!(store.query(&q).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn missing_field_is_skipped() {
+    let store = sample().await;
+    assert!(store
+        .query(&query("nope", Aggregate::Sum))
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+#[tokio::test]
+async fn same_identity_overwrites() {
+    let store = sample().await;
+    store
+        .write(&[point(Tier::Rt, "fr", "ios", 0, 40, 1.0)])
+        .await
+        .unwrap();
+    let mut q = query("events", Aggregate::Sum);
+    q.filters = vec![("country".into(), "fr".into())];
+    let got = store.query(&q).await.unwrap();
+    assert_eq!(
+        got[0].points,
+        vec![(EventTime(0), 40.0), (EventTime(60_000), 8.0)]
+    );
+}
+
+#[tokio::test]
+async fn prunes_by_tier_retention() {
+    let store = sample().await;
+    // Eight days later: the rt points (7-day retention) go, the hourly one stays.
+    let now = EventTime(8 * 24 * 3_600_000);
+    assert_eq!(store.prune(now).await.unwrap(), 5);
+    assert!(store
+        .query(&query("events", Aggregate::Sum))
+        .await
+        .unwrap()
+        .is_empty());
+    let mut q = query("events", Aggregate::Sum);
+    q.tier = Tier::Hourly;
+    assert_eq!(
+        store.query(&q).await.unwrap()[0].points,
+        vec![(EventTime(0), 100.0)]
+    );
+    assert_eq!(store.prune(now).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn file_store_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("points.db");
+    {
+        let store = SqliteStore::open(&path).unwrap();
+        store
+            .write(&[point(Tier::Rt, "de", "ios", 0, 3, 0.5)])
+            .await
+            .unwrap();
+    }
+    let store = SqliteStore::open(&path).unwrap();
+    let got = store.query(&query("events", Aggregate::Sum)).await.unwrap();
+    assert_eq!(got[0].points, vec![(EventTime(0), 3.0)]);
+}

@@ -1,0 +1,299 @@
+//! The live side: the overview hot cache and WebSocket sessions.
+//!
+//! A session subscribes to the updates broadcast before it copies the hot
+//! cache, so nothing falls between its snapshot and its first update; it then
+//! keeps its own copy of the overview up to date and sends each changed window
+//! whole, so a client never has to merge partial results.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocketUpgrade};
+use axum::extract::State;
+use axum::response::Response;
+use futures::{future, Sink, SinkExt, Stream, StreamExt};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use tidemark_model::{EventTime, Tier, Update};
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::{json_number, ServerState};
+
+/// How many 1-minute windows the overview keeps: the last hour.
+pub const OVERVIEW_WINDOWS: usize = 60;
+
+const WINDOW: Duration = Duration::from_secs(60);
+
+/// A client that cannot take a message for this long is disconnected, so it
+/// never holds on to server resources indefinitely.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+const OVERVIEW: &str = "overview";
+
+/// One 1-minute window of the overview channel.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OverviewWindow {
+    /// Whether the window has closed.
+    pub is_final: bool,
+    /// Events per event type.
+    pub traffic: BTreeMap<String, f64>,
+    /// Distinct active users.
+    pub active_users: f64,
+}
+
+/// The newest value of each of the last [`OVERVIEW_WINDOWS`] 1-minute windows,
+/// built from `traffic` (field `events`, by `event_type`) and `active_users`
+/// (field `users`) points of the real-time tier.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Overview {
+    windows: BTreeMap<EventTime, OverviewWindow>,
+}
+
+impl Overview {
+    /// Applies an update and returns the starts of the windows it changed that
+    /// are still kept. A measurement present in the update replaces that
+    /// measurement's value for the window; the others are left alone, since
+    /// pipelines publish their updates separately.
+    pub fn apply(&mut self, update: &Update) -> Vec<EventTime> {
+        let mut traffic: BTreeMap<EventTime, BTreeMap<String, f64>> = BTreeMap::new();
+        let mut users: BTreeMap<EventTime, f64> = BTreeMap::new();
+        for p in update.points.iter().filter(|p| p.tier == Tier::Rt) {
+            let start = p.time.floor(WINDOW);
+            match p.measurement.as_str() {
+                "traffic" => {
+                    if let (Some(v), Some(kind)) = (p.field("events"), p.tag("event_type")) {
+                        *traffic
+                            .entry(start)
+                            .or_default()
+                            .entry(kind.to_string())
+                            .or_default() += v.as_f64();
+                    }
+                }
+                "active_users" => {
+                    if let Some(v) = p.field("users") {
+                        *users.entry(start).or_default() += v.as_f64();
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut touched: Vec<EventTime> = traffic.keys().chain(users.keys()).copied().collect();
+        touched.sort();
+        touched.dedup();
+        for start in &touched {
+            let w = self.windows.entry(*start).or_default();
+            if let Some(t) = traffic.remove(start) {
+                w.traffic = t;
+            }
+            if let Some(u) = users.remove(start) {
+                w.active_users = u;
+            }
+            w.is_final |= update.is_final;
+        }
+        self.trim();
+        touched.retain(|s| self.windows.contains_key(s));
+        touched
+    }
+
+    fn trim(&mut self) {
+        let Some(newest) = self.windows.keys().next_back().copied() else {
+            return;
+        };
+        let oldest_kept = newest.minus(WINDOW * (OVERVIEW_WINDOWS as u32 - 1));
+        self.windows = self.windows.split_off(&oldest_kept);
+    }
+
+    /// The kept windows, oldest first.
+    pub fn windows(&self) -> impl Iterator<Item = (EventTime, &OverviewWindow)> {
+        self.windows.iter().map(|(t, w)| (*t, w))
+    }
+
+    fn window_json(&self, start: EventTime) -> Option<Value> {
+        let w = self.windows.get(&start)?;
+        let traffic: Map<String, Value> = w
+            .traffic
+            .iter()
+            .map(|(k, v)| (k.clone(), json_number(*v)))
+            .collect();
+        Some(json!({
+            "window_start": start.to_rfc3339(),
+            "final": w.is_final,
+            "traffic": traffic,
+            "active_users": json_number(w.active_users),
+        }))
+    }
+
+    fn message(&self, kind: &str, starts: impl Iterator<Item = EventTime>) -> String {
+        let windows: Vec<Value> = starts.filter_map(|s| self.window_json(s)).collect();
+        json!({ "type": kind, "channel": OVERVIEW, "windows": windows }).to_string()
+    }
+
+    fn snapshot_message(&self) -> String {
+        self.message("snapshot", self.windows.keys().copied())
+    }
+}
+
+pub(crate) fn lock(hot: &Mutex<Overview>) -> MutexGuard<'_, Overview> {
+    // The cache is plain data; a panic elsewhere cannot leave it inconsistent.
+    hot.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Keeps the hot cache current until the updates channel closes.
+pub(crate) async fn follow_updates(
+    mut updates: tokio::sync::broadcast::Receiver<Update>,
+    hot: Arc<Mutex<Overview>>,
+) {
+    loop {
+        match updates.recv().await {
+            Ok(update) => {
+                lock(&hot).apply(&update);
+            }
+            Err(RecvError::Lagged(n)) => {
+                tracing::warn!(
+                    skipped = n,
+                    "overview cache fell behind the updates channel"
+                );
+            }
+            Err(RecvError::Closed) => break,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct ClientMessage {
+    op: String,
+    #[serde(default)]
+    channel: Option<String>,
+}
+
+fn error_message(error: &str) -> String {
+    json!({ "type": "error", "error": error }).to_string()
+}
+
+enum Event {
+    Client(Option<String>),
+    Update(Result<Update, RecvError>),
+}
+
+struct ClientGauge(prometheus::IntGauge);
+
+impl Drop for ClientGauge {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Runs one client session over any text transport until the client goes
+/// away or stops accepting messages. Client messages are
+/// `{"op":"subscribe"|"unsubscribe","channel":"overview"}`.
+pub async fn run_session<Si, St>(state: Arc<ServerState>, mut sink: Si, mut incoming: St)
+where
+    Si: Sink<String> + Unpin,
+    St: Stream<Item = String> + Unpin,
+{
+    state.metrics.ws_clients.inc();
+    let _gauge = ClientGauge(state.metrics.ws_clients.clone());
+    let mut subscription: Option<(tokio::sync::broadcast::Receiver<Update>, Overview)> = None;
+    loop {
+        let event = match &mut subscription {
+            Some((updates, _)) => tokio::select! {
+                msg = incoming.next() => Event::Client(msg),
+                update = updates.recv() => Event::Update(update),
+            },
+            None => Event::Client(incoming.next().await),
+        };
+        let reply = match event {
+            Event::Client(None) => break,
+            Event::Client(Some(text)) => match serde_json::from_str::<ClientMessage>(&text) {
+                Err(e) => Some(error_message(&format!("invalid message: {e}"))),
+                Ok(msg) => match (msg.op.as_str(), msg.channel.as_deref()) {
+                    ("subscribe", Some(OVERVIEW)) => {
+                        let updates = state.updates.subscribe();
+                        let overview = state.overview();
+                        let snapshot = overview.snapshot_message();
+                        subscription = Some((updates, overview));
+                        Some(snapshot)
+                    }
+                    ("unsubscribe", Some(OVERVIEW)) => {
+                        subscription = None;
+                        None
+                    }
+                    ("subscribe" | "unsubscribe", channel) => {
+                        Some(error_message(&format!("unknown channel {channel:?}")))
+                    }
+                    (op, _) => Some(error_message(&format!("unknown op {op:?}"))),
+                },
+            },
+            Event::Update(Ok(update)) => match &mut subscription {
+                Some((_, overview)) => {
+                    let changed = overview.apply(&update);
+                    if changed.is_empty() {
+                        None
+                    } else {
+                        observe_latency(&state, &update);
+                        Some(overview.message("update", changed.into_iter()))
+                    }
+                }
+                None => None,
+            },
+            Event::Update(Err(RecvError::Lagged(n))) => {
+                // Coalesce: what was missed is in the hot cache; send it whole.
+                state.metrics.ws_dropped.inc_by(n);
+                match &mut subscription {
+                    Some((_, overview)) => {
+                        *overview = state.overview();
+                        Some(overview.snapshot_message())
+                    }
+                    None => None,
+                }
+            }
+            Event::Update(Err(RecvError::Closed)) => {
+                subscription = None;
+                None
+            }
+        };
+        if let Some(text) = reply {
+            match tokio::time::timeout(SEND_TIMEOUT, sink.send(text)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => break,
+                Err(_) => {
+                    tracing::info!("disconnecting a WebSocket client that stopped reading");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn observe_latency(state: &ServerState, update: &Update) {
+    if update.newest_received_at.millis() > 0 {
+        let ms = EventTime::now().millis() - update.newest_received_at.millis();
+        if ms >= 0 {
+            state
+                .metrics
+                .event_to_update_seconds
+                .observe(ms as f64 / 1000.0);
+        }
+    }
+}
+
+pub(crate) async fn ws_upgrade(
+    State(state): State<Arc<ServerState>>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    upgrade.on_upgrade(move |socket| async move {
+        let (sink, stream) = socket.split();
+        let sink = sink
+            .with(|text: String| future::ready(Ok::<_, axum::Error>(Message::Text(text.into()))));
+        let stream = stream
+            .take_while(|m| future::ready(matches!(m, Ok(m) if !matches!(m, Message::Close(_)))))
+            .filter_map(|m| {
+                future::ready(match m {
+                    Ok(Message::Text(text)) => Some(text.to_string()),
+                    _ => None,
+                })
+            });
+        run_session(state, Box::pin(sink), Box::pin(stream)).await;
+    })
+}

@@ -1,0 +1,499 @@
+//! The HTTP and WebSocket contract of the serving layer, against an in-memory store.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tidemark_model::{EventTime, FieldValue, Point, Tier, Update};
+use tidemark_tsdb_writer::{Aggregate, MetricQuery, Series, Store, StoreError};
+use tidemark_ws_server::{router, run_session, serve, ServerState};
+use tokio::sync::broadcast;
+use tower::ServiceExt;
+
+/// Keeps points in a list and answers queries by scanning it (sum only).
+#[derive(Debug, Default)]
+struct MemStore {
+    points: Mutex<Vec<Point>>,
+    queries: Mutex<Vec<MetricQuery>>,
+    down: AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl Store for MemStore {
+    async fn ensure_schema(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn write(&self, points: &[Point]) -> Result<(), StoreError> {
+        self.points.lock().unwrap().extend_from_slice(points);
+        Ok(())
+    }
+
+    async fn query(&self, q: &MetricQuery) -> Result<Vec<Series>, StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("down for the test".into()));
+        }
+        self.queries.lock().unwrap().push(q.clone());
+        let mut groups: BTreeMap<BTreeMap<String, String>, BTreeMap<EventTime, f64>> =
+            BTreeMap::new();
+        for p in self.points.lock().unwrap().iter() {
+            let matches = p.measurement == q.measurement
+                && p.tier == q.tier
+                && p.time >= q.from
+                && p.time < q.to
+                && q.filters.iter().all(|(k, v)| p.tag(k) == Some(v.as_str()));
+            let Some(v) = p.field(&q.field).filter(|_| matches) else {
+                continue;
+            };
+            let tags = q
+                .group_by
+                .iter()
+                .filter_map(|k| p.tag(k).map(|v| (k.clone(), v.to_string())))
+                .collect();
+            *groups.entry(tags).or_default().entry(p.time).or_default() += v.as_f64();
+        }
+        Ok(groups
+            .into_iter()
+            .map(|(tags, points)| Series {
+                tags,
+                points: points.into_iter().collect(),
+            })
+            .collect())
+    }
+
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+}
+
+const T0: i64 = 1_795_420_800_000; // 2026-11-23T08:00:00Z
+
+fn traffic(tier: Tier, minute: i64, event_type: &str, country: &str, events: i64) -> Point {
+    Point::new(
+        "traffic",
+        tier,
+        EventTime(T0 + minute * 60_000),
+        vec![
+            ("event_type".into(), event_type.into()),
+            ("country".into(), country.into()),
+        ],
+        vec![("events".into(), FieldValue::Int(events))],
+    )
+}
+
+fn users(minute: i64, n: i64) -> Point {
+    Point::new(
+        "active_users",
+        Tier::Rt,
+        EventTime(T0 + minute * 60_000),
+        vec![],
+        vec![("users".into(), FieldValue::Int(n))],
+    )
+}
+
+struct Fixture {
+    store: Arc<MemStore>,
+    updates: broadcast::Sender<Update>,
+    registry: prometheus::Registry,
+    state: Arc<ServerState>,
+}
+
+async fn fixture() -> Fixture {
+    let store = Arc::new(MemStore::default());
+    store
+        .write(&[
+            traffic(Tier::Rt, 0, "like", "DE", 40),
+            traffic(Tier::Rt, 0, "like", "FR", 2),
+            traffic(Tier::Rt, 0, "view", "DE", 100),
+            traffic(Tier::Rt, 1, "like", "DE", 7),
+            traffic(Tier::Hourly, 0, "like", "DE", 1000),
+        ])
+        .await
+        .unwrap();
+    let (updates, _) = broadcast::channel(16);
+    let registry = prometheus::Registry::new();
+    let state = Arc::new(ServerState::new(
+        store.clone(),
+        updates.clone(),
+        registry.clone(),
+        None,
+    ));
+    Fixture {
+        store,
+        updates,
+        registry,
+        state,
+    }
+}
+
+async fn get(state: &Arc<ServerState>, uri: &str) -> (StatusCode, Vec<u8>) {
+    let response = router(state.clone())
+        .oneshot(Request::get(uri).body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let status = response.status();
+    let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    (status, body.to_vec())
+}
+
+async fn get_json(state: &Arc<ServerState>, uri: &str) -> (StatusCode, Value) {
+    let (status, body) = get(state, uri).await;
+    (status, serde_json::from_slice(&body).unwrap())
+}
+
+const RANGE: &str = "from=2026-11-23T08:00:00Z&to=2026-11-23T09:00:00Z";
+
+#[tokio::test]
+async fn health_names_the_store() {
+    let f = fixture().await;
+    let (status, body) = get_json(&f.state, "/api/v1/health").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, json!({"status": "ok", "store": "memory"}));
+}
+
+#[tokio::test]
+async fn metrics_groups_filters_and_formats_points() {
+    let f = fixture().await;
+    let uri = format!(
+        "/api/v1/metrics?name=traffic&field=events&{RANGE}&step=1m&group_by=event_type&event_type=like"
+    );
+    let (status, body) = get_json(&f.state, &uri).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body,
+        json!({
+            "name": "traffic", "field": "events", "step": "1m",
+            "series": [{
+                "tags": {"event_type": "like"},
+                "points": [
+                    {"t": "2026-11-23T08:00:00Z", "v": 42},
+                    {"t": "2026-11-23T08:01:00Z", "v": 7},
+                ],
+            }],
+        })
+    );
+    let q = f.store.queries.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(
+        q.filters,
+        vec![("event_type".to_string(), "like".to_string())]
+    );
+    assert_eq!(q.group_by, vec!["event_type".to_string()]);
+    assert_eq!(q.from, EventTime(T0));
+    assert_eq!(q.to, EventTime(T0 + 3_600_000));
+    assert_eq!(q.aggregate, Aggregate::Sum);
+}
+
+#[tokio::test]
+async fn metrics_without_group_by_totals_and_step_picks_tier() {
+    let f = fixture().await;
+    let uri = format!("/api/v1/metrics?name=traffic&field=events&{RANGE}");
+    let (status, body) = get_json(&f.state, &uri).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["series"][0]["tags"], json!({}));
+    assert_eq!(body["series"][0]["points"][0]["v"], json!(142));
+
+    let uri = format!(
+        "/api/v1/metrics?name=traffic&field=events&from={}&to={}&step=1h&agg=max",
+        T0,
+        T0 + 3_600_000
+    );
+    let (status, body) = get_json(&f.state, &uri).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["step"], "1h");
+    assert_eq!(body["series"][0]["points"][0]["v"], json!(1000));
+    let q = f.store.queries.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(q.tier, Tier::Hourly);
+    assert_eq!(q.aggregate, Aggregate::Max);
+}
+
+#[tokio::test]
+async fn metrics_rejects_bad_parameters_with_json_400() {
+    let f = fixture().await;
+    for query in [
+        "field=events",
+        "name=traffic",
+        "name=traffic;drop&field=events",
+        "name=traffic&field=events&step=2m",
+        "name=traffic&field=events&from=soon",
+        "name=traffic&field=events&group_by=event-type",
+        "name=traffic&field=events&agg=p99",
+    ] {
+        let (status, body) = get_json(&f.state, &format!("/api/v1/metrics?{query}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}");
+        assert!(
+            body["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{query}: {body}"
+        );
+    }
+    assert!(f.store.queries.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn metrics_reports_an_unavailable_store_as_503() {
+    let f = fixture().await;
+    f.store.down.store(true, Ordering::SeqCst);
+    let (status, body) = get_json(&f.state, "/api/v1/metrics?name=traffic&field=events").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body["error"].as_str().is_some());
+}
+
+#[tokio::test]
+async fn prometheus_endpoint_renders_the_registry() {
+    let f = fixture().await;
+    let other = prometheus::IntCounter::new("tidemark_other_total", "another component").unwrap();
+    f.registry.register(Box::new(other.clone())).unwrap();
+    other.inc_by(3);
+    get(&f.state, "/api/v1/metrics?name=traffic&field=events").await;
+    let (status, body) = get(&f.state, "/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    let text = String::from_utf8(body).unwrap();
+    assert!(text.contains("tidemark_other_total 3"), "{text}");
+    assert!(text.contains("tidemark_ws_clients 0"), "{text}");
+    assert!(text.contains("tidemark_query_seconds_count 1"), "{text}");
+}
+
+#[tokio::test]
+async fn root_explains_how_to_build_the_dashboard() {
+    let f = fixture().await;
+    let (status, body) = get(&f.state, "/").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(String::from_utf8(body)
+        .unwrap()
+        .contains("npm --prefix dashboards/web ci"));
+}
+
+#[tokio::test]
+async fn dashboard_is_served_with_index_fallback() {
+    let dir = std::env::temp_dir().join(format!("tidemark-web-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("assets")).unwrap();
+    std::fs::write(dir.join("index.html"), "<html>dashboard</html>").unwrap();
+    std::fs::write(dir.join("assets/app.js"), "console.log(1)").unwrap();
+    let f = fixture().await;
+    let state = Arc::new(ServerState::new(
+        f.store.clone(),
+        f.updates.clone(),
+        f.registry,
+        Some(dir.clone()),
+    ));
+    let (status, body) = get(&state, "/").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, b"<html>dashboard</html>");
+    let (_, body) = get(&state, "/assets/app.js").await;
+    assert_eq!(body, b"console.log(1)");
+    let (status, body) = get(&state, "/some/client/route").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, b"<html>dashboard</html>");
+    let (_, health) = get_json(&state, "/api/v1/health").await;
+    assert_eq!(health["status"], "ok");
+    std::fs::remove_dir_all(dir).ok();
+}
+
+fn update(minute: i64, is_final: bool, points: Vec<Point>) -> Update {
+    Update {
+        window_start: EventTime(T0 + minute * 60_000),
+        is_final,
+        newest_received_at: EventTime::now(),
+        points,
+    }
+}
+
+/// The session over channels: subscribe, snapshot, updates, errors, lag.
+#[tokio::test]
+async fn session_sends_snapshot_updates_and_coalesces_when_lagging() {
+    let store = Arc::new(MemStore::default());
+    let (updates, _) = broadcast::channel(2);
+    let registry = prometheus::Registry::new();
+    let state = Arc::new(ServerState::new(
+        store,
+        updates.clone(),
+        registry.clone(),
+        None,
+    ));
+    let (mut client_tx, server_rx) = futures::channel::mpsc::channel::<String>(8);
+    let (server_tx, mut client_rx) = futures::channel::mpsc::channel::<String>(8);
+    let session = tokio::spawn(run_session(state.clone(), server_tx, server_rx));
+    async fn recv(rx: &mut futures::channel::mpsc::Receiver<String>) -> Value {
+        let msg = tokio::time::timeout(Duration::from_secs(5), rx.next())
+            .await
+            .unwrap()
+            .unwrap();
+        serde_json::from_str(&msg).unwrap()
+    }
+
+    client_tx.send(r#"{"op":"dance"}"#.into()).await.unwrap();
+    assert_eq!(recv(&mut client_rx).await["type"], "error");
+    client_tx
+        .send(r#"{"op":"subscribe","channel":"weather"}"#.into())
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut client_rx).await["type"], "error");
+    client_tx.send("not json".into()).await.unwrap();
+    assert_eq!(recv(&mut client_rx).await["type"], "error");
+
+    client_tx
+        .send(r#"{"op":"subscribe","channel":"overview"}"#.into())
+        .await
+        .unwrap();
+    let snapshot = recv(&mut client_rx).await;
+    assert_eq!(snapshot["type"], "snapshot");
+    assert_eq!(snapshot["windows"], json!([]));
+
+    updates
+        .send(update(
+            0,
+            false,
+            vec![
+                traffic(Tier::Rt, 0, "like", "DE", 4),
+                traffic(Tier::Rt, 0, "like", "FR", 1),
+                traffic(Tier::Hourly, 0, "like", "FR", 1000),
+            ],
+        ))
+        .unwrap();
+    let msg = recv(&mut client_rx).await;
+    assert_eq!(msg["type"], "update");
+    assert_eq!(msg["channel"], "overview");
+    assert_eq!(
+        msg["windows"],
+        json!([{"window_start": "2026-11-23T08:00:00Z", "final": false,
+                "traffic": {"like": 5}, "active_users": 0}])
+    );
+    // Active users arrive separately and do not wipe the traffic counts.
+    updates.send(update(0, true, vec![users(0, 3)])).unwrap();
+    let msg = recv(&mut client_rx).await;
+    assert_eq!(msg["windows"][0]["traffic"], json!({"like": 5}));
+    assert_eq!(msg["windows"][0]["active_users"], 3);
+    assert_eq!(msg["windows"][0]["final"], true);
+
+    // More updates than the channel holds, with no chance for the session to
+    // run in between (single-threaded runtime): it must coalesce.
+    for minute in 1..=4 {
+        updates
+            .send(update(
+                minute,
+                false,
+                vec![traffic(Tier::Rt, minute, "view", "DE", minute)],
+            ))
+            .unwrap();
+    }
+    let msg = recv(&mut client_rx).await;
+    assert_eq!(msg["type"], "snapshot");
+    // Nothing is lost: the newest window arrives in the snapshot or right after it.
+    let mut msg = msg;
+    loop {
+        let newest = msg["windows"].as_array().and_then(|w| w.last()).cloned();
+        if newest.is_some_and(|w| w["window_start"] == "2026-11-23T08:04:00Z") {
+            assert_eq!(
+                msg["windows"].as_array().unwrap().last().unwrap()["traffic"],
+                json!({"view": 4})
+            );
+            break;
+        }
+        msg = recv(&mut client_rx).await;
+    }
+    assert!(metric_value(&registry, "tidemark_ws_messages_dropped_total") >= 1.0);
+    assert_eq!(metric_value(&registry, "tidemark_ws_clients"), 1.0);
+
+    drop(client_tx);
+    session.await.unwrap();
+    assert_eq!(metric_value(&registry, "tidemark_ws_clients"), 0.0);
+}
+
+/// The value of an unlabelled counter or gauge in the registry.
+fn metric_value(registry: &prometheus::Registry, name: &str) -> f64 {
+    registry
+        .gather()
+        .iter()
+        .find(|family| family.get_name() == name)
+        .and_then(|family| family.get_metric().first().cloned())
+        // The kind a family is not has its default value, zero.
+        .map(|m| m.get_counter().get_value() + m.get_gauge().get_value())
+        .unwrap_or(f64::NAN)
+}
+
+#[tokio::test]
+async fn websocket_subscribe_gets_snapshot_then_update() {
+    let f = fixture().await;
+    // Seed the hot cache and wait until the cache task has applied it.
+    f.updates
+        .send(update(
+            0,
+            true,
+            vec![traffic(Tier::Rt, 0, "like", "DE", 9), users(0, 2)],
+        ))
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while f.state.overview().windows().count() == 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .unwrap();
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(listener, router(f.state.clone()), async {
+        stop_rx.await.ok();
+    }));
+
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+        .await
+        .unwrap();
+    use tokio_tungstenite::tungstenite::Message;
+    ws.send(Message::text(r#"{"op":"subscribe","channel":"overview"}"#))
+        .await
+        .unwrap();
+    async fn recv<S>(ws: &mut S) -> Value
+    where
+        S: futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+    {
+        let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        serde_json::from_str(msg.to_text().unwrap()).unwrap()
+    }
+    let snapshot = recv(&mut ws).await;
+    assert_eq!(snapshot["type"], "snapshot");
+    assert_eq!(
+        snapshot["windows"],
+        json!([{"window_start": "2026-11-23T08:00:00Z", "final": true,
+                "traffic": {"like": 9}, "active_users": 2}])
+    );
+
+    f.updates
+        .send(update(
+            1,
+            false,
+            vec![traffic(Tier::Rt, 1, "share", "DE", 1)],
+        ))
+        .unwrap();
+    let msg = recv(&mut ws).await;
+    assert_eq!(msg["type"], "update");
+    assert_eq!(msg["windows"][0]["window_start"], "2026-11-23T08:01:00Z");
+    assert_eq!(msg["windows"][0]["traffic"], json!({"share": 1}));
+
+    let (_, metrics) = get(&f.state, "/metrics").await;
+    let text = String::from_utf8(metrics).unwrap();
+    assert!(text.contains("tidemark_ws_clients 1"), "{text}");
+    assert!(
+        text.contains("tidemark_event_to_update_seconds_count 1"),
+        "{text}"
+    );
+
+    drop(ws);
+    stop_tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
