@@ -75,7 +75,7 @@ impl Hll {
         let mut sum = 0.0f64;
         let mut zeros = 0usize;
         for &r in self.registers.iter() {
-            sum += 1.0 / (1u64 << r) as f64;
+            sum += 2f64.powi(-(r as i32));
             if r == 0 {
                 zeros += 1;
             }
@@ -161,6 +161,10 @@ mod tests {
         let bytes = bincode::serialize(&h).unwrap();
         let back: Hll = bincode::deserialize(&bytes).unwrap();
         assert_eq!(back, h);
+        // Registers beyond the possible rank (from a corrupt checkpoint) do not panic.
+        let odd: Hll =
+            bincode::deserialize(&bincode::serialize(&vec![255u8; REGISTERS]).unwrap()).unwrap();
+        assert!(odd.estimate() > 0);
         let bad = bincode::serialize(&vec![0u8; 10]).unwrap();
         assert!(bincode::deserialize::<Hll>(&bad).is_err());
     }

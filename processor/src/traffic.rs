@@ -256,7 +256,7 @@ impl Pipeline for TrafficPipeline {
         );
         let horizon = self.last_wm.0.saturating_sub(self.allowed_lateness_ms);
         for set in &mut self.sets {
-            let start = ts.div_euclid(set.size_ms) * set.size_ms;
+            let start = ts.saturating_sub(ts.rem_euclid(set.size_ms));
             // The window was already dropped: the driver filters such events,
             // this keeps a stray one from overwriting a complete result.
             if start.saturating_add(set.size_ms) <= horizon {
@@ -551,6 +551,20 @@ mod tests {
         assert_eq!(a, b);
         assert_eq!(count(&b, Tier::Rt, 0, "IT", "other", "custom.x"), Some(1));
         assert!(q.restore(b"garbage").is_err());
+    }
+
+    #[test]
+    fn extreme_timestamps_do_not_panic() {
+        let mut p = TrafficPipeline::default();
+        let mut out = Vec::new();
+        for ts in [i64::MIN, i64::MIN + 1, -1, i64::MAX] {
+            p.on_event(
+                &ev("x", "u", EventType::Login, ts, "de", Device::Web),
+                &mut out,
+            );
+        }
+        p.on_watermark(EventTime::MAX, &mut out);
+        assert!(out.iter().any(|p| p.time == EventTime(-60_000)));
     }
 
     #[test]

@@ -249,7 +249,12 @@ fn restore_mid_stream_matches_uninterrupted_run() {
 #[ignore]
 fn throughput() {
     let n = 2_000_000usize;
-    let types = [EventType::PageView, EventType::Like, EventType::View, EventType::AdImpression];
+    let types = [
+        EventType::PageView,
+        EventType::Like,
+        EventType::View,
+        EventType::AdImpression,
+    ];
     let devices = [Device::Ios, Device::Android, Device::Web];
     let countries = ["DE", "US", "FR", "GB", "BR"];
     let events: Vec<Event> = (0..n)

@@ -19,6 +19,23 @@ async fn post_raw(t: &Tidemark, body: Vec<u8>, key: Option<&str>, gzip: bool) ->
     (status, reply.json().await.unwrap_or(Value::Null))
 }
 
+/// Sends only the headers of a request announcing a body of `len` bytes (with
+/// `Expect: 100-continue`, as large uploads do) and returns the status: the
+/// server must refuse before reading the body.
+async fn post_announcing_body(t: &Tidemark, len: usize) -> u16 {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", t.port)).await.expect("connect");
+    let head = format!(
+        "POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: {len}\r\nExpect: 100-continue\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.expect("headers sent");
+    let mut reply = vec![0u8; 1024];
+    let n = stream.read(&mut reply).await.expect("an answer");
+    let text = String::from_utf8_lossy(&reply[..n]);
+    text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
 fn reasons(reply: &Value) -> Vec<String> {
     reply["rejected"].as_array().into_iter().flatten().filter_map(|r| r["reason"].as_str().map(String::from)).collect()
 }
@@ -51,9 +68,7 @@ async fn bad_input_is_refused_with_reasons_and_counted() {
     assert_eq!(reply["accepted"], 1);
     assert_eq!(reasons(&reply), vec!["invalid_utf8".to_string()]);
 
-    let huge = vec![b' '; 10 * 1024 * 1024];
-    let (status, _) = post_raw(&t, huge, Some(API_KEY), false).await;
-    assert_eq!(status, 413, "10 MiB body");
+    assert_eq!(post_announcing_body(&t, 10 * 1024 * 1024).await, 413, "10 MiB body");
 
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     gz.write_all(&vec![b' '; 20 * 1024 * 1024]).unwrap();
