@@ -11,7 +11,9 @@ use tidemark_ingest::{IngestConfig, IngestMetrics, IngestState};
 use tidemark_log::segment::{SegmentLog, SegmentLogConfig};
 use tidemark_log::Log;
 use tidemark_model::{topic, EventTime, Point, Update};
-use tidemark_processor::driver::{run_driver, BoxFuture, DriverConfig, PointSink, ProcessorMetrics};
+use tidemark_processor::driver::{
+    run_driver, BoxFuture, DriverConfig, PointSink, ProcessorMetrics,
+};
 use tidemark_processor::ProcessorError;
 use tidemark_tsdb_writer::influx::{InfluxConfig, InfluxStore};
 use tidemark_tsdb_writer::sqlite::SqliteStore;
@@ -27,7 +29,12 @@ pub enum StoreChoice {
     /// The embedded SQLite store under the data folder.
     Sqlite,
     /// An InfluxDB 1.x server.
-    Influx { url: String, database: String, username: Option<String>, password: Option<String> },
+    Influx {
+        url: String,
+        database: String,
+        username: Option<String>,
+        password: Option<String>,
+    },
 }
 
 /// Everything `run` needs.
@@ -39,12 +46,20 @@ pub struct RunConfig {
     pub web_dir: Option<PathBuf>,
 }
 
-/// Opens the embedded log under `data_dir/log` with every topic provisioned.
+/// Partitions per topic of the embedded log. One process on one machine gains
+/// nothing from Kafka's 32/32/16 (the reference design's counts, kept for the
+/// Kafka deployment), while every partition a request touches costs an fsync
+/// before ingest may acknowledge it.
+pub const EMBEDDED_PARTITIONS: u32 = 4;
+
+/// Opens the embedded log under `data_dir/log` with every topic provisioned
+/// (a topic that exists keeps its partition count).
 pub async fn open_log(data_dir: &std::path::Path) -> anyhow::Result<Arc<SegmentLog>> {
     let log = SegmentLog::open(data_dir.join("log"), SegmentLogConfig::default())
         .with_context(|| format!("cannot open the log in {}", data_dir.display()))?;
     for t in topic::INPUT_TOPICS.iter().chain([&topic::DEAD_LETTER]) {
-        log.ensure_topic(t, topic::default_partitions(t)).await?;
+        log.ensure_topic(t, topic::default_partitions(t).min(EMBEDDED_PARTITIONS))
+            .await?;
     }
     Ok(Arc::new(log))
 }
@@ -60,7 +75,12 @@ pub async fn open_store(
             let sqlite = Arc::new(SqliteStore::open(config.data_dir.join("store.sqlite"))?);
             (sqlite.clone(), Some(sqlite))
         }
-        StoreChoice::Influx { url, database, username, password } => {
+        StoreChoice::Influx {
+            url,
+            database,
+            username,
+            password,
+        } => {
             let influx = InfluxStore::new(InfluxConfig {
                 url: url.clone(),
                 database: database.clone(),
@@ -87,15 +107,22 @@ pub async fn open_store(
 
 /// Runs every stage until `cancel`; then stops the front end first and lets the
 /// back end drain (processor checkpoint, writer flush).
-pub async fn run(config: RunConfig, listener: TcpListener, cancel: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: RunConfig,
+    listener: TcpListener,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
     let registry = prometheus::Registry::new();
     let log = open_log(&config.data_dir).await?;
     let (store, sqlite) = open_store(&config, &cancel).await?;
 
-    let (writer, writer_task) =
-        BatchingWriter::spawn(store.clone(), WriterConfig::default(), WriterMetrics::new(&registry)?);
+    let (writer, writer_task) = BatchingWriter::spawn(
+        store.clone(),
+        WriterConfig::default(),
+        WriterMetrics::new(&registry)?,
+    );
     let (updates, _) = tokio::sync::broadcast::channel::<Update>(1024);
 
     let processor_cancel = CancellationToken::new();
@@ -114,18 +141,31 @@ pub async fn run(config: RunConfig, listener: TcpListener, cancel: CancellationT
     ));
 
     let ingest = IngestState::new(
-        IngestConfig { api_keys: config.api_keys.clone(), ..IngestConfig::default() },
+        IngestConfig {
+            api_keys: config.api_keys.clone(),
+            ..IngestConfig::default()
+        },
         log.clone() as Arc<dyn Log>,
         IngestMetrics::new(&registry)?,
     );
-    let server = ServerState::new(store.clone(), updates.clone(), registry.clone(), config.web_dir.clone());
-    let router = tidemark_ingest::router(Arc::new(ingest)).merge(tidemark_ws_server::router(Arc::new(server)));
+    let server = ServerState::new(
+        store.clone(),
+        updates.clone(),
+        registry.clone(),
+        config.web_dir.clone(),
+    );
+    let router = tidemark_ingest::router(Arc::new(ingest))
+        .merge(tidemark_ws_server::router(Arc::new(server)));
 
     let housekeeping = tokio::spawn(housekeeping(log.clone(), sqlite, cancel.clone()));
     let http_cancel = cancel.clone();
-    tidemark_ws_server::serve(listener, router, async move { http_cancel.cancelled().await })
-        .await
-        .context("HTTP server failed")?;
+    tidemark_ws_server::serve(
+        listener,
+        router,
+        async move { http_cancel.cancelled().await },
+    )
+    .await
+    .context("HTTP server failed")?;
 
     processor_cancel.cancel();
     let processed = processor.await.context("processor task panicked")?;
@@ -137,7 +177,11 @@ pub async fn run(config: RunConfig, listener: TcpListener, cancel: CancellationT
 }
 
 /// Retention of the log and the embedded store, once a minute.
-async fn housekeeping(log: Arc<SegmentLog>, sqlite: Option<Arc<SqliteStore>>, cancel: CancellationToken) {
+async fn housekeeping(
+    log: Arc<SegmentLog>,
+    sqlite: Option<Arc<SqliteStore>>,
+    cancel: CancellationToken,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(60));
     loop {
         tokio::select! {

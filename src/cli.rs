@@ -79,7 +79,11 @@ pub struct GenerateArgs {
     #[arg(long, env = "TIDEMARK_GENERATE_RATE", default_value_t = 5_000)]
     pub rate: u64,
     /// Base URL of ingest.
-    #[arg(long, env = "TIDEMARK_GENERATE_URL", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        env = "TIDEMARK_GENERATE_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
     pub url: String,
     /// API key for ingest.
     #[arg(long, env = "TIDEMARK_GENERATE_KEY")]
@@ -98,7 +102,10 @@ pub struct GenerateArgs {
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn run_config(args: RunArgs, fallback_key: impl FnOnce() -> String) -> RunConfig {
@@ -111,11 +118,20 @@ fn run_config(args: RunArgs, fallback_key: impl FnOnce() -> String) -> RunConfig
         },
         None => StoreChoice::Sqlite,
     };
-    let mut api_keys: Vec<String> = args.api_keys.into_iter().filter(|k| !k.is_empty()).collect();
+    let mut api_keys: Vec<String> = args
+        .api_keys
+        .into_iter()
+        .filter(|k| !k.is_empty())
+        .collect();
     if api_keys.is_empty() {
         api_keys.push(fallback_key());
     }
-    RunConfig { data_dir: args.data_dir, api_keys, store, web_dir: Some(args.web_dir) }
+    RunConfig {
+        data_dir: args.data_dir,
+        api_keys,
+        store,
+        web_dir: Some(args.web_dir),
+    }
 }
 
 /// A random key for a run started without one, printed once so clients can use it.
@@ -153,7 +169,10 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 key
             });
             let listener = tokio::net::TcpListener::bind(listen).await?;
-            println!("tidemark is running: dashboard http://{}/", listener.local_addr()?);
+            println!(
+                "tidemark is running: dashboard http://{}/",
+                listener.local_addr()?
+            );
             app::run(config, listener, shutdown_token()).await
         }
         Command::Demo(args) => {
@@ -161,7 +180,10 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(args.run.listen).await?;
             let addr = listener.local_addr()?;
             println!("tidemark demo: open the dashboard at http://{addr}/");
-            println!("Generating {} events/s through http://{addr}/v1/events", args.rate);
+            println!(
+                "Generating {} events/s through http://{addr}/v1/events",
+                args.rate
+            );
             let cancel = shutdown_token();
             let target = PostTarget {
                 url: format!("http://{addr}"),
@@ -172,7 +194,10 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             };
             let generator_cancel = cancel.clone();
             let generator = tokio::spawn(async move {
-                if let Err(error) = generator::post_events(target, GeneratorConfig::default(), generator_cancel).await {
+                if let Err(error) =
+                    generator::post_events(target, GeneratorConfig::default(), generator_cancel)
+                        .await
+                {
                     tracing::error!(error = %error, "Traffic generator stopped");
                 }
             });
@@ -181,8 +206,17 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             result
         }
         Command::Generate(args) => {
-            let target = PostTarget { url: args.url, api_key: args.key, rate: args.rate, batch: args.batch, limit: args.events };
-            let config = GeneratorConfig { seed: args.seed, ..GeneratorConfig::default() };
+            let target = PostTarget {
+                url: args.url,
+                api_key: args.key,
+                rate: args.rate,
+                batch: args.batch,
+                limit: args.events,
+            };
+            let config = GeneratorConfig {
+                seed: args.seed,
+                ..GeneratorConfig::default()
+            };
             let sent = generator::post_events(target, config, shutdown_token()).await?;
             println!("{{\"events\":{sent}}}");
             Ok(())

@@ -75,7 +75,9 @@ impl Zipf {
     fn sample(&self, rng: &mut SmallRng) -> usize {
         let total = *self.cumulative.last().unwrap_or(&1.0);
         let x = rng.gen::<f64>() * total;
-        self.cumulative.partition_point(|&c| c < x).min(self.cumulative.len() - 1)
+        self.cumulative
+            .partition_point(|&c| c < x)
+            .min(self.cumulative.len() - 1)
     }
 }
 
@@ -184,9 +186,15 @@ impl EventFactory {
 
     fn invalid_event(&mut self, id: u64, now: EventTime) -> Value {
         match self.rng.gen_range(0..3) {
-            0 => json!({"event_id": format!("bad-{id}"), "event_type": "view", "user_id": "u1", "timestamp": now.millis()}),
-            1 => json!({"event_id": format!("bad-{id}"), "event_type": "teleport", "user_id": "u1", "timestamp": now.millis()}),
-            _ => json!({"event_id": format!("bad-{id}"), "event_type": "like", "user_id": 7, "post_id": "p1", "timestamp": now.millis()}),
+            0 => {
+                json!({"event_id": format!("bad-{id}"), "event_type": "view", "user_id": "u1", "timestamp": now.millis()})
+            }
+            1 => {
+                json!({"event_id": format!("bad-{id}"), "event_type": "teleport", "user_id": "u1", "timestamp": now.millis()})
+            }
+            _ => {
+                json!({"event_id": format!("bad-{id}"), "event_type": "like", "user_id": 7, "post_id": "p1", "timestamp": now.millis()})
+            }
         }
     }
 }
@@ -228,7 +236,9 @@ pub async fn post_events(
             _ = cancel.cancelled() => break,
             _ = ticker.tick() => {}
         }
-        let n = target.limit.map_or(batch, |l| batch.min((l - sent) as usize));
+        let n = target
+            .limit
+            .map_or(batch, |l| batch.min((l - sent) as usize));
         let now = EventTime::now();
         let body: Vec<Value> = (0..n).map(|_| factory.event(now)).collect();
         sent += n as u64;
@@ -238,7 +248,10 @@ pub async fn post_events(
                 res.context("posting task failed")??;
             }
         }
-        let request = client.post(&endpoint).bearer_auth(&target.api_key).json(&body);
+        let request = client
+            .post(&endpoint)
+            .bearer_auth(&target.api_key)
+            .json(&body);
         in_flight.spawn(async move {
             let reply = request.send().await.context("ingest unreachable")?;
             let status = reply.status();
@@ -269,7 +282,10 @@ mod tests {
 
     #[test]
     fn events_follow_the_contract() {
-        let mut f = EventFactory::new(GeneratorConfig { invalid: 0.0, ..GeneratorConfig::default() });
+        let mut f = EventFactory::new(GeneratorConfig {
+            invalid: 0.0,
+            ..GeneratorConfig::default()
+        });
         let now = EventTime::now();
         for _ in 0..2000 {
             let ev = f.event(now);

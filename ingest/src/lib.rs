@@ -264,14 +264,22 @@ async fn ingest(
             .collect()
     };
 
-    for (t, pending) in &groups {
-        let started = Instant::now();
-        let result = state.log.append(t, records(pending)).await;
-        state
-            .metrics
-            .append_seconds
-            .observe(started.elapsed().as_secs_f64());
-        result?;
+    // Topics are appended concurrently so their group fsyncs overlap.
+    let started = Instant::now();
+    let appends = groups
+        .iter()
+        .map(|(t, pending)| state.log.append(t, records(pending)));
+    let results = futures::future::join_all(appends).await;
+    state
+        .metrics
+        .append_seconds
+        .observe(started.elapsed().as_secs_f64());
+    let mut first_error = None;
+    for ((_, pending), result) in groups.iter().zip(results) {
+        if let Err(e) = result {
+            first_error.get_or_insert(e);
+            continue;
+        }
         // Only now are these ids durable; marking them earlier would turn a
         // retry after a failed append into a silently dropped duplicate.
         let mut seen = state.dedup.lock().unwrap_or_else(PoisonError::into_inner);
@@ -281,6 +289,9 @@ async fn ingest(
         drop(seen);
         state.metrics.log_appended.inc_by(pending.len() as u64);
         state.metrics.accepted.inc_by(pending.len() as u64);
+    }
+    if let Some(e) = first_error {
+        return Err(e.into());
     }
     if !dead.is_empty() {
         let started = Instant::now();

@@ -47,8 +47,10 @@ test('demo dashboard shows live counts within 30 s', async (t) => {
   let browser;
   t.after(async () => {
     if (browser) await browser.close();
+    const exited = new Promise((ok) => (demo.exitCode !== null ? ok() : demo.once('exit', ok)));
     demo.kill('SIGTERM');
-    rmSync(dataDir, { recursive: true, force: true });
+    await exited;
+    rmSync(dataDir, { recursive: true, force: true, maxRetries: 3 });
   });
   const started = Date.now();
   const base = `http://127.0.0.1:${port}`;

@@ -79,10 +79,14 @@ impl Tidemark {
         self.child = Some(child);
         let client = reqwest::Client::new();
         let health = format!("{}/api/v1/health", self.base);
-        wait_until("tidemark to become healthy", Duration::from_secs(30), || {
-            let request = client.get(&health).send();
-            async move { matches!(request.await, Ok(r) if r.status().is_success()) }
-        })
+        wait_until(
+            "tidemark to become healthy",
+            Duration::from_secs(30),
+            || {
+                let request = client.get(&health).send();
+                async move { matches!(request.await, Ok(r) if r.status().is_success()) }
+            },
+        )
         .await;
     }
 
@@ -97,7 +101,10 @@ impl Tidemark {
     /// Stops with SIGTERM and waits for a clean exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
-        let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
         child.wait().expect("exit status")
     }
 
@@ -137,7 +144,12 @@ impl Tidemark {
 
     /// The Prometheus text of `/metrics`.
     pub async fn metrics_text(&self) -> String {
-        reqwest::get(format!("{}/metrics", self.base)).await.expect("metrics").text().await.expect("text")
+        reqwest::get(format!("{}/metrics", self.base))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text")
     }
 }
 
@@ -198,7 +210,8 @@ impl KnownEvents {
         let countries = ["US", "DE"];
         let mut events = Vec::new();
         let mut traffic = std::collections::BTreeMap::new();
-        let mut users: std::collections::BTreeMap<i64, std::collections::BTreeSet<String>> = Default::default();
+        let mut users: std::collections::BTreeMap<i64, std::collections::BTreeSet<String>> =
+            Default::default();
         for minute in 0..3i64 {
             for j in 0..120i64 {
                 let ts = base + minute * 60_000 + j * 500;
@@ -230,7 +243,14 @@ impl KnownEvents {
                     (device, country)
                 };
                 let window = base + minute * 60_000;
-                *traffic.entry((window, t.to_string(), country.to_string(), device.to_string())).or_insert(0) += 1;
+                *traffic
+                    .entry((
+                        window,
+                        t.to_string(),
+                        country.to_string(),
+                        device.to_string(),
+                    ))
+                    .or_insert(0) += 1;
                 users.entry(window).or_default().insert(user);
                 events.push(ev);
             }
@@ -273,13 +293,19 @@ impl KnownEvents {
             base,
             batches,
             traffic,
-            users: users.into_iter().map(|(k, v)| (k, v.len() as u64)).collect(),
+            users: users
+                .into_iter()
+                .map(|(k, v)| (k, v.len() as u64))
+                .collect(),
             invalid: invalid_count,
         }
     }
 
     /// `traffic` per (minute, event_type, country, device) as the REST API answers it.
-    pub async fn read_traffic(&self, t: &Tidemark) -> std::collections::BTreeMap<(i64, String, String, String), u64> {
+    pub async fn read_traffic(
+        &self,
+        t: &Tidemark,
+    ) -> std::collections::BTreeMap<(i64, String, String, String), u64> {
         let reply = t
             .get_json(&format!(
                 "/api/v1/metrics?name=traffic&field=events&step=1m&from={}&to={}&group_by=event_type,country,device",
@@ -291,8 +317,14 @@ impl KnownEvents {
         for series in reply["series"].as_array().into_iter().flatten() {
             let tag = |k: &str| series["tags"][k].as_str().unwrap_or("").to_string();
             for p in series["points"].as_array().into_iter().flatten() {
-                let t = p["t"].as_str().and_then(tidemark_model::EventTime::parse).map_or(0, |t| t.millis());
-                out.insert((t, tag("event_type"), tag("country"), tag("device")), p["v"].as_f64().unwrap_or(0.0) as u64);
+                let t = p["t"]
+                    .as_str()
+                    .and_then(tidemark_model::EventTime::parse)
+                    .map_or(0, |t| t.millis());
+                out.insert(
+                    (t, tag("event_type"), tag("country"), tag("device")),
+                    p["v"].as_f64().unwrap_or(0.0) as u64,
+                );
             }
         }
         out
@@ -310,7 +342,10 @@ impl KnownEvents {
         let mut out = std::collections::BTreeMap::new();
         for series in reply["series"].as_array().into_iter().flatten() {
             for p in series["points"].as_array().into_iter().flatten() {
-                let t = p["t"].as_str().and_then(tidemark_model::EventTime::parse).map_or(0, |t| t.millis());
+                let t = p["t"]
+                    .as_str()
+                    .and_then(tidemark_model::EventTime::parse)
+                    .map_or(0, |t| t.millis());
                 out.insert(t, p["v"].as_f64().unwrap_or(0.0) as u64);
             }
         }
@@ -328,13 +363,23 @@ impl KnownEvents {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        assert_eq!(seen, self.traffic, "per-minute traffic counts through the REST API");
+        assert_eq!(
+            seen, self.traffic,
+            "per-minute traffic counts through the REST API"
+        );
         let users = self.read_users(t).await;
-        assert_eq!(users.len(), self.users.len(), "one active_users point per minute: {users:?}");
+        assert_eq!(
+            users.len(),
+            self.users.len(),
+            "one active_users point per minute: {users:?}"
+        );
         for (minute, expected) in &self.users {
             let got = users.get(minute).copied().unwrap_or(0) as f64;
             let error = (got - *expected as f64).abs() / *expected as f64;
-            assert!(error <= 0.02, "active_users at {minute}: {got} vs {expected}");
+            assert!(
+                error <= 0.02,
+                "active_users at {minute}: {got} vs {expected}"
+            );
         }
     }
 }

@@ -7,7 +7,9 @@ use serde_json::{json, Value};
 use tidemark_tests::{metric_value, Tidemark, API_KEY};
 
 async fn post_raw(t: &Tidemark, body: Vec<u8>, key: Option<&str>, gzip: bool) -> (u16, Value) {
-    let mut request = reqwest::Client::new().post(format!("{}/v1/events", t.base)).body(body);
+    let mut request = reqwest::Client::new()
+        .post(format!("{}/v1/events", t.base))
+        .body(body);
     if let Some(key) = key {
         request = request.bearer_auth(key);
     }
@@ -24,20 +26,33 @@ async fn post_raw(t: &Tidemark, body: Vec<u8>, key: Option<&str>, gzip: bool) ->
 /// server must refuse before reading the body.
 async fn post_announcing_body(t: &Tidemark, len: usize) -> u16 {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", t.port)).await.expect("connect");
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", t.port))
+        .await
+        .expect("connect");
     let head = format!(
         "POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n\
          Content-Type: application/json\r\nContent-Length: {len}\r\nExpect: 100-continue\r\n\r\n"
     );
-    stream.write_all(head.as_bytes()).await.expect("headers sent");
+    stream
+        .write_all(head.as_bytes())
+        .await
+        .expect("headers sent");
     let mut reply = vec![0u8; 1024];
     let n = stream.read(&mut reply).await.expect("an answer");
     let text = String::from_utf8_lossy(&reply[..n]);
-    text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+    text.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
 }
 
 fn reasons(reply: &Value) -> Vec<String> {
-    reply["rejected"].as_array().into_iter().flatten().filter_map(|r| r["reason"].as_str().map(String::from)).collect()
+    reply["rejected"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["reason"].as_str().map(String::from))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -51,24 +66,43 @@ async fn bad_input_is_refused_with_reasons_and_counted() {
 
     let wrong_type = json!([{"event_id": "w1", "event_type": "like", "user_id": 42, "post_id": "p", "timestamp": now}]);
     let (status, reply) = t.post(wrong_type.as_array().unwrap()).await;
-    assert_eq!((status, reasons(&reply)), (400, vec!["wrong_type".to_string()]));
+    assert_eq!(
+        (status, reasons(&reply)),
+        (400, vec!["wrong_type".to_string()])
+    );
 
-    let unknown = json!([{"event_id": "x1", "event_type": "teleport", "user_id": "u", "timestamp": now}]);
+    let unknown =
+        json!([{"event_id": "x1", "event_type": "teleport", "user_id": "u", "timestamp": now}]);
     let (status, reply) = t.post(unknown.as_array().unwrap()).await;
-    assert_eq!((status, reasons(&reply)), (400, vec!["unknown_event_type".to_string()]));
+    assert_eq!(
+        (status, reasons(&reply)),
+        (400, vec!["unknown_event_type".to_string()])
+    );
 
     let future = json!([{"event_id": "f1", "event_type": "login", "user_id": "u", "timestamp": now + 86_400_000}]);
     let (status, reply) = t.post(future.as_array().unwrap()).await;
-    assert_eq!((status, reasons(&reply)), (400, vec!["timestamp_out_of_range".to_string()]));
+    assert_eq!(
+        (status, reasons(&reply)),
+        (400, vec!["timestamp_out_of_range".to_string()])
+    );
 
-    let mut ndjson = format!("{{\"event_id\":\"ok1\",\"event_type\":\"login\",\"user_id\":\"u\",\"timestamp\":{now}}}\n").into_bytes();
-    ndjson.extend_from_slice(b"{\"event_id\":\"\xff\xfe\",\"event_type\":\"login\",\"user_id\":\"u\",\"timestamp\":1}\n");
+    let mut ndjson = format!(
+        "{{\"event_id\":\"ok1\",\"event_type\":\"login\",\"user_id\":\"u\",\"timestamp\":{now}}}\n"
+    )
+    .into_bytes();
+    ndjson.extend_from_slice(
+        b"{\"event_id\":\"\xff\xfe\",\"event_type\":\"login\",\"user_id\":\"u\",\"timestamp\":1}\n",
+    );
     let (status, reply) = post_raw(&t, ndjson, Some(API_KEY), false).await;
     assert_eq!(status, 202, "the valid line is accepted: {reply}");
     assert_eq!(reply["accepted"], 1);
     assert_eq!(reasons(&reply), vec!["invalid_utf8".to_string()]);
 
-    assert_eq!(post_announcing_body(&t, 10 * 1024 * 1024).await, 413, "10 MiB body");
+    assert_eq!(
+        post_announcing_body(&t, 10 * 1024 * 1024).await,
+        413,
+        "10 MiB body"
+    );
 
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     gz.write_all(&vec![b' '; 20 * 1024 * 1024]).unwrap();

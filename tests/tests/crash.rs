@@ -32,5 +32,9 @@ async fn sigkill_mid_stream_loses_and_doubles_nothing() {
         assert_eq!(t.post(batch).await.0, 202);
     }
     known.assert_results(&t).await;
-    assert_eq!(known.read_traffic(&t).await, reference, "closed windows equal the uninterrupted run");
+    assert_eq!(
+        known.read_traffic(&t).await,
+        reference,
+        "closed windows equal the uninterrupted run"
+    );
 }

@@ -10,7 +10,10 @@ async fn post_all(t: &Tidemark, known: &KnownEvents) {
         assert_eq!(status, 202, "batch accepted: {reply}");
         rejected += reply["rejected"].as_array().map_or(0, Vec::len);
     }
-    assert_eq!(rejected, known.invalid, "every invalid event rejected with a reason");
+    assert_eq!(
+        rejected, known.invalid,
+        "every invalid event rejected with a reason"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -28,7 +31,11 @@ async fn exact_counts_from_the_embedded_store() {
 async fn exact_counts_from_influxdb() {
     let influx = InfluxServer::start().expect("influxd starts");
     let dir = tempfile::tempdir().unwrap();
-    let t = Tidemark::start(dir.path(), &["--influx-url", &influx.url, "--influx-db", "tidemark"]).await;
+    let t = Tidemark::start(
+        dir.path(),
+        &["--influx-url", &influx.url, "--influx-db", "tidemark"],
+    )
+    .await;
     let known = KnownEvents::new(30);
     post_all(&t, &known).await;
     known.assert_results(&t).await;
