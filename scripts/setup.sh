@@ -24,7 +24,9 @@ npm_install() {
   local dir="$1"
   local stamp="$dir/node_modules/.tidemark-lock"
   if [ ! -f "$stamp" ] || ! cmp -s "$dir/package-lock.json" "$stamp"; then
-    (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error)
+    # `npm install` honours the lock file; `npm ci` trips over optional
+    # platform packages (rollup) that npm 11 leaves out of the lock.
+    (cd "$dir" && npm install --no-save --no-audit --no-fund --loglevel=error)
     cp "$dir/package-lock.json" "$stamp"
   fi
 }

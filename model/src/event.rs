@@ -53,6 +53,27 @@ impl EventType {
         EventType::ProfileUpdate,
     ];
 
+    /// The position of a built-in type in [`EventType::BUILT_IN`] (a dense,
+    /// stable code for compact encodings and array indexes); `None` for custom types.
+    pub fn built_in_code(&self) -> Option<u8> {
+        match self {
+            EventType::PageView => Some(0),
+            EventType::Login => Some(1),
+            EventType::Follow => Some(2),
+            EventType::Search => Some(3),
+            EventType::PostCreated => Some(4),
+            EventType::View => Some(5),
+            EventType::Like => Some(6),
+            EventType::Comment => Some(7),
+            EventType::Share => Some(8),
+            EventType::AdImpression => Some(9),
+            EventType::AdClick => Some(10),
+            EventType::AdConversion => Some(11),
+            EventType::ProfileUpdate => Some(12),
+            EventType::Custom(_) => None,
+        }
+    }
+
     /// The wire name, e.g. `page_view` or `custom.poll_vote`.
     pub fn as_str(&self) -> &str {
         match self {
@@ -1221,5 +1242,21 @@ mod tests {
         fn from_json_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = Event::from_json(&bytes, NOW, &Limits::default());
         }
+    }
+}
+
+#[cfg(test)]
+mod built_in_code_tests {
+    use super::EventType;
+
+    #[test]
+    fn codes_are_positions_in_built_in() {
+        for (i, t) in EventType::BUILT_IN.iter().enumerate() {
+            assert_eq!(t.built_in_code(), Some(i as u8), "{t}");
+        }
+        assert_eq!(
+            EventType::parse("custom.x").and_then(|t| t.built_in_code()),
+            None
+        );
     }
 }

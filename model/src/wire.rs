@@ -54,22 +54,7 @@ const P_EXTRA: u16 = 1 << 12;
 const P_ALL: u16 = (1 << 13) - 1;
 
 fn type_code(t: &EventType) -> u8 {
-    match t {
-        EventType::PageView => 0,
-        EventType::Login => 1,
-        EventType::Follow => 2,
-        EventType::Search => 3,
-        EventType::PostCreated => 4,
-        EventType::View => 5,
-        EventType::Like => 6,
-        EventType::Comment => 7,
-        EventType::Share => 8,
-        EventType::AdImpression => 9,
-        EventType::AdClick => 10,
-        EventType::AdConversion => 11,
-        EventType::ProfileUpdate => 12,
-        EventType::Custom(_) => CUSTOM_CODE,
-    }
+    t.built_in_code().unwrap_or(CUSTOM_CODE)
 }
 
 fn device_code(d: Device) -> u8 {

@@ -98,20 +98,8 @@ impl Interner {
 
 fn type_index(t: &EventType, interner: &mut Interner) -> u16 {
     match t {
-        EventType::PageView => 0,
-        EventType::Login => 1,
-        EventType::Follow => 2,
-        EventType::Search => 3,
-        EventType::PostCreated => 4,
-        EventType::View => 5,
-        EventType::Like => 6,
-        EventType::Comment => 7,
-        EventType::Share => 8,
-        EventType::AdImpression => 9,
-        EventType::AdClick => 10,
-        EventType::AdConversion => 11,
-        EventType::ProfileUpdate => 12,
         EventType::Custom(name) => interner.intern(name),
+        built_in => built_in.built_in_code().map_or(0, u16::from),
     }
 }
 
