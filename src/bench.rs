@@ -51,6 +51,13 @@ pub struct BenchArgs {
     /// Offered load for `latency`, events per second.
     #[arg(long, default_value_t = 20_000)]
     pub rate: u64,
+    /// Pipelines for `pipeline`, comma-separated (default: all).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "traffic,engagement,trending,ads"
+    )]
+    pub pipelines: Vec<String>,
     /// Duration of the `latency` run, seconds.
     #[arg(long, default_value_t = 20)]
     pub seconds: u64,
@@ -205,22 +212,34 @@ async fn bench_pipeline(args: &BenchArgs) -> anyhow::Result<Value> {
     }
     drop(events);
     // One core: the whole read → decode → pipeline loop on this thread.
+    let names = args.pipelines.clone();
     let (events, points, seconds) =
-        tokio::task::spawn_blocking(move || traffic_from_log(&log)).await??;
+        tokio::task::spawn_blocking(move || pipelines_from_log(&log, &names)).await??;
     Ok(summary(
         "pipeline",
         events,
         seconds,
-        json!({"points": points, "threads": 1, "pipelines": ["traffic"]}),
+        json!({"points": points, "threads": 1, "pipelines": args.pipelines}),
     ))
 }
 
 /// Reads every input partition of `log` to its end, decodes, dedups and runs
-/// the Traffic pipeline, firing windows as the watermark advances: the live
+/// the named pipelines, firing windows as the watermark advances: the live
 /// driver's synchronous core, on this thread. Returns events, points, seconds.
-fn traffic_from_log(log: &SegmentLog) -> anyhow::Result<(u64, u64, f64)> {
+fn pipelines_from_log(log: &SegmentLog, names: &[String]) -> anyhow::Result<(u64, u64, f64)> {
     let config = DriverConfig::default();
-    let mut engine = Engine::new(&config, tidemark_processor::default_pipelines());
+    let pipelines = names
+        .iter()
+        .map(|name| {
+            tidemark_processor::pipeline_named(name, config.allowed_lateness).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "unknown pipeline `{name}` (known: {})",
+                    tidemark_processor::PIPELINE_NAMES.join(", ")
+                )
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut engine = Engine::new(&config, pipelines);
     let mut partitions = Vec::new();
     for topic_name in &config.topics {
         for partition in 0..log.partition_count_blocking(topic_name)? {

@@ -7,23 +7,29 @@
 //! results to the live updates channel, and checkpoints. The same code runs
 //! live, in crash recovery and in replay.
 
+pub mod ads;
 pub mod checkpoint;
 pub mod dedup;
 pub mod driver;
+pub mod engagement;
 pub mod hll;
 pub mod traffic;
+pub mod trending;
 pub mod watermark;
 
 use std::time::Duration;
 
 use tidemark_model::{Event, Point, Watermark};
 
+pub use ads::{AdsConfig, AdsPipeline};
 pub use checkpoint::Checkpoint;
 pub use driver::{
     run_driver, BoxFuture, DriverConfig, Engine, EventCodec, Outcome, PointSink, ProcessorMetrics,
 };
+pub use engagement::{EngagementConfig, EngagementPipeline};
 pub use hll::Hll;
 pub use traffic::TrafficPipeline;
+pub use trending::{TrendingConfig, TrendingPipeline};
 pub use watermark::PartitionWatermarks;
 
 /// The pipelines tidemark runs, with the default allowed lateness.
@@ -31,9 +37,36 @@ pub fn default_pipelines() -> Vec<Box<dyn Pipeline>> {
     pipelines_with_lateness(traffic::DEFAULT_ALLOWED_LATENESS)
 }
 
+/// Names of every pipeline, in the order they run.
+pub const PIPELINE_NAMES: [&str; 4] = ["traffic", "engagement", "trending", "ads"];
+
 /// The pipelines tidemark runs; `allowed_lateness` must match [`DriverConfig::allowed_lateness`].
 pub fn pipelines_with_lateness(allowed_lateness: Duration) -> Vec<Box<dyn Pipeline>> {
-    vec![Box::new(TrafficPipeline::new(allowed_lateness))]
+    PIPELINE_NAMES
+        .iter()
+        .filter_map(|name| pipeline_named(name, allowed_lateness))
+        .collect()
+}
+
+/// One pipeline by its name (see [`PIPELINE_NAMES`]); `None` for an unknown name.
+pub fn pipeline_named(name: &str, allowed_lateness: Duration) -> Option<Box<dyn Pipeline>> {
+    let pipeline: Box<dyn Pipeline> = match name {
+        "traffic" => Box::new(TrafficPipeline::new(allowed_lateness)),
+        "engagement" => Box::new(EngagementPipeline::new(EngagementConfig {
+            allowed_lateness,
+            ..EngagementConfig::default()
+        })),
+        "trending" => Box::new(TrendingPipeline::new(TrendingConfig {
+            allowed_lateness,
+            ..TrendingConfig::default()
+        })),
+        "ads" => Box::new(AdsPipeline::new(AdsConfig {
+            allowed_lateness,
+            ..AdsConfig::default()
+        })),
+        _ => return None,
+    };
+    Some(pipeline)
 }
 
 /// A stateful, deterministic computation over events in event time.
