@@ -105,6 +105,10 @@ export function App() {
   // A rate from an update older than a few seconds says nothing about now.
   const stale = lastSample.current === null || now - lastSample.current.at > 5000;
   const liveRate = current === null ? null : stale ? current.total / elapsed : rate;
+  // Each type's share of this minute's events, applied to the live rate, so
+  // the rows add up to the headline figure.
+  const typeRate = (count: number) =>
+    current && current.total > 0 && liveRate !== null ? (liveRate * count) / current.total : count / elapsed;
 
   return (
     <div className="page">
@@ -147,7 +151,7 @@ export function App() {
                   <td className="bar-cell">
                     <div className="bar" style={{ width: `${(count / maxTypeCount) * 100}%` }} />
                   </td>
-                  <td className="num">{number.format(count / elapsed)}</td>
+                  <td className="num">{number.format(typeRate(count))}</td>
                 </tr>
               ))}
             </tbody>
