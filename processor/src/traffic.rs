@@ -140,13 +140,13 @@ fn unpack(key: u64) -> (u16, Country, Device) {
     (type_idx, country, device)
 }
 
-/// Tumbling 1-minute (`rt`) and 1-hour (`hourly`) traffic windows.
+/// Tumbling 1-minute (`rt`), 1-hour (`hourly`) and 1-day (`daily`) traffic windows.
 ///
 /// Points: `traffic` (tags `country`, `device`, `event_type`; field `events`)
 /// and `active_users` (no tags; field `users`), at the window start.
 #[derive(Debug, Clone)]
 pub struct TrafficPipeline {
-    sets: [WindowSet; 2],
+    sets: [WindowSet; 3],
     interner: Interner,
     allowed_lateness_ms: i64,
     last_wm: Watermark,
@@ -180,6 +180,11 @@ impl TrafficPipeline {
                 WindowSet {
                     size_ms: 3_600_000,
                     tier: Tier::Hourly,
+                    windows: BTreeMap::new(),
+                },
+                WindowSet {
+                    size_ms: 86_400_000,
+                    tier: Tier::Daily,
                     windows: BTreeMap::new(),
                 },
             ],
@@ -455,9 +460,14 @@ mod tests {
             Some(2)
         );
         assert_eq!(users(&out, Tier::Hourly, base), Some(FieldValue::Int(3)));
+        // The day closes too: the daily tier holds the same totals.
+        out.clear();
+        p.on_watermark(EventTime(base + 86_400_000), &mut out);
+        assert_eq!(count(&out, Tier::Daily, 0, "DE", "ios", "login"), Some(2));
+        assert_eq!(users(&out, Tier::Daily, 0), Some(FieldValue::Int(3)));
         // Firing again emits nothing new.
         out.clear();
-        p.on_watermark(EventTime(2 * base + 1), &mut out);
+        p.on_watermark(EventTime(base + 86_400_001), &mut out);
         assert!(out.is_empty());
     }
 
@@ -482,7 +492,7 @@ mod tests {
         out.clear();
         p.on_watermark(EventTime(120_000), &mut out);
         assert!(out.is_empty());
-        assert_eq!(p.open_windows(), 1, "the 1 h window stays open");
+        assert_eq!(p.open_windows(), 2, "the 1 h and 1 d windows stay open");
         // Beyond the lateness the window is gone and a stray event is ignored.
         p.on_event(
             &ev("3", "u3", EventType::View, 30_000, "fr", Device::Android),
