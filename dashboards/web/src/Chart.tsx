@@ -44,6 +44,7 @@ export function HistoryChart({ windows, now }: { windows: MinuteWindow[]; now: n
         `L${x(shown[0].start).toFixed(1)},${PAD.top + innerH}Z`
       : '';
   const usersLine = line((w) => yUsers(w.activeUsers));
+  const newest = shown.length > 0 ? shown[shown.length - 1] : null;
   const ticks = [0, 0.25, 0.5, 0.75, 1];
   const timeTicks = [0, 15, 30, 45, 59].map((m) => start + m * MINUTE_MS);
 
@@ -73,6 +74,13 @@ export function HistoryChart({ windows, now }: { windows: MinuteWindow[]; now: n
       {area && <path className="events-area" d={area} />}
       {eventsLine && <path className="events-line" d={eventsLine} />}
       {usersLine && <path className="users-line" d={usersLine} />}
+      {/* The newest minute is marked, so a single (open) minute shows too. */}
+      {newest && (
+        <g>
+          <circle className="events-dot" cx={x(newest.start)} cy={yEvents(newest.total)} r={3.5} />
+          <circle className="users-dot" cx={x(newest.start)} cy={yUsers(newest.activeUsers)} r={3} />
+        </g>
+      )}
       {shown.length === 0 && (
         <text className="axis" x={W / 2} y={H / 2} textAnchor="middle">
           no data in the last hour
