@@ -3,7 +3,6 @@
 //! Needs `influxd` (or `$TIDEMARK_INFLUXD`); fails without it unless
 //! `TIDEMARK_SKIP_INFLUX=1`.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,6 +11,9 @@ use tidemark_tsdb_writer::influx::{InfluxConfig, InfluxStore};
 use tidemark_tsdb_writer::testing::InfluxServer;
 use tidemark_tsdb_writer::writer::{BatchingWriter, WriterConfig, WriterMetrics};
 use tidemark_tsdb_writer::{Aggregate, MetricQuery, Series, Store};
+
+mod common;
+use common::{point, tags};
 
 fn server() -> Option<InfluxServer> {
     if std::env::var("TIDEMARK_SKIP_INFLUX").as_deref() == Ok("1") {
@@ -38,22 +40,6 @@ fn base() -> i64 {
     EventTime::now().floor(Duration::from_secs(3600)).millis() - 3_600_000
 }
 
-fn point(tier: Tier, country: &str, device: &str, t: i64, events: i64, ratio: f64) -> Point {
-    Point::new(
-        "traffic",
-        tier,
-        EventTime(t),
-        vec![
-            ("country".into(), country.into()),
-            ("device".into(), device.into()),
-        ],
-        vec![
-            ("events".into(), FieldValue::Int(events)),
-            ("ratio".into(), FieldValue::Float(ratio)),
-        ],
-    )
-}
-
 fn query(t0: i64, field: &str, aggregate: Aggregate) -> MetricQuery {
     MetricQuery {
         measurement: "traffic".into(),
@@ -65,13 +51,6 @@ fn query(t0: i64, field: &str, aggregate: Aggregate) -> MetricQuery {
         group_by: vec![],
         aggregate,
     }
-}
-
-fn tags(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
 }
 
 #[tokio::test]

@@ -1,26 +1,11 @@
 //! The embedded store: overwrite semantics, queries and retention.
 
-use std::collections::BTreeMap;
-
-use tidemark_model::{EventTime, FieldValue, Point, Tier};
+use tidemark_model::{EventTime, Tier};
 use tidemark_tsdb_writer::sqlite::SqliteStore;
 use tidemark_tsdb_writer::{Aggregate, MetricQuery, Series, Store};
 
-fn point(tier: Tier, country: &str, device: &str, t: i64, events: i64, ratio: f64) -> Point {
-    Point::new(
-        "traffic",
-        tier,
-        EventTime(t),
-        vec![
-            ("country".into(), country.into()),
-            ("device".into(), device.into()),
-        ],
-        vec![
-            ("events".into(), FieldValue::Int(events)),
-            ("ratio".into(), FieldValue::Float(ratio)),
-        ],
-    )
-}
+mod common;
+use common::{point, tags};
 
 fn query(field: &str, aggregate: Aggregate) -> MetricQuery {
     MetricQuery {
@@ -33,13 +18,6 @@ fn query(field: &str, aggregate: Aggregate) -> MetricQuery {
         group_by: vec![],
         aggregate,
     }
-}
-
-fn tags(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
 }
 
 async fn sample() -> SqliteStore {
