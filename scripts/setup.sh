@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the demo and the tests need, idempotently and quickly when present:
 # Debian's influxdb (real InfluxDB 1.x for tests) and chromium (browser tests),
-# the dashboard's npm packages (and its build), playwright-core for the browser test.
+# the tansu broker (Kafka tests), the dashboard's npm packages (and its build),
+# playwright-core for the browser test.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$ROOT"
@@ -32,6 +33,14 @@ npm_install() {
 }
 npm_install dashboards/web
 [ "${1:-}" = "--web-only" ] || npm_install tests/browser
+
+# tansu, a Kafka-compatible broker, for the Kafka log's tests (built once,
+# about 10 minutes, kept outside the clone).
+if [ "${1:-}" != "--web-only" ] && ! command -v tansu >/dev/null 2>&1 \
+   && [ ! -x "$HOME/.cargo/bin/tansu" ] && [ ! -x "$TIDEMARK_TOOLS/bin/tansu" ]; then
+  echo "Installing tansu (Kafka-compatible broker for tests) into $TIDEMARK_TOOLS"
+  cargo install tansu --locked --features libsql --root "$TIDEMARK_TOOLS" --quiet
+fi
 
 # Build the dashboard when its sources are newer than the build.
 if [ ! -f dashboards/web/dist/index.html ] || \

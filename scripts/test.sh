@@ -7,10 +7,13 @@ cd "$ROOT"
 scripts/setup.sh
 
 cargo fmt --all -- --check
-cargo clippy --workspace --all-targets --quiet -- -D warnings
+# The Kafka log (feature `kafka` of tidemark-log) is built, linted and tested
+# against a real broker (tansu) and librdkafka's mock cluster.
+FEATURES="tidemark-log/kafka"
+cargo clippy --workspace --all-targets --features "$FEATURES" --quiet -- -D warnings
 cargo build --release --quiet --bin tidemark
 export TIDEMARK_BIN="$CARGO_TARGET_DIR/release/tidemark"
-cargo test --workspace --all-targets
+cargo test --workspace --all-targets --features "$FEATURES"
 
 mkdir -p artifacts
 (cd tests/browser && node --test --test-reporter=tap dashboard.test.mjs)

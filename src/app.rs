@@ -44,6 +44,8 @@ pub struct RunConfig {
     pub api_keys: Vec<String>,
     pub store: StoreChoice,
     pub web_dir: Option<PathBuf>,
+    /// Stage-1 processor workers.
+    pub workers: usize,
 }
 
 /// Partitions per topic of the embedded log. One process on one machine gains
@@ -128,12 +130,13 @@ pub async fn run(
     let processor_cancel = CancellationToken::new();
     let driver_config = DriverConfig {
         checkpoint_dir: Some(config.data_dir.join("checkpoints")),
+        workers: config.workers,
         ..DriverConfig::default()
     };
     let processor = tokio::spawn(run_driver(
         driver_config,
         log.clone() as Arc<dyn Log>,
-        tidemark_processor::default_pipelines(),
+        tidemark_processor::PipelineSet::default(),
         Arc::new(WriterSink(writer.clone())),
         updates.clone(),
         ProcessorMetrics::new(&registry),

@@ -14,7 +14,9 @@ use serde_json::{json, Value};
 use tidemark_log::segment::SegmentLog;
 use tidemark_log::{Log, Record};
 use tidemark_model::{topic, wire, Event, EventTime, Limits};
-use tidemark_processor::driver::{DriverConfig, Engine};
+use tidemark_processor::driver::DriverConfig;
+use tidemark_processor::runner::{run_parallel, usable_workers, PartitionRange, RunSummary};
+use tidemark_processor::PipelineSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::{self, RunConfig, StoreChoice};
@@ -24,7 +26,7 @@ use crate::generator::{EventFactory, GeneratorConfig};
 pub enum Stage {
     /// Appends encoded events to the embedded log (durable, group fsync).
     Log,
-    /// Reads the embedded log, decodes, and runs the Traffic pipeline on one core.
+    /// Reads the embedded log, decodes, and runs the pipelines (one thread per worker).
     Pipeline,
     /// HTTP ingest into a durable embedded log, from a local client.
     Ingest,
@@ -58,6 +60,24 @@ pub struct BenchArgs {
         default_value = "traffic,engagement,trending,ads"
     )]
     pub pipelines: Vec<String>,
+    /// Distinct users of generated events.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub users: usize,
+    /// Generated events per second of event time.
+    #[arg(long, default_value_t = 5_000)]
+    pub event_rate: u64,
+    /// Also report the processor state's size after the last event
+    /// (`state_bytes`; measuring it serialises the state, so it is timed).
+    #[arg(long)]
+    pub state: bool,
+    /// `pipeline`: keep the embedded log in this folder, and when it already
+    /// holds one, run over it without loading anything (so a second run's
+    /// memory figures are the processor's alone).
+    #[arg(long)]
+    pub log_dir: Option<PathBuf>,
+    /// Stage-1 worker threads for `pipeline` (the combiner adds one).
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
     /// Duration of the `latency` run, seconds.
     #[arg(long, default_value_t = 20)]
     pub seconds: u64,
@@ -116,13 +136,14 @@ fn load_events(args: &BenchArgs) -> anyhow::Result<Vec<Event>> {
         None => {
             let mut factory = EventFactory::new(GeneratorConfig {
                 invalid: 0.0,
-                users: 1_000_000,
+                users: args.users,
                 ..GeneratorConfig::default()
             });
             let start = 1_790_000_000_000i64;
+            let per_ms = (args.event_rate.max(1) as f64) / 1000.0;
             (0..args.events)
                 .map(|i| {
-                    let now = EventTime(start + i as i64 / 5);
+                    let now = EventTime(start + (i as f64 / per_ms) as i64);
                     let raw = serde_json::to_vec(&factory.event(now))?;
                     Ok(Event::from_json(&raw, now, &limits)?)
                 })
@@ -202,85 +223,92 @@ async fn bench_log(args: &BenchArgs) -> anyhow::Result<Value> {
 }
 
 async fn bench_pipeline(args: &BenchArgs) -> anyhow::Result<Value> {
-    let events = load_events(args)?;
-    let dir = tempfile::tempdir()?;
-    let log = app::open_log(dir.path()).await?;
-    for (topic_name, records) in records_by_partition(&log, &events).await? {
-        for chunk in records.chunks(10_000) {
-            log.append(topic_name, chunk.to_vec()).await?;
+    let set = PipelineSet::named(&args.pipelines, DriverConfig::default().allowed_lateness)
+        .map_err(anyhow::Error::msg)?;
+    let scratch = tempfile::tempdir()?;
+    let (dir, reuse) = match &args.log_dir {
+        Some(dir) => (dir.clone(), dir.join("log").exists()),
+        None => (scratch.path().to_path_buf(), false),
+    };
+    let log = app::open_log(&dir).await?;
+    if !reuse {
+        let events = load_events(args)?;
+        for (topic_name, records) in records_by_partition(&log, &events).await? {
+            for chunk in records.chunks(10_000) {
+                log.append(topic_name, chunk.to_vec()).await?;
+            }
         }
     }
-    drop(events);
-    // One core: the whole read → decode → pipeline loop on this thread.
-    let names = args.pipelines.clone();
-    let (events, points, seconds) =
-        tokio::task::spawn_blocking(move || pipelines_from_log(&log, &names)).await??;
+    let (threads, measure_state) = (args.threads.max(1), args.state);
+    let (run, workers, seconds) =
+        tokio::task::spawn_blocking(move || pipelines_from_log(log, &set, threads, measure_state))
+            .await??;
     Ok(summary(
         "pipeline",
-        events,
+        run.counts.accepted + run.counts.duplicates + run.counts.too_late,
         seconds,
-        json!({"points": points, "threads": 1, "pipelines": args.pipelines}),
+        json!({
+            "points": run.points,
+            "workers": workers,
+            "threads": workers + 1,
+            "duplicates": run.counts.duplicates,
+            "too_late": run.counts.too_late,
+            "state_bytes": args.state.then_some(run.state_bytes),
+            "peak_rss_bytes": peak_rss_bytes(),
+            "pipelines": args.pipelines,
+        }),
     ))
 }
 
-/// Reads every input partition of `log` to its end, decodes, dedups and runs
-/// the named pipelines, firing windows as the watermark advances: the live
-/// driver's synchronous core, on this thread. Returns events, points, seconds.
-fn pipelines_from_log(log: &SegmentLog, names: &[String]) -> anyhow::Result<(u64, u64, f64)> {
+/// The process's peak resident memory (Linux `VmHWM`), if known.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Reads every input partition of `log` to its end with one thread per
+/// stage-1 worker (the combiner on this thread), decoding and running the
+/// pipelines as live: the processor's own parallel runner. Returns the run's
+/// summary, the worker count and the seconds it took.
+fn pipelines_from_log(
+    log: Arc<SegmentLog>,
+    set: &PipelineSet,
+    threads: usize,
+    measure_state: bool,
+) -> anyhow::Result<(RunSummary, usize, f64)> {
     let config = DriverConfig::default();
-    let pipelines = names
-        .iter()
-        .map(|name| {
-            tidemark_processor::pipeline_named(name, config.allowed_lateness).ok_or_else(|| {
-                anyhow::anyhow!(
-                    "unknown pipeline `{name}` (known: {})",
-                    tidemark_processor::PIPELINE_NAMES.join(", ")
-                )
-            })
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let mut engine = Engine::new(&config, pipelines);
-    let mut partitions = Vec::new();
+    let mut ranges = Vec::new();
+    let mut min_partitions = u32::MAX;
     for topic_name in &config.topics {
-        for partition in 0..log.partition_count_blocking(topic_name)? {
-            partitions.push((
-                topic_name.as_str(),
-                partition,
-                engine.register(topic_name, partition),
-                0u64,
-            ));
-        }
+        let n = log.partition_count_blocking(topic_name)?;
+        min_partitions = min_partitions.min(n);
+        ranges.extend((0..n).map(|partition| PartitionRange {
+            topic: topic_name.clone(),
+            partition,
+            from: 0,
+            to: None,
+        }));
     }
+    let workers = usable_workers(threads, min_partitions);
     let started = Instant::now();
-    let (mut events, mut points) = (0u64, 0u64);
-    let mut out = Vec::new();
-    loop {
-        let mut progressed = false;
-        for (topic_name, partition, slot, offset) in partitions.iter_mut() {
-            let records = log.read_blocking(topic_name, *partition, *offset, config.max_batch)?;
-            let Some(last) = records.last() else {
-                engine.set_progress(*slot, true, Instant::now());
-                continue;
-            };
-            *offset = last.offset + 1;
-            progressed = true;
-            for record in &records {
-                let ev = wire::decode(&record.value)?;
-                engine.process(*slot, &ev, &mut out);
-                events += 1;
+    let summary = run_parallel(
+        &config,
+        set,
+        workers,
+        measure_state,
+        ranges,
+        || {
+            let log = log.clone();
+            move |topic: &str, partition: u32, offset: u64, max: usize| {
+                log.read_blocking(topic, partition, offset, max)
             }
-            engine.set_progress(*slot, false, Instant::now());
-        }
-        engine.advance(Instant::now(), &mut out);
-        points += out.len() as u64;
-        out.clear();
-        if !progressed {
-            break;
-        }
-    }
-    engine.finish(&mut out);
-    points += out.len() as u64;
-    Ok((events, points, started.elapsed().as_secs_f64()))
+        },
+        wire::decode,
+        |_points| Ok(()),
+    )?;
+    Ok((summary, workers, started.elapsed().as_secs_f64()))
 }
 
 async fn bench_ingest(args: &BenchArgs) -> anyhow::Result<Value> {
@@ -377,6 +405,7 @@ async fn bench_latency(args: &BenchArgs) -> anyhow::Result<Value> {
         api_keys: vec![key.clone()],
         store: StoreChoice::Sqlite,
         web_dir: None,
+        workers: args.threads.max(1),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;

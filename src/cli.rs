@@ -47,6 +47,10 @@ pub struct RunArgs {
     /// Folder of the built web dashboard.
     #[arg(long, env = "TIDEMARK_WEB_DIR", default_value = "dashboards/web/dist")]
     pub web_dir: PathBuf,
+    /// Stage-1 processor threads (each owns a share of the partitions); a
+    /// checkpoint restores only into the same count.
+    #[arg(long, env = "TIDEMARK_WORKERS", default_value_t = 2)]
+    pub workers: usize,
 }
 
 /// InfluxDB connection; without `--influx-url` the embedded SQLite store is used.
@@ -131,6 +135,7 @@ fn run_config(args: RunArgs, fallback_key: impl FnOnce() -> String) -> RunConfig
         api_keys,
         store,
         web_dir: Some(args.web_dir),
+        workers: args.workers,
     }
 }
 

@@ -4,7 +4,12 @@
 //! offset. [`Log`] is the one abstraction; [`segment::SegmentLog`] is the
 //! embedded implementation (files on local disk), and the Kafka implementation
 //! sits behind the same trait.
+//!
+//! Cargo feature `kafka` adds `kafka::KafkaLog` (rdkafka, librdkafka built
+//! from source) and `kafka::testing`, a throwaway tansu broker for tests.
 
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod segment;
 
 use async_trait::async_trait;

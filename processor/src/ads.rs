@@ -5,22 +5,46 @@
 //! conversion) waits until the watermark reaches its own time and is then
 //! matched against the impressions (or clicks) known at that moment. Any event
 //! at or before its time that has not arrived by then would be late, so the
-//! outcome does not depend on arrival order or batch sizes. A click or
-//! conversion that itself arrives late (at or behind the watermark) is decided
-//! on arrival. An impression that arrives late, after a click on it has been
-//! decided, does not revise that click, and likewise a late click does not
-//! revise a conversion already decided.
+//! outcome does not depend on arrival order, batch sizes or how the watermark
+//! advances (one step or many). A click or conversion that itself arrives late
+//! (at or behind the watermark) is decided on arrival. An impression that
+//! arrives late, after a click on it has been decided, does not revise that
+//! click, and likewise a late click does not revise a conversion already
+//! decided.
+//!
+//! A click is attributed when an impression with its id happened at most
+//! `attribution_window` before it (at the same time or earlier); a conversion
+//! when a remembered click on that impression id happened at most
+//! `conversion_window` before it. Without a campaign of its own, a click takes
+//! the campaign of the latest such impression and a conversion that of the
+//! latest such click. Every impression (and attributed click) of an id is
+//! remembered, not only the first, so whether an older one with the same id
+//! was already evicted cannot change an outcome; only the newest
+//! `MAX_IMPRESSIONS_PER_ID` (16) impressions and `MAX_CLICKS_PER_IMPRESSION`
+//! (16) clicks of one id are kept, and a repeat at a time already held is ignored.
+//!
+//! Join keys: impression ids are held as their 128-bit XXH3 hash, not as
+//! strings (no allocation per event). With n ids held, a click or conversion
+//! on an unknown id matches one of them with probability n/2¹²⁸ (about 3·10⁻³⁰
+//! for a billion), and two held ids collide with probability n²/2¹²⁹ (about
+//! 10⁻²¹): even over years of lookups a wrong join does not happen in practice,
+//! so joins are exact. (XXH3 is not keyed; someone able to craft colliding ids
+//! could equally send the real id.) Campaign ids are interned to `u32`
+//! numbers; the names only reappear in partials and checkpoints.
 //!
 //! Memory: impressions are kept for `attribution_window + allowed_lateness`
 //! past their time, attributed clicks for `conversion_window +
-//! allowed_lateness` past their latest time, pending clicks and conversions
-//! only until the watermark passes them (the out-of-orderness), and windows
-//! until their end plus the lateness. So the join state is bounded by the
-//! impression rate times about 31 minutes plus the attributed click rate times
-//! about 24 hours, and the aggregates by the campaigns × devices × countries
-//! active in the open windows.
+//! allowed_lateness` past their time (eviction runs per second of event
+//! time, so up to a second longer), pending clicks and conversions only until
+//! the watermark passes them (the out-of-orderness), and windows until their
+//! end plus the lateness. So the join state is bounded by the impression rate
+//! times about 31 minutes plus the attributed click rate times about 24 hours,
+//! and the aggregates by the campaigns × devices × countries active in the
+//! open windows. The campaign name table only grows with distinct campaigns
+//! (it is rebuilt with the live ones on restore).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::hash_map::Entry;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rustc_hash::FxHashMap;
@@ -28,15 +52,29 @@ use serde::{Deserialize, Serialize};
 use tidemark_model::{
     Country, Device, Event, EventTime, EventType, FieldValue, Point, Tier, Watermark,
 };
+use xxhash_rust::xxh3::xxh3_128;
 
-use crate::{Pipeline, ProcessorError};
+use crate::partial::{from_micros, row_key, to_micros, Partial, WindowId};
+use crate::{Finisher, Pipeline, ProcessorError};
 
-/// Click times remembered per impression; repeated clicks beyond this keep
+/// The tiers of the window sets, by [`WindowId::kind`].
+const TIERS: [Tier; 3] = [Tier::Rt, Tier::Hourly, Tier::Daily];
+
+/// Click times remembered per impression id; repeated clicks beyond this keep
 /// the newest, so one impression id cannot grow the state without bound.
 const MAX_CLICKS_PER_IMPRESSION: usize = 16;
+/// Impression times remembered per impression id (ids should be unique; a
+/// repeated one keeps its newest impressions).
+const MAX_IMPRESSIONS_PER_ID: usize = 16;
 /// Tag value of an ad event without a campaign.
 const UNKNOWN_CAMPAIGN: &str = "unknown";
+/// Interned number of [`UNKNOWN_CAMPAIGN`].
+const UNKNOWN_CAMPAIGN_ID: u32 = 0;
 const MEASUREMENT: &str = "ads";
+/// Granularity of the eviction indexes, in milliseconds of event time.
+const INDEX_BUCKET_MS: i64 = 1_000;
+/// Version of the [`AdsState`] encoding.
+const STATE_VERSION: u32 = 2;
 
 /// Join windows and lateness of the ads pipeline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,8 +119,76 @@ fn device_index(d: Device) -> u8 {
     }
 }
 
-/// (campaign, device index, country) of the counted event.
-type AggKey = (String, u8, [u8; 2]);
+/// (campaign number, device index, country) of the counted event, packed as
+/// `campaign << 24 | device << 16 | country`.
+type AggKey = u64;
+
+fn agg_key(campaign: u32, device: u8, country: [u8; 2]) -> AggKey {
+    (u64::from(campaign) << 24)
+        | (u64::from(device) << 16)
+        | (u64::from(country[0]) << 8)
+        | u64::from(country[1])
+}
+
+fn split_agg_key(key: AggKey) -> (u32, u8, [u8; 2]) {
+    (
+        (key >> 24) as u32,
+        (key >> 16) as u8,
+        [(key >> 8) as u8, key as u8],
+    )
+}
+
+/// The 128-bit XXH3 hash of an impression id: the join key (see the module
+/// documentation). Two halves rather than a `u128`, whose 16-byte alignment
+/// would pad every map entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+struct ImpKey(u64, u64);
+
+fn imp_key(id: &str) -> ImpKey {
+    let h = xxh3_128(id.as_bytes());
+    ImpKey((h >> 64) as u64, h as u64)
+}
+
+/// Campaign ids interned to numbers; number 0 is [`UNKNOWN_CAMPAIGN`].
+#[derive(Debug, Clone)]
+struct Campaigns {
+    ids: FxHashMap<Box<str>, u32>,
+    names: Vec<Box<str>>,
+}
+
+impl Default for Campaigns {
+    fn default() -> Self {
+        let mut c = Campaigns {
+            ids: FxHashMap::default(),
+            names: Vec::new(),
+        };
+        c.intern(UNKNOWN_CAMPAIGN);
+        c
+    }
+}
+
+impl Campaigns {
+    fn intern(&mut self, name: &str) -> u32 {
+        if let Some(&id) = self.ids.get(name) {
+            return id;
+        }
+        // Beyond 2³² distinct campaigns, further ones count as unknown.
+        let Ok(id) = u32::try_from(self.names.len()) else {
+            return UNKNOWN_CAMPAIGN_ID;
+        };
+        self.names.push(name.into());
+        self.ids.insert(name.into(), id);
+        id
+    }
+
+    fn intern_opt(&mut self, name: Option<&str>) -> u32 {
+        name.map_or(UNKNOWN_CAMPAIGN_ID, |n| self.intern(n))
+    }
+
+    fn name(&self, id: u32) -> &str {
+        self.names.get(id as usize).map_or(UNKNOWN_CAMPAIGN, |n| n)
+    }
+}
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 struct Agg {
@@ -90,13 +196,14 @@ struct Agg {
     clicks: i64,
     clicks_unattributed: i64,
     conversions: i64,
-    spend: f64,
-    revenue: f64,
+    /// Micro-units (exact, so merges do not depend on order).
+    spend_micros: i64,
+    revenue_micros: i64,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default)]
 struct Window {
-    aggs: BTreeMap<AggKey, Agg>,
+    aggs: FxHashMap<AggKey, Agg>,
     fired: bool,
     /// Changed since it last fired.
     dirty: bool,
@@ -105,26 +212,120 @@ struct Window {
 #[derive(Debug, Clone)]
 struct WindowSet {
     size_ms: i64,
-    tier: Tier,
     windows: BTreeMap<i64, Window>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Impression {
+/// One impression or attributed click of an impression id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Touch {
     time: i64,
-    campaign: String,
+    campaign: u32,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Clicks {
-    campaign: String,
-    /// Attributed click times, ascending.
-    times: Vec<i64>,
+/// The impressions (or clicks) of one impression id, ascending by time and
+/// with distinct times; nearly always one, which needs no allocation.
+#[derive(Debug, Clone)]
+enum Touches {
+    One(Touch),
+    /// Two or more.
+    Many(Vec<Touch>),
 }
 
-impl Clicks {
-    fn latest(&self) -> i64 {
-        self.times.last().copied().unwrap_or(i64::MIN)
+impl Touches {
+    fn as_slice(&self) -> &[Touch] {
+        match self {
+            Touches::One(t) => std::slice::from_ref(t),
+            Touches::Many(v) => v,
+        }
+    }
+
+    /// Adds `t`, keeping the newest `cap` (at least 2). A repeat of a time
+    /// already held is ignored. Whether `t` was added.
+    fn add(&mut self, t: Touch, cap: usize) -> bool {
+        match self {
+            Touches::One(o) if o.time == t.time => false,
+            Touches::One(o) => {
+                let o = *o;
+                *self = Touches::Many(if o.time < t.time {
+                    vec![o, t]
+                } else {
+                    vec![t, o]
+                });
+                true
+            }
+            Touches::Many(v) => match v.binary_search_by_key(&t.time, |x| x.time) {
+                Ok(_) => false,
+                // Older than every one of a full set: it would go first.
+                Err(0) if v.len() >= cap => false,
+                Err(pos) => {
+                    v.insert(pos, t);
+                    if v.len() > cap {
+                        v.remove(0);
+                    }
+                    true
+                }
+            },
+        }
+    }
+
+    /// The latest touch at a time in `lo..=hi`.
+    fn latest_in(&self, lo: i64, hi: i64) -> Option<Touch> {
+        let s = self.as_slice();
+        let end = s.partition_point(|x| x.time <= hi);
+        s[..end].last().filter(|x| x.time >= lo).copied()
+    }
+
+    /// Drops the touches whose time is `expired`; whether none is left.
+    fn evict(&mut self, expired: impl Fn(i64) -> bool) -> bool {
+        match self {
+            Touches::One(t) => expired(t.time),
+            Touches::Many(v) => {
+                v.retain(|t| !expired(t.time));
+                match v[..] {
+                    [] => true,
+                    [one] => {
+                        *self = Touches::One(one);
+                        false
+                    }
+                    _ => false,
+                }
+            }
+        }
+    }
+}
+
+/// Impression ids by second of a touch's time, for eviction in time order.
+type EvictionIndex = BTreeMap<i64, Vec<ImpKey>>;
+
+fn index_bucket(time: i64) -> i64 {
+    time.div_euclid(INDEX_BUCKET_MS)
+}
+
+/// The latest time a bucket can hold (or later, at the extremes).
+fn bucket_last(bucket: i64) -> i64 {
+    bucket
+        .saturating_mul(INDEX_BUCKET_MS)
+        .saturating_add(INDEX_BUCKET_MS - 1)
+}
+
+/// Forgets the touches `expired` by time, bucket by bucket, and the ids left
+/// without any.
+fn evict_index(
+    index: &mut EvictionIndex,
+    map: &mut FxHashMap<ImpKey, Touches>,
+    expired: impl Fn(i64) -> bool,
+) {
+    while let Some(bucket) = index.first_entry() {
+        if !expired(bucket_last(*bucket.key())) {
+            break;
+        }
+        for key in bucket.remove() {
+            if let Entry::Occupied(mut e) = map.entry(key) {
+                if e.get_mut().evict(&expired) {
+                    e.remove();
+                }
+            }
+        }
     }
 }
 
@@ -136,20 +337,20 @@ enum Kind {
 }
 
 /// A click or conversion waiting for the watermark to reach its time.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy)]
 struct Pending {
-    impression_id: Option<String>,
-    campaign: Option<String>,
+    impression: Option<ImpKey>,
+    campaign: Option<u32>,
     device: u8,
     country: [u8; 2],
-    revenue: f64,
+    revenue_micros: i64,
 }
 
 /// Pending order: event time, kind, arrival sequence.
 type PendingKey = (i64, Kind, u64);
 
 /// Per-campaign ad windows (`rt`, `hourly`, `daily`) with the click and
-/// conversion attribution joins.
+/// conversion attribution joins (stage 1; [`AdsFinisher`] makes the points).
 ///
 /// Points: `ads` with tags `campaign_id`, `country`, `device` (of the counted
 /// event) and fields `impressions`, `clicks`, `clicks_unattributed`,
@@ -161,26 +362,38 @@ pub struct AdsPipeline {
     attribution_ms: i64,
     conversion_ms: i64,
     lateness_ms: i64,
-    impressions: FxHashMap<String, Impression>,
-    /// (time, impression id), for eviction in time order.
-    impression_index: BTreeSet<(i64, String)>,
-    clicks: FxHashMap<String, Clicks>,
-    /// (latest click time, impression id), for eviction in time order.
-    click_index: BTreeSet<(i64, String)>,
+    campaigns: Campaigns,
+    impressions: FxHashMap<ImpKey, Touches>,
+    impression_index: EvictionIndex,
+    /// Attributed clicks per impression id.
+    clicks: FxHashMap<ImpKey, Touches>,
+    click_index: EvictionIndex,
     pending: BTreeMap<PendingKey, Pending>,
     seq: u64,
     last_wm: Watermark,
 }
 
+/// A checkpoint of [`AdsPipeline`]. Campaigns are numbers into `campaigns`,
+/// which holds the live names sorted, and every list is sorted, so the bytes
+/// depend only on the logical state (not on the order names were interned).
 #[derive(Serialize, Deserialize)]
 struct AdsState {
-    windows: Vec<(u8, i64, Window)>,
-    impressions: Vec<(String, Impression)>,
-    clicks: Vec<(String, Clicks)>,
-    pending: Vec<(PendingKey, Pending)>,
+    version: u32,
+    campaigns: Vec<String>,
+    windows: Vec<WindowState>,
+    impressions: Vec<TouchesState>,
+    clicks: Vec<TouchesState>,
+    pending: Vec<(PendingKey, PendingState)>,
     seq: u64,
     last_wm: Watermark,
 }
+
+/// (window set, start, fired, dirty, rows of (campaign, device, country, aggregates)).
+type WindowState = (u8, i64, bool, bool, Vec<(u32, u8, [u8; 2], Agg)>);
+/// (id hash, [(time, campaign)]).
+type TouchesState = (ImpKey, Vec<(i64, u32)>);
+/// (id hash, campaign, device, country, revenue micros).
+type PendingState = (Option<ImpKey>, Option<u32>, u8, [u8; 2], i64);
 
 impl Default for AdsPipeline {
     fn default() -> Self {
@@ -204,24 +417,20 @@ impl AdsPipeline {
     pub const NAME: &'static str = "ads";
 
     pub fn new(config: AdsConfig) -> Self {
-        let set = |size_ms, tier| WindowSet {
+        let set = |size_ms| WindowSet {
             size_ms,
-            tier,
             windows: BTreeMap::new(),
         };
         AdsPipeline {
-            sets: [
-                set(60_000, Tier::Rt),
-                set(3_600_000, Tier::Hourly),
-                set(86_400_000, Tier::Daily),
-            ],
+            sets: [set(60_000), set(3_600_000), set(86_400_000)],
             attribution_ms: millis(config.attribution_window),
             conversion_ms: millis(config.conversion_window),
             lateness_ms: millis(config.allowed_lateness),
+            campaigns: Campaigns::default(),
             impressions: FxHashMap::default(),
-            impression_index: BTreeSet::new(),
+            impression_index: BTreeMap::new(),
             clicks: FxHashMap::default(),
-            click_index: BTreeSet::new(),
+            click_index: BTreeMap::new(),
             pending: BTreeMap::new(),
             seq: 0,
             last_wm: EventTime::MIN,
@@ -237,8 +446,9 @@ impl AdsPipeline {
         }
     }
 
-    /// Entries held by the joins: impressions, impressions with attributed
-    /// clicks, and clicks and conversions awaiting the watermark.
+    /// Entries held by the joins: impression ids with impressions, impression
+    /// ids with attributed clicks, and clicks and conversions awaiting the
+    /// watermark.
     pub fn join_state_len(&self) -> usize {
         self.impressions.len() + self.clicks.len() + self.pending.len()
     }
@@ -250,7 +460,8 @@ impl AdsPipeline {
 
     /// Adds to the aggregates of every tier's window holding `ts`, unless that
     /// window was already dropped as of watermark `wm`.
-    fn count(&mut self, wm: i64, ts: i64, key: &AggKey, f: impl Fn(&mut Agg)) {
+    #[inline]
+    fn count(&mut self, wm: i64, ts: i64, key: AggKey, f: impl Fn(&mut Agg)) {
         let horizon = wm.saturating_sub(self.lateness_ms);
         for set in &mut self.sets {
             let start = ts.saturating_sub(ts.rem_euclid(set.size_ms));
@@ -258,14 +469,7 @@ impl AdsPipeline {
                 continue;
             }
             let w = set.windows.entry(start).or_default();
-            match w.aggs.get_mut(key) {
-                Some(a) => f(a),
-                None => {
-                    let mut a = Agg::default();
-                    f(&mut a);
-                    w.aggs.insert(key.clone(), a);
-                }
-            }
+            f(w.aggs.entry(key).or_default());
             if w.fired {
                 w.dirty = true;
             }
@@ -274,39 +478,36 @@ impl AdsPipeline {
 
     fn on_impression(&mut self, ev: &Event) {
         let ts = ev.timestamp.0;
-        let campaign = ev
-            .campaign_id
-            .clone()
-            .unwrap_or_else(|| UNKNOWN_CAMPAIGN.to_string());
-        let cost = finite_or_zero(ev.cost);
-        let key = (campaign.clone(), device_index(ev.device), ev.country.0);
-        self.count(self.last_wm.0, ts, &key, |a| {
+        let wm = self.last_wm.0;
+        let campaign = self.campaigns.intern_opt(ev.campaign_id.as_deref());
+        let cost = to_micros(finite_or_zero(ev.cost));
+        let key = agg_key(campaign, device_index(ev.device), ev.country.0);
+        self.count(wm, ts, key, |a| {
             a.impressions += 1;
-            a.spend += cost;
+            a.spend_micros = a.spend_micros.saturating_add(cost);
         });
-        let Some(id) = ev.impression_id.as_ref() else {
+        let Some(id) = ev.impression_id.as_deref() else {
             return;
         };
         // An impression already past its attribution horizon could never be
         // matched before eviction; keeping it would only leak.
-        if self.impression_expired(ts, self.last_wm.0) {
+        if self.impression_expired(ts, wm) {
             return;
         }
-        match self.impressions.get_mut(id) {
-            // A repeated impression id keeps its earliest time, which is
-            // independent of arrival order.
-            Some(imp) if imp.time <= ts => {}
-            Some(imp) => {
-                self.impression_index.remove(&(imp.time, id.clone()));
-                imp.time = ts;
-                imp.campaign = campaign;
-                self.impression_index.insert((ts, id.clone()));
+        let id = imp_key(id);
+        let touch = Touch { time: ts, campaign };
+        let added = match self.impressions.entry(id) {
+            Entry::Occupied(mut e) => e.get_mut().add(touch, MAX_IMPRESSIONS_PER_ID),
+            Entry::Vacant(e) => {
+                e.insert(Touches::One(touch));
+                true
             }
-            None => {
-                self.impressions
-                    .insert(id.clone(), Impression { time: ts, campaign });
-                self.impression_index.insert((ts, id.clone()));
-            }
+        };
+        if added {
+            self.impression_index
+                .entry(index_bucket(ts))
+                .or_default()
+                .push(id);
         }
     }
 
@@ -316,8 +517,8 @@ impl AdsPipeline {
             .saturating_add(self.lateness_ms)
     }
 
-    fn click_expired(&self, latest: i64, wm: i64) -> bool {
-        wm > latest
+    fn click_expired(&self, time: i64, wm: i64) -> bool {
+        wm > time
             .saturating_add(self.conversion_ms)
             .saturating_add(self.lateness_ms)
     }
@@ -327,140 +528,173 @@ impl AdsPipeline {
     fn decide(&mut self, wm: i64, ts: i64, kind: Kind, p: Pending) {
         match kind {
             Kind::Click => {
-                let imp = p.impression_id.as_ref().and_then(|id| {
-                    self.impressions.get(id).filter(|imp| {
-                        imp.time <= ts && ts <= imp.time.saturating_add(self.attribution_ms)
-                    })
+                let imp = p.impression.and_then(|id| {
+                    self.impressions
+                        .get(&id)?
+                        .latest_in(ts.saturating_sub(self.attribution_ms), ts)
                 });
-                let attributed = imp.is_some();
                 let campaign = p
                     .campaign
-                    .clone()
-                    .or_else(|| imp.map(|i| i.campaign.clone()))
-                    .unwrap_or_else(|| UNKNOWN_CAMPAIGN.to_string());
-                let key = (campaign.clone(), p.device, p.country);
-                if attributed {
-                    self.count(wm, ts, &key, |a| a.clicks += 1);
-                    if let Some(id) = p.impression_id {
+                    .or(imp.map(|i| i.campaign))
+                    .unwrap_or(UNKNOWN_CAMPAIGN_ID);
+                let key = agg_key(campaign, p.device, p.country);
+                match (imp, p.impression) {
+                    (Some(_), Some(id)) => {
+                        self.count(wm, ts, key, |a| a.clicks += 1);
                         self.remember_click(id, campaign, ts, wm);
                     }
-                } else {
-                    self.count(wm, ts, &key, |a| a.clicks_unattributed += 1);
+                    _ => self.count(wm, ts, key, |a| a.clicks_unattributed += 1),
                 }
             }
             Kind::Conversion => {
-                let click = p.impression_id.as_ref().and_then(|id| {
-                    self.clicks.get(id).filter(|c| {
-                        c.times
-                            .iter()
-                            .any(|&t| t <= ts && ts <= t.saturating_add(self.conversion_ms))
-                    })
+                let click = p.impression.and_then(|id| {
+                    self.clicks
+                        .get(&id)?
+                        .latest_in(ts.saturating_sub(self.conversion_ms), ts)
                 });
                 // Unattributed conversions are not reported.
                 let Some(click) = click else {
                     return;
                 };
-                let campaign = p.campaign.unwrap_or_else(|| click.campaign.clone());
-                let key = (campaign, p.device, p.country);
-                let revenue = p.revenue;
-                self.count(wm, ts, &key, |a| {
+                let campaign = p.campaign.unwrap_or(click.campaign);
+                let key = agg_key(campaign, p.device, p.country);
+                let revenue = p.revenue_micros;
+                self.count(wm, ts, key, |a| {
                     a.conversions += 1;
-                    a.revenue += revenue;
+                    a.revenue_micros = a.revenue_micros.saturating_add(revenue);
                 });
             }
         }
     }
 
-    fn remember_click(&mut self, id: String, campaign: String, ts: i64, wm: i64) {
-        match self.clicks.get_mut(&id) {
-            Some(c) => {
-                let old_latest = c.latest();
-                let pos = c.times.partition_point(|&t| t <= ts);
-                c.times.insert(pos, ts);
-                if c.times.len() > MAX_CLICKS_PER_IMPRESSION {
-                    c.times.remove(0);
-                }
-                let new_latest = c.latest();
-                if new_latest != old_latest {
-                    self.click_index.remove(&(old_latest, id.clone()));
-                    self.click_index.insert((new_latest, id));
-                }
+    fn remember_click(&mut self, id: ImpKey, campaign: u32, ts: i64, wm: i64) {
+        let expired = self.click_expired(ts, wm);
+        let touch = Touch { time: ts, campaign };
+        let added = match self.clicks.entry(id) {
+            Entry::Occupied(mut e) => e.get_mut().add(touch, MAX_CLICKS_PER_IMPRESSION),
+            Entry::Vacant(_) if expired => false,
+            Entry::Vacant(e) => {
+                e.insert(Touches::One(touch));
+                true
             }
-            None => {
-                if self.click_expired(ts, wm) {
-                    return;
-                }
-                self.click_index.insert((ts, id.clone()));
-                self.clicks.insert(
-                    id,
-                    Clicks {
-                        campaign,
-                        times: vec![ts],
-                    },
-                );
-            }
+        };
+        if added {
+            self.click_index
+                .entry(index_bucket(ts))
+                .or_default()
+                .push(id);
         }
     }
 
     fn evict(&mut self, wm: i64) {
-        while let Some((t, _)) = self.impression_index.first() {
-            if !self.impression_expired(*t, wm) {
-                break;
-            }
-            if let Some((_, id)) = self.impression_index.pop_first() {
-                self.impressions.remove(&id);
-            }
-        }
-        while let Some((t, _)) = self.click_index.first() {
-            if !self.click_expired(*t, wm) {
-                break;
-            }
-            if let Some((_, id)) = self.click_index.pop_first() {
-                self.clicks.remove(&id);
-            }
-        }
+        let (attribution, conversion, lateness) =
+            (self.attribution_ms, self.conversion_ms, self.lateness_ms);
+        evict_index(&mut self.impression_index, &mut self.impressions, |t| {
+            wm > t.saturating_add(attribution).saturating_add(lateness)
+        });
+        evict_index(&mut self.click_index, &mut self.clicks, |t| {
+            wm > t.saturating_add(conversion).saturating_add(lateness)
+        });
     }
 
-    fn emit(set: &WindowSet, start: i64, w: &Window, out: &mut Vec<Point>) {
-        let time = EventTime(start);
-        for ((campaign, device, country), a) in &w.aggs {
-            let device = DEVICES
-                .get(*device as usize)
-                .copied()
-                .unwrap_or(Device::Unknown);
+    fn partial(
+        campaigns: &Campaigns,
+        kind: usize,
+        set: &WindowSet,
+        start: i64,
+        w: &Window,
+    ) -> Partial {
+        let rows = w
+            .aggs
+            .iter()
+            .map(|(&key, a)| {
+                let (campaign, device, country) = split_agg_key(key);
+                let device = DEVICES
+                    .get(device as usize)
+                    .copied()
+                    .unwrap_or(Device::Unknown);
+                (
+                    row_key([
+                        campaigns.name(campaign),
+                        Country(country).as_str(),
+                        device.as_str(),
+                    ]),
+                    vec![
+                        a.impressions,
+                        a.clicks,
+                        a.clicks_unattributed,
+                        a.conversions,
+                        a.spend_micros,
+                        a.revenue_micros,
+                    ],
+                )
+            })
+            .collect();
+        let window = WindowId {
+            end: start.saturating_add(set.size_ms),
+            pipeline: 0,
+            kind: kind as u8,
+            start,
+        };
+        Partial::new(window, rows, None)
+    }
+}
+/// Stage 2 of ads: sums the workers' per-(campaign, country, device) totals
+/// and derives the ratios (absent when their divisor is 0).
+#[derive(Debug, Clone, Default)]
+pub struct AdsFinisher;
+
+impl AdsFinisher {
+    pub fn new(_config: AdsConfig) -> Self {
+        AdsFinisher
+    }
+}
+
+impl Finisher for AdsFinisher {
+    fn finish(&self, merged: &Partial, out: &mut Vec<Point>) {
+        let Some(&tier) = TIERS.get(merged.window.kind as usize) else {
+            return;
+        };
+        let time = EventTime(merged.window.start);
+        for (key, v) in &merged.rows {
+            let (
+                [campaign, country, device],
+                [impressions, clicks, clicks_unattributed, conversions, spend, revenue],
+            ) = (&key[..], &v[..])
+            else {
+                continue;
+            };
+            let (spend, revenue) = (from_micros(*spend), from_micros(*revenue));
             let mut fields = vec![
-                ("impressions".to_string(), FieldValue::Int(a.impressions)),
-                ("clicks".to_string(), FieldValue::Int(a.clicks)),
+                ("impressions".to_string(), FieldValue::Int(*impressions)),
+                ("clicks".to_string(), FieldValue::Int(*clicks)),
                 (
                     "clicks_unattributed".to_string(),
-                    FieldValue::Int(a.clicks_unattributed),
+                    FieldValue::Int(*clicks_unattributed),
                 ),
-                ("conversions".to_string(), FieldValue::Int(a.conversions)),
+                ("conversions".to_string(), FieldValue::Int(*conversions)),
+                ("spend".to_string(), FieldValue::Float(spend)),
+                ("revenue".to_string(), FieldValue::Float(revenue)),
             ];
-            let floats = [
-                ("spend", a.spend.is_finite().then_some(a.spend)),
-                ("revenue", a.revenue.is_finite().then_some(a.revenue)),
-                ("ctr", ratio(a.clicks as f64, a.impressions as f64)),
-                ("cvr", ratio(a.conversions as f64, a.clicks as f64)),
-                ("cpa", ratio(a.spend, a.conversions as f64)),
-                ("roas", ratio(a.revenue, a.spend)),
+            let ratios = [
+                ("ctr", ratio(*clicks as f64, *impressions as f64)),
+                ("cvr", ratio(*conversions as f64, *clicks as f64)),
+                ("cpa", ratio(spend, *conversions as f64)),
+                ("roas", ratio(revenue, spend)),
             ];
-            for (name, v) in floats {
+            for (name, v) in ratios {
                 if let Some(v) = v {
                     fields.push((name.to_string(), FieldValue::Float(v)));
                 }
             }
             out.push(Point::new(
                 MEASUREMENT,
-                set.tier,
+                tier,
                 time,
                 vec![
-                    ("campaign_id".to_string(), campaign.clone()),
-                    (
-                        "country".to_string(),
-                        Country(*country).as_str().to_string(),
-                    ),
-                    ("device".to_string(), device.as_str().to_string()),
+                    ("campaign_id".to_string(), campaign.to_string()),
+                    ("country".to_string(), country.to_string()),
+                    ("device".to_string(), device.to_string()),
                 ],
                 fields,
             ));
@@ -473,7 +707,8 @@ impl Pipeline for AdsPipeline {
         Self::NAME
     }
 
-    fn on_event(&mut self, ev: &Event, _out: &mut Vec<Point>) {
+    #[inline]
+    fn on_event(&mut self, ev: &Event) {
         let kind = match ev.event_type {
             EventType::AdImpression => {
                 self.on_impression(ev);
@@ -485,11 +720,11 @@ impl Pipeline for AdsPipeline {
         };
         let ts = ev.timestamp.0;
         let p = Pending {
-            impression_id: ev.impression_id.clone(),
-            campaign: ev.campaign_id.clone(),
+            impression: ev.impression_id.as_deref().map(imp_key),
+            campaign: ev.campaign_id.as_deref().map(|c| self.campaigns.intern(c)),
             device: device_index(ev.device),
             country: ev.country.0,
-            revenue: finite_or_zero(ev.revenue),
+            revenue_micros: to_micros(finite_or_zero(ev.revenue)),
         };
         let wm = self.last_wm.0;
         if ts <= wm {
@@ -501,11 +736,13 @@ impl Pipeline for AdsPipeline {
         }
     }
 
-    fn on_watermark(&mut self, wm: Watermark, out: &mut Vec<Point>) {
+    fn on_watermark(&mut self, wm: Watermark, out: &mut Vec<Partial>) {
         let prev = self.last_wm.0;
         let wm = self.last_wm.max(wm).0;
-        // Decided against the previous watermark: their windows were still
-        // open then, even if this watermark jumps past their end.
+        // Decided in event-time order against the previous watermark: every
+        // pending event is later than it, so its windows were still open then
+        // (even if this watermark jumps past their end), and the outcome is the
+        // same as with any number of smaller steps (see the module docs).
         while let Some(entry) = self.pending.first_entry() {
             if entry.key().0 > wm {
                 break;
@@ -515,13 +752,14 @@ impl Pipeline for AdsPipeline {
         }
         self.last_wm = EventTime(wm);
         let lateness = self.lateness_ms;
-        for set in &mut self.sets {
+        let campaigns = &self.campaigns;
+        for (kind, set) in self.sets.iter_mut().enumerate() {
             for (&start, w) in &set.windows {
                 if start.saturating_add(set.size_ms) > wm {
                     break;
                 }
                 if !w.fired || w.dirty {
-                    Self::emit(set, start, w, out);
+                    out.push(Self::partial(campaigns, kind, set, start, w));
                 }
             }
             let size = set.size_ms;
@@ -537,42 +775,92 @@ impl Pipeline for AdsPipeline {
         self.evict(wm);
     }
 
-    fn early(&self, out: &mut Vec<Point>) {
+    fn early(&self, out: &mut Vec<Partial>) {
         let set = &self.sets[0];
         for (&start, w) in &set.windows {
             if !w.fired {
-                Self::emit(set, start, w, out);
+                out.push(Self::partial(&self.campaigns, 0, set, start, w));
             }
         }
     }
 
     fn snapshot(&self) -> Vec<u8> {
-        let mut impressions: Vec<(String, Impression)> = self
-            .impressions
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
+        // Number the campaigns still referenced in name order.
+        let mut used = vec![false; self.campaigns.names.len()];
+        let mut mark = |c: u32| {
+            if let Some(u) = used.get_mut(c as usize) {
+                *u = true;
+            }
+        };
+        for set in &self.sets {
+            for w in set.windows.values() {
+                w.aggs.keys().for_each(|&k| mark(split_agg_key(k).0));
+            }
+        }
+        for touches in self.impressions.values().chain(self.clicks.values()) {
+            touches.as_slice().iter().for_each(|t| mark(t.campaign));
+        }
+        for p in self.pending.values() {
+            p.campaign.into_iter().for_each(&mut mark);
+        }
+        let mut live: Vec<u32> = (0..self.campaigns.names.len() as u32)
+            .filter(|&c| used[c as usize])
             .collect();
-        impressions.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut clicks: Vec<(String, Clicks)> = self
-            .clicks
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        clicks.sort_by(|a, b| a.0.cmp(&b.0));
-        let state = AdsState {
-            windows: self
-                .sets
+        live.sort_unstable_by(|&a, &b| self.campaigns.name(a).cmp(self.campaigns.name(b)));
+        let mut number = vec![0u32; self.campaigns.names.len()];
+        for (n, &c) in live.iter().enumerate() {
+            number[c as usize] = n as u32;
+        }
+        let num = |c: u32| number.get(c as usize).copied().unwrap_or(0);
+        let touches = |map: &FxHashMap<ImpKey, Touches>| {
+            let mut v: Vec<TouchesState> = map
                 .iter()
-                .enumerate()
-                .flat_map(|(i, s)| {
-                    s.windows
-                        .iter()
-                        .map(move |(&start, w)| (i as u8, start, w.clone()))
+                .map(|(&id, t)| {
+                    let list = t.as_slice().iter().map(|t| (t.time, num(t.campaign)));
+                    (id, list.collect())
+                })
+                .collect();
+            v.sort_unstable_by_key(|e| e.0);
+            v
+        };
+        let mut windows = Vec::new();
+        for (i, set) in self.sets.iter().enumerate() {
+            for (&start, w) in &set.windows {
+                let mut rows: Vec<(u32, u8, [u8; 2], Agg)> = w
+                    .aggs
+                    .iter()
+                    .map(|(&k, a)| {
+                        let (c, device, country) = split_agg_key(k);
+                        (num(c), device, country, a.clone())
+                    })
+                    .collect();
+                rows.sort_unstable_by_key(|r| (r.0, r.1, r.2));
+                windows.push((i as u8, start, w.fired, w.dirty, rows));
+            }
+        }
+        let state = AdsState {
+            version: STATE_VERSION,
+            campaigns: live
+                .iter()
+                .map(|&c| self.campaigns.name(c).to_string())
+                .collect(),
+            windows,
+            impressions: touches(&self.impressions),
+            clicks: touches(&self.clicks),
+            pending: self
+                .pending
+                .iter()
+                .map(|(k, p)| {
+                    let state = (
+                        p.impression,
+                        p.campaign.map(num),
+                        p.device,
+                        p.country,
+                        p.revenue_micros,
+                    );
+                    (*k, state)
                 })
                 .collect(),
-            impressions,
-            clicks,
-            pending: self.pending.iter().map(|(k, v)| (*k, v.clone())).collect(),
             seq: self.seq,
             last_wm: self.last_wm,
         };
@@ -584,40 +872,103 @@ impl Pipeline for AdsPipeline {
         let corrupt =
             |what: String| ProcessorError::CorruptCheckpoint(format!("ads state: {what}"));
         let state: AdsState = bincode::deserialize(state).map_err(|e| corrupt(e.to_string()))?;
+        if state.version != STATE_VERSION {
+            return Err(corrupt(format!(
+                "encoding version {} (this build reads {STATE_VERSION})",
+                state.version
+            )));
+        }
         let mut fresh = AdsPipeline::new(self.config());
-        for (i, start, w) in state.windows {
+        let ids: Vec<u32> = state
+            .campaigns
+            .iter()
+            .map(|name| fresh.campaigns.intern(name))
+            .collect();
+        let id = |n: u32| {
+            ids.get(n as usize)
+                .copied()
+                .ok_or_else(|| corrupt(format!("campaign number {n}")))
+        };
+        for (i, start, fired, dirty, rows) in state.windows {
+            let mut aggs = FxHashMap::default();
+            for (c, device, country, agg) in rows {
+                aggs.insert(agg_key(id(c)?, device, country), agg);
+            }
             let set = fresh
                 .sets
                 .get_mut(i as usize)
                 .ok_or_else(|| corrupt(format!("window set {i}")))?;
-            set.windows.insert(start, w);
+            set.windows.insert(start, Window { aggs, fired, dirty });
         }
-        for (id, imp) in state.impressions {
-            fresh.impression_index.insert((imp.time, id.clone()));
-            fresh.impressions.insert(id, imp);
-        }
-        for (id, c) in state.clicks {
-            if c.times.is_empty() {
-                continue;
+        let joins = [
+            (
+                state.impressions,
+                &mut fresh.impressions,
+                &mut fresh.impression_index,
+            ),
+            (state.clicks, &mut fresh.clicks, &mut fresh.click_index),
+        ];
+        for (entries, map, index) in joins {
+            for (key, list) in entries {
+                let mut touches: Option<Touches> = None;
+                for (time, c) in list {
+                    let touch = Touch {
+                        time,
+                        campaign: id(c)?,
+                    };
+                    let added = match &mut touches {
+                        Some(t) => t.add(touch, usize::MAX),
+                        None => {
+                            touches = Some(Touches::One(touch));
+                            true
+                        }
+                    };
+                    if added {
+                        index.entry(index_bucket(time)).or_default().push(key);
+                    }
+                }
+                if let Some(t) = touches {
+                    map.insert(key, t);
+                }
             }
-            fresh.click_index.insert((c.latest(), id.clone()));
-            fresh.clicks.insert(id, c);
         }
-        fresh.pending = state.pending.into_iter().collect();
+        for (key, (impression, campaign, device, country, revenue_micros)) in state.pending {
+            let campaign = campaign.map(id).transpose()?;
+            fresh.pending.insert(
+                key,
+                Pending {
+                    impression,
+                    campaign,
+                    device,
+                    country,
+                    revenue_micros,
+                },
+            );
+        }
         fresh.seq = state.seq;
         fresh.last_wm = state.last_wm;
         *self = fresh;
         Ok(())
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::combiner::Combiner;
+    use crate::solo::Solo;
+    use crate::traffic::DEFAULT_ALLOWED_LATENESS;
 
     const MIN: i64 = 60_000;
     const HOUR: i64 = 3_600_000;
     const DAY: i64 = 86_400_000;
+
+    fn solo() -> Solo<AdsPipeline> {
+        Solo::new(
+            AdsPipeline::default(),
+            AdsFinisher,
+            DEFAULT_ALLOWED_LATENESS,
+        )
+    }
 
     fn ad(t: EventType, imp: &str, campaign: &str, ts: i64) -> Event {
         Event {
@@ -653,11 +1004,20 @@ mod tests {
 
     /// The last point of campaign `c1` (DE, ios) for this tier and time.
     fn point(points: &[Point], tier: Tier, time: i64) -> Option<&Point> {
+        campaign_point(points, "c1", tier, time)
+    }
+
+    fn campaign_point<'a>(
+        points: &'a [Point],
+        campaign: &str,
+        tier: Tier,
+        time: i64,
+    ) -> Option<&'a Point> {
         points.iter().rev().find(|p| {
             p.measurement == "ads"
                 && p.tier == tier
                 && p.time == EventTime(time)
-                && p.tag("campaign_id") == Some("c1")
+                && p.tag("campaign_id") == Some(campaign)
                 && p.tag("country") == Some("DE")
                 && p.tag("device") == Some("ios")
         })
@@ -677,15 +1037,25 @@ mod tests {
         }
     }
 
-    fn feed(p: &mut AdsPipeline, events: &[Event], out: &mut Vec<Point>) {
+    fn feed(p: &mut Solo<AdsPipeline>, events: &[Event], out: &mut Vec<Point>) {
         for e in events {
             p.on_event(e, out);
         }
     }
 
+    /// The last value of every point identity (what the store keeps).
+    type Finals = BTreeMap<(Tier, EventTime, Vec<(String, String)>), Vec<(String, FieldValue)>>;
+
+    fn finals(points: &[Point]) -> Finals {
+        points
+            .iter()
+            .map(|p| ((p.tier, p.time, p.tags.clone()), p.fields.clone()))
+            .collect()
+    }
+
     #[test]
     fn clicks_are_attributed_within_the_attribution_window_only() {
-        let mut p = AdsPipeline::default();
+        let mut p = solo();
         let mut out = Vec::new();
         feed(
             &mut p,
@@ -709,12 +1079,15 @@ mod tests {
             int(&out, Tier::Rt, 30 * MIN, "clicks_unattributed"),
             Some(2)
         );
+        // No impressions in that minute: spend 0, no ctr.
+        assert_eq!(float(&out, Tier::Rt, 30 * MIN, "spend"), Some(0.0));
+        assert_eq!(float(&out, Tier::Rt, 30 * MIN, "ctr"), None);
         assert_eq!(int(&out, Tier::Hourly, 0, "impressions"), Some(2));
         assert_eq!(int(&out, Tier::Hourly, 0, "clicks"), Some(1));
         assert_eq!(int(&out, Tier::Hourly, 0, "clicks_unattributed"), Some(2));
         assert_eq!(float(&out, Tier::Hourly, 0, "ctr"), Some(0.5));
         // A click before its impression's time is not attributed either.
-        let mut p = AdsPipeline::default();
+        let mut p = solo();
         let mut out = Vec::new();
         feed(
             &mut p,
@@ -728,7 +1101,7 @@ mod tests {
 
     #[test]
     fn conversions_are_attributed_within_a_day_of_the_click() {
-        let mut p = AdsPipeline::default();
+        let mut p = solo();
         let mut out = Vec::new();
         feed(
             &mut p,
@@ -754,8 +1127,10 @@ mod tests {
         assert_eq!(float(&out, Tier::Rt, MIN + DAY, "revenue"), Some(10.0));
         assert_eq!(int(&out, Tier::Daily, DAY, "conversions"), Some(1));
         assert_eq!(float(&out, Tier::Daily, DAY, "revenue"), Some(10.0));
-        // No clicks that day: no cvr; no impressions: no ctr; no spend: no roas.
+        // No clicks that day: no cvr; no impressions: no ctr; spend is 0
+        // (always present): no roas.
         let day1 = point(&out, Tier::Daily, DAY).unwrap();
+        assert_eq!(day1.field("spend"), Some(FieldValue::Float(0.0)));
         assert_eq!(day1.field("cvr"), None);
         assert_eq!(day1.field("roas"), None);
         assert_eq!(day1.field("ctr"), None);
@@ -764,6 +1139,7 @@ mod tests {
         let day0 = point(&out, Tier::Daily, 0).unwrap();
         assert_eq!(day0.field("clicks"), Some(FieldValue::Int(2)));
         assert_eq!(day0.field("spend"), Some(FieldValue::Float(4.0)));
+        assert_eq!(day0.field("revenue"), Some(FieldValue::Float(0.0)));
         assert_eq!(day0.field("ctr"), Some(FieldValue::Float(1.0)));
         assert_eq!(day0.field("cvr"), Some(FieldValue::Float(0.0)));
         assert_eq!(day0.field("cpa"), None);
@@ -772,7 +1148,7 @@ mod tests {
 
     #[test]
     fn ratios_in_one_window() {
-        let mut p = AdsPipeline::default();
+        let mut p = solo();
         let mut out = Vec::new();
         feed(
             &mut p,
@@ -821,7 +1197,7 @@ mod tests {
 
     #[test]
     fn non_finite_inputs_never_reach_the_output() {
-        let mut p = AdsPipeline::default();
+        let mut p = solo();
         let mut out = Vec::new();
         feed(
             &mut p,
@@ -845,7 +1221,7 @@ mod tests {
 
     #[test]
     fn click_before_its_impression_within_out_of_orderness_is_attributed() {
-        let mut p = AdsPipeline::default();
+        let mut p = solo();
         let mut out = Vec::new();
         // Arrival order: conversion, click, impression; event times in order.
         feed(
@@ -866,7 +1242,7 @@ mod tests {
 
     #[test]
     fn all_tiers_are_emitted_and_early_reports_open_rt_windows() {
-        let mut p = AdsPipeline::default();
+        let mut p = solo();
         let mut out = Vec::new();
         feed(
             &mut p,
@@ -892,7 +1268,7 @@ mod tests {
 
     #[test]
     fn late_events_re_emit_corrected_windows_until_lateness_passes() {
-        let mut p = AdsPipeline::default();
+        let mut p = solo();
         let mut out = Vec::new();
         feed(&mut p, &[impression("i1", 1_000, 1.0)], &mut out);
         p.on_watermark(EventTime(MIN), &mut out);
@@ -917,7 +1293,7 @@ mod tests {
 
     #[test]
     fn a_watermark_jump_still_counts_pending_clicks() {
-        let mut p = AdsPipeline::default();
+        let mut p = solo();
         let mut out = Vec::new();
         feed(
             &mut p,
@@ -927,8 +1303,8 @@ mod tests {
         p.on_watermark(EventTime(10 * DAY), &mut out);
         assert_eq!(int(&out, Tier::Rt, 0, "clicks"), Some(1));
         assert_eq!(int(&out, Tier::Daily, 0, "clicks"), Some(1));
-        assert_eq!(p.join_state_len(), 0);
-        assert_eq!(p.open_windows(), 0);
+        assert_eq!(p.pipeline.join_state_len(), 0);
+        assert_eq!(p.pipeline.open_windows(), 0);
     }
 
     fn stream() -> Vec<(Event, Option<i64>)> {
@@ -949,7 +1325,7 @@ mod tests {
         s
     }
 
-    fn run(p: &mut AdsPipeline, s: &[(Event, Option<i64>)], out: &mut Vec<Point>) {
+    fn run(p: &mut Solo<AdsPipeline>, s: &[(Event, Option<i64>)], out: &mut Vec<Point>) {
         for (e, wm) in s {
             p.on_event(e, out);
             if let Some(wm) = wm {
@@ -961,29 +1337,55 @@ mod tests {
     #[test]
     fn restore_mid_stream_equals_uninterrupted() {
         let s = stream();
-        let mut whole = AdsPipeline::default();
+        let mut whole = solo();
         let mut a = Vec::new();
         run(&mut whole, &s, &mut a);
         whole.on_watermark(EventTime(3 * DAY), &mut a);
 
         let (head, tail) = s.split_at(s.len() / 2);
-        let mut first = AdsPipeline::default();
+        let mut first = solo();
         let mut b = Vec::new();
         run(&mut first, head, &mut b);
         let snap = first.snapshot();
-        let mut second = AdsPipeline::default();
+        let mut second = solo();
         second.restore(&snap).unwrap();
         assert_eq!(second.snapshot(), snap);
         run(&mut second, tail, &mut b);
         second.on_watermark(EventTime(3 * DAY), &mut b);
         assert_eq!(a, b);
         assert!(int(&a, Tier::Daily, 0, "conversions").unwrap() > 0);
-        assert!(second.restore(b"garbage").is_err());
+        assert!(second.pipeline.restore(b"garbage").is_err());
+    }
+
+    #[test]
+    fn snapshot_does_not_depend_on_campaign_interning_order() {
+        // The same state reached with campaigns first seen in another order.
+        let events = |order: [&str; 3]| -> Vec<Event> {
+            let mut evs: Vec<Event> = order
+                .iter()
+                .map(|c| ad(EventType::AdImpression, &format!("x-{c}"), c, 5_000))
+                .collect();
+            evs.push(ad(EventType::AdClick, "x-b", "b", 6_000));
+            evs
+        };
+        let mut snaps = Vec::new();
+        for order in [["a", "b", "c"], ["c", "a", "b"]] {
+            let mut p = AdsPipeline::default();
+            for e in events(order) {
+                p.on_event(&e);
+            }
+            snaps.push(p.snapshot());
+        }
+        assert_eq!(snaps[0], snaps[1]);
+        let mut restored = AdsPipeline::default();
+        restored.restore(&snaps[0]).unwrap();
+        assert_eq!(restored.snapshot(), snaps[0]);
+        assert_eq!(restored.join_state_len(), 4);
     }
 
     #[test]
     fn eviction_bounds_the_join_state() {
-        let mut p = AdsPipeline::default();
+        let mut p = solo();
         let mut out = Vec::new();
         for i in 0..10_000i64 {
             let id = format!("i{i}");
@@ -995,31 +1397,275 @@ mod tests {
                 p.on_watermark(EventTime(i * 100), &mut out);
             }
         }
-        assert!(p.join_state_len() > 1_000);
+        assert!(p.pipeline.join_state_len() > 1_000);
         // Two days later: every impression and click is past its horizon.
         p.on_watermark(EventTime(2 * DAY), &mut out);
-        assert_eq!(p.join_state_len(), 0);
-        assert!(p.impression_index.is_empty() && p.click_index.is_empty());
+        assert_eq!(p.pipeline.join_state_len(), 0);
+        assert!(p.pipeline.impression_index.is_empty() && p.pipeline.click_index.is_empty());
         // Impressions already past the horizon are counted but not kept.
         out.clear();
         p.on_event(&impression("old", 2 * DAY - HOUR, 1.0), &mut out);
-        assert_eq!(p.join_state_len(), 0);
+        assert_eq!(p.pipeline.join_state_len(), 0);
         // Live state only holds the last ~31 minutes of impressions.
-        let mut p = AdsPipeline::default();
+        let mut p = solo();
         for i in 0..5_000i64 {
             let t = i * MIN;
             p.on_event(&impression(&format!("j{i}"), t, 1.0), &mut out);
             p.on_watermark(EventTime(t), &mut out);
         }
-        assert!(p.join_state_len() <= 32, "{}", p.join_state_len());
-        assert!(p.open_windows() <= 2 + 2 + 2);
+        assert!(
+            p.pipeline.join_state_len() <= 32,
+            "{}",
+            p.pipeline.join_state_len()
+        );
+        assert!(p.pipeline.open_windows() <= 2 + 2 + 2);
+    }
+
+    #[test]
+    fn repeated_impression_ids_and_clicks_are_bounded() {
+        let mut p = AdsPipeline::default();
+        for i in 0..100 {
+            p.on_event(&impression("same", 1_000 + i, 1.0));
+            p.on_event(&click("same", 2_000 + i));
+        }
+        // A repeat at a time already held adds nothing.
+        p.on_event(&impression("same", 1_099, 1.0));
+        p.on_watermark(EventTime(3_000), &mut Vec::new());
+        let held =
+            |m: &FxHashMap<ImpKey, Touches>| m.values().map(|t| t.as_slice().len()).sum::<usize>();
+        assert_eq!(held(&p.impressions), MAX_IMPRESSIONS_PER_ID);
+        assert_eq!(held(&p.clicks), MAX_CLICKS_PER_IMPRESSION);
+        let newest = p.impressions.values().next().unwrap().as_slice();
+        assert_eq!(newest.first().map(|t| t.time), Some(1_084));
+        // An older one than all those held is not added to a full set.
+        p.on_event(&impression("same", 1_050, 1.0));
+        assert_eq!(held(&p.impressions), MAX_IMPRESSIONS_PER_ID);
+        p.on_watermark(EventTime(3 * DAY), &mut Vec::new());
+        assert_eq!(p.join_state_len(), 0);
+        assert!(p.impression_index.is_empty() && p.click_index.is_empty());
+    }
+
+    /// Impression `x` twice, 2 h apart, and a click 1 min after the second:
+    /// whether the first was already evicted when the second arrived must not
+    /// matter.
+    #[test]
+    fn a_reused_impression_id_attributes_by_time_not_by_eviction() {
+        let first = Event {
+            campaign_id: Some("old".into()),
+            ..impression("x", 0, 1.0)
+        };
+        let second = impression("x", 2 * HOUR, 1.0);
+        let clicked = Event {
+            campaign_id: None,
+            ..click("x", 2 * HOUR + MIN)
+        };
+        let mut results = Vec::new();
+        for evict_between in [false, true] {
+            let mut p = solo();
+            let mut out = Vec::new();
+            p.on_event(&first, &mut out);
+            if evict_between {
+                p.on_watermark(EventTime(HOUR), &mut out);
+                assert_eq!(p.pipeline.join_state_len(), 0);
+            }
+            p.on_event(&second, &mut out);
+            p.on_event(&clicked, &mut out);
+            p.on_watermark(EventTime(DAY), &mut out);
+            // Attributed to the second impression, with its campaign.
+            assert_eq!(int(&out, Tier::Rt, 2 * HOUR + MIN, "clicks"), Some(1));
+            results.push(finals(&out));
+        }
+        assert_eq!(results[0], results[1]);
+    }
+
+    /// Out-of-orderness of [`mixed_stream`].
+    const OOO: i64 = 5_000;
+
+    /// A deterministic stream over `users` users: impressions (every 5th
+    /// reusing an earlier id at another time), clicks and conversions (some
+    /// without a campaign), in arrival order. Times are out of order by less
+    /// than [`OOO`], so a watermark of (newest time seen - OOO) never passes
+    /// an event still to come, except for a few clicks arriving 50 s late
+    /// (within the 60 s lateness) on impressions of their own.
+    fn mixed_stream(users: u64, per_user: u64) -> Vec<Event> {
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut rnd = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n) as i64
+        };
+        // (arrival key, event)
+        let mut evs: Vec<(i64, Event)> = Vec::new();
+        for u in 0..users {
+            for j in 0..per_user {
+                let t = rnd(3 * HOUR as u64);
+                let id = if j % 5 == 4 {
+                    format!("imp-{u}-{}", j - 4)
+                } else {
+                    format!("imp-{u}-{j}")
+                };
+                let campaign = format!("c{}", (u + j) % 4);
+                let base = Event {
+                    user_id: format!("user{u}"),
+                    device: DEVICES[(u % 3) as usize],
+                    country: Country(if u % 2 == 0 { *b"DE" } else { *b"US" }),
+                    ..ad(EventType::AdImpression, &id, &campaign, t)
+                };
+                let imp = Event {
+                    cost: Some(0.01 * (1 + rnd(100)) as f64),
+                    ..base.clone()
+                };
+                evs.push((t + rnd(OOO as u64), imp));
+                if rnd(3) == 0 {
+                    let tc = t + rnd(40 * MIN as u64);
+                    let click = Event {
+                        event_id: format!("k-{u}-{j}"),
+                        event_type: EventType::AdClick,
+                        timestamp: EventTime(tc),
+                        campaign_id: (rnd(4) != 0).then(|| campaign.clone()),
+                        ..base.clone()
+                    };
+                    evs.push((tc + rnd(OOO as u64), click));
+                    if rnd(2) == 0 {
+                        let tv = tc + rnd((DAY + HOUR) as u64);
+                        let conversion = Event {
+                            event_id: format!("v-{u}-{j}"),
+                            event_type: EventType::AdConversion,
+                            timestamp: EventTime(tv),
+                            campaign_id: (rnd(3) != 0).then(|| campaign.clone()),
+                            revenue: Some(0.5 * rnd(20) as f64),
+                            ..base.clone()
+                        };
+                        evs.push((tv + rnd(OOO as u64), conversion));
+                    }
+                }
+                if j % 7 == 3 {
+                    // A late click on an impression of its own.
+                    let id = format!("late-{u}-{j}");
+                    let imp = Event {
+                        impression_id: Some(id.clone()),
+                        cost: Some(0.02),
+                        ..base.clone()
+                    };
+                    evs.push((t + rnd(OOO as u64), imp));
+                    let tc = t + 10_000;
+                    let click = Event {
+                        event_id: format!("lk-{u}-{j}"),
+                        event_type: EventType::AdClick,
+                        timestamp: EventTime(tc),
+                        impression_id: Some(id),
+                        ..base.clone()
+                    };
+                    evs.push((tc + 50_000 + rnd(OOO as u64), click));
+                }
+            }
+        }
+        evs.sort_by_key(|(k, _)| *k);
+        evs.into_iter().map(|(_, e)| e).collect()
+    }
+
+    /// Feeds `events` to one pipeline, advancing the watermark to (newest
+    /// time seen - OOO) after every `every` events, in `steps` equal steps;
+    /// then jumps to the end. The final value of every point.
+    fn drive(events: &[Event], every: usize, steps: i64) -> Finals {
+        let mut p = solo();
+        let mut out = Vec::new();
+        let (mut newest, mut wm) = (i64::MIN, i64::MIN);
+        for (n, e) in events.iter().enumerate() {
+            p.on_event(e, &mut out);
+            newest = newest.max(e.timestamp.0);
+            let target = newest - OOO;
+            if (n + 1) % every != 0 || target <= wm {
+                continue;
+            }
+            let from = if wm == i64::MIN { target - HOUR } else { wm };
+            for k in 1..=steps {
+                p.on_watermark(EventTime(from + (target - from) * k / steps), &mut out);
+            }
+            wm = target;
+        }
+        p.on_watermark(EventTime(4 * DAY), &mut out);
+        finals(&out)
+    }
+
+    #[test]
+    fn final_values_do_not_depend_on_watermark_steps_or_batches() {
+        let events = mixed_stream(40, 25);
+        let reference = drive(&events, 1, 1);
+        // The stream exercises every kind of outcome.
+        let sum = |field: &str| -> i64 {
+            reference
+                .iter()
+                .filter(|((tier, _, _), _)| *tier == Tier::Daily)
+                .flat_map(|(_, fields)| fields.iter())
+                .filter(|(k, _)| k == field)
+                .map(|(_, v)| v.as_f64() as i64)
+                .sum()
+        };
+        assert!(sum("impressions") > 1_000, "{}", sum("impressions"));
+        assert!(sum("clicks") > 100 && sum("clicks_unattributed") > 10);
+        assert!(sum("conversions") > 50, "{}", sum("conversions"));
+        for (every, steps) in [(1, 7), (13, 1), (13, 50), (250, 3), (usize::MAX, 1)] {
+            assert!(
+                drive(&events, every, steps) == reference,
+                "watermark every {every} events in {steps} steps"
+            );
+        }
+    }
+
+    fn advance(
+        workers: &mut [AdsPipeline],
+        combiner: &mut Combiner,
+        wm: EventTime,
+        out: &mut Vec<Point>,
+    ) {
+        let mut partials = Vec::new();
+        for (w, p) in workers.iter_mut().enumerate() {
+            p.on_watermark(wm, &mut partials);
+            for mut partial in partials.drain(..) {
+                partial.window.pipeline = 0;
+                combiner.on_partial(w, partial);
+            }
+            combiner.on_watermark(w, wm, out);
+        }
+    }
+
+    #[test]
+    fn two_workers_merged_equal_one_pipeline() {
+        let events = mixed_stream(40, 25);
+        let reference = drive(&events, 1, 1);
+        let mut workers = [AdsPipeline::default(), AdsPipeline::default()];
+        let mut combiner = Combiner::new(vec![Box::new(AdsFinisher)], 2, DEFAULT_ALLOWED_LATENESS);
+        let mut out = Vec::new();
+        let mut newest = i64::MIN;
+        let mut split = [0; 2];
+        for (n, e) in events.iter().enumerate() {
+            // Users (and so their impression ids) split by parity.
+            let w = usize::from(e.user_id.as_bytes().last().copied().unwrap_or(0) % 2);
+            split[w] += 1;
+            workers[w].on_event(e);
+            newest = newest.max(e.timestamp.0);
+            if n % 17 == 16 {
+                advance(
+                    &mut workers,
+                    &mut combiner,
+                    EventTime(newest - OOO),
+                    &mut out,
+                );
+            }
+        }
+        advance(&mut workers, &mut combiner, EventTime(4 * DAY), &mut out);
+        assert!(split[0] > 500 && split[1] > 500, "{split:?}");
+        assert!(finals(&out) == reference);
     }
 
     #[test]
     fn other_events_and_extreme_times_do_not_panic() {
-        let mut p = AdsPipeline::default();
+        let mut p = solo();
         let mut out = Vec::new();
         p.on_event(&Event::default(), &mut out);
+        assert_eq!(p.pipeline.join_state_len() + p.pipeline.open_windows(), 0);
         for ts in [i64::MIN, i64::MIN + 1, -1, i64::MAX] {
             feed(
                 &mut p,
@@ -1040,5 +1686,115 @@ mod tests {
         assert!(out
             .iter()
             .any(|p| p.tag("campaign_id") == Some(UNKNOWN_CAMPAIGN)));
+    }
+
+    /// Synthetic ad traffic: `n` events over one hour of event time, 500
+    /// campaigns, UUID-sized impression ids, a click on every 10th impression
+    /// (20 s later) and a conversion on every 4th click (5 min later).
+    fn bench_events(n: usize) -> Vec<Event> {
+        const COUNTRIES: [&[u8; 2]; 8] = [b"DE", b"US", b"FR", b"GB", b"BR", b"IN", b"JP", b"ES"];
+        let step = HOUR / n as i64;
+        let mut evs = Vec::with_capacity(n + n / 8);
+        let mut i = 0usize;
+        while evs.len() < n {
+            let t = i as i64 * step;
+            let imp = format!(
+                "{:08x}-{:04x}-4{:03x}-a000-{:012x}",
+                i,
+                i % 65_536,
+                i % 4096,
+                i * 7_919
+            );
+            let base = Event {
+                event_id: format!("e{i}"),
+                event_type: EventType::AdImpression,
+                user_id: format!("u{}", i % 100_000),
+                timestamp: EventTime(t),
+                campaign_id: Some(format!("campaign-{}", i % 500)),
+                impression_id: Some(imp),
+                device: DEVICES[i % 4],
+                country: Country(*COUNTRIES[i % 8]),
+                cost: Some(0.0125),
+                ..Event::default()
+            };
+            // A click on every 10th impression, a conversion on every 4th click.
+            let (click, conversion) = match i % 40 {
+                0 => (true, true),
+                10 | 20 | 30 => (true, false),
+                _ => (false, false),
+            };
+            if click {
+                evs.push(Event {
+                    event_id: format!("k{i}"),
+                    event_type: EventType::AdClick,
+                    timestamp: EventTime(t + 20_000),
+                    cost: None,
+                    ..base.clone()
+                });
+            }
+            if conversion {
+                evs.push(Event {
+                    event_id: format!("c{i}"),
+                    event_type: EventType::AdConversion,
+                    timestamp: EventTime(t + 300_000),
+                    cost: None,
+                    revenue: Some(3.5),
+                    ..base.clone()
+                });
+            }
+            evs.push(base);
+            i += 1;
+        }
+        evs.truncate(n);
+        evs.sort_by_key(|e| e.timestamp);
+        evs
+    }
+
+    /// `cargo test --release -p tidemark-processor --lib ads -- --ignored --nocapture`
+    #[test]
+    #[ignore = "micro-benchmark"]
+    fn bench_on_event() {
+        use std::time::Instant;
+        let n = 1_000_000;
+        let evs = bench_events(n);
+        let mut best = f64::MAX;
+        let mut partials = 0;
+        for _ in 0..3 {
+            let mut p = AdsPipeline::default();
+            let mut out = Vec::new();
+            let start = Instant::now();
+            for (k, e) in evs.iter().enumerate() {
+                p.on_event(e);
+                if k % 1_000 == 999 {
+                    p.on_watermark(EventTime(e.timestamp.0 - 2_000), &mut out);
+                    partials += out.len();
+                    out.clear();
+                }
+            }
+            p.on_watermark(EventTime::MAX, &mut out);
+            best = best.min(start.elapsed().as_secs_f64());
+            partials += out.len();
+        }
+        let other: Vec<Event> = (0..n)
+            .map(|i| Event {
+                event_type: EventType::View,
+                timestamp: EventTime(i as i64),
+                ..Event::default()
+            })
+            .collect();
+        let mut p = AdsPipeline::default();
+        let start = Instant::now();
+        for e in &other {
+            p.on_event(std::hint::black_box(e));
+        }
+        let skip = start.elapsed().as_secs_f64();
+        println!(
+            "ads on_event: {:.2} M ad events/s ({:.0} ns/event, {partials} partials); \
+             non-ad: {:.1} M events/s; join entry {} bytes",
+            n as f64 / best / 1e6,
+            best * 1e9 / n as f64,
+            n as f64 / skip / 1e6,
+            std::mem::size_of::<(ImpKey, Touches)>()
+        );
     }
 }

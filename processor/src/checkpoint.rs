@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use tidemark_model::Watermark;
+
 use crate::dedup::PartitionDedup;
 use crate::watermark::{PartitionKey, WatermarkState};
 use crate::ProcessorError;
@@ -24,6 +26,8 @@ pub struct Checkpoint {
     pub offsets: BTreeMap<PartitionKey, u64>,
     pub watermarks: WatermarkState,
     pub dedup: BTreeMap<PartitionKey, PartitionDedup>,
+    /// The worker's watermark when the checkpoint was taken.
+    pub last_watermark: Watermark,
     /// (pipeline name, [`crate::Pipeline::snapshot`]).
     pub pipelines: Vec<(String, Vec<u8>)>,
 }
@@ -35,7 +39,7 @@ pub fn path(dir: &Path) -> PathBuf {
 
 /// Writes `cp` to `dir` atomically: a temporary file, fsync, rename, fsync of
 /// the directory. A crash leaves either the old or the new checkpoint.
-pub fn save(dir: &Path, cp: &Checkpoint) -> Result<(), ProcessorError> {
+pub fn save<T: Serialize>(dir: &Path, cp: &T) -> Result<(), ProcessorError> {
     fs::create_dir_all(dir)?;
     let raw = bincode::serialize(cp).map_err(|e| ProcessorError::Io(std::io::Error::other(e)))?;
     let compressed = zstd::bulk::compress(&raw, ZSTD_LEVEL)?;
@@ -51,7 +55,7 @@ pub fn save(dir: &Path, cp: &Checkpoint) -> Result<(), ProcessorError> {
 }
 
 /// Reads the checkpoint in `dir`; `None` when there is none.
-pub fn load(dir: &Path) -> Result<Option<Checkpoint>, ProcessorError> {
+pub fn load<T: serde::de::DeserializeOwned>(dir: &Path) -> Result<Option<T>, ProcessorError> {
     let bytes = match fs::read(path(dir)) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -72,7 +76,7 @@ mod tests {
     #[test]
     fn save_load_round_trip_and_replace() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(load(dir.path()).unwrap(), None);
+        assert_eq!(load::<Checkpoint>(dir.path()).unwrap(), None);
         let mut cp = Checkpoint::default();
         cp.offsets.insert(("user-events".into(), 3), 42);
         cp.watermarks
@@ -82,7 +86,7 @@ mod tests {
         cp.dedup.insert(("user-events".into(), 3), d);
         cp.pipelines.push(("traffic".into(), vec![1, 2, 3]));
         save(dir.path(), &cp).unwrap();
-        let back = load(dir.path()).unwrap().unwrap();
+        let back: Checkpoint = load(dir.path()).unwrap().unwrap();
         assert_eq!(back, cp);
         let mut d = back.dedup[&("user-events".to_string(), 3)].clone();
         assert!(!d.check_and_insert("e1", EventTime(1_000)));
@@ -90,7 +94,8 @@ mod tests {
         cp.offsets.insert(("user-events".into(), 3), 43);
         save(dir.path(), &cp).unwrap();
         assert_eq!(
-            load(dir.path()).unwrap().unwrap().offsets[&("user-events".to_string(), 3)],
+            load::<Checkpoint>(dir.path()).unwrap().unwrap().offsets
+                [&("user-events".to_string(), 3)],
             43
         );
         assert!(!dir.path().join(TMP_NAME).exists());
@@ -100,13 +105,13 @@ mod tests {
     fn corrupt_file_is_an_error_not_a_panic() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(path(dir.path()), b"not zstd").unwrap();
-        let err = load(dir.path()).unwrap_err();
+        let err = load::<Checkpoint>(dir.path()).unwrap_err();
         assert!(matches!(err, ProcessorError::CorruptCheckpoint(_)));
         assert!(!err.is_retryable());
         let junk = zstd::bulk::compress(&[0xff; 7], 1).unwrap();
         fs::write(path(dir.path()), junk).unwrap();
         assert!(matches!(
-            load(dir.path()),
+            load::<Checkpoint>(dir.path()),
             Err(ProcessorError::CorruptCheckpoint(_))
         ));
     }

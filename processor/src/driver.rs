@@ -1,13 +1,15 @@
 //! The one async driver: log in, points and live updates out.
 //!
-//! [`Engine`] holds the synchronous core (dedup, lateness, watermarks,
-//! pipelines) so tests and replay drive it without a runtime; [`run_driver`]
-//! wraps it in the read / send / checkpoint loop.
+//! [`run_driver`] runs one thread per stage-1 [`Worker`] (reading its
+//! partitions) and the [`Combiner`] on the calling task, joined by a bounded
+//! channel, and owns everything with I/O: the store sink, live updates, dead
+//! letters and checkpoints. The stages themselves stay synchronous and pure.
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,10 +23,14 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::{self, Checkpoint};
-use crate::dedup::{PartitionDedup, DEFAULT_HORIZON};
+use crate::combiner::Combiner;
+use crate::dedup::DEFAULT_HORIZON;
+use crate::partial::Partial;
+use crate::runner::{usable_workers, worker_of, Counts, ProcessorCheckpoint};
 use crate::traffic::DEFAULT_ALLOWED_LATENESS;
-use crate::watermark::{PartitionWatermarks, DEFAULT_IDLE_TIMEOUT, DEFAULT_OUT_OF_ORDERNESS};
-use crate::{Pipeline, ProcessorError};
+use crate::watermark::{DEFAULT_IDLE_TIMEOUT, DEFAULT_OUT_OF_ORDERNESS};
+use crate::worker::{Outcome, Worker};
+use crate::{PipelineSet, ProcessorError};
 
 /// A boxed, sendable future (what [`PointSink`] methods return).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -72,6 +78,8 @@ pub struct DriverConfig {
     /// Pause when no partition had new records.
     pub idle_sleep: Duration,
     pub codec: EventCodec,
+    /// Stage-1 workers (partition `p` goes to worker `p % workers`).
+    pub workers: usize,
 }
 
 impl Default for DriverConfig {
@@ -91,6 +99,7 @@ impl Default for DriverConfig {
             max_batch: 2000,
             idle_sleep: Duration::from_millis(25),
             codec: EventCodec::default(),
+            workers: 2,
         }
     }
 }
@@ -182,164 +191,6 @@ fn register(registry: &Registry, c: Box<dyn prometheus::core::Collector>) {
     }
 }
 
-/// What happened to one event offered to the [`Engine`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Accepted,
-    Duplicate,
-    TooLate,
-}
-
-/// The synchronous core: dedup, lateness, watermarks and pipelines.
-#[derive(Debug)]
-pub struct Engine {
-    wms: PartitionWatermarks,
-    dedup: Vec<PartitionDedup>,
-    pipelines: Vec<Box<dyn Pipeline>>,
-    allowed_lateness: Duration,
-    dedup_horizon: Duration,
-    last_combined: Watermark,
-    newest_received_at: EventTime,
-}
-
-impl std::fmt::Debug for dyn Pipeline {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Pipeline({})", self.name())
-    }
-}
-
-impl Engine {
-    pub fn new(config: &DriverConfig, pipelines: Vec<Box<dyn Pipeline>>) -> Self {
-        Engine {
-            wms: PartitionWatermarks::new(config.out_of_orderness, config.idle_timeout),
-            dedup: Vec::new(),
-            pipelines,
-            allowed_lateness: config.allowed_lateness,
-            dedup_horizon: config.dedup_horizon.max(config.allowed_lateness),
-            last_combined: EventTime::MIN,
-            newest_received_at: EventTime::MIN,
-        }
-    }
-
-    /// Adds a partition and returns its slot.
-    pub fn register(&mut self, topic: &str, partition: u32) -> usize {
-        let slot = self.wms.register(topic, partition);
-        if self.dedup.len() <= slot {
-            self.dedup.resize_with(slot + 1, PartitionDedup::new);
-        }
-        slot
-    }
-
-    /// The watermarks (for inspection and lag reporting).
-    pub fn watermarks(&self) -> &PartitionWatermarks {
-        &self.wms
-    }
-
-    /// The last combined watermark passed to the pipelines.
-    pub fn combined_watermark(&self) -> Watermark {
-        self.last_combined
-    }
-
-    /// The newest receipt time among accepted events.
-    pub fn newest_received_at(&self) -> EventTime {
-        self.newest_received_at
-    }
-
-    /// Offers one event read from the partition in `slot`. An event is too
-    /// late when it is older than its partition's watermark minus the allowed
-    /// lateness (or than the combined watermark minus it, which only differs
-    /// after a partition came back from idle and whose windows are gone).
-    #[inline]
-    pub fn process(&mut self, slot: usize, ev: &Event, out: &mut Vec<Point>) -> Outcome {
-        let Some(dedup) = self.dedup.get_mut(slot) else {
-            return Outcome::TooLate;
-        };
-        if !dedup.check_and_insert(&ev.event_id, ev.timestamp) {
-            return Outcome::Duplicate;
-        }
-        let wm = self.wms.partition_watermark(slot).max(self.last_combined);
-        if ev.timestamp < wm.minus(self.allowed_lateness) {
-            return Outcome::TooLate;
-        }
-        for p in &mut self.pipelines {
-            p.on_event(ev, out);
-        }
-        self.wms.observe(slot, ev.timestamp);
-        self.newest_received_at = self.newest_received_at.max(ev.received_at);
-        Outcome::Accepted
-    }
-
-    /// Records read progress of a partition (see [`PartitionWatermarks::set_progress`]).
-    pub fn set_progress(&mut self, slot: usize, caught_up: bool, now: Instant) {
-        self.wms.set_progress(slot, caught_up, now);
-    }
-
-    /// Computes the combined watermark at processing time `now`, fires the
-    /// pipelines' windows up to it and evicts old dedup entries.
-    pub fn advance(&mut self, now: Instant, out: &mut Vec<Point>) -> Watermark {
-        let wm = self.wms.combined(now).max(self.last_combined);
-        self.last_combined = wm;
-        for p in &mut self.pipelines {
-            p.on_watermark(wm, out);
-        }
-        for (slot, d) in self.dedup.iter_mut().enumerate() {
-            d.evict(self.wms.partition_watermark(slot), self.dedup_horizon);
-        }
-        wm
-    }
-
-    /// Fires everything: the end of a bounded input (replay, tests).
-    pub fn finish(&mut self, out: &mut Vec<Point>) {
-        for p in &mut self.pipelines {
-            p.on_watermark(EventTime::MAX, out);
-        }
-    }
-
-    /// Early results of all pipelines.
-    pub fn early(&self, out: &mut Vec<Point>) {
-        for p in &self.pipelines {
-            p.early(out);
-        }
-    }
-
-    /// The state to checkpoint, with the given next offsets.
-    pub fn checkpoint(&self, offsets: BTreeMap<(String, u32), u64>) -> Checkpoint {
-        let dedup = (0..self.wms.len())
-            .filter_map(|slot| Some((self.wms.key(slot)?.clone(), self.dedup.get(slot)?.clone())))
-            .collect();
-        Checkpoint {
-            offsets,
-            watermarks: self.wms.state(),
-            dedup,
-            pipelines: self
-                .pipelines
-                .iter()
-                .map(|p| (p.name().to_string(), p.snapshot()))
-                .collect(),
-        }
-    }
-
-    /// Restores state from a checkpoint into registered partitions and the pipelines.
-    pub fn restore(&mut self, cp: &Checkpoint) -> Result<(), ProcessorError> {
-        self.wms.restore(&cp.watermarks);
-        for slot in 0..self.wms.len() {
-            if let (Some(key), Some(d)) = (self.wms.key(slot), self.dedup.get_mut(slot)) {
-                *d = cp.dedup.get(key).cloned().unwrap_or_default();
-            }
-        }
-        for p in &mut self.pipelines {
-            match cp.pipelines.iter().find(|(n, _)| n == p.name()) {
-                Some((_, state)) => p.restore(state)?,
-                None => tracing::warn!(
-                    pipeline = p.name(),
-                    "Checkpoint has no state for pipeline; starting empty"
-                ),
-            }
-        }
-        Ok(())
-    }
-}
-
 /// Groups points into one update per window start.
 fn updates_of(points: &[Point], is_final: bool, newest_received_at: EventTime) -> Vec<Update> {
     let mut by_start: BTreeMap<EventTime, Vec<Point>> = BTreeMap::new();
@@ -400,6 +251,45 @@ async fn send_points(
     }
 }
 
+/// What a live worker thread tells the driver.
+enum FromWorker {
+    Progress {
+        worker: usize,
+        partials: Vec<Partial>,
+        wm: Watermark,
+        /// Every partition of the worker is idle.
+        idle: bool,
+        counts: Counts,
+        decode_errors: u64,
+        dead_letters: Vec<Record>,
+        newest_received_at: EventTime,
+    },
+    Early {
+        worker: usize,
+        partials: Vec<Partial>,
+        /// Records behind the end of the log, per topic, for this worker's partitions.
+        lag: Vec<(String, i64)>,
+    },
+    /// The worker's state at a batch boundary; it waits for the next command.
+    Barrier {
+        worker: usize,
+        checkpoint: Checkpoint,
+    },
+    Failed(ProcessorError),
+}
+
+/// What the driver tells a live worker thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ToWorker {
+    /// Send a barrier with the state, then wait.
+    Checkpoint,
+    /// Go on after a barrier.
+    Resume,
+    /// Stop (after a barrier: without reading further).
+    Stop,
+}
+
+/// One partition a live worker reads.
 struct Part {
     topic: String,
     partition: u32,
@@ -407,27 +297,37 @@ struct Part {
     offset: u64,
 }
 
-/// Runs the processor until `cancel`: reads `config.topics`, feeds the
-/// pipelines, sends final and corrected points to `sink`, broadcasts early and
-/// final results on `updates`, and checkpoints (sink flushed first) every
-/// `checkpoint_interval` and on cancel.
+/// Runs the processor until `cancel`: one thread per stage-1 worker reads its
+/// partitions of `config.topics` (partition `p` goes to worker
+/// `p % workers`) and feeds its pipelines; this task runs the combiner, sends
+/// final and corrected points to `sink`, broadcasts early and final results
+/// on `updates`, and checkpoints every `checkpoint_interval` and on cancel:
+/// the workers stop at a batch boundary (a barrier), the sink is flushed, and
+/// every worker's state, offsets and the combiner's state are saved together.
 pub async fn run_driver(
     config: DriverConfig,
     log: Arc<dyn Log>,
-    pipelines: Vec<Box<dyn Pipeline>>,
+    pipelines: PipelineSet,
     sink: Arc<dyn PointSink>,
     updates: broadcast::Sender<Update>,
     metrics: ProcessorMetrics,
     cancel: CancellationToken,
 ) -> Result<(), ProcessorError> {
-    let mut engine = Engine::new(&config, pipelines);
-    let mut parts = Vec::new();
+    let mut counts = Vec::new();
     for topic in &config.topics {
-        let n = log.partition_count(topic).await?;
+        counts.push(log.partition_count(topic).await?);
+    }
+    let workers = usable_workers(config.workers, counts.iter().copied().min().unwrap_or(1));
+    let mut engines: Vec<Worker> = (0..workers)
+        .map(|_| Worker::new(&config, pipelines.stage1()))
+        .collect();
+    let mut parts: Vec<Vec<Part>> = (0..workers).map(|_| Vec::new()).collect();
+    for (topic, &n) in config.topics.iter().zip(&counts) {
         for partition in 0..n {
-            let slot = engine.register(topic, partition);
+            let w = worker_of(partition, workers);
+            let slot = engines[w].register(topic, partition);
             let offset = log.start_offset(topic, partition).await?;
-            parts.push(Part {
+            parts[w].push(Part {
                 topic: topic.clone(),
                 partition,
                 slot,
@@ -435,18 +335,26 @@ pub async fn run_driver(
             });
         }
     }
+    let mut combiner = Combiner::new(pipelines.stage2(), workers, pipelines.allowed_lateness);
     if let Some(dir) = &config.checkpoint_dir {
-        if let Some(cp) = checkpoint::load(dir)? {
-            engine.restore(&cp)?;
-            for p in &mut parts {
-                if let Some(&o) = cp.offsets.get(&(p.topic.clone(), p.partition)) {
-                    p.offset = o.max(p.offset);
+        if let Some(cp) = checkpoint::load::<ProcessorCheckpoint>(dir)? {
+            if cp.workers.len() != workers {
+                return Err(ProcessorError::CorruptCheckpoint(format!(
+                    "the checkpoint was taken with {} workers, this processor runs {workers}; \
+                     restart with the same worker count or rebuild with replay",
+                    cp.workers.len()
+                )));
+            }
+            for ((engine, wc), ps) in engines.iter_mut().zip(&cp.workers).zip(&mut parts) {
+                engine.restore(wc)?;
+                for p in ps.iter_mut() {
+                    if let Some(&o) = wc.offsets.get(&(p.topic.clone(), p.partition)) {
+                        p.offset = o.max(p.offset);
+                    }
                 }
             }
-            tracing::info!(
-                partitions = cp.offsets.len(),
-                "Restored processor checkpoint"
-            );
+            combiner.restore(&cp.combiner)?;
+            tracing::info!(workers, "Restored processor checkpoint");
         }
     }
     if let Err(e) = log
@@ -456,72 +364,380 @@ pub async fn run_driver(
         tracing::warn!(error = %e, "Could not create the dead-letter topic");
     }
 
-    let codec = config.codec;
-    let mut out: Vec<Point> = Vec::new();
-    let mut dead: Vec<Record> = Vec::new();
-    let mut next_early = tokio::time::Instant::now() + config.early_interval;
-    let mut next_checkpoint = tokio::time::Instant::now() + config.checkpoint_interval;
-    let mut read_backoff = Duration::from_millis(100);
+    // A few batches in flight per worker: enough to overlap reading with
+    // combining, small enough that a slow store stops the readers.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<FromWorker>(4 * workers);
+    let mut commands = Vec::new();
+    let mut threads = Vec::new();
+    let runtime = tokio::runtime::Handle::current();
+    let global_wm = Arc::new(AtomicI64::new(combiner.target().0));
+    for (index, (engine, ps)) in engines.into_iter().zip(parts).enumerate() {
+        let (cmd_tx, cmd_rx) = std::sync::mpsc::channel::<ToWorker>();
+        commands.push(cmd_tx);
+        let live = LiveWorker {
+            index,
+            engine,
+            parts: ps,
+            log: log.clone(),
+            runtime: runtime.clone(),
+            tx: tx.clone(),
+            commands: cmd_rx,
+            config: config.clone(),
+            global_wm: global_wm.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("tidemark-worker-{index}"))
+            .spawn(move || live.run())
+            .map_err(ProcessorError::Io)?;
+        threads.push(thread);
+    }
+    drop(tx);
 
-    loop {
-        if cancel.is_cancelled() {
-            break;
+    let mut driver = Combining {
+        combiner,
+        sink,
+        updates,
+        metrics,
+        log,
+        newest_received_at: EventTime::MIN,
+        lag: vec![Vec::new(); workers],
+        global_wm,
+    };
+    let result = driver.run(&config, &mut rx, &commands, &cancel).await;
+    for c in &commands {
+        let _ = c.send(ToWorker::Stop);
+    }
+    drop(commands);
+    // Unblock workers waiting to send, then wait for them to end.
+    rx.close();
+    while rx.recv().await.is_some() {}
+    let _ = tokio::task::spawn_blocking(move || {
+        for t in threads {
+            let _ = t.join();
         }
-        let mut any = false;
-        let (mut accepted, mut late, mut dups, mut bad) = (0u64, 0u64, 0u64, 0u64);
-        for p in &mut parts {
-            let recs = match log
-                .read(&p.topic, p.partition, p.offset, config.max_batch)
-                .await
-            {
-                Ok(r) => {
-                    read_backoff = Duration::from_millis(100);
-                    r
-                }
-                Err(LogError::OffsetOutOfRange { earliest, .. }) => {
-                    tracing::warn!(topic = %p.topic, partition = p.partition, from = p.offset, to = earliest,
-                        "Offset no longer retained; skipping ahead");
-                    p.offset = earliest;
-                    continue;
-                }
-                Err(e) if e.is_retryable() => {
-                    tracing::warn!(error = %e, topic = %p.topic, partition = p.partition, "Log read failed; retrying");
-                    if !pause(read_backoff, &cancel).await {
-                        break;
+    })
+    .await;
+    result
+}
+
+/// The driver's side: the combiner, the sink, live updates and checkpoints.
+struct Combining {
+    combiner: Combiner,
+    sink: Arc<dyn PointSink>,
+    updates: broadcast::Sender<Update>,
+    metrics: ProcessorMetrics,
+    log: Arc<dyn Log>,
+    newest_received_at: EventTime,
+    lag: Vec<Vec<(String, i64)>>,
+    global_wm: Arc<AtomicI64>,
+}
+
+/// Whether to go on after handling a message.
+enum Flow {
+    Continue,
+    /// Cancelled while points could not be sent: stop without a checkpoint.
+    Abandon,
+}
+
+impl Combining {
+    async fn run(
+        &mut self,
+        config: &DriverConfig,
+        rx: &mut tokio::sync::mpsc::Receiver<FromWorker>,
+        commands: &[std::sync::mpsc::Sender<ToWorker>],
+        cancel: &CancellationToken,
+    ) -> Result<(), ProcessorError> {
+        let mut early_tick = tokio::time::interval(config.early_interval);
+        early_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut checkpoint_tick = tokio::time::interval(config.checkpoint_interval);
+        checkpoint_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        checkpoint_tick.reset();
+        loop {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                msg = rx.recv() => {
+                    let Some(msg) = msg else { break };
+                    match self.handle(msg, cancel).await? {
+                        Flow::Continue => {}
+                        Flow::Abandon => return Ok(()),
                     }
-                    read_backoff = next_backoff(read_backoff);
-                    continue;
                 }
-                Err(e) => return Err(e.into()),
-            };
-            let now = Instant::now();
-            let Some(last) = recs.last() else {
-                engine.set_progress(p.slot, true, now);
-                continue;
-            };
-            any = true;
-            p.offset = last.offset + 1;
-            engine.set_progress(p.slot, false, now);
-            for rec in &recs {
-                let ev = match (codec.decode)(&rec.value) {
-                    Ok(ev) => ev,
-                    Err(e) => {
-                        bad += 1;
-                        tracing::warn!(error = %e, topic = %p.topic, partition = p.partition, offset = rec.offset,
-                            "Skipping undecodable record");
+                _ = early_tick.tick() => self.publish_early(),
+                _ = checkpoint_tick.tick() => {
+                    if let Flow::Abandon = self.checkpoint(config, rx, commands, ToWorker::Resume, cancel).await? {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        // Cancelled: a last checkpoint; the workers stop after their barrier.
+        let never = CancellationToken::new();
+        self.checkpoint(config, rx, commands, ToWorker::Stop, &never)
+            .await
+            .map(|_| ())
+    }
+
+    async fn handle(
+        &mut self,
+        msg: FromWorker,
+        cancel: &CancellationToken,
+    ) -> Result<Flow, ProcessorError> {
+        match msg {
+            FromWorker::Progress {
+                worker,
+                partials,
+                wm,
+                idle,
+                counts,
+                decode_errors,
+                dead_letters,
+                newest_received_at,
+            } => {
+                self.metrics.events_processed.inc_by(counts.accepted);
+                self.metrics.late_events.inc_by(counts.too_late);
+                self.metrics.duplicates.inc_by(counts.duplicates);
+                self.metrics.decode_errors.inc_by(decode_errors);
+                self.newest_received_at = self.newest_received_at.max(newest_received_at);
+                let mut out = Vec::new();
+                for p in partials {
+                    self.combiner.on_partial(worker, p);
+                }
+                self.combiner.set_idle(worker, idle);
+                self.combiner.on_watermark(worker, wm, &mut out);
+                let combined = self.combiner.watermark();
+                self.global_wm
+                    .store(self.combiner.target().0, Ordering::Release);
+                if combined != EventTime::MIN && combined != EventTime::MAX {
+                    let delay = (EventTime::now().0.saturating_sub(combined.0)) as f64 / 1000.0;
+                    self.metrics.watermark_delay_seconds.set(delay);
+                }
+                if !out.is_empty() {
+                    if !send_points(self.sink.as_ref(), &out, cancel).await? {
+                        return Ok(Flow::Abandon);
+                    }
+                    self.metrics.windows_fired.inc_by(windows_in(&out));
+                    for u in updates_of(&out, true, self.newest_received_at) {
+                        // No subscribers is fine.
+                        let _ = self.updates.send(u);
+                    }
+                }
+                if !dead_letters.is_empty() {
+                    append_dead_letters(self.log.as_ref(), dead_letters, cancel).await;
+                }
+                Ok(Flow::Continue)
+            }
+            FromWorker::Early {
+                worker,
+                partials,
+                lag,
+            } => {
+                self.combiner.on_early(worker, partials);
+                if let Some(l) = self.lag.get_mut(worker) {
+                    *l = lag;
+                }
+                let mut by_topic: BTreeMap<&str, i64> = BTreeMap::new();
+                for (topic, n) in self.lag.iter().flatten() {
+                    *by_topic.entry(topic).or_insert(0) += n;
+                }
+                for (topic, n) in by_topic {
+                    self.metrics.lag_records.with_label_values(&[topic]).set(n);
+                }
+                Ok(Flow::Continue)
+            }
+            FromWorker::Barrier { worker, .. } => {
+                tracing::warn!(worker, "Unexpected barrier outside a checkpoint");
+                Ok(Flow::Continue)
+            }
+            FromWorker::Failed(e) => Err(e),
+        }
+    }
+
+    fn publish_early(&mut self) {
+        let mut early = Vec::new();
+        self.combiner.early(&mut early);
+        for u in updates_of(&early, false, self.newest_received_at) {
+            let _ = self.updates.send(u);
+        }
+    }
+
+    /// Asks every worker for a barrier, handles what they sent before it,
+    /// then flushes the sink and saves everything; `then` tells the workers
+    /// what to do next.
+    async fn checkpoint(
+        &mut self,
+        config: &DriverConfig,
+        rx: &mut tokio::sync::mpsc::Receiver<FromWorker>,
+        commands: &[std::sync::mpsc::Sender<ToWorker>],
+        then: ToWorker,
+        cancel: &CancellationToken,
+    ) -> Result<Flow, ProcessorError> {
+        let mut barriers: Vec<Option<Checkpoint>> = vec![None; commands.len()];
+        let mut asked = 0;
+        for c in commands {
+            if c.send(ToWorker::Checkpoint).is_ok() {
+                asked += 1;
+            }
+        }
+        let mut received = 0;
+        while received < asked {
+            let Some(msg) = rx.recv().await else { break };
+            match msg {
+                FromWorker::Barrier { worker, checkpoint } => {
+                    if let Some(b) = barriers.get_mut(worker) {
+                        *b = Some(checkpoint);
+                        received += 1;
+                    }
+                }
+                other => {
+                    if let Flow::Abandon = self.handle(other, cancel).await? {
+                        return Ok(Flow::Abandon);
+                    }
+                }
+            }
+        }
+        let complete = received == commands.len();
+        let cp = complete.then(|| ProcessorCheckpoint {
+            workers: barriers.into_iter().flatten().collect(),
+            combiner: self.combiner.snapshot(),
+        });
+        let saved = write_checkpoint(config, cp, self.sink.as_ref(), &self.metrics).await;
+        for c in commands {
+            let _ = c.send(then);
+        }
+        saved.map(|()| Flow::Continue)
+    }
+}
+
+/// A stage-1 worker on its own thread, reading its partitions from the log.
+struct LiveWorker {
+    index: usize,
+    engine: Worker,
+    parts: Vec<Part>,
+    log: Arc<dyn Log>,
+    runtime: tokio::runtime::Handle,
+    tx: tokio::sync::mpsc::Sender<FromWorker>,
+    commands: std::sync::mpsc::Receiver<ToWorker>,
+    config: DriverConfig,
+    /// The combiner's [`Combiner::target`], published by the driver.
+    global_wm: Arc<AtomicI64>,
+}
+
+impl LiveWorker {
+    fn run(mut self) {
+        if let Err(e) = self.work() {
+            let _ = self.tx.blocking_send(FromWorker::Failed(e));
+        }
+    }
+
+    /// Handles a command; `false` when the worker must stop.
+    fn obey(&mut self, command: ToWorker) -> bool {
+        match command {
+            ToWorker::Checkpoint => {
+                let offsets = self
+                    .parts
+                    .iter()
+                    .map(|p| ((p.topic.clone(), p.partition), p.offset))
+                    .collect();
+                let checkpoint = self.engine.checkpoint(offsets);
+                if self
+                    .tx
+                    .blocking_send(FromWorker::Barrier {
+                        worker: self.index,
+                        checkpoint,
+                    })
+                    .is_err()
+                {
+                    return false;
+                }
+                loop {
+                    match self.commands.recv() {
+                        Ok(ToWorker::Resume) => return true,
+                        Ok(ToWorker::Checkpoint) => continue,
+                        Ok(ToWorker::Stop) | Err(_) => return false,
+                    }
+                }
+            }
+            ToWorker::Resume => true,
+            ToWorker::Stop => false,
+        }
+    }
+
+    fn work(&mut self) -> Result<(), ProcessorError> {
+        let codec = self.config.codec;
+        let mut next_early = Instant::now() + self.config.early_interval;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            loop {
+                match self.commands.try_recv() {
+                    Ok(c) => {
+                        if !self.obey(c) {
+                            return Ok(());
+                        }
+                    }
+                    Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => return Ok(()),
+                }
+            }
+            // Lateness is judged against at least the combined watermark.
+            self.engine
+                .observe_global(EventTime(self.global_wm.load(Ordering::Acquire)));
+            let mut any = false;
+            let mut failed = false;
+            let mut counts = Counts::default();
+            let mut decode_errors = 0u64;
+            let mut dead_letters = Vec::new();
+            for p in &mut self.parts {
+                let read = self.runtime.block_on(self.log.read(
+                    &p.topic,
+                    p.partition,
+                    p.offset,
+                    self.config.max_batch,
+                ));
+                let records = match read {
+                    Ok(r) => {
+                        backoff = Duration::from_millis(100);
+                        r
+                    }
+                    Err(LogError::OffsetOutOfRange { earliest, .. }) => {
+                        tracing::warn!(topic = %p.topic, partition = p.partition, from = p.offset, to = earliest,
+                            "Offset no longer retained; skipping ahead");
+                        p.offset = earliest;
                         continue;
                     }
+                    Err(e) if e.is_retryable() => {
+                        tracing::warn!(error = %e, topic = %p.topic, partition = p.partition, "Log read failed; retrying");
+                        failed = true;
+                        break;
+                    }
+                    Err(e) => return Err(e.into()),
                 };
-                match engine.process(p.slot, &ev, &mut out) {
-                    Outcome::Accepted => accepted += 1,
-                    Outcome::Duplicate => dups += 1,
-                    Outcome::TooLate => {
-                        late += 1;
+                let now = Instant::now();
+                let Some(last) = records.last() else {
+                    self.engine.set_progress(p.slot, true, now);
+                    continue;
+                };
+                any = true;
+                p.offset = last.offset + 1;
+                self.engine.set_progress(p.slot, false, now);
+                for rec in &records {
+                    let ev = match (codec.decode)(&rec.value) {
+                        Ok(ev) => ev,
+                        Err(e) => {
+                            decode_errors += 1;
+                            tracing::warn!(error = %e, topic = %p.topic, partition = p.partition, offset = rec.offset,
+                                "Skipping undecodable record");
+                            continue;
+                        }
+                    };
+                    let outcome = self.engine.process(p.slot, &ev);
+                    counts.add(outcome);
+                    if outcome == Outcome::TooLate {
                         let json = format!(
                             r#"{{"reason":"too_late","event":{}}}"#,
                             (codec.to_json)(&ev)
                         );
-                        dead.push(Record {
+                        dead_letters.push(Record {
                             key: Bytes::copy_from_slice(ev.user_id.as_bytes()),
                             value: Bytes::from(json),
                             timestamp: ev.timestamp,
@@ -529,75 +745,76 @@ pub async fn run_driver(
                     }
                 }
             }
-        }
-        metrics.events_processed.inc_by(accepted);
-        metrics.late_events.inc_by(late);
-        metrics.duplicates.inc_by(dups);
-        metrics.decode_errors.inc_by(bad);
-
-        let wm = engine.advance(Instant::now(), &mut out);
-        if wm != EventTime::MIN {
-            let delay = (EventTime::now().0.saturating_sub(wm.0)) as f64 / 1000.0;
-            metrics.watermark_delay_seconds.set(delay);
-        }
-        if !out.is_empty() {
-            if !send_points(sink.as_ref(), &out, &cancel).await? {
-                // Cancelled while the store was failing: do not checkpoint past unsent points.
+            let mut partials = Vec::new();
+            let now = Instant::now();
+            self.engine
+                .observe_global(EventTime(self.global_wm.load(Ordering::Acquire)));
+            let wm = self.engine.advance(now, &mut partials);
+            let progress = FromWorker::Progress {
+                worker: self.index,
+                partials,
+                wm,
+                idle: self.engine.is_idle(now),
+                counts,
+                decode_errors,
+                dead_letters,
+                newest_received_at: self.engine.newest_received_at(),
+            };
+            if self.tx.blocking_send(progress).is_err() {
                 return Ok(());
             }
-            metrics.windows_fired.inc_by(windows_in(&out));
-            for u in updates_of(&out, true, engine.newest_received_at()) {
-                // No subscribers is fine.
-                let _ = updates.send(u);
+            let now = Instant::now();
+            if now >= next_early {
+                next_early = now + self.config.early_interval;
+                let mut partials = Vec::new();
+                self.engine.early(&mut partials);
+                let lag = self.lag();
+                let early = FromWorker::Early {
+                    worker: self.index,
+                    partials,
+                    lag,
+                };
+                if self.tx.blocking_send(early).is_err() {
+                    return Ok(());
+                }
             }
-            out.clear();
-        }
-        if !dead.is_empty() {
-            append_dead_letters(log.as_ref(), std::mem::take(&mut dead), &cancel).await;
-        }
-
-        let now = tokio::time::Instant::now();
-        if now >= next_early {
-            next_early = now + config.early_interval;
-            let mut early = Vec::new();
-            engine.early(&mut early);
-            for u in updates_of(&early, false, engine.newest_received_at()) {
-                let _ = updates.send(u);
+            let pause = if failed {
+                let b = backoff;
+                backoff = next_backoff(backoff);
+                Some(b)
+            } else if !any {
+                Some(self.config.idle_sleep)
+            } else {
+                None
+            };
+            if let Some(d) = pause {
+                // Waiting on the command channel keeps checkpoints prompt.
+                match self.commands.recv_timeout(d) {
+                    Ok(c) => {
+                        if !self.obey(c) {
+                            return Ok(());
+                        }
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+                }
             }
-            report_lag(log.as_ref(), &parts, &metrics).await;
-        }
-        if now >= next_checkpoint {
-            next_checkpoint = now + config.checkpoint_interval;
-            write_checkpoint(
-                &config,
-                snapshot(&config, &engine, &parts),
-                sink.as_ref(),
-                &metrics,
-            )
-            .await?;
-        }
-        if !any && !pause(config.idle_sleep, &cancel).await {
-            break;
         }
     }
-    write_checkpoint(
-        &config,
-        snapshot(&config, &engine, &parts),
-        sink.as_ref(),
-        &metrics,
-    )
-    .await
-}
 
-/// The checkpoint of the current state. Taken before the sink is flushed:
-/// the state cannot change while the driver awaits the flush.
-fn snapshot(config: &DriverConfig, engine: &Engine, parts: &[Part]) -> Option<Checkpoint> {
-    config.checkpoint_dir.as_ref()?;
-    let offsets = parts
-        .iter()
-        .map(|p| ((p.topic.clone(), p.partition), p.offset))
-        .collect();
-    Some(engine.checkpoint(offsets))
+    fn lag(&self) -> Vec<(String, i64)> {
+        let mut by_topic: BTreeMap<String, i64> = BTreeMap::new();
+        for p in &self.parts {
+            if let Ok(end) = self
+                .runtime
+                .block_on(self.log.end_offset(&p.topic, p.partition))
+            {
+                *by_topic.entry(p.topic.clone()).or_insert(0) +=
+                    end.saturating_sub(p.offset) as i64;
+            }
+        }
+        by_topic.into_iter().collect()
+    }
 }
 
 async fn append_dead_letters(log: &dyn Log, records: Vec<Record>, cancel: &CancellationToken) {
@@ -620,24 +837,12 @@ async fn append_dead_letters(log: &dyn Log, records: Vec<Record>, cancel: &Cance
     }
 }
 
-async fn report_lag(log: &dyn Log, parts: &[Part], metrics: &ProcessorMetrics) {
-    let mut lag: BTreeMap<&str, i64> = BTreeMap::new();
-    for p in parts {
-        if let Ok(end) = log.end_offset(&p.topic, p.partition).await {
-            *lag.entry(&p.topic).or_insert(0) += end.saturating_sub(p.offset) as i64;
-        }
-    }
-    for (topic, n) in lag {
-        metrics.lag_records.with_label_values(&[topic]).set(n);
-    }
-}
-
 /// Flushes the sink, then saves the checkpoint. A failing sink skips the
 /// checkpoint (it is retried at the next interval); a failing save is an error
 /// only when it can never succeed.
 async fn write_checkpoint(
     config: &DriverConfig,
-    cp: Option<Checkpoint>,
+    cp: Option<ProcessorCheckpoint>,
     sink: &dyn PointSink,
     metrics: &ProcessorMetrics,
 ) -> Result<(), ProcessorError> {

@@ -13,7 +13,9 @@
 //! count in the window of its last event. A late event may extend or merge
 //! sessions and a profile update may retag them, so a changed session first
 //! withdraws its whole contribution and then adds the new one; the window
-//! totals therefore always equal what a single ordered pass would give.
+//! totals therefore always equal what a single ordered pass would give. The
+//! common case, an event joining one open session without moving its start,
+//! only adds its own delta (the tags and the start stay).
 //!
 //! A session closes a whole gap after its last event, so for minute windows
 //! (and often hour windows) its end corrects a point already emitted when the
@@ -26,16 +28,27 @@
 //! Tags use the profile known when a session last changed: a profile update
 //! arriving later retags the user's sessions that are still held, but not
 //! results for windows already dropped.
+//!
+//! The state is laid out for the hot path, `on_event`: users are looked up by
+//! their id's bytes (copied, inline when short, only for a new user); a
+//! user's usual single session and a session's usual single minute live
+//! inline; segments are interned so tags are `Copy`; an event joining an open
+//! session touches one window per tier. A watermark visits only the users
+//! with a session due, from a queue ordered by due time.
 
+use std::borrow::Borrow;
+use std::cmp::Ordering;
 use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
 use std::time::Duration;
 
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use tidemark_model::{Country, Event, EventTime, EventType, FieldValue, Point, Tier, Watermark};
 
+use crate::partial::{row_key, Partial, WindowId};
 use crate::traffic::DEFAULT_ALLOWED_LATENESS;
-use crate::{Pipeline, ProcessorError};
+use crate::{Finisher, Pipeline, ProcessorError};
 
 const MINUTE_MS: i64 = 60_000;
 const HOUR_MS: i64 = 3_600_000;
@@ -105,33 +118,325 @@ fn floor(ts: i64, size: i64) -> i64 {
     ts.saturating_sub(ts.rem_euclid(size))
 }
 
+/// Strings this long or shorter are stored inline in a [`CompactStr`].
+const KEY_INLINE: usize = 22;
+
+/// An immutable string (a user id as a map key, an event id) stored inline
+/// when short, as ids usually are: no allocation, and a map lookup by its
+/// bytes reads no memory outside the table.
+#[derive(Clone)]
+enum CompactStr {
+    Inline(u8, [u8; KEY_INLINE]),
+    Heap(Box<[u8]>),
+}
+
+impl CompactStr {
+    fn new(text: &str) -> Self {
+        let b = text.as_bytes();
+        match u8::try_from(b.len()) {
+            Ok(n) if b.len() <= KEY_INLINE => {
+                let mut a = [0; KEY_INLINE];
+                a[..b.len()].copy_from_slice(b);
+                CompactStr::Inline(n, a)
+            }
+            _ => CompactStr::Heap(b.into()),
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            CompactStr::Inline(n, a) => &a[..usize::from(*n).min(KEY_INLINE)],
+            CompactStr::Heap(b) => b,
+        }
+    }
+
+    fn to_text(&self) -> String {
+        // Made from a `&str`, so valid UTF-8 and lossless.
+        String::from_utf8_lossy(self.as_bytes()).into_owned()
+    }
+}
+
+impl Serialize for CompactStr {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&String::from_utf8_lossy(self.as_bytes()))
+    }
+}
+
+impl<'de> Deserialize<'de> for CompactStr {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(CompactStr::new(&String::deserialize(deserializer)?))
+    }
+}
+
+impl Borrow<[u8]> for CompactStr {
+    fn borrow(&self) -> &[u8] {
+        self.as_bytes()
+    }
+}
+
+impl PartialEq for CompactStr {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for CompactStr {}
+
+impl PartialOrd for CompactStr {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for CompactStr {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.as_bytes().cmp(other.as_bytes())
+    }
+}
+
+impl Hash for CompactStr {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // As `[u8]` hashes, which `Borrow` requires.
+        self.as_bytes().hash(state);
+    }
+}
+
+impl std::fmt::Debug for CompactStr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&self.to_text(), f)
+    }
+}
+
+/// An interned segment name: an index into [`Segments`].
+type SegmentId = u32;
+
+/// The segment of users without one (and of profiles naming `unknown`).
+const UNKNOWN_SEGMENT: SegmentId = 0;
+
+/// Segment names, interned so tags are small and `Copy`. Only grows; the
+/// names are those of the profiles kept, which are kept for good.
+#[derive(Debug, Clone)]
+struct Segments {
+    names: Vec<Box<str>>,
+    ids: FxHashMap<Box<str>, SegmentId>,
+}
+
+impl Default for Segments {
+    fn default() -> Self {
+        let mut ids = FxHashMap::default();
+        ids.insert(UNKNOWN.into(), UNKNOWN_SEGMENT);
+        Segments {
+            names: vec![UNKNOWN.into()],
+            ids,
+        }
+    }
+}
+
+impl Segments {
+    /// Rebuilds the table from its names in id order (as in a snapshot).
+    fn from_names(names: Vec<Box<str>>) -> Result<Self, String> {
+        if names.first().map(|n| &**n) != Some(UNKNOWN) {
+            return Err(format!("segment {UNKNOWN_SEGMENT} is not `{UNKNOWN}`"));
+        }
+        let mut ids = FxHashMap::default();
+        for (i, name) in names.iter().enumerate() {
+            let id = SegmentId::try_from(i).map_err(|_| "too many segments".to_string())?;
+            if ids.insert(name.clone(), id).is_some() {
+                return Err(format!("segment `{name}` appears twice"));
+            }
+        }
+        Ok(Segments { names, ids })
+    }
+
+    fn id(&mut self, name: Option<&str>) -> SegmentId {
+        let name = name.unwrap_or(UNKNOWN);
+        if let Some(&id) = self.ids.get(name) {
+            return id;
+        }
+        // Past 4 billion distinct names, new ones count as `unknown`.
+        let Ok(id) = SegmentId::try_from(self.names.len()) else {
+            return UNKNOWN_SEGMENT;
+        };
+        self.names.push(name.into());
+        self.ids.insert(name.into(), id);
+        id
+    }
+
+    fn name(&self, id: SegmentId) -> &str {
+        self.names.get(id as usize).map_or(UNKNOWN, |n| n)
+    }
+
+    fn len(&self) -> usize {
+        self.names.len()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Profile {
     ts: i64,
     event_id: String,
     country: [u8; 2],
-    segment: Option<String>,
+    segment: SegmentId,
 }
 
 /// (country code, segment): the tags of a session.
-type TagKey = ([u8; 2], String);
+type TagKey = ([u8; 2], SegmentId);
+
+/// The tags of a session of a user whose first event came from `first_country`.
+fn tags_for(profile: Option<&Profile>, first_country: [u8; 2]) -> TagKey {
+    let country = if first_country != Country::UNKNOWN.0 {
+        first_country
+    } else {
+        profile.map_or(Country::UNKNOWN.0, |p| p.country)
+    };
+    (country, profile.map_or(UNKNOWN_SEGMENT, |p| p.segment))
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Session {
     first: i64,
     /// Breaks ties between events at the same first instant.
-    first_id: String,
+    first_id: CompactStr,
     first_country: [u8; 2],
     last: i64,
     events: i64,
-    /// Minute start -> (events, score) of this session in that minute.
-    minutes: BTreeMap<i64, (i64, i64)>,
+    /// (minute start, score of this session in that minute), sorted by
+    /// minute: one entry per minute holding one of its events.
+    minutes: Few<(i64, i64)>,
     /// Set once the watermark passed `last + gap`.
     closed: bool,
     /// The tags its contribution was added under.
     tags: TagKey,
 }
 
+/// A list that usually holds one item, kept inline then (no allocation, no
+/// pointer to follow): a user's sessions, a session's minutes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Few<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T> Default for Few<T> {
+    fn default() -> Self {
+        Few::Many(Vec::new())
+    }
+}
+
+impl<T> From<Vec<T>> for Few<T> {
+    fn from(mut list: Vec<T>) -> Self {
+        if list.len() == 1 {
+            if let Some(x) = list.pop() {
+                return Few::One(x);
+            }
+        }
+        Few::Many(list)
+    }
+}
+
+impl<T> std::ops::Deref for Few<T> {
+    type Target = [T];
+
+    fn deref(&self) -> &[T] {
+        match self {
+            Few::One(x) => std::slice::from_ref(x),
+            Few::Many(list) => list,
+        }
+    }
+}
+
+impl<T> std::ops::DerefMut for Few<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        match self {
+            Few::One(x) => std::slice::from_mut(x),
+            Few::Many(list) => list,
+        }
+    }
+}
+
+impl<T: Serialize> Serialize for Few<T> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        // As a `Vec`.
+        (**self).serialize(serializer)
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Few<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(Vec::deserialize(deserializer)?.into())
+    }
+}
+
+impl<T> Few<T> {
+    /// Removes the items `lo..hi`, handing them to `f` in order.
+    fn drain_each(&mut self, lo: usize, hi: usize, f: impl FnMut(T)) {
+        match self {
+            Few::Many(list) => list.drain(lo..hi).for_each(f),
+            Few::One(_) if lo == 0 && hi > 0 => {
+                if let Few::One(x) = std::mem::take(self) {
+                    let mut f = f;
+                    f(x);
+                }
+            }
+            Few::One(_) => {}
+        }
+    }
+
+    fn insert(&mut self, i: usize, x: T) {
+        match self {
+            Few::Many(list) if list.is_empty() => *self = Few::One(x),
+            Few::Many(list) => list.insert(i, x),
+            Few::One(_) => {
+                if let Few::One(old) = std::mem::take(self) {
+                    *self = Few::Many(if i == 0 { vec![x, old] } else { vec![old, x] });
+                }
+            }
+        }
+    }
+
+    fn retain(&mut self, f: impl FnMut(&T) -> bool) {
+        if let Few::Many(list) = self {
+            list.retain(f);
+            if list.len() == 1 {
+                *self = std::mem::take(list).into();
+            }
+        } else if !self.iter().all(f) {
+            *self = Few::default();
+        }
+    }
+}
+
+/// A user's sessions, and when the sweep next looks at them.
+#[derive(Debug, Clone)]
+struct Sessions {
+    /// Sorted by first event and never overlapping.
+    list: Few<Session>,
+    /// The time of the user's entry in the due queue that counts: at or
+    /// before every session's [`due`] time.
+    scheduled: i64,
+}
+
+/// Adds `score` to the minute starting at `minute`, inserting it if new.
+fn add_minute(minutes: &mut Few<(i64, i64)>, minute: i64, score: i64) {
+    // In-order events land in the newest minute.
+    if let Some(last) = minutes.last_mut() {
+        if last.0 == minute {
+            last.1 = last.1.saturating_add(score);
+            return;
+        }
+        if last.0 < minute {
+            minutes.insert(minutes.len(), (minute, score));
+            return;
+        }
+    }
+    let i = minutes.partition_point(|&(m, _)| m < minute);
+    match minutes.get_mut(i) {
+        Some(e) if e.0 == minute => e.1 = e.1.saturating_add(score),
+        _ => minutes.insert(i, (minute, score)),
+    }
+}
+
+/// Totals of one tag set in one window, or a change to them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct Agg {
     started: i64,
@@ -142,6 +447,29 @@ struct Agg {
     score: i64,
 }
 
+impl Agg {
+    /// Adds `sign` (1 or -1) times `d`.
+    fn add(&mut self, d: &Agg, sign: i64) {
+        let add = |v: &mut i64, x: i64| *v = v.saturating_add(sign.saturating_mul(x));
+        add(&mut self.started, d.started);
+        add(&mut self.ended, d.ended);
+        add(&mut self.active, d.active);
+        add(&mut self.ended_duration_ms, d.ended_duration_ms);
+        add(&mut self.ended_events, d.ended_events);
+        add(&mut self.score, d.score);
+    }
+
+    /// The close of `s`, counted in the window of its last event.
+    fn ended(s: &Session) -> Agg {
+        Agg {
+            ended: 1,
+            ended_duration_ms: s.last.saturating_sub(s.first),
+            ended_events: s.events,
+            ..Agg::default()
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Window {
     aggs: BTreeMap<TagKey, Agg>,
@@ -150,12 +478,130 @@ struct Window {
     dirty: bool,
 }
 
-#[derive(Debug, Clone, Copy)]
-enum Part {
-    Started,
-    Active,
-    Score(i64),
-    Ended { duration_ms: i64, events: i64 },
+/// The windows of both tiers and what decides which may still change.
+#[derive(Debug, Clone)]
+struct Totals {
+    /// One map per entry of [`TIERS`]: window start -> window.
+    windows: [BTreeMap<i64, Window>; 2],
+    gap_ms: i64,
+    lateness_ms: i64,
+    last_wm: i64,
+}
+
+impl Totals {
+    /// Whether the window may still receive changes.
+    fn kept(&self, tier: usize, start: i64) -> bool {
+        // Held windows count even past the horizon: a watermark jump closes
+        // sessions just before their windows fire and are dropped.
+        start
+            .saturating_add(TIERS[tier].1)
+            .saturating_add(self.gap_ms)
+            .saturating_add(self.lateness_ms)
+            > self.last_wm
+            || self.windows[tier].contains_key(&start)
+    }
+
+    /// Adds `sign` times `delta` to the totals of `tags` in the window of
+    /// `tier` starting at `start`, if that window is kept.
+    fn touch(&mut self, tier: usize, start: i64, tags: TagKey, delta: &Agg, sign: i64) {
+        let w = match self.windows[tier].get_mut(&start) {
+            Some(w) => w,
+            None => {
+                if !self.kept(tier, start) {
+                    return;
+                }
+                self.windows[tier].entry(start).or_default()
+            }
+        };
+        if w.fired {
+            w.dirty = true;
+        }
+        let agg = w.aggs.entry(tags).or_default();
+        agg.add(delta, sign);
+        // A tag set that lost all its sessions before firing was never seen.
+        if !w.fired && *agg == Agg::default() {
+            w.aggs.remove(&tags);
+        }
+    }
+
+    /// Adds (`sign` 1) or withdraws (`sign` -1) a session's whole
+    /// contribution, one touch per window.
+    fn apply(&mut self, s: &Session, sign: i64) {
+        for (tier, &(_, size)) in TIERS.iter().enumerate() {
+            let mut pending = (
+                floor(s.first, size),
+                Agg {
+                    started: 1,
+                    ..Agg::default()
+                },
+            );
+            for &(minute, score) in s.minutes.iter() {
+                let start = floor(minute, size);
+                if start != pending.0 {
+                    self.touch(tier, pending.0, s.tags, &pending.1, sign);
+                    pending = (start, Agg::default());
+                }
+                pending.1.active = 1;
+                pending.1.score = pending.1.score.saturating_add(score);
+            }
+            if s.closed {
+                let start = floor(s.last, size);
+                if start != pending.0 {
+                    self.touch(tier, pending.0, s.tags, &pending.1, sign);
+                    pending = (start, Agg::default());
+                }
+                pending.1.add(&Agg::ended(s), 1);
+            }
+            self.touch(tier, pending.0, s.tags, &pending.1, sign);
+        }
+    }
+
+    /// Drops the minutes whose hour is gone: they can never be withdrawn or
+    /// re-added.
+    fn prune(&self, s: &mut Session) {
+        let Some(&(first, _)) = s.minutes.first() else {
+            return;
+        };
+        if self.kept(1, floor(first, HOUR_MS)) {
+            return;
+        }
+        let first_kept = s
+            .minutes
+            .iter()
+            .position(|&(m, _)| self.kept(1, floor(m, HOUR_MS)));
+        if let Some(k) = first_kept {
+            s.minutes.drain_each(0, k, drop);
+        }
+    }
+
+    /// Adds an event to an open session without moving its start: the tags
+    /// and the start stay, so only the event's windows change.
+    fn extend(&mut self, s: &mut Session, ts: i64, score: i64) {
+        let minute = floor(ts, MINUTE_MS);
+        // The minutes nearest the event's: the session is active in a window
+        // already if and only if one of them lies in it.
+        let i = s.minutes.partition_point(|&(m, _)| m < minute);
+        let before = i.checked_sub(1).and_then(|j| s.minutes.get(j));
+        let near = [before, s.minutes.get(i)];
+        for (tier, &(_, size)) in TIERS.iter().enumerate() {
+            let start = floor(ts, size);
+            let end = start.saturating_add(size);
+            let active = near.iter().flatten().any(|&&(m, _)| start <= m && m < end);
+            let delta = Agg {
+                active: i64::from(!active),
+                score,
+                ..Agg::default()
+            };
+            if delta != Agg::default() {
+                self.touch(tier, start, s.tags, &delta, 1);
+            }
+        }
+        add_minute(&mut s.minutes, minute, score);
+        s.events = s.events.saturating_add(1);
+        // Still open: it was, and its last event can only move later.
+        s.last = s.last.max(ts);
+        self.prune(s);
+    }
 }
 
 /// Session windows per user, enriched from `profile_update` events.
@@ -166,23 +612,63 @@ enum Part {
 /// in the window, `avg_session_seconds` and `events_per_session` (floats).
 #[derive(Debug, Clone)]
 pub struct EngagementPipeline {
-    gap_ms: i64,
-    lateness_ms: i64,
     weights: ActionWeights,
-    profiles: FxHashMap<String, Profile>,
-    /// Per user, sorted by first event and never overlapping.
-    sessions: FxHashMap<String, Vec<Session>>,
-    /// One map per entry of [`TIERS`]: window start -> window.
-    windows: [BTreeMap<i64, Window>; 2],
-    last_wm: Watermark,
-    /// No session closes or expires before this watermark.
-    next_due: i64,
+    profiles: FxHashMap<CompactStr, Profile>,
+    sessions: FxHashMap<CompactStr, Sessions>,
+    /// Users whose sessions need attention, by when: a user's entry at
+    /// [`Sessions::scheduled`] counts, others are stale and skipped.
+    due: DueQueue,
+    segments: Segments,
+    totals: Totals,
 }
 
-fn ended_part(s: &Session) -> Part {
-    Part::Ended {
-        duration_ms: s.last.saturating_sub(s.first),
-        events: s.events,
+/// Width of a [`DueQueue`] bucket.
+const DUE_BUCKET_MS: i64 = 1_000;
+
+/// Users with a session due, bucketed by the second it is due: pushing is
+/// a bucket look-up and an append, and a watermark takes whole buckets, which
+/// keeps closing millions of sessions cache-friendly (a binary heap of
+/// strings was the hottest spot of a run).
+#[derive(Debug, Clone, Default)]
+struct DueQueue {
+    buckets: BTreeMap<i64, Vec<(i64, CompactStr)>>,
+}
+
+impl DueQueue {
+    fn push(&mut self, at: i64, user: CompactStr) {
+        self.buckets
+            .entry(at.div_euclid(DUE_BUCKET_MS))
+            .or_default()
+            .push((at, user));
+    }
+
+    /// Removes and returns every entry due at or before `wm`, in no order.
+    fn take_due(&mut self, wm: i64) -> Vec<(i64, CompactStr)> {
+        let mut out = Vec::new();
+        while let Some(mut bucket) = self.buckets.first_entry() {
+            let from = bucket.key().saturating_mul(DUE_BUCKET_MS);
+            if from > wm {
+                break;
+            }
+            if from.saturating_add(DUE_BUCKET_MS - 1) <= wm {
+                out.append(&mut bucket.remove());
+                continue;
+            }
+            let (due, keep): (Vec<_>, Vec<_>) =
+                bucket.get_mut().drain(..).partition(|(at, _)| *at <= wm);
+            out.extend(due);
+            if keep.is_empty() {
+                bucket.remove();
+            } else {
+                *bucket.get_mut() = keep;
+            }
+            break;
+        }
+        out
+    }
+
+    fn clear(&mut self) {
+        self.buckets.clear();
     }
 }
 
@@ -199,11 +685,12 @@ fn due(s: &Session, gap_ms: i64, lateness_ms: i64) -> i64 {
 
 #[derive(Serialize, Deserialize)]
 struct EngagementState {
+    /// Interned segment names, in id order.
+    segments: Vec<Box<str>>,
     profiles: Vec<(String, Profile)>,
     sessions: Vec<(String, Vec<Session>)>,
     windows: Vec<(u8, i64, Window)>,
     last_wm: Watermark,
-    next_due: i64,
 }
 
 impl Default for EngagementPipeline {
@@ -217,315 +704,294 @@ impl EngagementPipeline {
 
     pub fn new(config: EngagementConfig) -> Self {
         EngagementPipeline {
-            // A zero gap would make every event its own never-joining session.
-            gap_ms: millis(config.session_gap).max(1),
-            lateness_ms: millis(config.allowed_lateness),
             weights: config.weights,
             profiles: FxHashMap::default(),
             sessions: FxHashMap::default(),
-            windows: [BTreeMap::new(), BTreeMap::new()],
-            last_wm: EventTime::MIN,
-            next_due: i64::MAX,
+            due: DueQueue::default(),
+            segments: Segments::default(),
+            totals: Totals {
+                windows: [BTreeMap::new(), BTreeMap::new()],
+                // A zero gap would make every event its own never-joining session.
+                gap_ms: millis(config.session_gap).max(1),
+                lateness_ms: millis(config.allowed_lateness),
+                last_wm: EventTime::MIN.0,
+            },
         }
     }
 
     /// Sessions held (open, or closed but still within the lateness).
     pub fn held_sessions(&self) -> usize {
-        self.sessions.values().map(Vec::len).sum()
+        self.sessions.values().map(|held| held.list.len()).sum()
     }
 
     /// Windows held (open, or fired but still correctable).
     pub fn held_windows(&self) -> usize {
-        self.windows.iter().map(BTreeMap::len).sum()
-    }
-
-    fn window_kept(&self, tier: usize, start: i64) -> bool {
-        let size = TIERS[tier].1;
-        // Held windows count even past the horizon: a watermark jump closes
-        // sessions just before their windows fire and are dropped.
-        self.windows[tier].contains_key(&start)
-            || start
-                .saturating_add(size)
-                .saturating_add(self.gap_ms)
-                .saturating_add(self.lateness_ms)
-                > self.last_wm.0
-    }
-
-    fn tags_for(&self, user: &str, first_country: [u8; 2]) -> TagKey {
-        let profile = self.profiles.get(user);
-        let country = if first_country != Country::UNKNOWN.0 {
-            first_country
-        } else {
-            profile.map_or(Country::UNKNOWN.0, |p| p.country)
-        };
-        let segment = profile
-            .and_then(|p| p.segment.clone())
-            .unwrap_or_else(|| UNKNOWN.to_string());
-        (country, segment)
-    }
-
-    fn touch(&mut self, tier: usize, ts: i64, tags: &TagKey, part: Part, sign: i64) {
-        let start = floor(ts, TIERS[tier].1);
-        if !self.window_kept(tier, start) {
-            return;
-        }
-        let w = self.windows[tier].entry(start).or_default();
-        if w.fired {
-            w.dirty = true;
-        }
-        let agg = match w.aggs.get_mut(tags) {
-            Some(a) => a,
-            None => w.aggs.entry(tags.clone()).or_default(),
-        };
-        match part {
-            Part::Started => agg.started = agg.started.saturating_add(sign),
-            Part::Active => agg.active = agg.active.saturating_add(sign),
-            Part::Score(s) => agg.score = agg.score.saturating_add(sign.saturating_mul(s)),
-            Part::Ended {
-                duration_ms,
-                events,
-            } => {
-                agg.ended = agg.ended.saturating_add(sign);
-                agg.ended_duration_ms = agg
-                    .ended_duration_ms
-                    .saturating_add(sign.saturating_mul(duration_ms));
-                agg.ended_events = agg.ended_events.saturating_add(sign.saturating_mul(events));
-            }
-        }
-        // A tag set that lost all its sessions before firing was never seen.
-        if !w.fired && *agg == Agg::default() {
-            w.aggs.remove(tags);
-        }
-    }
-
-    fn apply_ended(&mut self, s: &Session, sign: i64) {
-        let part = ended_part(s);
-        for tier in 0..TIERS.len() {
-            self.touch(tier, s.last, &s.tags, part, sign);
-        }
-    }
-
-    /// Adds (`sign` 1) or withdraws (`sign` -1) a session's whole contribution.
-    fn apply(&mut self, s: &Session, sign: i64) {
-        for (tier, &(_, size)) in TIERS.iter().enumerate() {
-            self.touch(tier, s.first, &s.tags, Part::Started, sign);
-            let mut current: Option<(i64, i64)> = None;
-            for (&minute, &(_, score)) in &s.minutes {
-                let start = floor(minute, size);
-                match current {
-                    Some((st, ref mut sc)) if st == start => *sc = sc.saturating_add(score),
-                    _ => {
-                        if let Some((st, sc)) = current {
-                            self.touch(tier, st, &s.tags, Part::Active, sign);
-                            self.touch(tier, st, &s.tags, Part::Score(sc), sign);
-                        }
-                        current = Some((start, score));
-                    }
-                }
-            }
-            if let Some((st, sc)) = current {
-                self.touch(tier, st, &s.tags, Part::Active, sign);
-                self.touch(tier, st, &s.tags, Part::Score(sc), sign);
-            }
-        }
-        if s.closed {
-            self.apply_ended(s, sign);
-        }
+        self.totals.windows.iter().map(BTreeMap::len).sum()
     }
 
     fn on_profile(&mut self, ev: &Event) {
-        let profile = Profile {
-            ts: ev.timestamp.0,
-            event_id: ev.event_id.clone(),
-            country: ev.country.0,
-            segment: ev.segment.clone(),
-        };
-        let newer = self
-            .profiles
-            .get(&ev.user_id)
-            .is_none_or(|p| (p.ts, &p.event_id) <= (profile.ts, &profile.event_id));
-        if !newer {
-            return;
-        }
-        self.profiles.insert(ev.user_id.clone(), profile);
-        let Some(mut sessions) = self.sessions.remove(&ev.user_id) else {
-            return;
-        };
-        for s in &mut sessions {
-            let tags = self.tags_for(&ev.user_id, s.first_country);
-            if tags != s.tags {
-                self.apply(s, -1);
-                s.tags = tags;
-                self.apply(s, 1);
+        let (ts, user) = (ev.timestamp.0, ev.user_id.as_bytes());
+        let country = ev.country.0;
+        match self.profiles.get_mut(user) {
+            Some(p) => {
+                if (p.ts, &p.event_id) > (ts, &ev.event_id) {
+                    return;
+                }
+                p.ts = ts;
+                p.event_id.clone_from(&ev.event_id);
+                p.country = country;
+                p.segment = self.segments.id(ev.segment.as_deref());
+            }
+            None => {
+                let segment = self.segments.id(ev.segment.as_deref());
+                let profile = Profile {
+                    ts,
+                    event_id: ev.event_id.clone(),
+                    country,
+                    segment,
+                };
+                self.profiles.insert(CompactStr::new(&ev.user_id), profile);
             }
         }
-        self.sessions.insert(ev.user_id.clone(), sessions);
+        let Some(held) = self.sessions.get_mut(user) else {
+            return;
+        };
+        let profile = self.profiles.get(user);
+        for s in held.list.iter_mut() {
+            let tags = tags_for(profile, s.first_country);
+            if tags != s.tags {
+                self.totals.apply(s, -1);
+                s.tags = tags;
+                self.totals.apply(s, 1);
+            }
+        }
     }
 
     fn on_action(&mut self, ev: &Event) {
-        let ts = ev.timestamp.0;
+        let (ts, user) = (ev.timestamp.0, ev.user_id.as_bytes());
+        let totals = &mut self.totals;
         // The driver drops these; a stray one must not resurrect dropped state.
-        if ts < self.last_wm.0.saturating_sub(self.lateness_ms) {
+        if ts < totals.last_wm.saturating_sub(totals.lateness_ms) {
             return;
         }
-        let gap = self.gap_ms;
-        let mut list = self.sessions.remove(&ev.user_id).unwrap_or_default();
+        let gap = totals.gap_ms;
+        let score = self.weights.weight(&ev.event_type);
+        let mut held = self.sessions.get_mut(user);
         // Sessions within the gap of the event are contiguous in `list`.
-        let lo = list.partition_point(|s| s.last.saturating_add(gap) <= ts);
-        let hi = list.partition_point(|s| s.first.saturating_sub(gap) < ts);
-        let hi = hi.max(lo);
-        if hi == lo + 1 {
-            if let Some(s) = list.get_mut(lo) {
-                if !s.closed && ts > s.first {
-                    self.extend(s, ts, self.weights.weight(&ev.event_type));
-                    self.sessions.insert(ev.user_id.clone(), list);
-                    return;
+        let (lo, hi) = match held.as_deref_mut() {
+            Some(Sessions { list, .. }) => {
+                let lo = list.partition_point(|s| s.last.saturating_add(gap) <= ts);
+                let hi = list.partition_point(|s| s.first.saturating_sub(gap) < ts);
+                if hi == lo + 1 {
+                    if let Some(s) = list.get_mut(lo) {
+                        if !s.closed && ts > s.first {
+                            totals.extend(s, ts, score);
+                            return;
+                        }
+                    }
+                }
+                (lo, hi.max(lo))
+            }
+            None => (0, 0),
+        };
+        let mut merged: Option<Session> = None;
+        if let Some(Sessions { list, .. }) = held.as_deref_mut() {
+            list.drain_each(lo, hi, |s| {
+                totals.apply(&s, -1);
+                match &mut merged {
+                    None => merged = Some(s),
+                    Some(m) => {
+                        if (s.first, s.first_id.as_bytes()) < (m.first, m.first_id.as_bytes()) {
+                            m.first = s.first;
+                            m.first_id = s.first_id;
+                            m.first_country = s.first_country;
+                        }
+                        m.last = m.last.max(s.last);
+                        m.events = m.events.saturating_add(s.events);
+                        for &(minute, sc) in s.minutes.iter() {
+                            add_minute(&mut m.minutes, minute, sc);
+                        }
+                    }
+                }
+            });
+        }
+        let minute = floor(ts, MINUTE_MS);
+        let mut merged = match merged {
+            Some(mut m) => {
+                if (ts, ev.event_id.as_bytes()) <= (m.first, m.first_id.as_bytes()) {
+                    m.first = ts;
+                    m.first_id = CompactStr::new(&ev.event_id);
+                    m.first_country = ev.country.0;
+                }
+                m.last = m.last.max(ts);
+                m.events = m.events.saturating_add(1);
+                add_minute(&mut m.minutes, minute, score);
+                m
+            }
+            None => Session {
+                first: ts,
+                first_id: CompactStr::new(&ev.event_id),
+                first_country: ev.country.0,
+                last: ts,
+                events: 1,
+                minutes: Few::One((minute, score)),
+                closed: false,
+                tags: (Country::UNKNOWN.0, UNKNOWN_SEGMENT),
+            },
+        };
+        totals.prune(&mut merged);
+        merged.closed = merged.last.saturating_add(gap) <= totals.last_wm;
+        merged.tags = tags_for(self.profiles.get(user), merged.first_country);
+        totals.apply(&merged, 1);
+        let at = due(&merged, gap, totals.lateness_ms);
+        match held {
+            Some(held) => {
+                held.list.insert(lo, merged);
+                if at < held.scheduled {
+                    held.scheduled = at;
+                    self.due.push(at, CompactStr::new(&ev.user_id));
                 }
             }
-        }
-        let joined: Vec<Session> = list.drain(lo..hi).collect();
-        for s in &joined {
-            self.apply(s, -1);
-        }
-        let mut merged = Session {
-            first: ts,
-            first_id: ev.event_id.clone(),
-            first_country: ev.country.0,
-            last: ts,
-            events: 0,
-            minutes: BTreeMap::new(),
-            closed: false,
-            tags: (Country::UNKNOWN.0, String::new()),
-        };
-        for s in joined {
-            if (s.first, &s.first_id) < (merged.first, &merged.first_id) {
-                merged.first = s.first;
-                merged.first_id = s.first_id;
-                merged.first_country = s.first_country;
-            }
-            merged.last = merged.last.max(s.last);
-            merged.events = merged.events.saturating_add(s.events);
-            for (m, (n, sc)) in s.minutes {
-                let e = merged.minutes.entry(m).or_insert((0, 0));
-                e.0 = e.0.saturating_add(n);
-                e.1 = e.1.saturating_add(sc);
-            }
-        }
-        merged.events = merged.events.saturating_add(1);
-        let e = merged.minutes.entry(floor(ts, MINUTE_MS)).or_insert((0, 0));
-        e.0 = e.0.saturating_add(1);
-        e.1 = e.1.saturating_add(self.weights.weight(&ev.event_type));
-        self.prune(&mut merged);
-        merged.closed = merged.last.saturating_add(gap) <= self.last_wm.0;
-        merged.tags = self.tags_for(&ev.user_id, merged.first_country);
-        self.apply(&merged, 1);
-        self.next_due = self
-            .next_due
-            .min(due(&merged, self.gap_ms, self.lateness_ms));
-        list.insert(lo, merged);
-        self.sessions.insert(ev.user_id.clone(), list);
-    }
-
-    /// Minutes whose hour is gone can never be withdrawn or re-added.
-    fn prune(&self, s: &mut Session) {
-        let first_kept = s
-            .minutes
-            .keys()
-            .copied()
-            .find(|&m| self.window_kept(1, floor(m, HOUR_MS)));
-        if let Some(k) = first_kept {
-            if s.minutes.keys().next() != Some(&k) {
-                s.minutes = s.minutes.split_off(&k);
+            None => {
+                let user = CompactStr::new(&ev.user_id);
+                self.due.push(at, user.clone());
+                let list = Few::One(merged);
+                let held = Sessions {
+                    list,
+                    scheduled: at,
+                };
+                self.sessions.insert(user, held);
             }
         }
     }
 
-    /// Adds an event to an open session without moving its start: the tags
-    /// and the start stay, so only the event's windows change.
-    fn extend(&mut self, s: &mut Session, ts: i64, score: i64) {
-        for (tier, &(_, size)) in TIERS.iter().enumerate() {
-            let start = floor(ts, size);
-            let end = start.saturating_add(size);
-            if s.minutes.range(start..end).next().is_none() {
-                self.touch(tier, start, &s.tags, Part::Active, 1);
-            }
-            if score != 0 {
-                self.touch(tier, start, &s.tags, Part::Score(score), 1);
-            }
-        }
-        let e = s.minutes.entry(floor(ts, MINUTE_MS)).or_insert((0, 0));
-        e.0 = e.0.saturating_add(1);
-        e.1 = e.1.saturating_add(score);
-        s.events = s.events.saturating_add(1);
-        // Still open: it was, and its last event can only move later.
-        s.last = s.last.max(ts);
-        self.prune(s);
-    }
-
-    /// Closes sessions the watermark has passed and forgets expired ones.
+    /// Closes sessions the watermark has passed and forgets expired ones,
+    /// visiting only the users with a session due.
     fn sweep(&mut self) {
-        let wm = self.last_wm.0;
-        if wm < self.next_due {
-            return;
-        }
-        let (gap, lateness) = (self.gap_ms, self.lateness_ms);
-        let mut next_due = i64::MAX;
-        let mut ended: Vec<(i64, Part, TagKey)> = Vec::new();
-        // Only sums change, so the visiting order does not matter.
-        self.sessions.retain(|_, list| {
-            for s in list.iter_mut() {
+        let wm = self.totals.last_wm;
+        let (gap, lateness) = (self.totals.gap_ms, self.totals.lateness_ms);
+        for (at, user) in self.due.take_due(wm) {
+            let Some(held) = self.sessions.get_mut(user.as_bytes()) else {
+                continue;
+            };
+            if held.scheduled != at {
+                // Stale: an earlier entry covered this user already.
+                continue;
+            }
+            // Only sums change, so the order users are visited in does not matter.
+            for s in held.list.iter_mut() {
                 if !s.closed && s.last.saturating_add(gap) <= wm {
                     s.closed = true;
-                    ended.push((s.last, ended_part(s), s.tags.clone()));
+                    let delta = Agg::ended(s);
+                    for (tier, &(_, size)) in TIERS.iter().enumerate() {
+                        self.totals
+                            .touch(tier, floor(s.last, size), s.tags, &delta, 1);
+                    }
                 }
             }
-            list.retain(|s| !s.closed || due(s, gap, lateness) > wm);
-            for s in list.iter() {
-                next_due = next_due.min(due(s, gap, lateness));
-            }
-            !list.is_empty()
-        });
-        for (last, part, tags) in ended {
-            for tier in 0..TIERS.len() {
-                self.touch(tier, last, &tags, part, 1);
+            held.list
+                .retain(|s| !s.closed || due(s, gap, lateness) > wm);
+            // Later than `wm`: what is left is open or within its lateness.
+            match held.list.iter().map(|s| due(s, gap, lateness)).min() {
+                Some(next) => {
+                    held.scheduled = next;
+                    self.due.push(next, user);
+                }
+                None => {
+                    self.sessions.remove(user.as_bytes());
+                }
             }
         }
-        self.next_due = next_due;
     }
 
-    fn emit(tier: Tier, start: i64, w: &Window, out: &mut Vec<Point>) {
-        for ((country, segment), a) in &w.aggs {
+    fn partial(&self, kind: usize, start: i64, w: &Window) -> Partial {
+        let size = TIERS.get(kind).map_or(MINUTE_MS, |t| t.1);
+        let rows = w
+            .aggs
+            .iter()
+            .map(|(&(country, segment), a)| {
+                (
+                    row_key([Country(country).as_str(), self.segments.name(segment)]),
+                    vec![
+                        a.started,
+                        a.ended,
+                        a.active,
+                        a.ended_duration_ms,
+                        a.ended_events,
+                        a.score,
+                    ],
+                )
+            })
+            .collect();
+        let window = WindowId {
+            end: start.saturating_add(size),
+            pipeline: 0,
+            kind: kind as u8,
+            start,
+        };
+        Partial::new(window, rows, None)
+    }
+}
+/// Stage 2 of engagement: sums the workers' per-(country, segment) totals
+/// and derives the averages.
+#[derive(Debug, Clone)]
+pub struct EngagementFinisher {
+    horizon: Duration,
+}
+
+impl EngagementFinisher {
+    pub fn new(config: EngagementConfig) -> Self {
+        EngagementFinisher {
+            horizon: config.session_gap.saturating_add(config.allowed_lateness),
+        }
+    }
+}
+
+impl Finisher for EngagementFinisher {
+    fn finish(&self, merged: &Partial, out: &mut Vec<Point>) {
+        let Some(&(tier, _)) = TIERS.get(merged.window.kind as usize) else {
+            return;
+        };
+        for (key, v) in &merged.rows {
+            let ([country, segment], [started, ended, active, duration_ms, events, score]) =
+                (&key[..], &v[..])
+            else {
+                continue;
+            };
             let mut fields = vec![
-                ("active_sessions".to_string(), FieldValue::Int(a.active)),
-                ("engagement_score".to_string(), FieldValue::Int(a.score)),
-                ("sessions_ended".to_string(), FieldValue::Int(a.ended)),
-                ("sessions_started".to_string(), FieldValue::Int(a.started)),
+                ("active_sessions".to_string(), FieldValue::Int(*active)),
+                ("engagement_score".to_string(), FieldValue::Int(*score)),
+                ("sessions_ended".to_string(), FieldValue::Int(*ended)),
+                ("sessions_started".to_string(), FieldValue::Int(*started)),
             ];
-            if a.ended > 0 {
-                let n = a.ended as f64;
+            if *ended > 0 {
+                let n = *ended as f64;
                 fields.push((
                     "avg_session_seconds".to_string(),
-                    FieldValue::Float(a.ended_duration_ms as f64 / 1000.0 / n),
+                    FieldValue::Float(*duration_ms as f64 / 1000.0 / n),
                 ));
                 fields.push((
                     "events_per_session".to_string(),
-                    FieldValue::Float(a.ended_events as f64 / n),
+                    FieldValue::Float(*events as f64 / n),
                 ));
             }
             out.push(Point::new(
                 "engagement",
                 tier,
-                EventTime(start),
+                EventTime(merged.window.start),
                 vec![
-                    (
-                        "country".to_string(),
-                        Country(*country).as_str().to_string(),
-                    ),
-                    ("segment".to_string(), segment.clone()),
+                    ("country".to_string(), country.to_string()),
+                    ("segment".to_string(), segment.to_string()),
                 ],
                 fields,
             ));
         }
+    }
+
+    fn horizon(&self) -> Option<Duration> {
+        // A session closes a whole gap after its last event, correcting
+        // windows that long after they fired.
+        Some(self.horizon)
     }
 }
 
@@ -534,29 +1000,29 @@ impl Pipeline for EngagementPipeline {
         Self::NAME
     }
 
-    fn on_event(&mut self, ev: &Event, _out: &mut Vec<Point>) {
-        if ev.event_type == EventType::ProfileUpdate {
+    fn on_event(&mut self, ev: &Event) {
+        if matches!(ev.event_type, EventType::ProfileUpdate) {
             self.on_profile(ev);
         } else {
             self.on_action(ev);
         }
     }
 
-    fn on_watermark(&mut self, wm: Watermark, out: &mut Vec<Point>) {
-        self.last_wm = self.last_wm.max(wm);
+    fn on_watermark(&mut self, wm: Watermark, out: &mut Vec<Partial>) {
+        self.totals.last_wm = self.totals.last_wm.max(wm.0);
         self.sweep();
-        let wm = self.last_wm.0;
-        let keep = self.gap_ms.saturating_add(self.lateness_ms);
-        for (i, &(tier, size)) in TIERS.iter().enumerate() {
-            for (&start, w) in &self.windows[i] {
+        let wm = self.totals.last_wm;
+        let keep = self.totals.gap_ms.saturating_add(self.totals.lateness_ms);
+        for (i, &(_, size)) in TIERS.iter().enumerate() {
+            for (&start, w) in &self.totals.windows[i] {
                 if start.saturating_add(size) > wm {
                     break;
                 }
                 if !w.fired || w.dirty {
-                    Self::emit(tier, start, w, out);
+                    out.push(self.partial(i, start, w));
                 }
             }
-            self.windows[i].retain(|&start, w| {
+            self.totals.windows[i].retain(|&start, w| {
                 let end = start.saturating_add(size);
                 if end <= wm {
                     w.fired = true;
@@ -567,11 +1033,11 @@ impl Pipeline for EngagementPipeline {
         }
     }
 
-    fn early(&self, out: &mut Vec<Point>) {
-        for (i, &(tier, _)) in TIERS.iter().enumerate() {
-            for (&start, w) in &self.windows[i] {
+    fn early(&self, out: &mut Vec<Partial>) {
+        for (i, windows) in self.totals.windows.iter().enumerate() {
+            for (&start, w) in windows {
                 if !w.fired {
-                    Self::emit(tier, start, w, out);
+                    out.push(self.partial(i, start, w));
                 }
             }
         }
@@ -581,19 +1047,21 @@ impl Pipeline for EngagementPipeline {
         let mut profiles: Vec<(String, Profile)> = self
             .profiles
             .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .map(|(k, v)| (k.to_text(), v.clone()))
             .collect();
         profiles.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let mut sessions: Vec<(String, Vec<Session>)> = self
             .sessions
             .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .map(|(k, v)| (k.to_text(), v.list.to_vec()))
             .collect();
         sessions.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let state = EngagementState {
+            segments: self.segments.names.clone(),
             profiles,
             sessions,
             windows: self
+                .totals
                 .windows
                 .iter()
                 .enumerate()
@@ -602,28 +1070,60 @@ impl Pipeline for EngagementPipeline {
                         .map(move |(&start, w)| (i as u8, start, w.clone()))
                 })
                 .collect(),
-            last_wm: self.last_wm,
-            next_due: self.next_due,
+            last_wm: EventTime(self.totals.last_wm),
         };
         // Serialising plain data into a Vec cannot fail.
         bincode::serialize(&state).unwrap_or_default()
     }
 
     fn restore(&mut self, state: &[u8]) -> Result<(), ProcessorError> {
-        let state: EngagementState = bincode::deserialize(state)
-            .map_err(|e| ProcessorError::CorruptCheckpoint(format!("engagement state: {e}")))?;
+        let corrupt =
+            |what: String| ProcessorError::CorruptCheckpoint(format!("engagement state: {what}"));
+        let state: EngagementState =
+            bincode::deserialize(state).map_err(|e| corrupt(e.to_string()))?;
+        let segments = Segments::from_names(state.segments).map_err(corrupt)?;
+        let known = |id: SegmentId| (id as usize) < segments.len();
         let mut windows: [BTreeMap<i64, Window>; 2] = [BTreeMap::new(), BTreeMap::new()];
         for (i, start, w) in state.windows {
-            let set = windows.get_mut(i as usize).ok_or_else(|| {
-                ProcessorError::CorruptCheckpoint(format!("engagement state: window set {i}"))
-            })?;
+            let set = windows
+                .get_mut(i as usize)
+                .ok_or_else(|| corrupt(format!("window set {i}")))?;
+            if !w.aggs.keys().all(|&(_, seg)| known(seg)) {
+                return Err(corrupt(format!("unknown segment in window {start}")));
+            }
             set.insert(start, w);
         }
-        self.profiles = state.profiles.into_iter().collect();
-        self.sessions = state.sessions.into_iter().collect();
-        self.windows = windows;
-        self.last_wm = state.last_wm;
-        self.next_due = state.next_due;
+        let sessions_known = state
+            .sessions
+            .iter()
+            .all(|(_, list)| list.iter().all(|s| known(s.tags.1)));
+        if !sessions_known || !state.profiles.iter().all(|(_, p)| known(p.segment)) {
+            return Err(corrupt("unknown segment in a session or profile".into()));
+        }
+        self.segments = segments;
+        self.profiles = (state.profiles.into_iter())
+            .map(|(k, v)| (CompactStr::new(&k), v))
+            .collect();
+        let (gap, lateness) = (self.totals.gap_ms, self.totals.lateness_ms);
+        self.sessions.clear();
+        self.due.clear();
+        for (user, list) in state.sessions {
+            let Some(at) = list.iter().map(|s| due(s, gap, lateness)).min() else {
+                continue;
+            };
+            let user = CompactStr::new(&user);
+            self.due.push(at, user.clone());
+            let list = Few::from(list);
+            self.sessions.insert(
+                user,
+                Sessions {
+                    list,
+                    scheduled: at,
+                },
+            );
+        }
+        self.totals.windows = windows;
+        self.totals.last_wm = state.last_wm.0;
         Ok(())
     }
 }
@@ -631,8 +1131,18 @@ impl Pipeline for EngagementPipeline {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::combiner::Combiner;
+    use crate::solo::Solo;
 
     const GAP: i64 = 30 * 60_000;
+
+    fn solo(cfg: EngagementConfig) -> Solo<EngagementPipeline> {
+        Solo::new(
+            EngagementPipeline::new(cfg.clone()),
+            EngagementFinisher::new(cfg.clone()),
+            cfg.allowed_lateness,
+        )
+    }
 
     fn ev(id: &str, user: &str, t: EventType, ts: i64, country: &str) -> Event {
         Event {
@@ -685,7 +1195,7 @@ mod tests {
 
     #[test]
     fn session_spanning_two_minutes() {
-        let mut p = EngagementPipeline::default();
+        let mut p = solo(EngagementConfig::default());
         let mut out = Vec::new();
         p.on_event(&ev("1", "u1", EventType::View, 10_000, "de"), &mut out);
         p.on_event(&ev("2", "u1", EventType::Like, 70_000, "de"), &mut out);
@@ -708,7 +1218,7 @@ mod tests {
         assert_eq!(f(&out, 60_000, "sessions_ended"), int(1));
         assert_eq!(f(&out, 60_000, "avg_session_seconds"), float(60.0));
         assert_eq!(f(&out, 60_000, "events_per_session"), float(2.0));
-        assert_eq!(p.held_sessions(), 1, "kept for the lateness");
+        assert_eq!(p.pipeline.held_sessions(), 1, "kept for the lateness");
         out.clear();
         p.on_watermark(EventTime(HOUR_MS), &mut out);
         let h = |n| field(&out, Tier::Hourly, 0, "DE", "unknown", n);
@@ -716,14 +1226,14 @@ mod tests {
         assert_eq!(h("sessions_ended"), int(1));
         assert_eq!(h("active_sessions"), int(1));
         assert_eq!(h("engagement_score"), int(3));
-        assert_eq!(p.held_sessions(), 0);
+        assert_eq!(p.pipeline.held_sessions(), 0);
         p.on_watermark(EventTime(HOUR_MS + GAP + 60_000), &mut out);
-        assert_eq!(p.held_windows(), 0);
+        assert_eq!(p.pipeline.held_windows(), 0);
     }
 
     #[test]
     fn gap_splits_sessions() {
-        let mut p = EngagementPipeline::default();
+        let mut p = solo(EngagementConfig::default());
         let mut out = Vec::new();
         p.on_event(&ev("1", "u1", EventType::View, 0, "fr"), &mut out);
         p.on_event(&ev("2", "u1", EventType::View, 5_000, "fr"), &mut out);
@@ -744,7 +1254,7 @@ mod tests {
 
     #[test]
     fn late_event_merges_two_sessions() {
-        let mut p = EngagementPipeline::default();
+        let mut p = solo(EngagementConfig::default());
         let mut out = Vec::new();
         p.on_event(&ev("1", "u1", EventType::View, 0, "fr"), &mut out);
         p.on_event(
@@ -752,10 +1262,10 @@ mod tests {
             &mut out,
         );
         p.on_watermark(EventTime(GAP + 30_000), &mut out);
-        assert_eq!(p.held_sessions(), 2);
+        assert_eq!(p.pipeline.held_sessions(), 2);
         // Joins the closed first session and the open second one.
         p.on_event(&ev("3", "u1", EventType::View, GAP - 1_000, "fr"), &mut out);
-        assert_eq!(p.held_sessions(), 1);
+        assert_eq!(p.pipeline.held_sessions(), 1);
         p.on_watermark(EventTime(2 * HOUR_MS), &mut out);
         let h = |n| field(&out, Tier::Hourly, 0, "FR", "unknown", n);
         assert_eq!(h("sessions_started"), int(1));
@@ -771,7 +1281,7 @@ mod tests {
 
     #[test]
     fn profile_enriches_sessions() {
-        let mut p = EngagementPipeline::default();
+        let mut p = solo(EngagementConfig::default());
         let mut out = Vec::new();
         p.on_event(&profile("p", "u1", 0, "de", "creator"), &mut out);
         p.on_event(&ev("1", "u1", EventType::View, 1_000, ""), &mut out);
@@ -798,7 +1308,7 @@ mod tests {
 
     #[test]
     fn score_uses_action_weights() {
-        let mut p = EngagementPipeline::default();
+        let mut p = solo(EngagementConfig::default());
         let mut out = Vec::new();
         let types = [
             EventType::View,
@@ -820,7 +1330,7 @@ mod tests {
 
     #[test]
     fn late_event_within_lateness_re_emits() {
-        let mut p = EngagementPipeline::default();
+        let mut p = solo(EngagementConfig::default());
         let mut out = Vec::new();
         p.on_event(&ev("1", "u1", EventType::View, 10_000, "fr"), &mut out);
         p.on_watermark(EventTime(60_000), &mut out);
@@ -844,7 +1354,7 @@ mod tests {
 
     #[test]
     fn early_reports_unfired_windows() {
-        let mut p = EngagementPipeline::default();
+        let mut p = solo(EngagementConfig::default());
         let mut out = Vec::new();
         p.on_event(&ev("1", "u1", EventType::View, 1_000, "gb"), &mut out);
         p.on_event(&ev("2", "u1", EventType::View, 61_000, "gb"), &mut out);
@@ -865,17 +1375,24 @@ mod tests {
         );
     }
 
-    /// Events over ten minutes for a few users, with short gaps so sessions
+    /// Events over ten minutes for four users, with short gaps so sessions
     /// split and merge, sorted by time.
     fn stream() -> Vec<Event> {
+        stream_of(4)
+    }
+
+    /// Like [`stream`] for up to six users; u2 and u5 share their tags, and
+    /// so do u3 and u6.
+    fn stream_of(users: u64) -> Vec<Event> {
         let mut evs = vec![profile("p1", "u1", 0, "de", "creator")];
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
         for i in 0..400 {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            let user = ["u1", "u2", "u3", "u4"][(x % 4) as usize];
-            let country = ["", "de", "us", "", "fr"][(user.as_bytes()[1] - b'0') as usize];
+            let user = ["u1", "u2", "u3", "u4", "u5", "u6"][(x % users) as usize];
+            let country =
+                ["", "de", "us", "", "fr", "us", ""][(user.as_bytes()[1] - b'0') as usize];
             let t = EventType::BUILT_IN[((x >> 8) % 9) as usize].clone();
             let ts = 1_000 + ((x >> 16) % 600_000) as i64;
             evs.push(ev(&format!("e{i}"), user, t, ts, country));
@@ -892,9 +1409,9 @@ mod tests {
     }
 
     /// Runs events with a watermark of the newest time minus `disorder` after
-    /// each, then flushes; returns the last value per point identity.
+    /// each.
     fn run(
-        p: &mut EngagementPipeline,
+        p: &mut Solo<EngagementPipeline>,
         evs: &[Event],
         disorder: i64,
         max_seen: &mut i64,
@@ -907,20 +1424,25 @@ mod tests {
         }
     }
 
+    /// The last value per point identity.
     fn finals(points: &[Point]) -> BTreeMap<String, Vec<(String, FieldValue)>> {
         let mut m = BTreeMap::new();
         for p in points {
-            let key = format!("{}|{}|{}", p.tier.name(), p.series_key(), p.time.0);
+            let key = format!(
+                "{}|{}|{}|{}",
+                p.measurement,
+                p.tier.name(),
+                p.series_key(),
+                p.time.0
+            );
             m.insert(key, p.fields.clone());
         }
         m
     }
 
-    #[test]
-    fn out_of_order_input_gives_the_same_final_points() {
-        let ordered = stream();
-        let mut shuffled = ordered.clone();
-        // Reverse blocks spanning well under the out-of-orderness.
+    /// Reverses blocks of events spanning well under the out-of-orderness.
+    fn shuffle(ordered: &[Event]) -> Vec<Event> {
+        let mut shuffled = ordered.to_vec();
         let mut start = 1;
         while start < shuffled.len() {
             let mut end = start;
@@ -932,15 +1454,22 @@ mod tests {
             shuffled[start..end].reverse();
             start = end.max(start + 1);
         }
+        shuffled
+    }
+
+    #[test]
+    fn out_of_order_input_gives_the_same_final_points() {
+        let ordered = stream();
+        let shuffled = shuffle(&ordered);
         assert_ne!(ordered, shuffled);
         let mut results = Vec::new();
         for evs in [&ordered, &shuffled] {
-            let mut p = EngagementPipeline::new(config());
+            let mut p = solo(config());
             let (mut out, mut max_seen) = (Vec::new(), i64::MIN);
             run(&mut p, evs, 5_000, &mut max_seen, &mut out);
             p.on_watermark(EventTime(10 * HOUR_MS), &mut out);
-            assert_eq!(p.held_sessions(), 0);
-            assert_eq!(p.held_windows(), 0);
+            assert_eq!(p.pipeline.held_sessions(), 0);
+            assert_eq!(p.pipeline.held_windows(), 0);
             results.push(finals(&out));
         }
         assert!(results[0].len() > 20);
@@ -948,29 +1477,81 @@ mod tests {
     }
 
     #[test]
+    fn users_split_across_two_workers_give_the_same_final_points() {
+        let mut evs = stream_of(6);
+        // Retags u6's held sessions mid-stream.
+        evs.push(profile("p6", "u6", 300_000, "", "casual"));
+        evs.sort_by_key(|e| e.timestamp);
+        let evs = shuffle(&evs);
+        let mut one = solo(config());
+        let (mut single, mut max_seen) = (Vec::new(), i64::MIN);
+        run(&mut one, &evs, 5_000, &mut max_seen, &mut single);
+        one.on_watermark(EventTime(10 * HOUR_MS), &mut single);
+
+        // Odd users on worker 0, even ones on worker 1; each worker's
+        // watermark follows its own events, as a real worker's does.
+        let mut workers = [
+            EngagementPipeline::new(config()),
+            EngagementPipeline::new(config()),
+        ];
+        let mut combiner = Combiner::new(
+            vec![Box::new(EngagementFinisher::new(config()))],
+            2,
+            config().allowed_lateness,
+        );
+        let (mut merged, mut partials) = (Vec::new(), Vec::new());
+        let mut max_seen = [i64::MIN; 2];
+        let mut step = |w: usize, wm: i64, p: &mut EngagementPipeline, out: &mut Vec<Point>| {
+            p.on_watermark(EventTime(wm), &mut partials);
+            for mut part in partials.drain(..) {
+                part.window.pipeline = 0;
+                combiner.on_partial(w, part);
+            }
+            combiner.on_watermark(w, EventTime(wm), out);
+        };
+        for e in &evs {
+            let w = usize::from(e.user_id.as_bytes()[1] % 2 == 0);
+            workers[w].on_event(e);
+            max_seen[w] = max_seen[w].max(e.timestamp.0);
+            step(w, max_seen[w] - 5_000, &mut workers[w], &mut merged);
+        }
+        for (w, p) in workers.iter_mut().enumerate() {
+            step(w, 10 * HOUR_MS, p, &mut merged);
+        }
+        for p in &workers {
+            assert_eq!((p.held_sessions(), p.held_windows()), (0, 0));
+        }
+        assert_eq!(combiner.late_partials(), 0);
+        assert_eq!(combiner.held_windows(), 0);
+        let (single, merged) = (finals(&single), finals(&merged));
+        assert!(single.len() > 20);
+        assert_eq!(single, merged);
+    }
+
+    #[test]
     fn restore_mid_stream_equals_uninterrupted() {
         let evs = stream();
         let (a, b) = evs.split_at(evs.len() / 2);
-        let mut p = EngagementPipeline::new(config());
+        let mut p = solo(config());
         let (mut whole, mut max_seen) = (Vec::new(), i64::MIN);
         run(&mut p, &evs, 5_000, &mut max_seen, &mut whole);
         p.on_watermark(EventTime(10 * HOUR_MS), &mut whole);
 
-        let mut q = EngagementPipeline::new(config());
+        let mut q = solo(config());
         let (mut split, mut max_seen) = (Vec::new(), i64::MIN);
         run(&mut q, a, 5_000, &mut max_seen, &mut split);
         let snap = q.snapshot();
-        let mut r = EngagementPipeline::new(config());
+        let mut r = solo(config());
         r.restore(&snap).unwrap();
         run(&mut r, b, 5_000, &mut max_seen, &mut split);
         r.on_watermark(EventTime(10 * HOUR_MS), &mut split);
         assert_eq!(whole, split);
-        assert!(r.restore(b"garbage").is_err());
+        assert!(r.pipeline.restore(b"garbage").is_err());
     }
 
     #[test]
     fn extreme_timestamps_do_not_panic() {
-        let mut p = EngagementPipeline::new(EngagementConfig {
+        let mut p = solo(EngagementConfig {
             session_gap: Duration::MAX,
             allowed_lateness: Duration::MAX,
             ..EngagementConfig::default()
@@ -988,11 +1569,127 @@ mod tests {
         }
         p.on_watermark(EventTime::MAX, &mut out);
         p.early(&mut out);
-        let mut q = EngagementPipeline::default();
+        let mut q = solo(EngagementConfig::default());
         for ts in [i64::MIN, i64::MAX, 0] {
             q.on_event(&ev("x", "v", EventType::View, ts, ""), &mut out);
             q.on_watermark(EventTime(ts), &mut out);
         }
         q.on_watermark(EventTime::MAX, &mut out);
+    }
+
+    /// Zipf-distributed users (as `tidemark bench`'s generator), 5 % of
+    /// events up to 4 s late, `per_ms` events per millisecond of event time.
+    struct Workload {
+        cumulative: Vec<f64>,
+        x: u64,
+        next_id: i64,
+        per_ms: i64,
+    }
+
+    impl Workload {
+        fn new(users: usize, per_ms: i64) -> Self {
+            let mut acc = 0.0;
+            let cumulative = (1..=users)
+                .map(|i| {
+                    acc += 1.0 / (i as f64).powf(0.9);
+                    acc
+                })
+                .collect();
+            Workload {
+                cumulative,
+                x: 0x9e37_79b9_7f4a_7c15,
+                next_id: 0,
+                per_ms,
+            }
+        }
+
+        fn rand(&mut self) -> u64 {
+            self.x ^= self.x << 13;
+            self.x ^= self.x >> 7;
+            self.x ^= self.x << 17;
+            self.x
+        }
+
+        /// The next `n` events; made per batch so they are fresh in the
+        /// cache, as decoded events are.
+        fn batch(&mut self, n: usize, out: &mut Vec<Event>) {
+            const MIX: [(EventType, u64); 10] = [
+                (EventType::View, 40),
+                (EventType::Like, 16),
+                (EventType::Comment, 5),
+                (EventType::Share, 3),
+                (EventType::PostCreated, 3),
+                (EventType::PageView, 14),
+                (EventType::Login, 1),
+                (EventType::AdImpression, 15),
+                (EventType::AdClick, 2),
+                (EventType::AdConversion, 1),
+            ];
+            const COUNTRIES: [&str; 10] =
+                ["us", "br", "in", "de", "jp", "kz", "gb", "fr", "mx", "id"];
+            out.clear();
+            for _ in 0..n {
+                let total = self.cumulative.last().copied().unwrap_or(1.0);
+                let r = (self.rand() >> 11) as f64 / (1u64 << 53) as f64 * total;
+                let user = self.cumulative.partition_point(|&c| c < r);
+                let mut pick = self.rand() % 100;
+                let t = MIX
+                    .iter()
+                    .find(|(_, w)| {
+                        let hit = pick < *w;
+                        pick = pick.saturating_sub(*w);
+                        hit
+                    })
+                    .map_or(EventType::View, |(t, _)| t.clone());
+                let late = if self.rand() % 100 < 5 {
+                    (self.rand() % 4_000) as i64
+                } else {
+                    0
+                };
+                let id = self.next_id;
+                self.next_id += 1;
+                let ts = 1_790_000_000_000 + id / self.per_ms - late;
+                let country = COUNTRIES[user % COUNTRIES.len()];
+                out.push(ev(&format!("g1-{id}"), &format!("u{user}"), t, ts, country));
+            }
+        }
+    }
+
+    /// Stage-1 throughput, in release:
+    /// `cargo test --release -p tidemark-processor --lib engagement -- --ignored --nocapture`.
+    /// `tidemark bench pipeline`'s workload (1M zipf users, 5,000 events per
+    /// second of event time: no session closes), then 50 minutes of event
+    /// time for 100k users (sessions close and expire), with a watermark
+    /// every 2,000 events.
+    #[test]
+    #[ignore]
+    fn bench_stage1() {
+        for (users, per_ms, n) in [(1_000_000, 5, 1_000_000), (100_000, 1, 3_000_000)] {
+            let mut p = EngagementPipeline::default();
+            let mut load = Workload::new(users, per_ms);
+            let (mut evs, mut partials, mut max_seen) = (Vec::new(), Vec::new(), i64::MIN);
+            let (mut in_events, mut in_watermarks) = (Duration::ZERO, Duration::ZERO);
+            for _ in 0..n / 2_000 {
+                load.batch(2_000, &mut evs);
+                let t0 = std::time::Instant::now();
+                for e in &evs {
+                    p.on_event(e);
+                    max_seen = max_seen.max(e.timestamp.0);
+                }
+                let t1 = std::time::Instant::now();
+                p.on_watermark(EventTime(max_seen - 5_000), &mut partials);
+                (in_events, in_watermarks) = (in_events + (t1 - t0), in_watermarks + t1.elapsed());
+                partials.clear();
+            }
+            let rate = |d: Duration| n as f64 / d.as_secs_f64() / 1e6;
+            println!(
+                "engagement stage 1, {users} users, {} min of event time: on_event {:.2} M events/s, \
+                 with watermarks {:.2} M events/s; {} sessions held",
+                n as i64 / per_ms / 60_000,
+                rate(in_events),
+                rate(in_events + in_watermarks),
+                p.held_sessions()
+            );
+        }
     }
 }

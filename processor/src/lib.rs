@@ -1,21 +1,31 @@
 //! The stream processor: turns the log's events into window results.
 //!
-//! Pipelines ([`Pipeline`]) are pure: no I/O, no clock. They see events and
-//! watermarks and emit [`Point`]s. The one async driver ([`driver`]) reads the
-//! log, tracks per-partition watermarks, drops duplicates and too-late events,
-//! feeds the pipelines, sends final points to the store writer and early
-//! results to the live updates channel, and checkpoints. The same code runs
-//! live, in crash recovery and in replay.
+//! Two stages, both pure (no I/O, no clock). Stage 1 ([`Worker`]): each
+//! worker owns some partitions, drops duplicates and too-late events, tracks
+//! watermarks and runs the stage-1 half of every pipeline ([`Pipeline`]),
+//! which keeps the keyed state (sessions, ad joins, distinct users) and emits
+//! [`Partial`] aggregates per window. Stage 2 ([`Combiner`]): merges the
+//! workers' partials once every worker's watermark passed a window and lets
+//! each pipeline's [`Finisher`] turn the merge into [`Point`]s (top-K,
+//! ratios). [`runner`] joins them with one thread per worker; the async
+//! [`driver`] wraps that for live runs with the store, live updates and
+//! checkpoints. The same code runs live, in crash recovery and in replay.
 
 pub mod ads;
 pub mod checkpoint;
+pub mod combiner;
 pub mod dedup;
 pub mod driver;
 pub mod engagement;
 pub mod hll;
+pub mod partial;
+pub mod runner;
+#[cfg(test)]
+mod solo;
 pub mod traffic;
 pub mod trending;
 pub mod watermark;
+pub mod worker;
 
 use std::time::Duration;
 
@@ -23,74 +33,179 @@ use tidemark_model::{Event, Point, Watermark};
 
 pub use ads::{AdsConfig, AdsPipeline};
 pub use checkpoint::Checkpoint;
-pub use driver::{
-    run_driver, BoxFuture, DriverConfig, Engine, EventCodec, Outcome, PointSink, ProcessorMetrics,
-};
+pub use combiner::Combiner;
+pub use driver::{run_driver, BoxFuture, DriverConfig, EventCodec, PointSink, ProcessorMetrics};
 pub use engagement::{EngagementConfig, EngagementPipeline};
 pub use hll::Hll;
+pub use partial::{Partial, WindowId};
 pub use traffic::TrafficPipeline;
 pub use trending::{TrendingConfig, TrendingPipeline};
 pub use watermark::PartitionWatermarks;
-
-/// The pipelines tidemark runs, with the default allowed lateness.
-pub fn default_pipelines() -> Vec<Box<dyn Pipeline>> {
-    pipelines_with_lateness(traffic::DEFAULT_ALLOWED_LATENESS)
-}
+pub use worker::{Outcome, Worker};
 
 /// Names of every pipeline, in the order they run.
 pub const PIPELINE_NAMES: [&str; 4] = ["traffic", "engagement", "trending", "ads"];
 
-/// The pipelines tidemark runs; `allowed_lateness` must match [`DriverConfig::allowed_lateness`].
-pub fn pipelines_with_lateness(allowed_lateness: Duration) -> Vec<Box<dyn Pipeline>> {
-    PIPELINE_NAMES
-        .iter()
-        .filter_map(|name| pipeline_named(name, allowed_lateness))
-        .collect()
+/// Which pipelines run and how they are configured. Builds both stages:
+/// one stage-1 set per worker and the combiner's finishers, in the same order.
+#[derive(Debug, Clone)]
+pub struct PipelineSet {
+    /// Pipelines to run, in [`PIPELINE_NAMES`] order.
+    pub names: Vec<&'static str>,
+    /// How long a fired window still accepts events; must match
+    /// [`DriverConfig::allowed_lateness`].
+    pub allowed_lateness: Duration,
+    pub engagement: EngagementConfig,
+    pub trending: TrendingConfig,
+    pub ads: AdsConfig,
 }
 
-/// One pipeline by its name (see [`PIPELINE_NAMES`]); `None` for an unknown name.
-pub fn pipeline_named(name: &str, allowed_lateness: Duration) -> Option<Box<dyn Pipeline>> {
-    let pipeline: Box<dyn Pipeline> = match name {
-        "traffic" => Box::new(TrafficPipeline::new(allowed_lateness)),
-        "engagement" => Box::new(EngagementPipeline::new(EngagementConfig {
-            allowed_lateness,
-            ..EngagementConfig::default()
-        })),
-        "trending" => Box::new(TrendingPipeline::new(TrendingConfig {
-            allowed_lateness,
-            ..TrendingConfig::default()
-        })),
-        "ads" => Box::new(AdsPipeline::new(AdsConfig {
-            allowed_lateness,
-            ..AdsConfig::default()
-        })),
-        _ => return None,
-    };
-    Some(pipeline)
+impl Default for PipelineSet {
+    fn default() -> Self {
+        PipelineSet::all(traffic::DEFAULT_ALLOWED_LATENESS)
+    }
 }
 
-/// A stateful, deterministic computation over events in event time.
+impl PipelineSet {
+    /// Every pipeline, with default settings and the given lateness.
+    pub fn all(allowed_lateness: Duration) -> Self {
+        PipelineSet {
+            names: PIPELINE_NAMES.to_vec(),
+            allowed_lateness,
+            engagement: EngagementConfig::default(),
+            trending: TrendingConfig::default(),
+            ads: AdsConfig::default(),
+        }
+    }
+
+    /// The named pipelines (see [`PIPELINE_NAMES`]), in their canonical order.
+    pub fn named<S: AsRef<str>>(names: &[S], allowed_lateness: Duration) -> Result<Self, String> {
+        for n in names {
+            if !PIPELINE_NAMES.contains(&n.as_ref()) {
+                return Err(format!(
+                    "unknown pipeline `{}` (known: {})",
+                    n.as_ref(),
+                    PIPELINE_NAMES.join(", ")
+                ));
+            }
+        }
+        let mut set = PipelineSet::all(allowed_lateness);
+        set.names
+            .retain(|known| names.iter().any(|n| n.as_ref() == *known));
+        Ok(set)
+    }
+
+    /// A fresh set of stage-1 pipelines (one per worker).
+    pub fn stage1(&self) -> Vec<Box<dyn Pipeline>> {
+        let lateness = self.allowed_lateness;
+        self.names
+            .iter()
+            .map(|name| -> Box<dyn Pipeline> {
+                match *name {
+                    "engagement" => Box::new(EngagementPipeline::new(EngagementConfig {
+                        allowed_lateness: lateness,
+                        ..self.engagement.clone()
+                    })),
+                    "trending" => Box::new(TrendingPipeline::new(TrendingConfig {
+                        allowed_lateness: lateness,
+                        ..self.trending.clone()
+                    })),
+                    "ads" => Box::new(AdsPipeline::new(AdsConfig {
+                        allowed_lateness: lateness,
+                        ..self.ads
+                    })),
+                    _ => Box::new(TrafficPipeline::new(lateness)),
+                }
+            })
+            .collect()
+    }
+
+    /// The combiner's finishers, in the same order as [`PipelineSet::stage1`].
+    pub fn stage2(&self) -> Vec<Box<dyn Finisher>> {
+        let lateness = self.allowed_lateness;
+        self.names
+            .iter()
+            .map(|name| -> Box<dyn Finisher> {
+                match *name {
+                    "engagement" => {
+                        Box::new(engagement::EngagementFinisher::new(EngagementConfig {
+                            allowed_lateness: lateness,
+                            ..self.engagement.clone()
+                        }))
+                    }
+                    "trending" => Box::new(trending::TrendingFinisher::new(TrendingConfig {
+                        allowed_lateness: lateness,
+                        ..self.trending.clone()
+                    })),
+                    "ads" => Box::new(ads::AdsFinisher::new(AdsConfig {
+                        allowed_lateness: lateness,
+                        ..self.ads
+                    })),
+                    _ => Box::new(traffic::TrafficFinisher),
+                }
+            })
+            .collect()
+    }
+}
+
+/// Stage 1 of a pipeline: a stateful, deterministic computation over the
+/// events of the partitions one worker owns, in event time. It emits
+/// [`Partial`]s, never points: the combiner merges every worker's partials
+/// and hands them to the pipeline's [`Finisher`].
 pub trait Pipeline: Send {
     /// A short stable name (`traffic`, ...), used in checkpoints and flags.
     fn name(&self) -> &'static str;
 
-    /// Adds one accepted event. May emit corrected points for windows that
-    /// already fired (late events within the allowed lateness).
-    fn on_event(&mut self, ev: &Event, out: &mut Vec<Point>);
+    /// Adds one accepted event. A late event within the allowed lateness
+    /// marks its already-fired windows changed; they are emitted again at the
+    /// next watermark.
+    fn on_event(&mut self, ev: &Event);
 
-    /// Fires every window whose end is at or before `wm`, and forgets windows
-    /// that can no longer receive events.
-    fn on_watermark(&mut self, wm: Watermark, out: &mut Vec<Point>);
+    /// Emits the partial of every window whose end is at or before `wm` and
+    /// was not emitted yet or changed since, and forgets windows that can no
+    /// longer receive events. `WindowId::pipeline` is set by the caller.
+    fn on_watermark(&mut self, wm: Watermark, out: &mut Vec<Partial>);
 
-    /// The current values of windows that are still open (early results for
-    /// the live updates channel; never written to the store).
-    fn early(&self, out: &mut Vec<Point>);
+    /// Partials of windows that are still open (early results for the live
+    /// updates channel; never written to the store).
+    fn early(&self, out: &mut Vec<Partial>);
 
     /// The pipeline's whole state, for a checkpoint.
     fn snapshot(&self) -> Vec<u8>;
 
     /// Replaces the state with one taken by [`Pipeline::snapshot`].
     fn restore(&mut self, state: &[u8]) -> Result<(), ProcessorError>;
+}
+
+/// Stage 2 of a pipeline: turns one window's merged partial into points.
+pub trait Finisher: Send {
+    /// The points of a window, from the merge of every worker's partial.
+    /// Called when the window fires, again after each correction, and for
+    /// early results; the same merged partial must give the same points.
+    fn finish(&self, merged: &Partial, out: &mut Vec<Point>);
+
+    /// The window can no longer change (the watermark passed its end plus the
+    /// allowed lateness). Called once per window that had data, in order of
+    /// window end, and before any window ending at or after that moment
+    /// fires; state derived here (trending baselines) is thus the same
+    /// whatever the batch sizes or worker count.
+    fn on_closed(&mut self, _merged: &Partial) {}
+
+    /// How long after its end a window may still change, when that is longer
+    /// than the allowed lateness (e.g. a session closing a gap later).
+    fn horizon(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Stage-2 state, for a checkpoint.
+    fn snapshot(&self) -> Vec<u8> {
+        Vec::new()
+    }
+
+    /// Replaces the state with one taken by [`Finisher::snapshot`].
+    fn restore(&mut self, _state: &[u8]) -> Result<(), ProcessorError> {
+        Ok(())
+    }
 }
 
 /// Errors of the processor.

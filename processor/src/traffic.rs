@@ -11,7 +11,11 @@ use tidemark_model::{
 };
 
 use crate::hll::Hll;
-use crate::{Pipeline, ProcessorError};
+use crate::partial::{row_key, Partial, WindowId};
+use crate::{Finisher, Pipeline, ProcessorError};
+
+/// The tiers of the window sets, by [`WindowId::kind`].
+const TIERS: [Tier; 3] = [Tier::Rt, Tier::Hourly, Tier::Daily];
 
 /// Default allowed lateness: how long a fired window still accepts events.
 pub const DEFAULT_ALLOWED_LATENESS: Duration = Duration::from_secs(60);
@@ -46,7 +50,6 @@ impl Window {
 #[derive(Debug, Clone)]
 struct WindowSet {
     size_ms: i64,
-    tier: Tier,
     windows: BTreeMap<i64, Window>,
 }
 
@@ -174,17 +177,14 @@ impl TrafficPipeline {
             sets: [
                 WindowSet {
                     size_ms: 60_000,
-                    tier: Tier::Rt,
                     windows: BTreeMap::new(),
                 },
                 WindowSet {
                     size_ms: 3_600_000,
-                    tier: Tier::Hourly,
                     windows: BTreeMap::new(),
                 },
                 WindowSet {
                     size_ms: 86_400_000,
-                    tier: Tier::Daily,
                     windows: BTreeMap::new(),
                 },
             ],
@@ -199,36 +199,69 @@ impl TrafficPipeline {
         self.sets.iter().map(|s| s.windows.len()).sum()
     }
 
-    fn emit(&self, set: &WindowSet, start: i64, w: &Window, out: &mut Vec<Point>) {
-        let time = EventTime(start);
-        let mut keys: Vec<(u64, i64)> = w.counts.iter().map(|(k, v)| (*k, *v)).collect();
-        keys.sort_unstable_by_key(|(k, _)| *k);
-        for (key, n) in keys {
-            let (type_idx, country, device) = unpack(key);
+    fn partial(&self, kind: usize, set: &WindowSet, start: i64, w: &Window) -> Partial {
+        let rows = w
+            .counts
+            .iter()
+            .map(|(&key, &n)| {
+                let (type_idx, country, device) = unpack(key);
+                (
+                    row_key([
+                        country.as_str(),
+                        device.as_str(),
+                        self.interner.name(type_idx),
+                    ]),
+                    vec![n],
+                )
+            })
+            .collect();
+        let window = WindowId {
+            end: start.saturating_add(set.size_ms),
+            pipeline: 0,
+            kind: kind as u8,
+            start,
+        };
+        Partial::new(window, rows, Some(w.users.clone()))
+    }
+}
+
+/// Stage 2 of traffic: `traffic` points from the summed counts and
+/// `active_users` from the union of the workers' sketches.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TrafficFinisher;
+
+impl Finisher for TrafficFinisher {
+    fn finish(&self, merged: &Partial, out: &mut Vec<Point>) {
+        let Some(&tier) = TIERS.get(merged.window.kind as usize) else {
+            return;
+        };
+        let time = EventTime(merged.window.start);
+        for (key, values) in &merged.rows {
+            let [country, device, event_type] = &key[..] else {
+                continue;
+            };
             out.push(Point {
                 measurement: "traffic".to_string(),
-                tier: set.tier,
+                tier,
                 // Already in key order.
                 tags: vec![
-                    ("country".to_string(), country.as_str().to_string()),
-                    ("device".to_string(), device.as_str().to_string()),
-                    (
-                        "event_type".to_string(),
-                        self.interner.name(type_idx).to_string(),
-                    ),
+                    ("country".to_string(), country.to_string()),
+                    ("device".to_string(), device.to_string()),
+                    ("event_type".to_string(), event_type.to_string()),
                 ],
-                fields: vec![("events".to_string(), FieldValue::Int(n))],
+                fields: vec![(
+                    "events".to_string(),
+                    FieldValue::Int(values.first().copied().unwrap_or(0)),
+                )],
                 time,
             });
         }
+        let users = merged.users.as_ref().map_or(0, |u| u.estimate() as i64);
         out.push(Point {
             measurement: "active_users".to_string(),
-            tier: set.tier,
+            tier,
             tags: Vec::new(),
-            fields: vec![(
-                "users".to_string(),
-                FieldValue::Int(w.users.estimate() as i64),
-            )],
+            fields: vec![("users".to_string(), FieldValue::Int(users))],
             time,
         });
     }
@@ -239,7 +272,7 @@ impl Pipeline for TrafficPipeline {
         Self::NAME
     }
 
-    fn on_event(&mut self, ev: &Event, _out: &mut Vec<Point>) {
+    fn on_event(&mut self, ev: &Event) {
         let ts = ev.timestamp.0;
         let user = Hll::hash_user(&ev.user_id);
         let key = pack(
@@ -264,7 +297,7 @@ impl Pipeline for TrafficPipeline {
         }
     }
 
-    fn on_watermark(&mut self, wm: Watermark, out: &mut Vec<Point>) {
+    fn on_watermark(&mut self, wm: Watermark, out: &mut Vec<Partial>) {
         self.last_wm = self.last_wm.max(wm);
         let wm = self.last_wm.0;
         let lateness = self.allowed_lateness_ms;
@@ -275,7 +308,7 @@ impl Pipeline for TrafficPipeline {
                     break;
                 }
                 if !w.fired || w.dirty {
-                    self.emit(set, start, w, out);
+                    out.push(self.partial(i, set, start, w));
                 }
             }
             let set = &mut self.sets[i];
@@ -291,11 +324,11 @@ impl Pipeline for TrafficPipeline {
         }
     }
 
-    fn early(&self, out: &mut Vec<Point>) {
-        for set in &self.sets {
+    fn early(&self, out: &mut Vec<Partial>) {
+        for (i, set) in self.sets.iter().enumerate() {
             for (&start, w) in &set.windows {
                 if !w.fired {
-                    self.emit(set, start, w, out);
+                    out.push(self.partial(i, set, start, w));
                 }
             }
         }
@@ -341,6 +374,15 @@ impl Pipeline for TrafficPipeline {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::solo::Solo;
+
+    fn solo() -> Solo<TrafficPipeline> {
+        Solo::new(
+            TrafficPipeline::default(),
+            TrafficFinisher,
+            DEFAULT_ALLOWED_LATENESS,
+        )
+    }
 
     pub(crate) fn ev(
         id: &str,
@@ -399,7 +441,7 @@ mod tests {
 
     #[test]
     fn counts_per_minute_and_hour_and_fires_on_watermark() {
-        let mut p = TrafficPipeline::default();
+        let mut p = solo();
         let mut out = Vec::new();
         let base = 3_600_000;
         p.on_event(
@@ -473,7 +515,7 @@ mod tests {
 
     #[test]
     fn late_event_within_lateness_re_emits_then_window_is_dropped() {
-        let mut p = TrafficPipeline::default();
+        let mut p = solo();
         let mut out = Vec::new();
         p.on_event(
             &ev("1", "u1", EventType::View, 10_000, "fr", Device::Android),
@@ -492,7 +534,11 @@ mod tests {
         out.clear();
         p.on_watermark(EventTime(120_000), &mut out);
         assert!(out.is_empty());
-        assert_eq!(p.open_windows(), 2, "the 1 h and 1 d windows stay open");
+        assert_eq!(
+            p.pipeline.open_windows(),
+            2,
+            "the 1 h and 1 d windows stay open"
+        );
         // Beyond the lateness the window is gone and a stray event is ignored.
         p.on_event(
             &ev("3", "u3", EventType::View, 30_000, "fr", Device::Android),
@@ -504,7 +550,7 @@ mod tests {
 
     #[test]
     fn early_reports_open_windows_only() {
-        let mut p = TrafficPipeline::default();
+        let mut p = solo();
         let mut out = Vec::new();
         p.on_event(
             &ev("1", "u1", EventType::Search, 1_000, "gb", Device::Web),
@@ -527,7 +573,7 @@ mod tests {
 
     #[test]
     fn snapshot_restore_round_trips() {
-        let mut p = TrafficPipeline::default();
+        let mut p = solo();
         let mut out = Vec::new();
         p.on_event(
             &ev(
@@ -541,19 +587,19 @@ mod tests {
             &mut out,
         );
         let snap = p.snapshot();
-        let mut q = TrafficPipeline::default();
+        let mut q = solo();
         q.restore(&snap).unwrap();
         let (mut a, mut b) = (Vec::new(), Vec::new());
         p.on_watermark(EventTime(4_000_000), &mut a);
         q.on_watermark(EventTime(4_000_000), &mut b);
         assert_eq!(a, b);
         assert_eq!(count(&b, Tier::Rt, 0, "IT", "other", "custom.x"), Some(1));
-        assert!(q.restore(b"garbage").is_err());
+        assert!(q.pipeline.restore(b"garbage").is_err());
     }
 
     #[test]
     fn extreme_timestamps_do_not_panic() {
-        let mut p = TrafficPipeline::default();
+        let mut p = solo();
         let mut out = Vec::new();
         for ts in [i64::MIN, i64::MIN + 1, -1, i64::MAX] {
             p.on_event(
@@ -567,7 +613,7 @@ mod tests {
 
     #[test]
     fn custom_types_are_bounded() {
-        let mut p = TrafficPipeline::default();
+        let mut p = solo();
         let mut out = Vec::new();
         for i in 0..(MAX_CUSTOM_TYPES + 10) {
             let t = EventType::Custom(format!("custom.t{i}").into());

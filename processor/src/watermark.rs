@@ -138,6 +138,23 @@ impl PartitionWatermarks {
         min_active.unwrap_or(max_idle)
     }
 
+    /// Like [`PartitionWatermarks::combined`] for a bounded input: a caught-up
+    /// partition has delivered everything it will, so it holds nothing back.
+    /// Depends on event time and read progress only.
+    pub fn combined_bounded(&self) -> Watermark {
+        let mut min_active: Option<Watermark> = None;
+        let mut max_done = EventTime::MIN;
+        for (slot, p) in self.parts.iter().enumerate() {
+            let wm = self.partition_watermark(slot);
+            if p.caught_up {
+                max_done = max_done.max(wm);
+            } else {
+                min_active = Some(min_active.map_or(wm, |m| m.min(wm)));
+            }
+        }
+        min_active.unwrap_or(max_done)
+    }
+
     /// The state a checkpoint keeps.
     pub fn state(&self) -> WatermarkState {
         self.parts

@@ -11,8 +11,9 @@ use tidemark_log::{Log, LogError, Position, Record, StoredRecord};
 use tidemark_model::topic::DEAD_LETTER;
 use tidemark_model::wire::WireError;
 use tidemark_model::{Event, EventTime, EventType, FieldValue, Point, Tier, Update};
+use tidemark_processor::runner::ProcessorCheckpoint;
 use tidemark_processor::{
-    checkpoint, default_pipelines, run_driver, BoxFuture, DriverConfig, EventCodec, PointSink,
+    checkpoint, run_driver, BoxFuture, DriverConfig, EventCodec, PipelineSet, PointSink,
     ProcessorError, ProcessorMetrics,
 };
 use tokio::sync::broadcast;
@@ -260,7 +261,7 @@ async fn processes_checkpoints_and_resumes_after_restart() {
     let task = tokio::spawn(run_driver(
         config(dir.path()),
         log.clone(),
-        default_pipelines(),
+        PipelineSet::default(),
         sink.clone(),
         tx.clone(),
         metrics.clone(),
@@ -285,11 +286,11 @@ async fn processes_checkpoints_and_resumes_after_restart() {
         vec![r#"{"reason":"too_late","event":{"event_id":"a4"}}"#.to_string()]
     );
     assert!(*sink.flushes.lock().unwrap() >= 1);
-    let cp = checkpoint::load(dir.path())
+    let cp: ProcessorCheckpoint = checkpoint::load(dir.path())
         .unwrap()
         .expect("checkpoint written");
-    assert_eq!(cp.offsets[&("user-events".to_string(), 0)], 7);
-    assert_eq!(cp.offsets[&("user-events".to_string(), 1)], 4);
+    assert_eq!(cp.offsets()[&("user-events".to_string(), 0)], 7);
+    assert_eq!(cp.offsets()[&("user-events".to_string(), 1)], 4);
 
     // Restart: minute 3 keeps its event from before, the replayed duplicate is dropped.
     log.push("user-events", 0, enc("a3", "u1", 185_000));
@@ -300,7 +301,7 @@ async fn processes_checkpoints_and_resumes_after_restart() {
     let task = tokio::spawn(run_driver(
         config(dir.path()),
         log.clone(),
-        default_pipelines(),
+        PipelineSet::default(),
         sink.clone(),
         tx,
         metrics.clone(),
@@ -332,7 +333,7 @@ async fn early_updates_are_broadcast_for_open_windows() {
     let task = tokio::spawn(run_driver(
         cfg,
         log,
-        default_pipelines(),
+        PipelineSet::default(),
         Arc::new(MemSink::default()),
         tx,
         ProcessorMetrics::new(&prometheus::Registry::new()),

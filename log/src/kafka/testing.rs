@@ -1,0 +1,179 @@
+//! A throwaway Kafka-compatible broker for tests: [tansu] on a free loopback
+//! port, storing into SQLite in a temporary directory, killed on drop.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), tidemark_log::LogError> {
+//! use tidemark_log::kafka::testing::TansuServer;
+//! use tidemark_log::kafka::{KafkaConfig, KafkaLog};
+//!
+//! let server = TansuServer::start();
+//! let log = KafkaLog::connect(KafkaConfig::new(&server.brokers)).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! The binary is found through `TANSU_BIN`, then `~/.cargo/bin/tansu`, then
+//! `PATH` (install it with `cargo install tansu --locked --features libsql`).
+//!
+//! [tansu]: https://github.com/tansu-io/tansu
+
+use std::fs::File;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::ClientConfig;
+
+/// How long a broker may take to start answering.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+const LOG_FILE: &str = "tansu.log";
+
+/// A running tansu broker; stopped (killed) and its data deleted on drop.
+#[derive(Debug)]
+pub struct TansuServer {
+    /// Bootstrap address, `127.0.0.1:<port>`.
+    pub brokers: String,
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl TansuServer {
+    /// The tansu binary: `TANSU_BIN`, else `~/.cargo/bin/tansu`, else `tansu`
+    /// on `PATH`; `None` if none exists.
+    pub fn binary() -> Option<PathBuf> {
+        if let Some(p) = std::env::var_os("TANSU_BIN") {
+            return Some(PathBuf::from(p));
+        }
+        let home = std::env::var_os("CARGO_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
+        if let Some(p) = home.map(|h| h.join("bin").join("tansu")) {
+            if p.is_file() {
+                return Some(p);
+            }
+        }
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join("tansu"))
+                .find(|p| p.is_file())
+        })
+    }
+
+    /// Starts a broker and waits until it answers metadata requests.
+    ///
+    /// # Panics
+    /// If tansu is not installed or does not come up; the message says why
+    /// (with the broker's own output).
+    pub fn start() -> TansuServer {
+        match TansuServer::try_start() {
+            Ok(s) => s,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// [`start`](Self::start), returning the reason instead of panicking.
+    pub fn try_start() -> Result<TansuServer, String> {
+        let bin = TansuServer::binary().ok_or(
+            "tansu not found: set TANSU_BIN or run \
+             `cargo install tansu --locked --features libsql`",
+        )?;
+        // The port is free when we look; another process could take it before
+        // tansu binds it, so try a few times.
+        let mut last = String::new();
+        for _ in 0..3 {
+            match TansuServer::spawn(&bin) {
+                Ok(s) => return Ok(s),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    fn spawn(bin: &Path) -> Result<TansuServer, String> {
+        let dir = tempfile::Builder::new()
+            .prefix("tansu-")
+            .tempdir()
+            .map_err(|e| format!("cannot create a temp dir for tansu: {e}"))?;
+        let port = free_port()?;
+        let url = format!("tcp://127.0.0.1:{port}");
+        let log = File::create(dir.path().join(LOG_FILE)).map_err(|e| e.to_string())?;
+        let log2 = log.try_clone().map_err(|e| e.to_string())?;
+        let child = Command::new(bin)
+            .current_dir(dir.path())
+            .args(["broker", "--listener-url", &url])
+            .args(["--advertised-listener-url", &url])
+            .args(["--storage-engine", "sqlite://tansu.db"])
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env(
+                "RUST_LOG",
+                std::env::var("TANSU_LOG").unwrap_or("warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
+        let mut server = TansuServer {
+            brokers: format!("127.0.0.1:{port}"),
+            child,
+            dir,
+        };
+        server.wait_ready()?;
+        Ok(server)
+    }
+
+    /// Polls metadata until the broker answers (no fixed sleeps).
+    fn wait_ready(&mut self) -> Result<(), String> {
+        let probe: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("client.id", "tansu-probe")
+            .set("log_level", "0")
+            .create()
+            .map_err(|e| format!("cannot create a probe client: {e}"))?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!(
+                    "tansu exited ({status}) before accepting connections:\n{}",
+                    self.output()
+                ));
+            }
+            match probe.fetch_metadata(None, Duration::from_millis(500)) {
+                Ok(md) if !md.brokers().is_empty() => return Ok(()),
+                _ if Instant::now() >= deadline => {
+                    return Err(format!(
+                        "tansu did not answer on {} within {START_TIMEOUT:?}:\n{}",
+                        self.brokers,
+                        self.output()
+                    ))
+                }
+                _ => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
+    /// The broker's output so far (stdout and stderr).
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join(LOG_FILE)).unwrap_or_default()
+    }
+
+    /// The broker's working directory (its SQLite file and log).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for TansuServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> Result<u16, String> {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("no free loopback port: {e}"))
+}

@@ -1,0 +1,369 @@
+//! Stage 2: merges the workers' partials and closes windows.
+//!
+//! The [`Combiner`] keeps, per window, the newest partial of every worker. A
+//! window fires once every worker's watermark has passed its end: the
+//! partials are merged ([`Partial::merge`]) and the pipeline's [`Finisher`]
+//! turns the merge into points (top-K, ratios...). A partial arriving for a
+//! fired window (a late event within the allowed lateness) fires it again
+//! with the corrected merge. Once the watermark passes end plus the allowed
+//! lateness the window is closed: [`Finisher::on_closed`] sees its final
+//! merge and the window is forgotten.
+//!
+//! Like stage 1 it is synchronous and clock-free.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tidemark_model::{EventTime, Point, Watermark};
+
+use crate::partial::{Partial, WindowId};
+use crate::{Finisher, ProcessorError};
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Slot {
+    /// Newest final partial per worker.
+    parts: Vec<Option<Partial>>,
+    /// Newest early partial per worker (open windows only).
+    #[serde(skip)]
+    early: Vec<Option<Partial>>,
+    fired: bool,
+    /// A partial changed after the window fired.
+    dirty: bool,
+    /// Past its horizon: kept a little longer only so that a partial from a
+    /// worker that was idle, racing the close, still corrects the window.
+    closed: bool,
+}
+
+impl Slot {
+    fn new(workers: usize) -> Self {
+        Slot {
+            parts: vec![None; workers],
+            early: vec![None; workers],
+            fired: false,
+            dirty: false,
+            closed: false,
+        }
+    }
+
+    fn merged(&self, id: WindowId) -> Partial {
+        Partial::merge(id, self.parts.iter().flatten())
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct CombinerState {
+    workers: usize,
+    worker_wm: Vec<Watermark>,
+    last_wm: Watermark,
+    windows: Vec<(WindowId, Slot)>,
+    finishers: Vec<Vec<u8>>,
+    late_partials: u64,
+}
+
+/// The stage-2 core; see the module documentation.
+pub struct Combiner {
+    finishers: Vec<Box<dyn Finisher>>,
+    workers: usize,
+    /// Per pipeline: how long after its end a window may still change.
+    horizons_ms: Vec<i64>,
+    /// The allowed lateness: how long closed windows are kept for stragglers.
+    grace_ms: i64,
+    worker_wm: Vec<Watermark>,
+    /// Workers whose partitions are all idle do not hold the watermark back.
+    worker_idle: Vec<bool>,
+    last_wm: Watermark,
+    windows: BTreeMap<WindowId, Slot>,
+    late_partials: u64,
+}
+
+impl std::fmt::Debug for Combiner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Combiner")
+            .field("workers", &self.workers)
+            .field("last_wm", &self.last_wm)
+            .field("windows", &self.windows.len())
+            .finish()
+    }
+}
+
+impl Combiner {
+    /// A combiner for `workers` stage-1 workers; `finishers` in pipeline order.
+    pub fn new(finishers: Vec<Box<dyn Finisher>>, workers: usize, lateness: Duration) -> Self {
+        let workers = workers.max(1);
+        let millis = |d: Duration| d.as_millis().min(i64::MAX as u128) as i64;
+        let horizons_ms = finishers
+            .iter()
+            .map(|f| millis(f.horizon().unwrap_or(lateness).max(lateness)))
+            .collect();
+        Combiner {
+            finishers,
+            workers,
+            horizons_ms,
+            grace_ms: millis(lateness),
+            worker_wm: vec![EventTime::MIN; workers],
+            worker_idle: vec![false; workers],
+            last_wm: EventTime::MIN,
+            windows: BTreeMap::new(),
+            late_partials: 0,
+        }
+    }
+
+    /// The number of workers it merges.
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+
+    /// The watermark up to which windows have fired.
+    pub fn watermark(&self) -> Watermark {
+        self.last_wm
+    }
+
+    /// Windows held (open, or fired and still accepting corrections).
+    pub fn held_windows(&self) -> usize {
+        self.windows.len()
+    }
+
+    /// Partials that arrived for windows already closed (dropped).
+    pub fn late_partials(&self) -> u64 {
+        self.late_partials
+    }
+
+    /// When a window can no longer change.
+    fn close_at(&self, id: &WindowId) -> i64 {
+        let horizon = self
+            .horizons_ms
+            .get(id.pipeline as usize)
+            .copied()
+            .unwrap_or(0);
+        id.end.saturating_add(horizon)
+    }
+
+    /// Takes a worker's partial of a window it fired (or corrected).
+    pub fn on_partial(&mut self, worker: usize, partial: Partial) {
+        let id = partial.window;
+        if worker >= self.workers {
+            return;
+        }
+        if !self.windows.contains_key(&id)
+            && self.close_at(&id).saturating_add(self.grace_ms) <= self.last_wm.0
+        {
+            self.late_partials += 1;
+            tracing::warn!(
+                end = id.end,
+                pipeline = id.pipeline,
+                "Dropping a partial for a window already closed"
+            );
+            return;
+        }
+        let workers = self.workers;
+        let slot = self.windows.entry(id).or_insert_with(|| Slot::new(workers));
+        slot.parts[worker] = Some(partial);
+        slot.early[worker] = None;
+        if slot.fired {
+            slot.dirty = true;
+        }
+    }
+
+    /// Replaces a worker's early partials (its open windows).
+    pub fn on_early(&mut self, worker: usize, partials: Vec<Partial>) {
+        if worker >= self.workers {
+            return;
+        }
+        for slot in self.windows.values_mut() {
+            slot.early[worker] = None;
+        }
+        let (workers, horizon) = (self.workers, self.last_wm.0);
+        for p in partials {
+            if p.window.end <= horizon {
+                continue;
+            }
+            let slot = self
+                .windows
+                .entry(p.window)
+                .or_insert_with(|| Slot::new(workers));
+            slot.early[worker] = Some(p);
+        }
+    }
+
+    /// Marks whether every partition of a worker is idle (processing time
+    /// passed without records); see [`Combiner::target`].
+    pub fn set_idle(&mut self, worker: usize, idle: bool) {
+        if let Some(i) = self.worker_idle.get_mut(worker) {
+            *i = idle;
+        }
+    }
+
+    /// The watermark workers should at least assume: the minimum over workers
+    /// that are not idle (the largest when all are). An idle worker adopts it
+    /// (firing its windows up to it and judging lateness by it) and reports
+    /// it back; windows fire only at the minimum over every worker's report,
+    /// so no worker can still add to a window the combiner has closed.
+    pub fn target(&self) -> Watermark {
+        let active = self
+            .worker_wm
+            .iter()
+            .zip(&self.worker_idle)
+            .filter(|(_, idle)| !**idle)
+            .map(|(wm, _)| *wm)
+            .min();
+        active
+            .or_else(|| self.worker_wm.iter().copied().max())
+            .unwrap_or(EventTime::MIN)
+            .max(self.last_wm)
+    }
+
+    /// Records a worker's watermark and fires what every worker passed.
+    pub fn on_watermark(&mut self, worker: usize, wm: Watermark, out: &mut Vec<Point>) {
+        if let Some(w) = self.worker_wm.get_mut(worker) {
+            *w = (*w).max(wm);
+        }
+        let combined = self
+            .worker_wm
+            .iter()
+            .copied()
+            .min()
+            .unwrap_or(EventTime::MIN);
+        self.advance(combined, out);
+    }
+
+    /// Fires and closes everything: the end of a bounded input.
+    pub fn finish(&mut self, out: &mut Vec<Point>) {
+        self.worker_wm.iter_mut().for_each(|w| *w = EventTime::MAX);
+        self.advance(EventTime::MAX, out);
+    }
+
+    fn advance(&mut self, wm: Watermark, out: &mut Vec<Point>) {
+        let wm = wm.max(self.last_wm);
+        // Corrections of fired windows first: what closes below must see them.
+        for (id, slot) in self.windows.iter_mut() {
+            if slot.fired && slot.dirty {
+                slot.dirty = false;
+                if let Some(f) = self.finishers.get(id.pipeline as usize) {
+                    f.finish(&slot.merged(*id), out);
+                }
+            }
+        }
+        if wm <= self.last_wm {
+            return;
+        }
+        // Fires at `end`, closes at `end + lateness`; a close comes before a
+        // fire at the same time, so state derived from closed windows does
+        // not depend on how far one step advances.
+        const CLOSE: u8 = 0;
+        const FIRE: u8 = 1;
+        let mut actions: Vec<(i64, u8, WindowId)> = Vec::new();
+        for (id, slot) in &self.windows {
+            if id.end > wm.0 {
+                break;
+            }
+            if slot.closed {
+                continue;
+            }
+            if !slot.fired {
+                actions.push((id.end, FIRE, *id));
+            }
+            let close_at = self.close_at(id);
+            if close_at <= wm.0 {
+                actions.push((close_at, CLOSE, *id));
+            }
+        }
+        actions.sort_unstable();
+        for (_, action, id) in actions {
+            let Some(slot) = self.windows.get_mut(&id) else {
+                continue;
+            };
+            let Some(f) = self.finishers.get_mut(id.pipeline as usize) else {
+                continue;
+            };
+            let merged = slot.merged(id);
+            if !slot.fired {
+                slot.fired = true;
+                f.finish(&merged, out);
+            }
+            if action == CLOSE {
+                f.on_closed(&merged);
+                slot.closed = true;
+            }
+        }
+        let (grace, horizons) = (self.grace_ms, &self.horizons_ms);
+        self.windows.retain(|id, slot| {
+            let horizon = horizons.get(id.pipeline as usize).copied().unwrap_or(0);
+            !slot.closed || id.end.saturating_add(horizon).saturating_add(grace) > wm.0
+        });
+        self.last_wm = wm;
+    }
+
+    /// Early points of windows that have not fired: every worker's newest
+    /// partial, final or early, merged.
+    pub fn early(&self, out: &mut Vec<Point>) {
+        for (id, slot) in &self.windows {
+            if slot.fired {
+                continue;
+            }
+            let parts = slot
+                .parts
+                .iter()
+                .zip(&slot.early)
+                .filter_map(|(f, e)| f.as_ref().or(e.as_ref()));
+            let merged = Partial::merge(*id, parts);
+            if let Some(f) = self.finishers.get(id.pipeline as usize) {
+                f.finish(&merged, out);
+            }
+        }
+    }
+
+    /// The stage-2 state, for a checkpoint.
+    pub fn snapshot(&self) -> Vec<u8> {
+        let state = CombinerState {
+            workers: self.workers,
+            worker_wm: self.worker_wm.clone(),
+            last_wm: self.last_wm,
+            windows: self
+                .windows
+                .iter()
+                .filter(|(_, s)| s.parts.iter().any(Option::is_some))
+                .map(|(id, s)| (*id, s.clone()))
+                .collect(),
+            finishers: self.finishers.iter().map(|f| f.snapshot()).collect(),
+            late_partials: self.late_partials,
+        };
+        // Serialising plain data into a Vec cannot fail.
+        bincode::serialize(&state).unwrap_or_default()
+    }
+
+    /// Restores a state taken by [`Combiner::snapshot`] with the same number of workers.
+    pub fn restore(&mut self, state: &[u8]) -> Result<(), ProcessorError> {
+        let state: CombinerState = bincode::deserialize(state)
+            .map_err(|e| ProcessorError::CorruptCheckpoint(format!("combiner state: {e}")))?;
+        if state.workers != self.workers {
+            return Err(ProcessorError::CorruptCheckpoint(format!(
+                "the checkpoint was taken with {} workers, this processor runs {}; \
+                 restart with the same worker count or rebuild with replay",
+                state.workers, self.workers
+            )));
+        }
+        if state.finishers.len() != self.finishers.len() {
+            return Err(ProcessorError::CorruptCheckpoint(format!(
+                "the checkpoint holds {} pipelines, this processor runs {}",
+                state.finishers.len(),
+                self.finishers.len()
+            )));
+        }
+        for (f, s) in self.finishers.iter_mut().zip(&state.finishers) {
+            f.restore(s)?;
+        }
+        self.worker_wm = state.worker_wm;
+        self.last_wm = state.last_wm;
+        self.late_partials = state.late_partials;
+        self.windows = state
+            .windows
+            .into_iter()
+            .map(|(id, mut s)| {
+                s.early = vec![None; self.workers];
+                (id, s)
+            })
+            .collect();
+        Ok(())
+    }
+}

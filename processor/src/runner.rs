@@ -1,0 +1,509 @@
+//! Both stages composed: partitions assigned to workers, workers feeding the
+//! combiner.
+//!
+//! [`Stages`] runs them on the calling thread (tests, golden files, the
+//! live driver's core); [`run_parallel`] runs one thread per worker plus the
+//! combiner on the calling thread, joined by bounded channels, over a bounded
+//! input (benchmarks, replay). Both give the same points: a worker's output
+//! depends only on its partitions, and the combiner's merges are exact.
+
+use std::collections::BTreeMap;
+use std::sync::mpsc;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use tidemark_log::{LogError, StoredRecord};
+use tidemark_model::wire::WireError;
+use tidemark_model::{Event, Point, Watermark};
+
+use crate::checkpoint::Checkpoint;
+use crate::combiner::Combiner;
+use crate::driver::DriverConfig;
+use crate::partial::Partial;
+use crate::worker::{Outcome, Worker};
+use crate::{PipelineSet, ProcessorError};
+
+/// The worker that owns partition `partition` of every topic.
+///
+/// Input topics are keyed by `user_id` and their partition counts are
+/// multiples of each other (Kafka's murmur2 modulo the count), so a user's
+/// partitions of every topic share `partition % workers` whenever `workers`
+/// divides the smallest count: one worker sees all of a user's events, which
+/// sessions and ad joins need.
+pub fn worker_of(partition: u32, workers: usize) -> usize {
+    partition as usize % workers.max(1)
+}
+
+/// The largest usable worker count up to `wanted`: one that divides the
+/// smallest partition count, so [`worker_of`] keeps users whole.
+pub fn usable_workers(wanted: usize, min_partitions: u32) -> usize {
+    let min_partitions = min_partitions.max(1) as usize;
+    (1..=wanted.clamp(1, min_partitions))
+        .rev()
+        .find(|w| min_partitions / w * w == min_partitions)
+        .unwrap_or(1)
+}
+
+/// What a whole processor checkpoints: every worker and the combiner.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProcessorCheckpoint {
+    pub workers: Vec<Checkpoint>,
+    pub combiner: Vec<u8>,
+}
+
+impl ProcessorCheckpoint {
+    /// The next offset to read of every partition.
+    pub fn offsets(&self) -> BTreeMap<(String, u32), u64> {
+        self.workers
+            .iter()
+            .flat_map(|w| w.offsets.iter().map(|(k, v)| (k.clone(), *v)))
+            .collect()
+    }
+}
+
+/// Counts of what happened to offered events.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub accepted: u64,
+    pub duplicates: u64,
+    pub too_late: u64,
+}
+
+impl Counts {
+    /// Counts one outcome.
+    pub fn add(&mut self, o: Outcome) {
+        match o {
+            Outcome::Accepted => self.accepted += 1,
+            Outcome::Duplicate => self.duplicates += 1,
+            Outcome::TooLate => self.too_late += 1,
+        }
+    }
+
+    fn merge(&mut self, o: Counts) {
+        self.accepted += o.accepted;
+        self.duplicates += o.duplicates;
+        self.too_late += o.too_late;
+    }
+}
+
+/// Both stages on the calling thread.
+#[derive(Debug)]
+pub struct Stages {
+    workers: Vec<Worker>,
+    /// (topic, partition) -> (worker, slot in that worker).
+    slots: BTreeMap<(String, u32), (usize, usize)>,
+    combiner: Combiner,
+    partials: Vec<Partial>,
+}
+
+impl Stages {
+    /// `workers` stage-1 workers running `set`, and the combiner.
+    pub fn new(config: &DriverConfig, set: &PipelineSet, workers: usize) -> Self {
+        let n = workers.max(1);
+        Stages {
+            workers: (0..n).map(|_| Worker::new(config, set.stage1())).collect(),
+            slots: BTreeMap::new(),
+            combiner: Combiner::new(set.stage2(), n, set.allowed_lateness),
+            partials: Vec::new(),
+        }
+    }
+
+    /// Number of workers.
+    pub fn worker_count(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// The workers (for inspection).
+    pub fn workers(&self) -> &[Worker] {
+        &self.workers
+    }
+
+    /// The combiner (for inspection).
+    pub fn combiner(&self) -> &Combiner {
+        &self.combiner
+    }
+
+    /// Adds a partition to its worker; returns (worker, slot).
+    pub fn register(&mut self, topic: &str, partition: u32) -> (usize, usize) {
+        if let Some(&ws) = self.slots.get(&(topic.to_string(), partition)) {
+            return ws;
+        }
+        let w = worker_of(partition, self.workers.len());
+        let slot = self.workers[w].register(topic, partition);
+        self.slots.insert((topic.to_string(), partition), (w, slot));
+        (w, slot)
+    }
+
+    /// Offers one event read from `topic`/`partition`.
+    pub fn process(&mut self, topic: &str, partition: u32, ev: &Event) -> Outcome {
+        let (w, slot) = self.register(topic, partition);
+        self.workers[w].process(slot, ev)
+    }
+
+    /// Offers one event to an already registered (worker, slot).
+    #[inline]
+    pub fn process_slot(&mut self, worker: usize, slot: usize, ev: &Event) -> Outcome {
+        self.workers[worker].process(slot, ev)
+    }
+
+    /// Records read progress of a registered partition.
+    pub fn set_progress(&mut self, worker: usize, slot: usize, caught_up: bool, now: Instant) {
+        self.workers[worker].set_progress(slot, caught_up, now);
+    }
+
+    /// Advances every worker at processing time `now` and fires in the
+    /// combiner what all of them passed. Returns the combiner's watermark.
+    pub fn advance(&mut self, now: Instant, out: &mut Vec<Point>) -> Watermark {
+        for w in 0..self.workers.len() {
+            let target = self.combiner.target();
+            self.workers[w].observe_global(target);
+            let wm = self.workers[w].advance(now, &mut self.partials);
+            for p in self.partials.drain(..) {
+                self.combiner.on_partial(w, p);
+            }
+            let idle = self.workers[w].is_idle(now);
+            self.combiner.set_idle(w, idle);
+            self.combiner.on_watermark(w, wm, out);
+        }
+        self.combiner.watermark()
+    }
+
+    /// Fires everything: the end of a bounded input.
+    pub fn finish(&mut self, out: &mut Vec<Point>) {
+        for w in 0..self.workers.len() {
+            self.workers[w].finish(&mut self.partials);
+            for p in self.partials.drain(..) {
+                self.combiner.on_partial(w, p);
+            }
+        }
+        self.combiner.finish(out);
+    }
+
+    /// Early points of open windows.
+    pub fn early(&mut self, out: &mut Vec<Point>) {
+        for w in 0..self.workers.len() {
+            self.workers[w].early(&mut self.partials);
+            self.combiner
+                .on_early(w, std::mem::take(&mut self.partials));
+        }
+        self.combiner.early(out);
+    }
+
+    /// The newest receipt time among accepted events.
+    pub fn newest_received_at(&self) -> tidemark_model::EventTime {
+        self.workers
+            .iter()
+            .map(Worker::newest_received_at)
+            .max()
+            .unwrap_or(tidemark_model::EventTime::MIN)
+    }
+
+    /// The whole state, with the next offset of every partition.
+    pub fn checkpoint(&self, offsets: &BTreeMap<(String, u32), u64>) -> ProcessorCheckpoint {
+        let mut per_worker: Vec<BTreeMap<(String, u32), u64>> =
+            vec![BTreeMap::new(); self.workers.len()];
+        for (key, &(w, _)) in &self.slots {
+            if let Some(&o) = offsets.get(key) {
+                per_worker[w].insert(key.clone(), o);
+            }
+        }
+        ProcessorCheckpoint {
+            workers: self
+                .workers
+                .iter()
+                .zip(per_worker)
+                .map(|(w, o)| w.checkpoint(o))
+                .collect(),
+            combiner: self.combiner.snapshot(),
+        }
+    }
+
+    /// Restores a checkpoint taken with the same worker count (register the
+    /// partitions first).
+    pub fn restore(&mut self, cp: &ProcessorCheckpoint) -> Result<(), ProcessorError> {
+        if cp.workers.len() != self.workers.len() {
+            return Err(ProcessorError::CorruptCheckpoint(format!(
+                "the checkpoint was taken with {} workers, this processor runs {}; \
+                 restart with the same worker count or rebuild with replay",
+                cp.workers.len(),
+                self.workers.len()
+            )));
+        }
+        for (w, c) in self.workers.iter_mut().zip(&cp.workers) {
+            w.restore(c)?;
+        }
+        self.combiner.restore(&cp.combiner)
+    }
+}
+
+/// Reads records of one partition; what [`run_parallel`] workers pull from.
+pub trait RecordSource: Send {
+    /// Up to `max` records of `topic`/`partition` from `offset`; empty at the end.
+    fn read(
+        &mut self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max: usize,
+    ) -> Result<Vec<StoredRecord>, LogError>;
+}
+
+impl<F> RecordSource for F
+where
+    F: FnMut(&str, u32, u64, usize) -> Result<Vec<StoredRecord>, LogError> + Send,
+{
+    fn read(
+        &mut self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max: usize,
+    ) -> Result<Vec<StoredRecord>, LogError> {
+        self(topic, partition, offset, max)
+    }
+}
+
+/// One partition to read, from `from` up to (not including) `to`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionRange {
+    pub topic: String,
+    pub partition: u32,
+    pub from: u64,
+    /// `None`: to the end of what the source returns.
+    pub to: Option<u64>,
+}
+
+/// What a bounded parallel run did.
+#[derive(Debug, Clone, Default)]
+pub struct RunSummary {
+    pub counts: Counts,
+    pub decode_errors: u64,
+    pub points: u64,
+    /// Events that were too late, for the dead-letter topic.
+    pub too_late: Vec<Event>,
+    /// Size of the stage-1 state (bincode, every worker) after the last
+    /// event and before the final flush: what a checkpoint would hold (0
+    /// unless asked for: measuring it serialises the whole state).
+    pub state_bytes: u64,
+}
+
+enum Msg {
+    Progress {
+        worker: usize,
+        partials: Vec<Partial>,
+        wm: Watermark,
+    },
+    Done {
+        worker: usize,
+        partials: Vec<Partial>,
+        counts: Counts,
+        decode_errors: u64,
+        too_late: Vec<Event>,
+        state_bytes: u64,
+    },
+    Failed(ProcessorError),
+}
+
+/// Runs both stages over bounded partition ranges with one thread per
+/// worker; the combiner runs on the calling thread and hands every batch of
+/// points to `emit` (in watermark order). Event time only: no idleness, every
+/// window fires at the end.
+#[allow(clippy::too_many_arguments)]
+pub fn run_parallel<S, D, E>(
+    config: &DriverConfig,
+    set: &PipelineSet,
+    workers: usize,
+    measure_state: bool,
+    ranges: Vec<PartitionRange>,
+    make_source: impl Fn() -> S,
+    decode: D,
+    mut emit: E,
+) -> Result<RunSummary, ProcessorError>
+where
+    S: RecordSource + 'static,
+    D: Fn(&[u8]) -> Result<Event, WireError> + Send + Sync + Copy + 'static,
+    E: FnMut(Vec<Point>) -> Result<(), ProcessorError>,
+{
+    let n = workers.max(1);
+    let mut combiner = Combiner::new(set.stage2(), n, set.allowed_lateness);
+    let mut per_worker: Vec<Vec<PartitionRange>> = vec![Vec::new(); n];
+    for r in ranges {
+        per_worker[worker_of(r.partition, n)].push(r);
+    }
+    // A few batches in flight per worker: enough to overlap, small enough to
+    // push back when the combiner or `emit` is slow.
+    let (tx, rx) = mpsc::sync_channel::<Msg>(4 * n);
+    let mut handles = Vec::new();
+    for (w, ranges) in per_worker.into_iter().enumerate() {
+        let tx = tx.clone();
+        let mut source = make_source();
+        let mut worker = Worker::new(config, set.stage1());
+        let max_batch = config.max_batch;
+        let spawned = std::thread::Builder::new()
+            .name(format!("tidemark-worker-{w}"))
+            .spawn(move || {
+                let result = work(
+                    w,
+                    &mut worker,
+                    &mut source,
+                    ranges,
+                    (max_batch, measure_state),
+                    decode,
+                    &tx,
+                );
+                if let Err(e) = result {
+                    let _ = tx.send(Msg::Failed(e));
+                }
+            });
+        handles.push(spawned.map_err(ProcessorError::Io)?);
+    }
+    drop(tx);
+    let mut summary = RunSummary::default();
+    let mut out = Vec::new();
+    let mut failure = None;
+    for msg in rx {
+        match msg {
+            Msg::Progress {
+                worker,
+                partials,
+                wm,
+            } => {
+                for p in partials {
+                    combiner.on_partial(worker, p);
+                }
+                combiner.on_watermark(worker, wm, &mut out);
+            }
+            Msg::Done {
+                worker,
+                partials,
+                counts,
+                decode_errors,
+                too_late,
+                state_bytes,
+            } => {
+                summary.state_bytes += state_bytes;
+                for p in partials {
+                    combiner.on_partial(worker, p);
+                }
+                combiner.on_watermark(worker, tidemark_model::EventTime::MAX, &mut out);
+                summary.counts.merge(counts);
+                summary.decode_errors += decode_errors;
+                summary.too_late.extend(too_late);
+            }
+            Msg::Failed(e) => {
+                failure.get_or_insert(e);
+            }
+        }
+        if !out.is_empty() {
+            summary.points += out.len() as u64;
+            emit(std::mem::take(&mut out))?;
+        }
+    }
+    for h in handles {
+        let _ = h.join();
+    }
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    combiner.finish(&mut out);
+    if !out.is_empty() {
+        summary.points += out.len() as u64;
+        emit(out)?;
+    }
+    Ok(summary)
+}
+
+fn work<S, D>(
+    index: usize,
+    worker: &mut Worker,
+    source: &mut S,
+    mut ranges: Vec<PartitionRange>,
+    (max_batch, measure_state): (usize, bool),
+    decode: D,
+    tx: &mpsc::SyncSender<Msg>,
+) -> Result<(), ProcessorError>
+where
+    S: RecordSource,
+    D: Fn(&[u8]) -> Result<Event, WireError>,
+{
+    let slots: Vec<usize> = ranges
+        .iter()
+        .map(|r| worker.register(&r.topic, r.partition))
+        .collect();
+    let mut done = vec![false; ranges.len()];
+    let (mut counts, mut decode_errors, mut too_late) = (Counts::default(), 0u64, Vec::new());
+    let mut partials = Vec::new();
+    loop {
+        let mut any = false;
+        for (i, r) in ranges.iter_mut().enumerate() {
+            if done[i] {
+                continue;
+            }
+            let want = match r.to {
+                Some(to) => (to.saturating_sub(r.from) as usize).min(max_batch),
+                None => max_batch,
+            };
+            let records = if want == 0 {
+                Vec::new()
+            } else {
+                source.read(&r.topic, r.partition, r.from, want)?
+            };
+            let now = Instant::now();
+            let Some(last) = records.last() else {
+                done[i] = true;
+                worker.set_progress(slots[i], true, now);
+                continue;
+            };
+            any = true;
+            r.from = last.offset + 1;
+            for rec in &records {
+                if r.to.is_some_and(|to| rec.offset >= to) {
+                    done[i] = true;
+                    break;
+                }
+                match decode(&rec.value) {
+                    Ok(ev) => {
+                        let o = worker.process(slots[i], &ev);
+                        if o == Outcome::TooLate {
+                            too_late.push(ev);
+                        }
+                        counts.add(o);
+                    }
+                    Err(_) => decode_errors += 1,
+                }
+            }
+            worker.set_progress(slots[i], false, now);
+        }
+        if !any {
+            break;
+        }
+        // Event time only: the watermark is the minimum over this worker's
+        // partitions, never advanced by idleness.
+        let wm = worker.advance_event_time(&mut partials);
+        if tx
+            .send(Msg::Progress {
+                worker: index,
+                partials: std::mem::take(&mut partials),
+                wm,
+            })
+            .is_err()
+        {
+            return Ok(());
+        }
+    }
+    let state_bytes = if measure_state {
+        bincode::serialized_size(&worker.checkpoint(BTreeMap::new())).unwrap_or(0)
+    } else {
+        0
+    };
+    worker.finish(&mut partials);
+    let _ = tx.send(Msg::Done {
+        worker: index,
+        partials,
+        counts,
+        decode_errors,
+        too_late,
+        state_bytes,
+    });
+    Ok(())
+}

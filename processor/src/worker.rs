@@ -1,0 +1,218 @@
+//! Stage 1: a worker's synchronous core.
+//!
+//! A [`Worker`] owns some partitions. It drops duplicates, decides lateness,
+//! tracks the partitions' watermarks and feeds its stage-1 pipelines, which
+//! emit [`Partial`]s for the combiner. No I/O, no clock: the caller passes
+//! processing time in, so tests, replay and the threaded runner drive the
+//! same code.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use tidemark_model::{Event, EventTime, Watermark};
+
+use crate::checkpoint::Checkpoint;
+use crate::dedup::PartitionDedup;
+use crate::driver::DriverConfig;
+use crate::partial::Partial;
+use crate::watermark::PartitionWatermarks;
+use crate::{Pipeline, ProcessorError};
+
+/// What happened to one event offered to a [`Worker`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Accepted,
+    Duplicate,
+    TooLate,
+}
+
+/// The stage-1 core of one worker: dedup, lateness, watermarks and pipelines.
+#[derive(Debug)]
+pub struct Worker {
+    wms: PartitionWatermarks,
+    dedup: Vec<PartitionDedup>,
+    pipelines: Vec<Box<dyn Pipeline>>,
+    allowed_lateness: Duration,
+    dedup_horizon: Duration,
+    last_combined: Watermark,
+    newest_received_at: EventTime,
+}
+
+impl std::fmt::Debug for dyn Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Pipeline({})", self.name())
+    }
+}
+
+impl Worker {
+    pub fn new(config: &DriverConfig, pipelines: Vec<Box<dyn Pipeline>>) -> Self {
+        Worker {
+            wms: PartitionWatermarks::new(config.out_of_orderness, config.idle_timeout),
+            dedup: Vec::new(),
+            pipelines,
+            allowed_lateness: config.allowed_lateness,
+            dedup_horizon: config.dedup_horizon.max(config.allowed_lateness),
+            last_combined: EventTime::MIN,
+            newest_received_at: EventTime::MIN,
+        }
+    }
+
+    /// Adds a partition and returns its slot.
+    pub fn register(&mut self, topic: &str, partition: u32) -> usize {
+        let slot = self.wms.register(topic, partition);
+        if self.dedup.len() <= slot {
+            self.dedup.resize_with(slot + 1, PartitionDedup::new);
+        }
+        slot
+    }
+
+    /// The watermarks (for inspection and lag reporting).
+    pub fn watermarks(&self) -> &PartitionWatermarks {
+        &self.wms
+    }
+
+    /// The last watermark over this worker's partitions passed to the pipelines.
+    pub fn combined_watermark(&self) -> Watermark {
+        self.last_combined
+    }
+
+    /// The newest receipt time among accepted events.
+    pub fn newest_received_at(&self) -> EventTime {
+        self.newest_received_at
+    }
+
+    /// Offers one event read from the partition in `slot`. An event is too
+    /// late when it is older than its partition's watermark minus the allowed
+    /// lateness (or than the worker's watermark minus it, which only differs
+    /// after a partition came back from idle and whose windows are gone).
+    #[inline]
+    pub fn process(&mut self, slot: usize, ev: &Event) -> Outcome {
+        let Some(dedup) = self.dedup.get_mut(slot) else {
+            return Outcome::TooLate;
+        };
+        if !dedup.check_and_insert(&ev.event_id, ev.timestamp) {
+            return Outcome::Duplicate;
+        }
+        let wm = self.wms.partition_watermark(slot).max(self.last_combined);
+        if ev.timestamp < wm.minus(self.allowed_lateness) {
+            return Outcome::TooLate;
+        }
+        for p in &mut self.pipelines {
+            p.on_event(ev);
+        }
+        self.wms.observe(slot, ev.timestamp);
+        self.newest_received_at = self.newest_received_at.max(ev.received_at);
+        Outcome::Accepted
+    }
+
+    /// Records read progress of a partition (see [`PartitionWatermarks::set_progress`]).
+    pub fn set_progress(&mut self, slot: usize, caught_up: bool, now: Instant) {
+        self.wms.set_progress(slot, caught_up, now);
+    }
+
+    /// Computes the worker's watermark at processing time `now`, lets the
+    /// pipelines emit the partials of windows it passed (and of corrected
+    /// ones), and evicts old dedup entries.
+    pub fn advance(&mut self, now: Instant, out: &mut Vec<Partial>) -> Watermark {
+        let wm = self.wms.combined(now).max(self.last_combined);
+        self.advance_to(wm, out);
+        for (slot, d) in self.dedup.iter_mut().enumerate() {
+            d.evict(self.wms.partition_watermark(slot), self.dedup_horizon);
+        }
+        wm
+    }
+
+    /// Like [`Worker::advance`] for a bounded input: the watermark ignores
+    /// partitions read to their end (see [`PartitionWatermarks::combined_bounded`]).
+    pub fn advance_event_time(&mut self, out: &mut Vec<Partial>) -> Watermark {
+        let wm = self.wms.combined_bounded().max(self.last_combined);
+        self.advance_to(wm, out);
+        for (slot, d) in self.dedup.iter_mut().enumerate() {
+            d.evict(self.wms.partition_watermark(slot), self.dedup_horizon);
+        }
+        wm
+    }
+
+    /// Whether every partition of this worker is idle at `now` (see
+    /// [`PartitionWatermarks::is_idle`]); the combiner then leaves the
+    /// worker out of the combined watermark.
+    pub fn is_idle(&self, now: Instant) -> bool {
+        !self.wms.is_empty() && (0..self.wms.len()).all(|slot| self.wms.is_idle(slot, now))
+    }
+
+    /// Raises the worker's watermark to the combiner's target (see
+    /// [`crate::Combiner::target`]), so a worker that was idle judges
+    /// lateness like the rest and fires what the others already passed.
+    pub fn observe_global(&mut self, wm: Watermark) {
+        if wm != EventTime::MAX {
+            self.last_combined = self.last_combined.max(wm);
+        }
+    }
+
+    /// Emits everything: the end of a bounded input (replay, tests).
+    pub fn finish(&mut self, out: &mut Vec<Partial>) -> Watermark {
+        self.advance_to(EventTime::MAX, out);
+        EventTime::MAX
+    }
+
+    fn advance_to(&mut self, wm: Watermark, out: &mut Vec<Partial>) {
+        self.last_combined = wm;
+        for (i, p) in self.pipelines.iter_mut().enumerate() {
+            let from = out.len();
+            p.on_watermark(wm, out);
+            for partial in &mut out[from..] {
+                partial.window.pipeline = i as u8;
+            }
+        }
+    }
+
+    /// Partials of the pipelines' open windows (early results).
+    pub fn early(&self, out: &mut Vec<Partial>) {
+        for (i, p) in self.pipelines.iter().enumerate() {
+            let from = out.len();
+            p.early(out);
+            for partial in &mut out[from..] {
+                partial.window.pipeline = i as u8;
+            }
+        }
+    }
+
+    /// The state to checkpoint, with the given next offsets.
+    pub fn checkpoint(&self, offsets: BTreeMap<(String, u32), u64>) -> Checkpoint {
+        let dedup = (0..self.wms.len())
+            .filter_map(|slot| Some((self.wms.key(slot)?.clone(), self.dedup.get(slot)?.clone())))
+            .collect();
+        Checkpoint {
+            offsets,
+            watermarks: self.wms.state(),
+            dedup,
+            last_watermark: self.last_combined,
+            pipelines: self
+                .pipelines
+                .iter()
+                .map(|p| (p.name().to_string(), p.snapshot()))
+                .collect(),
+        }
+    }
+
+    /// Restores state from a checkpoint into registered partitions and the pipelines.
+    pub fn restore(&mut self, cp: &Checkpoint) -> Result<(), ProcessorError> {
+        self.wms.restore(&cp.watermarks);
+        self.last_combined = cp.last_watermark;
+        for slot in 0..self.wms.len() {
+            if let (Some(key), Some(d)) = (self.wms.key(slot), self.dedup.get_mut(slot)) {
+                *d = cp.dedup.get(key).cloned().unwrap_or_default();
+            }
+        }
+        for p in &mut self.pipelines {
+            match cp.pipelines.iter().find(|(n, _)| n == p.name()) {
+                Some((_, state)) => p.restore(state)?,
+                None => tracing::warn!(
+                    pipeline = p.name(),
+                    "Checkpoint has no state for pipeline; starting empty"
+                ),
+            }
+        }
+        Ok(())
+    }
+}
