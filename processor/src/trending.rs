@@ -1994,7 +1994,7 @@ mod tests {
         last_wm: i64,
         uses: Vec<(i64, String, u64)>,
         tags: BTreeMap<i64, Vec<String>>,
-        held: BTreeMap<i64, ()>,
+        held: BTreeSet<i64>,
         dropped: u64,
     }
 
@@ -2005,7 +2005,7 @@ mod tests {
                 last_wm: i64::MIN,
                 uses: Vec::new(),
                 tags: BTreeMap::new(),
-                held: BTreeMap::new(),
+                held: BTreeSet::new(),
                 dropped: 0,
             }
         }
@@ -2021,7 +2021,7 @@ mod tests {
             if e.hashtags.is_empty() || (x + 1) * slide + lateness <= self.last_wm {
                 return;
             }
-            self.held.insert(x, ());
+            self.held.insert(x);
             let user = xxhash_rust::xxh3::xxh3_64(e.user_id.as_bytes());
             let mut seen: Vec<&String> = Vec::new();
             for tag in &e.hashtags {
@@ -2054,7 +2054,7 @@ mod tests {
                 - 1;
             let lateness = millis(self.config.allowed_lateness);
             let base = self.last_wm.saturating_sub(lateness).div_euclid(slide) - reach;
-            self.held.retain(|&x, _| x >= base);
+            self.held.retain(|&x| x >= base);
         }
 
         /// Every window with data: distinct users and events per tag, by a
@@ -2127,7 +2127,7 @@ mod tests {
                 let mut early = Vec::new();
                 p.early(&mut early);
                 let windows = reference.windows();
-                let newest = reference.held.keys().next_back().copied();
+                let newest = reference.held.last().copied();
                 let hi = newest.map_or(i64::MIN, |x| (x + 1) * reference.slide());
                 let want: Vec<&WindowId> = windows
                     .keys()
