@@ -336,13 +336,7 @@ impl Combiner {
     pub fn restore(&mut self, state: &[u8]) -> Result<(), ProcessorError> {
         let state: CombinerState = bincode::deserialize(state)
             .map_err(|e| ProcessorError::CorruptCheckpoint(format!("combiner state: {e}")))?;
-        if state.workers != self.workers {
-            return Err(ProcessorError::CorruptCheckpoint(format!(
-                "the checkpoint was taken with {} workers, this processor runs {}; \
-                 restart with the same worker count or rebuild with replay",
-                state.workers, self.workers
-            )));
-        }
+        crate::runner::check_worker_count(state.workers, self.workers)?;
         if state.finishers.len() != self.finishers.len() {
             return Err(ProcessorError::CorruptCheckpoint(format!(
                 "the checkpoint holds {} pipelines, this processor runs {}",

@@ -26,7 +26,7 @@ use crate::checkpoint::{self, Checkpoint};
 use crate::combiner::Combiner;
 use crate::dedup::DEFAULT_HORIZON;
 use crate::partial::Partial;
-use crate::runner::{usable_workers, worker_of, Counts, ProcessorCheckpoint};
+use crate::runner::{check_worker_count, usable_workers, worker_of, Counts, ProcessorCheckpoint};
 use crate::traffic::DEFAULT_ALLOWED_LATENESS;
 use crate::watermark::{DEFAULT_IDLE_TIMEOUT, DEFAULT_OUT_OF_ORDERNESS};
 use crate::worker::{Outcome, Worker};
@@ -338,13 +338,7 @@ pub async fn run_driver(
     let mut combiner = Combiner::new(pipelines.stage2(), workers, pipelines.allowed_lateness);
     if let Some(dir) = &config.checkpoint_dir {
         if let Some(cp) = checkpoint::load::<ProcessorCheckpoint>(dir)? {
-            if cp.workers.len() != workers {
-                return Err(ProcessorError::CorruptCheckpoint(format!(
-                    "the checkpoint was taken with {} workers, this processor runs {workers}; \
-                     restart with the same worker count or rebuild with replay",
-                    cp.workers.len()
-                )));
-            }
+            check_worker_count(cp.workers.len(), workers)?;
             for ((engine, wc), ps) in engines.iter_mut().zip(&cp.workers).zip(&mut parts) {
                 engine.restore(wc)?;
                 for p in ps.iter_mut() {

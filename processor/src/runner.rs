@@ -44,6 +44,18 @@ pub fn usable_workers(wanted: usize, min_partitions: u32) -> usize {
         .unwrap_or(1)
 }
 
+/// Refuses a checkpoint taken with another worker count: partitions, and so
+/// keyed state, would belong to other workers.
+pub(crate) fn check_worker_count(taken_with: usize, runs: usize) -> Result<(), ProcessorError> {
+    if taken_with == runs {
+        return Ok(());
+    }
+    Err(ProcessorError::CorruptCheckpoint(format!(
+        "the checkpoint was taken with {taken_with} workers, this processor runs {runs}; \
+         restart with the same worker count or rebuild with replay"
+    )))
+}
+
 /// What a whole processor checkpoints: every worker and the combiner.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ProcessorCheckpoint {
@@ -221,14 +233,7 @@ impl Stages {
     /// Restores a checkpoint taken with the same worker count (register the
     /// partitions first).
     pub fn restore(&mut self, cp: &ProcessorCheckpoint) -> Result<(), ProcessorError> {
-        if cp.workers.len() != self.workers.len() {
-            return Err(ProcessorError::CorruptCheckpoint(format!(
-                "the checkpoint was taken with {} workers, this processor runs {}; \
-                 restart with the same worker count or rebuild with replay",
-                cp.workers.len(),
-                self.workers.len()
-            )));
-        }
+        check_worker_count(cp.workers.len(), self.workers.len())?;
         for (w, c) in self.workers.iter_mut().zip(&cp.workers) {
             w.restore(c)?;
         }

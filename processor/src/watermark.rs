@@ -125,34 +125,30 @@ impl PartitionWatermarks {
     /// The minimum watermark over non-idle partitions; when every partition is
     /// idle, the largest of them (all data has been seen).
     pub fn combined(&self, now: Instant) -> Watermark {
-        let mut min_active: Option<Watermark> = None;
-        let mut max_idle = EventTime::MIN;
-        for slot in 0..self.parts.len() {
-            let wm = self.partition_watermark(slot);
-            if self.is_idle(slot, now) {
-                max_idle = max_idle.max(wm);
-            } else {
-                min_active = Some(min_active.map_or(wm, |m| m.min(wm)));
-            }
-        }
-        min_active.unwrap_or(max_idle)
+        self.min_except(|slot, _| self.is_idle(slot, now))
     }
 
     /// Like [`PartitionWatermarks::combined`] for a bounded input: a caught-up
     /// partition has delivered everything it will, so it holds nothing back.
     /// Depends on event time and read progress only.
     pub fn combined_bounded(&self) -> Watermark {
-        let mut min_active: Option<Watermark> = None;
-        let mut max_done = EventTime::MIN;
+        self.min_except(|_, p| p.caught_up)
+    }
+
+    /// The minimum watermark over partitions not `left_out`; when every
+    /// partition is left out, the largest of them.
+    fn min_except(&self, left_out: impl Fn(usize, &PartState) -> bool) -> Watermark {
+        let mut min_kept: Option<Watermark> = None;
+        let mut max_left_out = EventTime::MIN;
         for (slot, p) in self.parts.iter().enumerate() {
             let wm = self.partition_watermark(slot);
-            if p.caught_up {
-                max_done = max_done.max(wm);
+            if left_out(slot, p) {
+                max_left_out = max_left_out.max(wm);
             } else {
-                min_active = Some(min_active.map_or(wm, |m| m.min(wm)));
+                min_kept = Some(min_kept.map_or(wm, |m| m.min(wm)));
             }
         }
-        min_active.unwrap_or(max_done)
+        min_kept.unwrap_or(max_left_out)
     }
 
     /// The state a checkpoint keeps.

@@ -116,9 +116,7 @@ impl Worker {
     pub fn advance(&mut self, now: Instant, out: &mut Vec<Partial>) -> Watermark {
         let wm = self.wms.combined(now).max(self.last_combined);
         self.advance_to(wm, out);
-        for (slot, d) in self.dedup.iter_mut().enumerate() {
-            d.evict(self.wms.partition_watermark(slot), self.dedup_horizon);
-        }
+        self.evict_dedup();
         wm
     }
 
@@ -127,10 +125,15 @@ impl Worker {
     pub fn advance_event_time(&mut self, out: &mut Vec<Partial>) -> Watermark {
         let wm = self.wms.combined_bounded().max(self.last_combined);
         self.advance_to(wm, out);
+        self.evict_dedup();
+        wm
+    }
+
+    /// Forgets event ids older than each partition's watermark minus the horizon.
+    fn evict_dedup(&mut self) {
         for (slot, d) in self.dedup.iter_mut().enumerate() {
             d.evict(self.wms.partition_watermark(slot), self.dedup_horizon);
         }
-        wm
     }
 
     /// Whether every partition of this worker is idle at `now` (see
@@ -150,9 +153,8 @@ impl Worker {
     }
 
     /// Emits everything: the end of a bounded input (replay, tests).
-    pub fn finish(&mut self, out: &mut Vec<Partial>) -> Watermark {
+    pub fn finish(&mut self, out: &mut Vec<Partial>) {
         self.advance_to(EventTime::MAX, out);
-        EventTime::MAX
     }
 
     fn advance_to(&mut self, wm: Watermark, out: &mut Vec<Partial>) {
