@@ -12,10 +12,12 @@ use clap::{Args, ValueEnum};
 use futures::{SinkExt as _, StreamExt as _};
 use serde_json::{json, Value};
 use tidemark_log::segment::SegmentLog;
-use tidemark_log::{Log, Record};
+use tidemark_log::{Log, LogError, Record, StoredRecord};
 use tidemark_model::{topic, wire, Event, EventTime, Limits};
 use tidemark_processor::driver::DriverConfig;
-use tidemark_processor::runner::{run_parallel, usable_workers, PartitionRange, RunSummary};
+use tidemark_processor::runner::{
+    run_parallel, usable_workers, PartitionRange, RecordSource, RunSummary,
+};
 use tidemark_processor::PipelineSet;
 use tokio_util::sync::CancellationToken;
 
@@ -240,9 +242,13 @@ async fn bench_pipeline(args: &BenchArgs) -> anyhow::Result<Value> {
         }
     }
     let (threads, measure_state) = (args.threads.max(1), args.state);
+    let cpu_before = process_cpu_seconds();
     let (run, workers, seconds) =
         tokio::task::spawn_blocking(move || pipelines_from_log(log, &set, threads, measure_state))
             .await??;
+    let cpu_seconds = process_cpu_seconds()
+        .zip(cpu_before)
+        .map(|(after, before)| ((after - before) * 100.0).round() / 100.0);
     Ok(summary(
         "pipeline",
         run.counts.accepted + run.counts.duplicates + run.counts.too_late,
@@ -255,9 +261,23 @@ async fn bench_pipeline(args: &BenchArgs) -> anyhow::Result<Value> {
             "too_late": run.counts.too_late,
             "state_bytes": args.state.then_some(run.state_bytes),
             "peak_rss_bytes": peak_rss_bytes(),
+            "cpu_seconds": cpu_seconds,
             "pipelines": args.pipelines,
         }),
     ))
+}
+
+/// CPU time the process used so far, user plus system, in seconds (Linux
+/// `/proc/self/stat`, in clock ticks of 1/100 s): on a busy machine the CPU a
+/// run took is steadier than its wall time.
+fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')')?.1;
+    let mut fields = rest.split_whitespace().skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some((user + system) as f64 / 100.0)
 }
 
 /// The process's peak resident memory (Linux `VmHWM`), if known.
@@ -266,6 +286,32 @@ fn peak_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// The embedded log as a [`RecordSource`] that lends its buffers.
+struct SegmentSource(Arc<SegmentLog>);
+
+impl RecordSource for SegmentSource {
+    fn read(
+        &mut self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max: usize,
+    ) -> Result<Vec<StoredRecord>, LogError> {
+        self.0.read_blocking(topic, partition, offset, max)
+    }
+
+    fn visit(
+        &mut self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max: usize,
+        visit: &mut dyn FnMut(u64, &[u8]),
+    ) -> Result<usize, LogError> {
+        self.0.visit_blocking(topic, partition, offset, max, visit)
+    }
 }
 
 /// Reads every input partition of `log` to its end with one thread per
@@ -299,13 +345,8 @@ fn pipelines_from_log(
         workers,
         measure_state,
         ranges,
-        || {
-            let log = log.clone();
-            move |topic: &str, partition: u32, offset: u64, max: usize| {
-                log.read_blocking(topic, partition, offset, max)
-            }
-        },
-        wire::decode,
+        || SegmentSource(log.clone()),
+        wire::decode_into,
         |_points| Ok(()),
     )?;
     Ok((summary, workers, started.elapsed().as_secs_f64()))

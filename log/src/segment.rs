@@ -273,15 +273,22 @@ fn encode_batch(records: &[&Record]) -> Result<(Vec<u8>, i64), LogError> {
     })
 }
 
-/// Decodes a decompressed payload into records, slicing keys and values out of
-/// the one shared buffer.
-fn decode_records(
-    buf: &Bytes,
+/// One record inside a decompressed payload: its offset, timestamp and the
+/// byte ranges of its key and value.
+struct RecordSpan {
+    offset: u64,
+    timestamp: EventTime,
+    key: std::ops::Range<usize>,
+    value: std::ops::Range<usize>,
+}
+
+/// Walks the records of a decompressed payload; `visit` returns `false` to stop.
+fn walk_records(
+    buf: &[u8],
     base: u64,
     count: u32,
     path: &Path,
-    mut keep: impl FnMut(&StoredRecord) -> bool,
-    out: &mut Vec<StoredRecord>,
+    mut visit: impl FnMut(RecordSpan) -> bool,
 ) -> Result<(), LogError> {
     let bad = || corrupt(path, format!("malformed records in batch at offset {base}"));
     let mut pos = 0usize;
@@ -295,23 +302,23 @@ fn decode_records(
             .checked_add(klen)
             .filter(|&e| e <= buf.len())
             .ok_or_else(bad)?;
-        let key = buf.slice(pos..kend);
+        let key = pos..kend;
         pos = kend;
         let vlen = get_varint(buf, &mut pos).ok_or_else(bad)? as usize;
         let vend = pos
             .checked_add(vlen)
             .filter(|&e| e <= buf.len())
             .ok_or_else(bad)?;
-        let value = buf.slice(pos..vend);
+        let value = pos..vend;
         pos = vend;
-        let rec = StoredRecord {
+        let more = visit(RecordSpan {
             offset: base + i,
+            timestamp: EventTime(i64::from_le_bytes(b8)),
             key,
             value,
-            timestamp: EventTime(i64::from_le_bytes(b8)),
-        };
-        if keep(&rec) {
-            out.push(rec);
+        });
+        if !more {
+            return Ok(());
         }
     }
     if pos != buf.len() {
@@ -823,6 +830,65 @@ impl SegmentLog {
         offset: u64,
         max_records: usize,
     ) -> Result<Vec<StoredRecord>, LogError> {
+        let (part, refs) = self.batches_from(topic, partition, offset, max_records)?;
+        let mut out = Vec::with_capacity(max_records.min(covered_hint(&refs)));
+        for r in refs {
+            let buf = self.load_batch(&part, &r)?;
+            walk_records(&buf, r.meta.base, r.meta.count, &r.path, |span| {
+                if span.offset >= offset {
+                    out.push(StoredRecord {
+                        offset: span.offset,
+                        key: buf.slice(span.key),
+                        value: buf.slice(span.value),
+                        timestamp: span.timestamp,
+                    });
+                }
+                out.len() < max_records
+            })?;
+            if out.len() >= max_records {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Like [`SegmentLog::read_blocking`], handing each record's offset and
+    /// value to `visit` in place instead of collecting owned records: the
+    /// processor's bounded runs read this way. Returns how many were visited.
+    pub fn visit_blocking(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max_records: usize,
+        mut visit: impl FnMut(u64, &[u8]),
+    ) -> Result<usize, LogError> {
+        let (part, refs) = self.batches_from(topic, partition, offset, max_records)?;
+        let mut visited = 0usize;
+        for r in refs {
+            let buf = self.load_batch(&part, &r)?;
+            walk_records(&buf, r.meta.base, r.meta.count, &r.path, |span| {
+                if span.offset >= offset {
+                    visit(span.offset, &buf[span.value]);
+                    visited += 1;
+                }
+                visited < max_records
+            })?;
+            if visited >= max_records {
+                break;
+            }
+        }
+        Ok(visited)
+    }
+
+    /// The visible batches holding up to `max_records` records from `offset`.
+    fn batches_from(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max_records: usize,
+    ) -> Result<(Arc<Partition>, Vec<BatchRef>), LogError> {
         let part = self.partition(topic, partition)?;
         let refs = {
             let st = lock(&part.state);
@@ -836,14 +902,15 @@ impl SegmentLog {
                 });
             }
             let visible = st.visible_offset;
+            let mut refs = Vec::new();
             if offset >= visible || max_records == 0 {
-                return Ok(Vec::new());
+                drop(st);
+                return Ok((part, refs));
             }
             let si = st
                 .segments
                 .partition_point(|s| s.base <= offset)
                 .saturating_sub(1);
-            let mut refs = Vec::new();
             let mut covered = 0usize;
             'outer: for seg in &st.segments[si..] {
                 let bi = seg
@@ -868,28 +935,7 @@ impl SegmentLog {
             }
             refs
         };
-        let mut out = Vec::with_capacity(max_records.min(covered_hint(&refs)));
-        for r in refs {
-            let buf = self.load_batch(&part, &r)?;
-            let remaining = max_records - out.len();
-            let mut taken = 0usize;
-            decode_records(
-                &buf,
-                r.meta.base,
-                r.meta.count,
-                &r.path,
-                |rec| {
-                    let keep = rec.offset >= offset && taken < remaining;
-                    taken += usize::from(keep);
-                    keep
-                },
-                &mut out,
-            )?;
-            if out.len() >= max_records {
-                break;
-            }
-        }
-        Ok(out)
+        Ok((part, refs))
     }
 
     /// The decompressed payload of a batch, from the per-partition cache if it
@@ -945,20 +991,15 @@ impl SegmentLog {
             }
         };
         let buf = self.load_batch(&part, &r)?;
-        let mut recs = Vec::new();
-        decode_records(
-            &buf,
-            r.meta.base,
-            r.meta.count,
-            &r.path,
-            |_| true,
-            &mut recs,
-        )?;
         // Earlier batches all stay below `time`, so the first record reaching it is the answer.
-        Ok(recs
-            .iter()
-            .find(|rec| rec.timestamp >= time)
-            .map_or(r.meta.base + u64::from(r.meta.count), |rec| rec.offset))
+        let mut found = None;
+        walk_records(&buf, r.meta.base, r.meta.count, &r.path, |span| {
+            if span.timestamp >= time {
+                found = Some(span.offset);
+            }
+            found.is_none()
+        })?;
+        Ok(found.unwrap_or(r.meta.base + u64::from(r.meta.count)))
     }
 
     /// The earliest retained offset of a partition.

@@ -203,15 +203,34 @@ impl<'a> Reader<'a> {
         std::str::from_utf8(bytes).map_err(|_| WireError::Corrupt("string is not UTF-8"))
     }
 
-    fn string(&mut self) -> Result<String, WireError> {
-        self.str().map(str::to_owned)
+    /// Reads a string into `into`, reusing its allocation.
+    fn string_into(&mut self, into: &mut String) -> Result<(), WireError> {
+        let s = self.str()?;
+        into.clear();
+        into.push_str(s);
+        Ok(())
     }
 
-    fn opt_string(&mut self, presence: u16, bit: u16) -> Result<Option<String>, WireError> {
+    /// Reads an optional string into `into`, reusing its allocation when present.
+    fn opt_string_into(
+        &mut self,
+        presence: u16,
+        bit: u16,
+        into: &mut Option<String>,
+    ) -> Result<(), WireError> {
         if presence & bit == 0 {
-            return Ok(None);
+            *into = None;
+            return Ok(());
         }
-        self.string().map(Some)
+        let s = self.str()?;
+        match into {
+            Some(held) => {
+                held.clear();
+                held.push_str(s);
+            }
+            None => *into = Some(s.to_owned()),
+        }
+        Ok(())
     }
 
     fn opt_f64(&mut self, presence: u16, bit: u16) -> Result<Option<f64>, WireError> {
@@ -228,13 +247,23 @@ fn event_type_from_code(code: u8) -> Option<EventType> {
 
 /// Decodes one event from exactly the bytes of one record.
 pub fn decode(buf: &[u8]) -> Result<Event, WireError> {
+    let mut ev = Event::default();
+    decode_into(buf, &mut ev)?;
+    Ok(ev)
+}
+
+/// Like [`decode`], into an existing event whose string allocations are
+/// reused: a reader decoding record after record into one `Event` allocates
+/// only when a string outgrows its buffer. On error `ev` holds a mix of old
+/// and new fields and must not be used.
+pub fn decode_into(buf: &[u8], ev: &mut Event) -> Result<(), WireError> {
     let mut r = Reader { buf };
     let version = r.u8()?;
     if version != VERSION {
         return Err(WireError::Version(version));
     }
     let code = r.u8()?;
-    let event_type = if code == CUSTOM_CODE {
+    ev.event_type = if code == CUSTOM_CODE {
         let name = r.str()?;
         if !name.starts_with("custom.") {
             return Err(WireError::Corrupt(
@@ -245,13 +274,13 @@ pub fn decode(buf: &[u8]) -> Result<Event, WireError> {
     } else {
         event_type_from_code(code).ok_or(WireError::Corrupt("unknown event type code"))?
     };
-    let event_id = r.string()?;
-    let user_id = r.string()?;
-    let timestamp = EventTime(r.i64()?);
-    let received_at = EventTime(r.i64()?);
-    let schema_version = u32::try_from(r.varint()?)
+    r.string_into(&mut ev.event_id)?;
+    r.string_into(&mut ev.user_id)?;
+    ev.timestamp = EventTime(r.i64()?);
+    ev.received_at = EventTime(r.i64()?);
+    ev.schema_version = u32::try_from(r.varint()?)
         .map_err(|_| WireError::Corrupt("schema_version out of range"))?;
-    let device = match r.u8()? {
+    ev.device = match r.u8()? {
         0 => Device::Ios,
         1 => Device::Android,
         2 => Device::Web,
@@ -263,68 +292,49 @@ pub fn decode(buf: &[u8]) -> Result<Event, WireError> {
     if country != Country::UNKNOWN && !country.0.iter().all(u8::is_ascii_uppercase) {
         return Err(WireError::Corrupt("country is not two upper-case letters"));
     }
+    ev.country = country;
     let presence = u16::from_le_bytes(r.array()?);
     if presence & !P_ALL != 0 {
         return Err(WireError::Corrupt("unknown presence bits"));
     }
 
-    let post_id = r.opt_string(presence, P_POST_ID)?;
-    let hashtags = if presence & P_HASHTAGS != 0 {
+    r.opt_string_into(presence, P_POST_ID, &mut ev.post_id)?;
+    if presence & P_HASHTAGS != 0 {
         let n = r.varint()?;
         // Every tag takes at least its length byte, which bounds the allocation.
         if n > r.buf.len() as u64 {
             return Err(WireError::Truncated);
         }
-        let mut tags = Vec::with_capacity(n as usize);
-        for _ in 0..n {
-            tags.push(r.string()?);
+        let n = n as usize;
+        ev.hashtags.truncate(n);
+        for i in 0..n {
+            match ev.hashtags.get_mut(i) {
+                Some(tag) => r.string_into(tag)?,
+                None => ev.hashtags.push(r.str()?.to_owned()),
+            }
         }
-        tags
     } else {
-        Vec::new()
-    };
-    let campaign_id = r.opt_string(presence, P_CAMPAIGN_ID)?;
-    let ad_id = r.opt_string(presence, P_AD_ID)?;
-    let impression_id = r.opt_string(presence, P_IMPRESSION_ID)?;
-    let cost = r.opt_f64(presence, P_COST)?;
-    let revenue = r.opt_f64(presence, P_REVENUE)?;
-    let session_id = r.opt_string(presence, P_SESSION_ID)?;
-    let page = r.opt_string(presence, P_PAGE)?;
-    let duration_ms = if presence & P_DURATION_MS != 0 {
+        ev.hashtags.clear();
+    }
+    r.opt_string_into(presence, P_CAMPAIGN_ID, &mut ev.campaign_id)?;
+    r.opt_string_into(presence, P_AD_ID, &mut ev.ad_id)?;
+    r.opt_string_into(presence, P_IMPRESSION_ID, &mut ev.impression_id)?;
+    ev.cost = r.opt_f64(presence, P_COST)?;
+    ev.revenue = r.opt_f64(presence, P_REVENUE)?;
+    r.opt_string_into(presence, P_SESSION_ID, &mut ev.session_id)?;
+    r.opt_string_into(presence, P_PAGE, &mut ev.page)?;
+    ev.duration_ms = if presence & P_DURATION_MS != 0 {
         Some(r.varint()?)
     } else {
         None
     };
-    let age_band = r.opt_string(presence, P_AGE_BAND)?;
-    let segment = r.opt_string(presence, P_SEGMENT)?;
-    let extra = r.opt_string(presence, P_EXTRA)?;
+    r.opt_string_into(presence, P_AGE_BAND, &mut ev.age_band)?;
+    r.opt_string_into(presence, P_SEGMENT, &mut ev.segment)?;
+    r.opt_string_into(presence, P_EXTRA, &mut ev.extra)?;
     if !r.buf.is_empty() {
         return Err(WireError::Corrupt("trailing bytes after record"));
     }
-
-    Ok(Event {
-        event_id,
-        event_type,
-        user_id,
-        timestamp,
-        received_at,
-        schema_version,
-        post_id,
-        hashtags,
-        campaign_id,
-        ad_id,
-        impression_id,
-        cost,
-        revenue,
-        device,
-        country,
-        session_id,
-        page,
-        duration_ms,
-        age_band,
-        segment,
-        extra,
-    })
+    Ok(())
 }
 
 #[cfg(test)]
@@ -417,6 +427,20 @@ mod tests {
             let mut buf = vec![7u8];
             encode(&ev, &mut buf);
             prop_assert_eq!(decode(&buf[1..]), Ok(ev));
+        }
+
+        #[test]
+        fn decode_into_a_used_event_equals_a_fresh_decode(
+            first in test_support::event(),
+            second in test_support::event(),
+        ) {
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            encode(&first, &mut a);
+            encode(&second, &mut b);
+            let mut reused = Event::default();
+            decode_into(&a, &mut reused).unwrap();
+            decode_into(&b, &mut reused).unwrap();
+            prop_assert_eq!(reused, second);
         }
 
         #[test]

@@ -269,14 +269,20 @@ impl Combiner {
             }
         }
         actions.sort_unstable();
+        // A window firing and closing in this one step is merged once: no
+        // partial arrives in between.
+        let mut merged_to_close: BTreeMap<WindowId, Partial> = BTreeMap::new();
         for (_, action, id) in actions {
+            let closes_now = self.close_at(&id) <= wm.0;
             let Some(slot) = self.windows.get_mut(&id) else {
                 continue;
             };
             let Some(f) = self.finishers.get_mut(id.pipeline as usize) else {
                 continue;
             };
-            let merged = slot.merged(id);
+            let merged = merged_to_close
+                .remove(&id)
+                .unwrap_or_else(|| slot.merged(id));
             if !slot.fired {
                 slot.fired = true;
                 f.finish(&merged, out);
@@ -284,6 +290,8 @@ impl Combiner {
             if action == CLOSE {
                 f.on_closed(&merged);
                 slot.closed = true;
+            } else if closes_now {
+                merged_to_close.insert(id, merged);
             }
         }
         let (grace, horizons) = (self.grace_ms, &self.horizons_ms);

@@ -53,7 +53,25 @@ impl PartitionDedup {
     /// it is a duplicate of one still remembered.
     #[inline]
     pub fn check_and_insert(&mut self, event_id: &str, ts: EventTime) -> bool {
-        let h = xxhash_rust::xxh3::xxh3_64(event_id.as_bytes());
+        self.check_and_insert_hash(Self::hash(event_id), ts)
+    }
+
+    /// The hash an event id is remembered by.
+    #[inline]
+    pub fn hash(event_id: &str) -> u64 {
+        xxhash_rust::xxh3::xxh3_64(event_id.as_bytes())
+    }
+
+    /// Looks the hashes up without changing anything, so that a run of
+    /// [`PartitionDedup::check_and_insert_hash`] after it finds them cached.
+    pub fn warm(&self, hashes: &[u64]) {
+        let found = hashes.iter().filter(|h| self.seen.contains(h)).count();
+        std::hint::black_box(found);
+    }
+
+    /// [`PartitionDedup::check_and_insert`] by the id's [`PartitionDedup::hash`].
+    #[inline]
+    pub fn check_and_insert_hash(&mut self, h: u64, ts: EventTime) -> bool {
         if !self.seen.insert(h) {
             return false;
         }

@@ -161,6 +161,15 @@ pub trait Pipeline: Send {
     /// next watermark.
     fn on_event(&mut self, ev: &Event);
 
+    /// Adds a run of accepted events, in order: the same as `on_event` on
+    /// each. Pipelines keeping per-user state override it to look a whole
+    /// run's users up first, so that their cache misses overlap.
+    fn on_events(&mut self, events: &[&Event]) {
+        for ev in events {
+            self.on_event(ev);
+        }
+    }
+
     /// Emits the partial of every window whose end is at or before `wm` and
     /// was not emitted yet or changed since, and forgets windows that can no
     /// longer receive events. `WindowId::pipeline` is set by the caller.

@@ -152,6 +152,18 @@ impl Stages {
         self.workers[w].process(slot, ev)
     }
 
+    /// Offers a run of one partition's events; see [`Worker::process_batch`].
+    pub fn process_batch(
+        &mut self,
+        topic: &str,
+        partition: u32,
+        events: &[Event],
+        outcomes: &mut Vec<Outcome>,
+    ) {
+        let (w, slot) = self.register(topic, partition);
+        self.workers[w].process_batch(slot, events, outcomes);
+    }
+
     /// Offers one event to an already registered (worker, slot).
     #[inline]
     pub fn process_slot(&mut self, worker: usize, slot: usize, ev: &Event) -> Outcome {
@@ -251,6 +263,24 @@ pub trait RecordSource: Send {
         offset: u64,
         max: usize,
     ) -> Result<Vec<StoredRecord>, LogError>;
+
+    /// Hands up to `max` records' offsets and values to `visit`, in offset
+    /// order; returns how many (0 at the end). Sources that can lend their
+    /// buffers override this to spare [`RecordSource::read`]'s owned records.
+    fn visit(
+        &mut self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max: usize,
+        visit: &mut dyn FnMut(u64, &[u8]),
+    ) -> Result<usize, LogError> {
+        let records = self.read(topic, partition, offset, max)?;
+        for r in &records {
+            visit(r.offset, &r.value);
+        }
+        Ok(records.len())
+    }
 }
 
 impl<F> RecordSource for F
@@ -326,7 +356,7 @@ pub fn run_parallel<S, D, E>(
 ) -> Result<RunSummary, ProcessorError>
 where
     S: RecordSource + 'static,
-    D: Fn(&[u8]) -> Result<Event, WireError> + Send + Sync + Copy + 'static,
+    D: Fn(&[u8], &mut Event) -> Result<(), WireError> + Send + Sync + Copy + 'static,
     E: FnMut(Vec<Point>) -> Result<(), ProcessorError>,
 {
     let n = workers.max(1);
@@ -418,6 +448,55 @@ where
     Ok(summary)
 }
 
+/// Events decoded into reused buffers, offered to a worker a run at a time.
+#[derive(Default)]
+struct EventRun {
+    events: Vec<Event>,
+    len: usize,
+    outcomes: Vec<Outcome>,
+}
+
+impl EventRun {
+    /// Long enough for the pipelines' look-ups to overlap, short enough to
+    /// stay in cache.
+    const LEN: usize = 64;
+
+    /// Decodes one record into the run; `Ok(true)` when the run is full.
+    fn decode_next<D>(&mut self, value: &[u8], decode: &D) -> Result<bool, WireError>
+    where
+        D: Fn(&[u8], &mut Event) -> Result<(), WireError>,
+    {
+        if self.events.len() <= self.len {
+            self.events.push(Event::default());
+        }
+        decode(value, &mut self.events[self.len])?;
+        self.len += 1;
+        Ok(self.len >= Self::LEN)
+    }
+
+    fn offer(
+        &mut self,
+        worker: &mut Worker,
+        slot: usize,
+        counts: &mut Counts,
+        too_late: &mut Vec<Event>,
+    ) {
+        if self.len == 0 {
+            return;
+        }
+        let events = &self.events[..self.len];
+        self.outcomes.clear();
+        worker.process_batch(slot, events, &mut self.outcomes);
+        for (ev, &o) in events.iter().zip(&self.outcomes) {
+            if o == Outcome::TooLate {
+                too_late.push(ev.clone());
+            }
+            counts.add(o);
+        }
+        self.len = 0;
+    }
+}
+
 fn work<S, D>(
     index: usize,
     worker: &mut Worker,
@@ -429,7 +508,7 @@ fn work<S, D>(
 ) -> Result<(), ProcessorError>
 where
     S: RecordSource,
-    D: Fn(&[u8]) -> Result<Event, WireError>,
+    D: Fn(&[u8], &mut Event) -> Result<(), WireError>,
 {
     let slots: Vec<usize> = ranges
         .iter()
@@ -438,6 +517,9 @@ where
     let mut done = vec![false; ranges.len()];
     let (mut counts, mut decode_errors, mut too_late) = (Counts::default(), 0u64, Vec::new());
     let mut partials = Vec::new();
+    // Events are decoded into a reused run (their strings keep their
+    // buffers) and offered a run at a time.
+    let mut run = EventRun::default();
     loop {
         let mut any = false;
         for (i, r) in ranges.iter_mut().enumerate() {
@@ -448,36 +530,33 @@ where
                 Some(to) => (to.saturating_sub(r.from) as usize).min(max_batch),
                 None => max_batch,
             };
-            let records = if want == 0 {
-                Vec::new()
+            let slot = slots[i];
+            let mut next = r.from;
+            let mut offer = |run: &mut EventRun, worker: &mut Worker| {
+                run.offer(worker, slot, &mut counts, &mut too_late);
+            };
+            let visited = if want == 0 {
+                0
             } else {
-                source.read(&r.topic, r.partition, r.from, want)?
-            };
-            let now = Instant::now();
-            let Some(last) = records.last() else {
-                done[i] = true;
-                worker.set_progress(slots[i], true, now);
-                continue;
-            };
-            any = true;
-            r.from = last.offset + 1;
-            for rec in &records {
-                if r.to.is_some_and(|to| rec.offset >= to) {
-                    done[i] = true;
-                    break;
-                }
-                match decode(&rec.value) {
-                    Ok(ev) => {
-                        let o = worker.process(slots[i], &ev);
-                        if o == Outcome::TooLate {
-                            too_late.push(ev);
-                        }
-                        counts.add(o);
+                source.visit(&r.topic, r.partition, r.from, want, &mut |offset, value| {
+                    next = offset + 1;
+                    match run.decode_next(value, &decode) {
+                        Ok(true) => offer(&mut run, worker),
+                        Ok(false) => {}
+                        Err(_) => decode_errors += 1,
                     }
-                    Err(_) => decode_errors += 1,
-                }
+                })?
+            };
+            offer(&mut run, worker);
+            let now = Instant::now();
+            if visited == 0 {
+                done[i] = true;
+                worker.set_progress(slot, true, now);
+                continue;
             }
-            worker.set_progress(slots[i], false, now);
+            any = true;
+            r.from = next;
+            worker.set_progress(slot, false, now);
         }
         if !any {
             break;

@@ -36,6 +36,8 @@ pub struct Worker {
     dedup_horizon: Duration,
     last_combined: Watermark,
     newest_received_at: EventTime,
+    /// Event-id hashes of the batch being admitted (kept for its allocation).
+    id_hashes: Vec<u64>,
 }
 
 impl std::fmt::Debug for dyn Pipeline {
@@ -54,6 +56,7 @@ impl Worker {
             dedup_horizon: config.dedup_horizon.max(config.allowed_lateness),
             last_combined: EventTime::MIN,
             newest_received_at: EventTime::MIN,
+            id_hashes: Vec::new(),
         }
     }
 
@@ -87,18 +90,53 @@ impl Worker {
     /// after a partition came back from idle and whose windows are gone).
     #[inline]
     pub fn process(&mut self, slot: usize, ev: &Event) -> Outcome {
+        let outcome = self.admit(slot, ev, PartitionDedup::hash(&ev.event_id));
+        if outcome == Outcome::Accepted {
+            for p in &mut self.pipelines {
+                p.on_event(ev);
+            }
+        }
+        outcome
+    }
+
+    /// Offers a run of events read in order from the partition in `slot`,
+    /// with the same outcomes (pushed to `outcomes`) and effects as
+    /// [`Worker::process`] on each in turn. Lateness and dedup are decided
+    /// event by event first; the pipelines then see the accepted run at once.
+    pub fn process_batch(&mut self, slot: usize, events: &[Event], outcomes: &mut Vec<Outcome>) {
+        let mut hashes = std::mem::take(&mut self.id_hashes);
+        hashes.clear();
+        hashes.extend(events.iter().map(|ev| PartitionDedup::hash(&ev.event_id)));
+        if let Some(dedup) = self.dedup.get(slot) {
+            dedup.warm(&hashes);
+        }
+        let mut accepted = Vec::with_capacity(events.len());
+        for (ev, &h) in events.iter().zip(&hashes) {
+            let outcome = self.admit(slot, ev, h);
+            if outcome == Outcome::Accepted {
+                accepted.push(ev);
+            }
+            outcomes.push(outcome);
+        }
+        self.id_hashes = hashes;
+        for p in &mut self.pipelines {
+            p.on_events(&accepted);
+        }
+    }
+
+    /// Decides dedup and lateness for one event and, when it is accepted,
+    /// records its time; the pipelines are the caller's to feed.
+    #[inline]
+    fn admit(&mut self, slot: usize, ev: &Event, id_hash: u64) -> Outcome {
         let Some(dedup) = self.dedup.get_mut(slot) else {
             return Outcome::TooLate;
         };
-        if !dedup.check_and_insert(&ev.event_id, ev.timestamp) {
+        if !dedup.check_and_insert_hash(id_hash, ev.timestamp) {
             return Outcome::Duplicate;
         }
         let wm = self.wms.partition_watermark(slot).max(self.last_combined);
         if ev.timestamp < wm.minus(self.allowed_lateness) {
             return Outcome::TooLate;
-        }
-        for p in &mut self.pipelines {
-            p.on_event(ev);
         }
         self.wms.observe(slot, ev.timestamp);
         self.newest_received_at = self.newest_received_at.max(ev.received_at);

@@ -268,6 +268,7 @@ fn run(
     let mut out = Vec::new();
     let mut pos = vec![0usize; parts.len()];
     let mut counts = [0usize; 3];
+    let mut outcomes = Vec::new();
     let mut round = 0usize;
     while pos.iter().zip(parts).any(|(p, (_, v))| *p < v.len()) {
         if restore_after == Some(round) {
@@ -289,8 +290,17 @@ fn run(
         for (i, ((topic, partition), part)) in parts.iter().enumerate() {
             let n = batches[(round + i) % batches.len()];
             let end = (pos[i] + n).min(part.len());
-            for event in &part[pos[i]..end] {
-                match s.process(topic, *partition, event) {
+            // The reference run offers events one by one, the others as runs.
+            outcomes.clear();
+            if batches == [1] {
+                for event in &part[pos[i]..end] {
+                    outcomes.push(s.process(topic, *partition, event));
+                }
+            } else {
+                s.process_batch(topic, *partition, &part[pos[i]..end], &mut outcomes);
+            }
+            for o in &outcomes {
+                match o {
                     Outcome::Accepted => counts[0] += 1,
                     Outcome::Duplicate => counts[1] += 1,
                     Outcome::TooLate => counts[2] += 1,
