@@ -12,6 +12,8 @@
 //! whatever the number of workers and the partition-to-worker assignment.
 //! Money is therefore carried in integer micro-units ([`to_micros`]).
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use crate::hll::Hll;
@@ -30,12 +32,14 @@ pub struct WindowId {
     pub start: i64,
 }
 
-/// The tag values of one group, in the order the pipeline defines.
-pub type RowKey = Box<[Box<str>]>;
+/// The tag values of one group, in the order the pipeline defines. Shared,
+/// so the many rows of one group (one per window) and the combiner's merges
+/// copy a pointer rather than the strings.
+pub type RowKey = Arc<[Arc<str>]>;
 
 /// Builds a row key from tag values.
 pub fn row_key<const N: usize>(values: [&str; N]) -> RowKey {
-    values.iter().map(|v| Box::<str>::from(*v)).collect()
+    values.iter().map(|v| Arc::<str>::from(*v)).collect()
 }
 
 /// A worker's contribution to one window.

@@ -95,6 +95,7 @@
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rustc_hash::{FxHashMap, FxHashSet};
@@ -857,6 +858,8 @@ impl TrendingPipeline {
         let mut rows: Vec<Vec<(RowKey, Vec<i64>)>> = Vec::new();
         let mut by_size: Vec<usize> = Vec::new();
         let mut vals: Vec<(i64, i64)> = Vec::new();
+        // Each tag's key, made once for all its rows.
+        let mut keys: Vec<Option<RowKey>> = vec![None; names.len()];
         for (&y, kinds) in windows {
             let end = geo.end(y);
             order.clear();
@@ -905,7 +908,8 @@ impl TrendingPipeline {
                 for (k, rows) in rows.iter_mut().enumerate() {
                     let (users, events) = vals[id * k_n + k];
                     if events > 0 {
-                        rows.push((row_key([&*names[id]]), vec![users, events]));
+                        let key = keys[id].get_or_insert_with(|| row_key([&*names[id]]));
+                        rows.push((key.clone(), vec![users, events]));
                     }
                 }
             }
@@ -1138,7 +1142,7 @@ impl Pipeline for TrendingPipeline {
 }
 
 /// Baselines of one window size by tag.
-type Baselines = FxHashMap<Box<str>, f64>;
+type Baselines = FxHashMap<Arc<str>, f64>;
 
 /// A baseline, or 0 once it decayed below [`MIN_BASELINE`].
 fn kept(b: f64) -> f64 {
@@ -1254,12 +1258,21 @@ impl Finisher for TrendingFinisher {
                 })
             })
             .collect();
-        rows.sort_unstable_by(|a, b| {
+        let ranking = |a: &Row, b: &Row| {
             b.score
                 .total_cmp(&a.score)
                 .then(b.users.cmp(&a.users))
                 .then(a.tag.cmp(b.tag))
-        });
+        };
+        // A total order (tags are unique), so partitioning off the top K
+        // before sorting them gives the same ranks as sorting everything.
+        if rows.len() > self.top_k {
+            if let Some(last) = self.top_k.checked_sub(1) {
+                rows.select_nth_unstable_by(last, ranking);
+            }
+            rows.truncate(self.top_k);
+        }
+        rows.sort_unstable_by(ranking);
         let time = EventTime(merged.window.start);
         for (rank, row) in rows.iter().take(self.top_k).enumerate() {
             out.push(Point {
@@ -1361,10 +1374,8 @@ impl Finisher for TrendingFinisher {
             .map(|h| {
                 h.into_iter()
                     .map(|(end, v)| {
-                        let map: Baselines = v
-                            .into_iter()
-                            .map(|(t, b)| (t.into_boxed_str(), b))
-                            .collect();
+                        let map: Baselines =
+                            v.into_iter().map(|(t, b)| (Arc::from(t), b)).collect();
                         (end, map)
                     })
                     .collect()
