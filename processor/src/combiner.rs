@@ -51,6 +51,83 @@ impl Slot {
     }
 }
 
+/// One advance of the combined watermark, applied to each pipeline's windows.
+#[derive(Debug, Clone, Copy)]
+struct Step {
+    from: Watermark,
+    to: Watermark,
+    grace_ms: i64,
+}
+
+impl Step {
+    /// Re-finishes corrected windows, then fires and closes what the step
+    /// passed, in time order, and forgets windows closed a grace ago.
+    fn run(
+        self,
+        f: &mut dyn Finisher,
+        windows: &mut BTreeMap<WindowId, Slot>,
+        horizon_ms: i64,
+        out: &mut Vec<Point>,
+    ) {
+        // Corrections of fired windows first: what closes below must see them.
+        for (id, slot) in windows.iter_mut() {
+            if slot.fired && slot.dirty {
+                slot.dirty = false;
+                f.finish(&slot.merged(*id), out);
+            }
+        }
+        let wm = self.to;
+        if wm <= self.from {
+            return;
+        }
+        // Fires at `end`, closes at `end + horizon`; a close comes before a
+        // fire at the same time, so state derived from closed windows does
+        // not depend on how far one step advances.
+        const CLOSE: u8 = 0;
+        const FIRE: u8 = 1;
+        let close_at = |id: &WindowId| id.end.saturating_add(horizon_ms);
+        let mut actions: Vec<(i64, u8, WindowId)> = Vec::new();
+        for (id, slot) in windows.iter() {
+            if id.end > wm.0 {
+                break;
+            }
+            if slot.closed {
+                continue;
+            }
+            if !slot.fired {
+                actions.push((id.end, FIRE, *id));
+            }
+            if close_at(id) <= wm.0 {
+                actions.push((close_at(id), CLOSE, *id));
+            }
+        }
+        actions.sort_unstable();
+        // A window firing and closing in this one step is merged once: no
+        // partial arrives in between.
+        let mut merged_to_close: BTreeMap<WindowId, Partial> = BTreeMap::new();
+        for (_, action, id) in actions {
+            let Some(slot) = windows.get_mut(&id) else {
+                continue;
+            };
+            let merged = merged_to_close
+                .remove(&id)
+                .unwrap_or_else(|| slot.merged(id));
+            if !slot.fired {
+                slot.fired = true;
+                f.finish(&merged, out);
+            }
+            if action == CLOSE {
+                f.on_closed(&merged);
+                slot.closed = true;
+            } else if close_at(&id) <= wm.0 {
+                merged_to_close.insert(id, merged);
+            }
+        }
+        windows
+            .retain(|id, slot| !slot.closed || close_at(id).saturating_add(self.grace_ms) > wm.0);
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 struct CombinerState {
     workers: usize,
@@ -73,7 +150,8 @@ pub struct Combiner {
     /// Workers whose partitions are all idle do not hold the watermark back.
     worker_idle: Vec<bool>,
     last_wm: Watermark,
-    windows: BTreeMap<WindowId, Slot>,
+    /// Per pipeline (the index is `WindowId::pipeline`): its windows.
+    windows: Vec<BTreeMap<WindowId, Slot>>,
     late_partials: u64,
 }
 
@@ -82,7 +160,7 @@ impl std::fmt::Debug for Combiner {
         f.debug_struct("Combiner")
             .field("workers", &self.workers)
             .field("last_wm", &self.last_wm)
-            .field("windows", &self.windows.len())
+            .field("windows", &self.held_windows())
             .finish()
     }
 }
@@ -97,6 +175,7 @@ impl Combiner {
             .map(|f| millis(f.horizon().unwrap_or(lateness).max(lateness)))
             .collect();
         Combiner {
+            windows: finishers.iter().map(|_| BTreeMap::new()).collect(),
             finishers,
             workers,
             horizons_ms,
@@ -104,7 +183,6 @@ impl Combiner {
             worker_wm: vec![EventTime::MIN; workers],
             worker_idle: vec![false; workers],
             last_wm: EventTime::MIN,
-            windows: BTreeMap::new(),
             late_partials: 0,
         }
     }
@@ -121,7 +199,7 @@ impl Combiner {
 
     /// Windows held (open, or fired and still accepting corrections).
     pub fn held_windows(&self) -> usize {
-        self.windows.len()
+        self.windows.iter().map(BTreeMap::len).sum()
     }
 
     /// Partials that arrived for windows already closed (dropped).
@@ -142,12 +220,12 @@ impl Combiner {
     /// Takes a worker's partial of a window it fired (or corrected).
     pub fn on_partial(&mut self, worker: usize, partial: Partial) {
         let id = partial.window;
-        if worker >= self.workers {
+        if worker >= self.workers || usize::from(id.pipeline) >= self.windows.len() {
             return;
         }
-        if !self.windows.contains_key(&id)
-            && self.close_at(&id).saturating_add(self.grace_ms) <= self.last_wm.0
-        {
+        let closed_long_ago = self.close_at(&id).saturating_add(self.grace_ms) <= self.last_wm.0;
+        let windows = &mut self.windows[usize::from(id.pipeline)];
+        if closed_long_ago && !windows.contains_key(&id) {
             self.late_partials += 1;
             tracing::warn!(
                 end = id.end,
@@ -157,7 +235,7 @@ impl Combiner {
             return;
         }
         let workers = self.workers;
-        let slot = self.windows.entry(id).or_insert_with(|| Slot::new(workers));
+        let slot = windows.entry(id).or_insert_with(|| Slot::new(workers));
         slot.parts[worker] = Some(partial);
         slot.early[worker] = None;
         if slot.fired {
@@ -170,16 +248,18 @@ impl Combiner {
         if worker >= self.workers {
             return;
         }
-        for slot in self.windows.values_mut() {
+        for slot in self.windows.iter_mut().flat_map(BTreeMap::values_mut) {
             slot.early[worker] = None;
         }
         let (workers, horizon) = (self.workers, self.last_wm.0);
         for p in partials {
+            let Some(windows) = self.windows.get_mut(usize::from(p.window.pipeline)) else {
+                continue;
+            };
             if p.window.end <= horizon {
                 continue;
             }
-            let slot = self
-                .windows
+            let slot = windows
                 .entry(p.window)
                 .or_insert_with(|| Slot::new(workers));
             slot.early[worker] = Some(p);
@@ -234,78 +314,68 @@ impl Combiner {
     }
 
     fn advance(&mut self, wm: Watermark, out: &mut Vec<Point>) {
-        let wm = wm.max(self.last_wm);
-        // Corrections of fired windows first: what closes below must see them.
-        for (id, slot) in self.windows.iter_mut() {
-            if slot.fired && slot.dirty {
-                slot.dirty = false;
-                if let Some(f) = self.finishers.get(id.pipeline as usize) {
-                    f.finish(&slot.merged(*id), out);
+        let step = Step {
+            from: self.last_wm,
+            to: wm.max(self.last_wm),
+            grace_ms: self.grace_ms,
+        };
+        // The end of a bounded input closes everything at once: the
+        // pipelines are independent, so each closes on its own thread.
+        let at_once = step.to == EventTime::MAX && self.finishers.len() > 1;
+        let pipelines = self
+            .finishers
+            .iter_mut()
+            .zip(self.windows.iter_mut())
+            .zip(&self.horizons_ms);
+        if at_once {
+            let mut outs: Vec<Vec<Point>> = Vec::new();
+            let mut left: Vec<usize> = Vec::new();
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = pipelines
+                    .enumerate()
+                    .map(|(i, ((f, windows), &horizon_ms))| {
+                        let spawned = std::thread::Builder::new()
+                            .name(format!("tidemark-close-{i}"))
+                            .spawn_scoped(scope, move || {
+                                let mut out = Vec::new();
+                                step.run(f.as_mut(), windows, horizon_ms, &mut out);
+                                out
+                            });
+                        (i, spawned)
+                    })
+                    .collect();
+                for (i, handle) in handles {
+                    match handle.map(|h| h.join()) {
+                        Ok(Ok(points)) => outs.push(points),
+                        // Could not start a thread: closed inline below.
+                        Err(_) => left.push(i),
+                        Ok(Err(panic)) => std::panic::resume_unwind(panic),
+                    }
                 }
+            });
+            for points in outs {
+                out.extend(points);
+            }
+            for i in left {
+                step.run(
+                    self.finishers[i].as_mut(),
+                    &mut self.windows[i],
+                    self.horizons_ms[i],
+                    out,
+                );
+            }
+        } else {
+            for ((f, windows), &horizon_ms) in pipelines {
+                step.run(f.as_mut(), windows, horizon_ms, out);
             }
         }
-        if wm <= self.last_wm {
-            return;
-        }
-        // Fires at `end`, closes at `end + lateness`; a close comes before a
-        // fire at the same time, so state derived from closed windows does
-        // not depend on how far one step advances.
-        const CLOSE: u8 = 0;
-        const FIRE: u8 = 1;
-        let mut actions: Vec<(i64, u8, WindowId)> = Vec::new();
-        for (id, slot) in &self.windows {
-            if id.end > wm.0 {
-                break;
-            }
-            if slot.closed {
-                continue;
-            }
-            if !slot.fired {
-                actions.push((id.end, FIRE, *id));
-            }
-            let close_at = self.close_at(id);
-            if close_at <= wm.0 {
-                actions.push((close_at, CLOSE, *id));
-            }
-        }
-        actions.sort_unstable();
-        // A window firing and closing in this one step is merged once: no
-        // partial arrives in between.
-        let mut merged_to_close: BTreeMap<WindowId, Partial> = BTreeMap::new();
-        for (_, action, id) in actions {
-            let closes_now = self.close_at(&id) <= wm.0;
-            let Some(slot) = self.windows.get_mut(&id) else {
-                continue;
-            };
-            let Some(f) = self.finishers.get_mut(id.pipeline as usize) else {
-                continue;
-            };
-            let merged = merged_to_close
-                .remove(&id)
-                .unwrap_or_else(|| slot.merged(id));
-            if !slot.fired {
-                slot.fired = true;
-                f.finish(&merged, out);
-            }
-            if action == CLOSE {
-                f.on_closed(&merged);
-                slot.closed = true;
-            } else if closes_now {
-                merged_to_close.insert(id, merged);
-            }
-        }
-        let (grace, horizons) = (self.grace_ms, &self.horizons_ms);
-        self.windows.retain(|id, slot| {
-            let horizon = horizons.get(id.pipeline as usize).copied().unwrap_or(0);
-            !slot.closed || id.end.saturating_add(horizon).saturating_add(grace) > wm.0
-        });
-        self.last_wm = wm;
+        self.last_wm = step.to;
     }
 
     /// Early points of windows that have not fired: every worker's newest
     /// partial, final or early, merged.
     pub fn early(&self, out: &mut Vec<Point>) {
-        for (id, slot) in &self.windows {
+        for (id, slot) in self.windows.iter().flatten() {
             if slot.fired {
                 continue;
             }
@@ -330,6 +400,7 @@ impl Combiner {
             windows: self
                 .windows
                 .iter()
+                .flatten()
                 .filter(|(_, s)| s.parts.iter().any(Option::is_some))
                 .map(|(id, s)| (*id, s.clone()))
                 .collect(),
@@ -358,14 +429,15 @@ impl Combiner {
         self.worker_wm = state.worker_wm;
         self.last_wm = state.last_wm;
         self.late_partials = state.late_partials;
-        self.windows = state
-            .windows
-            .into_iter()
-            .map(|(id, mut s)| {
-                s.early = vec![None; self.workers];
-                (id, s)
-            })
-            .collect();
+        for windows in &mut self.windows {
+            windows.clear();
+        }
+        for (id, mut slot) in state.windows {
+            slot.early = vec![None; self.workers];
+            if let Some(windows) = self.windows.get_mut(usize::from(id.pipeline)) {
+                windows.insert(id, slot);
+            }
+        }
         Ok(())
     }
 }

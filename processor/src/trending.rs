@@ -1141,8 +1141,9 @@ impl Pipeline for TrendingPipeline {
     }
 }
 
-/// Baselines of one window size by tag.
-type Baselines = FxHashMap<Arc<str>, f64>;
+/// Baselines of one window size: (tag, baseline), sorted by tag like the
+/// rows of a merged partial, so both are walked together in one pass.
+type Baselines = Vec<(Arc<str>, f64)>;
 
 /// A baseline, or 0 once it decayed below [`MIN_BASELINE`].
 fn kept(b: f64) -> f64 {
@@ -1238,6 +1239,7 @@ impl Finisher for TrendingFinisher {
             .saturating_sub(self.lateness_ms)
             .min(end.saturating_sub(1));
         let (base, factor) = self.prior(i, end, cutoff);
+        let mut base = base.map_or(&[][..], |b| &b[..]).iter().peekable();
         let mut rows: Vec<Row> = merged
             .rows
             .iter()
@@ -1247,9 +1249,10 @@ impl Finisher for TrendingFinisher {
                 };
                 let users = values.first().copied().unwrap_or(0);
                 let events = values.get(1).copied().unwrap_or(0);
+                while base.next_if(|(t, _)| **t < **tag).is_some() {}
                 let b = base
-                    .and_then(|m| m.get(&**tag))
-                    .map_or(0.0, |b| kept(b * factor));
+                    .next_if(|(t, _)| **t == **tag)
+                    .map_or(0.0, |(_, b)| kept(b * factor));
                 Some(Row {
                     tag,
                     users,
@@ -1302,29 +1305,31 @@ impl Finisher for TrendingFinisher {
         let end = merged.window.end;
         let d = self.decay;
         let (base, factor) = self.prior(i, end, end.saturating_sub(1));
-        let mut next: Baselines = base
-            .map(|m| {
-                m.iter()
-                    .filter_map(|(t, &b)| {
-                        let prior = kept(b * factor);
-                        (prior > 0.0).then(|| (t.clone(), prior * d))
-                    })
-                    .collect()
+        let prior = base.map_or(&[][..], |b| &b[..]);
+        let mut next: Baselines = Vec::with_capacity(prior.len() + merged.rows.len());
+        let mut prior = prior
+            .iter()
+            .filter_map(|(t, b)| {
+                let b = kept(b * factor);
+                (b > 0.0).then_some((t, b * d))
             })
-            .unwrap_or_default();
+            .peekable();
         for (key, values) in &merged.rows {
             let [tag] = &key[..] else {
                 continue;
             };
-            let users = values.first().copied().unwrap_or(0) as f64;
-            match next.get_mut(&**tag) {
-                Some(b) => *b += (1.0 - d) * users,
-                None => {
-                    next.insert(tag.clone(), (1.0 - d) * users);
-                }
+            while let Some((t, b)) = prior.next_if(|(t, _)| ***t < **tag) {
+                next.push((t.clone(), b));
             }
+            let added = (1.0 - d) * values.first().copied().unwrap_or(0) as f64;
+            let b = match prior.next_if(|(t, _)| ***t == **tag) {
+                Some((_, b)) => b + added,
+                None => added,
+            };
+            next.push((tag.clone(), b));
         }
-        next.retain(|_, b| *b >= MIN_BASELINE);
+        next.extend(prior.map(|(t, b)| (t.clone(), b)));
+        next.retain(|(_, b)| *b >= MIN_BASELINE);
         let history = &mut self.history[i];
         history.insert(end, next);
         // No later finish looks further back than the newest closed end
@@ -1344,9 +1349,8 @@ impl Finisher for TrendingFinisher {
                 .map(|h| {
                     h.iter()
                         .map(|(&end, map)| {
-                            let mut v: Vec<(String, f64)> =
-                                map.iter().map(|(t, &b)| (t.to_string(), b)).collect();
-                            v.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+                            let v: Vec<(String, f64)> =
+                                map.iter().map(|(t, b)| (t.to_string(), *b)).collect();
                             (end, v)
                         })
                         .collect()
@@ -1374,8 +1378,10 @@ impl Finisher for TrendingFinisher {
             .map(|h| {
                 h.into_iter()
                     .map(|(end, v)| {
-                        let map: Baselines =
+                        let mut map: Baselines =
                             v.into_iter().map(|(t, b)| (Arc::from(t), b)).collect();
+                        map.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+                        map.dedup_by(|a, b| a.0 == b.0);
                         (end, map)
                     })
                     .collect()
@@ -1724,7 +1730,7 @@ mod tests {
         );
         let newest = &f.history[0][&(100 * MIN)];
         assert_eq!(newest.len(), 1);
-        assert_eq!(newest.get("b"), Some(&0.5));
+        assert_eq!(newest[..], [(Arc::from("b"), 0.5)]);
         // Round trip.
         let mut g = TrendingFinisher::new(TrendingConfig {
             allowed_lateness: Duration::from_secs(180),
