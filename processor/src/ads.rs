@@ -54,6 +54,8 @@ use tidemark_model::{
 };
 use xxhash_rust::xxh3::xxh3_128;
 
+use smallvec::smallvec;
+
 use crate::partial::{from_micros, row_key, to_micros, Partial, WindowId};
 use crate::{Finisher, Pipeline, ProcessorError};
 
@@ -619,7 +621,7 @@ impl AdsPipeline {
                         Country(country).as_str(),
                         device.as_str(),
                     ]),
-                    vec![
+                    smallvec![
                         a.impressions,
                         a.clicks,
                         a.clicks_unattributed,

@@ -46,6 +46,8 @@ use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use tidemark_model::{Country, Event, EventTime, EventType, FieldValue, Point, Tier, Watermark};
 
+use smallvec::smallvec;
+
 use crate::partial::{row_key, Partial, WindowId};
 use crate::traffic::DEFAULT_ALLOWED_LATENESS;
 use crate::{Finisher, Pipeline, ProcessorError};
@@ -929,7 +931,7 @@ impl EngagementPipeline {
             .map(|(&(country, segment), a)| {
                 (
                     row_key([Country(country).as_str(), self.segments.name(segment)]),
-                    vec![
+                    smallvec![
                         a.started,
                         a.ended,
                         a.active,

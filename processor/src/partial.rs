@@ -15,6 +15,7 @@
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 
 use crate::hll::Hll;
 
@@ -37,6 +38,10 @@ pub struct WindowId {
 /// copy a pointer rather than the strings.
 pub type RowKey = Arc<[Arc<str>]>;
 
+/// A row's additive values. Inline (no pipeline has more than six), so
+/// emitting, merging and dropping rows does not allocate per row.
+pub type Values = SmallVec<[i64; 6]>;
+
 /// Builds a row key from tag values.
 pub fn row_key<const N: usize>(values: [&str; N]) -> RowKey {
     values.iter().map(|v| Arc::<str>::from(*v)).collect()
@@ -47,14 +52,14 @@ pub fn row_key<const N: usize>(values: [&str; N]) -> RowKey {
 pub struct Partial {
     pub window: WindowId,
     /// Groups and their additive values, sorted by key.
-    pub rows: Vec<(RowKey, Vec<i64>)>,
+    pub rows: Vec<(RowKey, Values)>,
     /// Distinct users of the window, when the pipeline counts them.
     pub users: Option<Hll>,
 }
 
 impl Partial {
     /// A partial with rows in any order (they are sorted here).
-    pub fn new(window: WindowId, mut rows: Vec<(RowKey, Vec<i64>)>, users: Option<Hll>) -> Self {
+    pub fn new(window: WindowId, mut rows: Vec<(RowKey, Values)>, users: Option<Hll>) -> Self {
         rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         Partial {
             window,
@@ -66,7 +71,7 @@ impl Partial {
     /// Merges partials of the same window into one. Rows are sorted by key
     /// in every partial, so this is a linear merge of sorted runs.
     pub fn merge<'a>(window: WindowId, parts: impl IntoIterator<Item = &'a Partial>) -> Partial {
-        let mut rows: Vec<(RowKey, Vec<i64>)> = Vec::new();
+        let mut rows: Vec<(RowKey, Values)> = Vec::new();
         let mut users: Option<Hll> = None;
         for p in parts {
             rows = if rows.is_empty() {
@@ -90,7 +95,7 @@ impl Partial {
 }
 
 /// Adds `values` into `sum` element-wise (growing `sum` when shorter).
-fn add_into(sum: &mut Vec<i64>, values: &[i64]) {
+fn add_into(sum: &mut Values, values: &[i64]) {
     if sum.len() < values.len() {
         sum.resize(values.len(), 0);
     }
@@ -100,7 +105,7 @@ fn add_into(sum: &mut Vec<i64>, values: &[i64]) {
 }
 
 /// Merges two row lists sorted by key, summing rows with equal keys.
-fn merge_sorted(a: Vec<(RowKey, Vec<i64>)>, b: &[(RowKey, Vec<i64>)]) -> Vec<(RowKey, Vec<i64>)> {
+fn merge_sorted(a: Vec<(RowKey, Values)>, b: &[(RowKey, Values)]) -> Vec<(RowKey, Values)> {
     let mut out = Vec::with_capacity(a.len().max(b.len()));
     let mut b = b.iter().peekable();
     for (key, mut values) in a {
@@ -132,6 +137,8 @@ pub fn from_micros(micros: i64) -> f64 {
 
 #[cfg(test)]
 mod tests {
+    use smallvec::smallvec;
+
     use super::*;
 
     fn id() -> WindowId {
@@ -152,14 +159,20 @@ mod tests {
         h2.insert(Hll::hash_user("a"));
         let a = Partial::new(
             id(),
-            vec![(row_key(["x"]), vec![1, 2]), (row_key(["w"]), vec![5])],
+            vec![
+                (row_key(["x"]), smallvec![1, 2]),
+                (row_key(["w"]), smallvec![5]),
+            ],
             Some(h1),
         );
-        let b = Partial::new(id(), vec![(row_key(["x"]), vec![10, 20])], Some(h2));
+        let b = Partial::new(id(), vec![(row_key(["x"]), smallvec![10, 20])], Some(h2));
         let m = Partial::merge(id(), [&a, &b]);
         assert_eq!(
             m.rows,
-            vec![(row_key(["w"]), vec![5]), (row_key(["x"]), vec![11, 22])]
+            vec![
+                (row_key(["w"]), smallvec![5]),
+                (row_key(["x"]), smallvec![11, 22])
+            ]
         );
         assert_eq!(m.users.map(|u| u.estimate()), Some(2));
         assert_eq!(

@@ -11,6 +11,8 @@ use tidemark_model::{
 };
 
 use crate::hll::Hll;
+use smallvec::smallvec;
+
 use crate::partial::{row_key, Partial, WindowId};
 use crate::{Finisher, Pipeline, ProcessorError};
 
@@ -211,7 +213,7 @@ impl TrafficPipeline {
                         device.as_str(),
                         self.interner.name(type_idx),
                     ]),
-                    vec![n],
+                    smallvec![n],
                 )
             })
             .collect();

@@ -102,7 +102,9 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
 use tidemark_model::{Event, EventTime, FieldValue, Point, Tier, Watermark};
 
-use crate::partial::{row_key, Partial, RowKey, WindowId};
+use smallvec::smallvec;
+
+use crate::partial::{row_key, Partial, RowKey, Values, WindowId};
 use crate::{Finisher, Pipeline, ProcessorError};
 
 /// Baselines below this are forgotten, bounding the baseline maps.
@@ -855,7 +857,7 @@ impl TrendingPipeline {
         });
         // (start, kind, slides) in emission order, by increasing size.
         let mut order: Vec<(i64, usize, i64)> = Vec::new();
-        let mut rows: Vec<Vec<(RowKey, Vec<i64>)>> = Vec::new();
+        let mut rows: Vec<Vec<(RowKey, Values)>> = Vec::new();
         let mut by_size: Vec<usize> = Vec::new();
         let mut vals: Vec<(i64, i64)> = Vec::new();
         // Each tag's key, made once for all its rows.
@@ -909,7 +911,7 @@ impl TrendingPipeline {
                     let (users, events) = vals[id * k_n + k];
                     if events > 0 {
                         let key = keys[id].get_or_insert_with(|| row_key([&*names[id]]));
-                        rows.push((key.clone(), vec![users, events]));
+                        rows.push((key.clone(), smallvec![users, events]));
                     }
                 }
             }
@@ -1516,7 +1518,7 @@ mod tests {
             .iter()
             .find(|q| q.window == window(0, 2 * MIN, MIN))
             .unwrap();
-        assert_eq!(one.rows, vec![(row_key(["a"]), vec![2, 2])]);
+        assert_eq!(one.rows, vec![(row_key(["a"]), smallvec![2, 2])]);
         assert_eq!(one.users, None);
         // The 5m window ending at 2 m spans both slices: u1 counts once for `a`.
         let five = parts
@@ -1525,7 +1527,10 @@ mod tests {
             .unwrap();
         assert_eq!(
             five.rows,
-            vec![(row_key(["a"]), vec![2, 3]), (row_key(["b"]), vec![1, 1])]
+            vec![
+                (row_key(["a"]), smallvec![2, 3]),
+                (row_key(["b"]), smallvec![1, 1])
+            ]
         );
         // Emitted once.
         let n = parts.len();
@@ -1691,7 +1696,7 @@ mod tests {
         let closed = |end: i64, tag: &str, users: i64| {
             Partial::new(
                 window(0, end, MIN),
-                vec![(row_key([tag]), vec![users, users])],
+                vec![(row_key([tag]), smallvec![users, users])],
                 None,
             )
         };
@@ -1706,7 +1711,7 @@ mod tests {
         // A window ending at 12 m is scored against B(9 m), whatever closes later.
         let target = Partial::new(
             window(0, 12 * MIN, MIN),
-            vec![(row_key(["a"]), vec![5, 5])],
+            vec![(row_key(["a"]), smallvec![5, 5])],
             None,
         );
         let mut before = Vec::new();
@@ -1744,7 +1749,7 @@ mod tests {
         g.finish(
             &Partial::new(
                 window(9, MIN, MIN),
-                vec![(row_key(["a"]), vec![1, 1])],
+                vec![(row_key(["a"]), smallvec![1, 1])],
                 None,
             ),
             &mut out,
@@ -2076,7 +2081,7 @@ mod tests {
 
         /// Every window with data: distinct users and events per tag, by a
         /// union over the raw uses.
-        fn windows(&self) -> BTreeMap<WindowId, Vec<(RowKey, Vec<i64>)>> {
+        fn windows(&self) -> BTreeMap<WindowId, Vec<(RowKey, Values)>> {
             let slide = self.slide();
             let mut acc: BTreeMap<(WindowId, String), (BTreeSet<u64>, i64)> = BTreeMap::new();
             for (kind, size) in self.config.sizes.iter().enumerate() {
@@ -2096,11 +2101,11 @@ mod tests {
                     }
                 }
             }
-            let mut out: BTreeMap<WindowId, Vec<(RowKey, Vec<i64>)>> = BTreeMap::new();
+            let mut out: BTreeMap<WindowId, Vec<(RowKey, Values)>> = BTreeMap::new();
             for ((id, tag), (users, events)) in acc {
                 out.entry(id)
                     .or_default()
-                    .push((row_key([&tag]), vec![users.len() as i64, events]));
+                    .push((row_key([&tag]), smallvec![users.len() as i64, events]));
             }
             out
         }
