@@ -4,7 +4,7 @@
 //! A user's session is a maximal run of their events whose gaps are shorter
 //! than the session gap; it closes once the watermark reaches its last event
 //! plus the gap. `profile_update` events never start sessions: they fill the
-//! per-user profile table (the latest by event time wins) that tags sessions.
+//! per-user profile history that tags sessions.
 //!
 //! Every session adds its contribution to the tumbling windows it touches:
 //! `sessions_started` in the window of its first event, `active_sessions` in
@@ -25,9 +25,14 @@
 //! watermark. Closed sessions are kept for the allowed lateness (a late event
 //! may still reopen them) and then forgotten; profiles are kept for good.
 //!
-//! Tags use the profile known when a session last changed: a profile update
-//! arriving later retags the user's sessions that are still held, but not
-//! results for windows already dropped.
+//! A session is tagged with the profile in effect at its first event: the
+//! newest update at or before it in event time (ties broken by event id).
+//! That makes tags independent of the order updates and actions arrive in.
+//! An accepted update is at most the allowed lateness behind the watermark,
+//! so the sessions it retags (those starting at or after it) still have all
+//! their windows held and are corrected exactly. Per user the history keeps
+//! the updates newer than the watermark minus the allowed lateness plus the
+//! newest one before: every session still to come starts after that.
 //!
 //! The state is laid out for the hot path, `on_event`: users are looked up by
 //! their id's bytes (copied, inline when short, only for a new user); a
@@ -279,6 +284,23 @@ struct Profile {
     event_id: String,
     country: [u8; 2],
     segment: SegmentId,
+}
+
+impl Profile {
+    /// The order updates take effect in.
+    fn order(&self) -> (i64, &str) {
+        (self.ts, &self.event_id)
+    }
+}
+
+/// A user's profile updates, oldest first by [`Profile::order`].
+type ProfileHistory = Few<Profile>;
+
+/// The profile in effect at `t`: the newest update at or before it.
+fn profile_at(history: Option<&ProfileHistory>, t: i64) -> Option<&Profile> {
+    let list = history?;
+    let i = list.partition_point(|p| p.ts <= t);
+    i.checked_sub(1).and_then(|i| list.get(i))
 }
 
 /// (country code, segment): the tags of a session.
@@ -615,7 +637,7 @@ impl Totals {
 #[derive(Debug, Clone)]
 pub struct EngagementPipeline {
     weights: ActionWeights,
-    profiles: FxHashMap<CompactStr, Profile>,
+    profiles: FxHashMap<CompactStr, ProfileHistory>,
     sessions: FxHashMap<CompactStr, Sessions>,
     /// Users whose sessions need attention, by when: a user's entry at
     /// [`Sessions::scheduled`] counts, others are stale and skipped.
@@ -689,7 +711,7 @@ fn due(s: &Session, gap_ms: i64, lateness_ms: i64) -> i64 {
 struct EngagementState {
     /// Interned segment names, in id order.
     segments: Vec<Box<str>>,
-    profiles: Vec<(String, Profile)>,
+    profiles: Vec<(String, Vec<Profile>)>,
     sessions: Vec<(String, Vec<Session>)>,
     windows: Vec<(u8, i64, Window)>,
     last_wm: Watermark,
@@ -733,34 +755,40 @@ impl EngagementPipeline {
 
     fn on_profile(&mut self, ev: &Event) {
         let (ts, user) = (ev.timestamp.0, ev.user_id.as_bytes());
-        let country = ev.country.0;
+        let profile = Profile {
+            ts,
+            event_id: ev.event_id.clone(),
+            country: ev.country.0,
+            segment: self.segments.id(ev.segment.as_deref()),
+        };
+        // Updates older than this one are no longer needed once a newer
+        // one is in effect at every time a session can still start.
+        let horizon = self.totals.last_wm.saturating_sub(self.totals.lateness_ms);
         match self.profiles.get_mut(user) {
-            Some(p) => {
-                if (p.ts, &p.event_id) > (ts, &ev.event_id) {
+            Some(history) => {
+                let i = history.partition_point(|p| p.order() < profile.order());
+                if history.get(i).is_some_and(|p| p.order() == profile.order()) {
                     return;
                 }
-                p.ts = ts;
-                p.event_id.clone_from(&ev.event_id);
-                p.country = country;
-                p.segment = self.segments.id(ev.segment.as_deref());
+                history.insert(i, profile);
+                let in_effect = history.partition_point(|p| p.ts <= horizon);
+                if in_effect > 1 {
+                    history.drain_each(0, in_effect - 1, drop);
+                }
             }
             None => {
-                let segment = self.segments.id(ev.segment.as_deref());
-                let profile = Profile {
-                    ts,
-                    event_id: ev.event_id.clone(),
-                    country,
-                    segment,
-                };
-                self.profiles.insert(CompactStr::new(&ev.user_id), profile);
+                self.profiles
+                    .insert(CompactStr::new(&ev.user_id), Few::One(profile));
             }
         }
         let Some(held) = self.sessions.get_mut(user) else {
             return;
         };
-        let profile = self.profiles.get(user);
-        for s in held.list.iter_mut() {
-            let tags = tags_for(profile, s.first_country);
+        let history = self.profiles.get(user);
+        // Only sessions starting at or after the update can change; older
+        // ones may predate what the history still holds.
+        for s in held.list.iter_mut().filter(|s| s.first >= ts) {
+            let tags = tags_for(profile_at(history, s.first), s.first_country);
             if tags != s.tags {
                 self.totals.apply(s, -1);
                 s.tags = tags;
@@ -843,7 +871,10 @@ impl EngagementPipeline {
         };
         totals.prune(&mut merged);
         merged.closed = merged.last.saturating_add(gap) <= totals.last_wm;
-        merged.tags = tags_for(self.profiles.get(user), merged.first_country);
+        merged.tags = tags_for(
+            profile_at(self.profiles.get(user), merged.first),
+            merged.first_country,
+        );
         totals.apply(&merged, 1);
         let at = due(&merged, gap, totals.lateness_ms);
         match held {
@@ -1076,10 +1107,10 @@ impl Pipeline for EngagementPipeline {
     }
 
     fn snapshot(&self) -> Vec<u8> {
-        let mut profiles: Vec<(String, Profile)> = self
+        let mut profiles: Vec<(String, Vec<Profile>)> = self
             .profiles
             .iter()
-            .map(|(k, v)| (k.to_text(), v.clone()))
+            .map(|(k, v)| (k.to_text(), v.to_vec()))
             .collect();
         profiles.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let mut sessions: Vec<(String, Vec<Session>)> = self
@@ -1129,12 +1160,18 @@ impl Pipeline for EngagementPipeline {
             .sessions
             .iter()
             .all(|(_, list)| list.iter().all(|s| known(s.tags.1)));
-        if !sessions_known || !state.profiles.iter().all(|(_, p)| known(p.segment)) {
+        let profiles_known =
+            (state.profiles.iter()).all(|(_, list)| list.iter().all(|p| known(p.segment)));
+        if !sessions_known || !profiles_known {
             return Err(corrupt("unknown segment in a session or profile".into()));
         }
         self.segments = segments;
         self.profiles = (state.profiles.into_iter())
-            .map(|(k, v)| (CompactStr::new(&k), v))
+            .filter(|(_, list)| !list.is_empty())
+            .map(|(k, mut list)| {
+                list.sort_unstable_by(|a, b| a.order().cmp(&b.order()));
+                (CompactStr::new(&k), Few::from(list))
+            })
             .collect();
         let (gap, lateness) = (self.totals.gap_ms, self.totals.lateness_ms);
         self.sessions.clear();
@@ -1325,14 +1362,17 @@ mod tests {
         assert_eq!(started(&out, "unknown", "unknown"), int(1));
         assert_eq!(started(&out, "US", "unknown"), int(1));
         assert_eq!(out.len(), 3, "a profile update starts no session");
-        // A later profile retags the user's held sessions.
+        // A profile arriving later but in effect at a held session's start
+        // retags it.
         out.clear();
-        p.on_event(&profile("q", "u3", 4_000, "us", "casual"), &mut out);
+        p.on_event(&profile("q", "u3", 2_500, "us", "casual"), &mut out);
         p.on_watermark(EventTime(61_000), &mut out);
         assert_eq!(started(&out, "US", "unknown"), int(0));
         assert_eq!(started(&out, "US", "casual"), int(1));
-        // An older profile does not replace a newer one.
+        // An older profile does not replace a newer one, and one after the
+        // session's start does not apply to it.
         p.on_event(&profile("r", "u3", 100, "us", "old"), &mut out);
+        p.on_event(&profile("s", "u3", 3_500, "us", "new"), &mut out);
         out.clear();
         p.on_watermark(EventTime(62_000), &mut out);
         assert!(out.is_empty());

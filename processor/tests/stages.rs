@@ -214,12 +214,12 @@ fn make_events(gens: &[Gen]) -> Vec<Event> {
                 e.hashtags = vec!["kappa".into()];
             }
             5 => {
-                // Profile updates are left out: which profile tags a session
-                // still depends on when the update is processed relative to
-                // the session's eviction (see the README), so it is not yet
-                // independent of worker count and batching.
-                e.event_type = EventType::Comment;
-                e.post_id = Some("p3".into());
+                e.event_type = EventType::ProfileUpdate;
+                e.segment = Some(["pro", "casual"][i % 2].into());
+                // Some profiles name no country: sessions then keep their own.
+                if i % 3 == 0 {
+                    e.country = Country::UNKNOWN;
+                }
             }
             6 | 7 => {
                 e.event_type = EventType::AdImpression;
