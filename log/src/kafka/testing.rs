@@ -141,6 +141,11 @@ impl TansuServer {
 
     /// Stops the broker if running and starts it again on the same port and
     /// storage, waiting until it answers.
+    ///
+    /// tansu 0.6 cannot take records from an idempotent producer that
+    /// produced before the restart (its storage task panics), so clients of
+    /// [`KafkaLog`](crate::kafka::KafkaLog) must not outlive the restart;
+    /// fault tests with a live producer use librdkafka's mock cluster.
     pub fn restart(&mut self) -> Result<(), String> {
         self.stop();
         let bin = TansuServer::binary().ok_or("tansu not found")?;
