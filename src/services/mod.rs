@@ -61,6 +61,17 @@ pub fn service_router(registry: Registry, probe: HealthProbe) -> Router {
         )
 }
 
+/// A [`KafkaLog`](tidemark_log::kafka::KafkaLog) at `brokers` with every
+/// topic provisioned, tuned as `process` reads, for `tidemark bench`.
+pub async fn bench_log(brokers: &str) -> anyhow::Result<Arc<dyn tidemark_log::Log>> {
+    let mut config = tidemark_log::kafka::KafkaConfig::new(brokers);
+    config.client_id = "tidemark-bench".to_string();
+    config.read_wait = std::time::Duration::from_millis(5);
+    let log = tidemark_log::kafka::KafkaLog::connect(config).await?;
+    log.provision(&kafka::all_topics(log.config())).await?;
+    Ok(Arc::new(log))
+}
+
 fn prometheus_text(registry: &Registry) -> Response {
     use prometheus::Encoder as _;
     let encoder = prometheus::TextEncoder::new();
