@@ -66,7 +66,22 @@ async fn three_services_give_exact_counts_in_influxdb_and_on_the_websocket() {
         dir.path(),
     )
     .await;
-    let serve = Service::start(&serve_args(&tansu.brokers, &influx.url), dir.path()).await;
+    // serve takes its settings from a config file.
+    let serve_config = dir.path().join("serve.toml");
+    std::fs::write(
+        &serve_config,
+        format!(
+            "kafka_brokers = \"{}\"\ninflux_url = \"{}\"\ninflux_db = \"tidemark\"\n",
+            tansu.brokers, influx.url
+        ),
+    )
+    .unwrap();
+    let serve_from_file = [
+        "serve".to_string(),
+        "--config".to_string(),
+        serve_config.display().to_string(),
+    ];
+    let serve = Service::start(&serve_from_file, dir.path()).await;
     let mut overview = OverviewClient::connect(&serve.base).await;
 
     let known = KnownEvents::new(30);
