@@ -59,6 +59,11 @@ const LEASE_SESSION_TIMEOUT: Duration = Duration::from_secs(6);
 /// Longest wait for the processor's final checkpoint before a revoked lease
 /// is handed on anyway.
 const REVOKE_WAIT: Duration = Duration::from_secs(60);
+/// File in `--data-dir` where the active instance writes the time every
+/// second, so the standby can tell a dead owner from a live one.
+const ALIVE_FILE: &str = "process-alive";
+/// How old the alive time may get before a standby rejoins the group.
+const ALIVE_STALE: Duration = Duration::from_secs(12);
 /// Points of one measurement per update record at most, so a record stays
 /// well below the brokers' message size limit.
 const POINTS_PER_UPDATE: usize = 2_000;
@@ -240,7 +245,13 @@ pub async fn run(
         metrics: metrics.clone(),
         running: None,
     };
-    let (lease, events) = Lease::join(&args.kafka, metrics.rebalances.clone())?;
+    let alive_file = args.data_dir.join(ALIVE_FILE);
+    let (lease, events) = Lease::join(&args.kafka, metrics.rebalances.clone(), alive_file.clone())?;
+    let alive = tokio::spawn(keep_alive(
+        alive_file,
+        metrics.active.clone(),
+        background.clone(),
+    ));
     tracing::info!("Process is running; waiting for the processor lease");
     let result = driver.follow_lease(events, &cancel).await;
 
@@ -250,7 +261,7 @@ pub async fn run(
     let _ = publisher.await;
     drop(writer);
     let _ = writer_task.await;
-    let _ = tokio::join!(monitor, lag);
+    let _ = tokio::join!(monitor, lag, alive);
     if let Ok(Err(e)) = http.await {
         tracing::warn!(error = %e, "HTTP server failed");
     }
@@ -376,6 +387,8 @@ struct Lease {
 struct LeaseContext {
     events: mpsc::UnboundedSender<LeaseEvent>,
     rebalances: IntCounterVec,
+    /// Whether this member holds the lease partition.
+    holding: AtomicBool,
 }
 
 impl ClientContext for LeaseContext {}
@@ -387,6 +400,7 @@ impl ConsumerContext for LeaseContext {
                 return;
             }
             self.rebalances.with_label_values(&["revoke"]).inc();
+            self.holding.store(false, Ordering::Release);
             let (done, wait) = std::sync::mpsc::sync_channel(1);
             if self.events.send(LeaseEvent::Revoked(done)).is_ok()
                 && wait.recv_timeout(REVOKE_WAIT).is_err()
@@ -404,6 +418,7 @@ impl ConsumerContext for LeaseContext {
                 return;
             }
             self.rebalances.with_label_values(&["assign"]).inc();
+            self.holding.store(true, Ordering::Release);
             let _ = self.events.send(LeaseEvent::Acquired);
         }
     }
@@ -413,9 +428,17 @@ impl Lease {
     fn join(
         kafka: &KafkaArgs,
         rebalances: IntCounterVec,
+        alive_file: PathBuf,
     ) -> anyhow::Result<(Lease, mpsc::UnboundedReceiver<LeaseEvent>)> {
         let (tx, rx) = mpsc::unbounded_channel();
-        let mut config = kafka.client_config("process-lease");
+        // The range assignor gives the partition to the first member in
+        // member-id order, and brokers begin a member id with the client
+        // id: with the start time in it, the oldest instance keeps the
+        // lease when another one joins instead of handing it over.
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let mut config = kafka.client_config(&format!("process-lease-{started:015}"));
         config
             .set("group.id", format!("{}-process", kafka.kafka_client_id))
             .set(
@@ -430,6 +453,7 @@ impl Lease {
             .create_with_context(LeaseContext {
                 events: tx,
                 rebalances,
+                holding: AtomicBool::new(false),
             })
             .context("cannot create the lease consumer")?;
         consumer
@@ -440,9 +464,24 @@ impl Lease {
         let thread = std::thread::Builder::new()
             .name("tidemark-lease".to_string())
             .spawn(move || {
+                let mut last_rejoin = std::time::Instant::now();
                 while !stopping.load(Ordering::Acquire) {
                     if let Some(Err(e)) = consumer.poll(Duration::from_millis(200)) {
                         tracing::warn!(error = %e, "Lease consumer error");
+                    }
+                    // Some brokers (tansu) drop a dead member only when
+                    // another one joins: a standby that sees the owner's
+                    // alive time go stale joins again.
+                    if !consumer.context().holding.load(Ordering::Acquire)
+                        && last_rejoin.elapsed() >= ALIVE_STALE
+                        && owner_is_gone(&alive_file)
+                    {
+                        tracing::info!("The lease owner looks dead; rejoining the group");
+                        last_rejoin = std::time::Instant::now();
+                        consumer.unsubscribe();
+                        if let Err(e) = consumer.subscribe(&[PROCESSOR_LEASE_TOPIC]) {
+                            tracing::warn!(error = %e, "Cannot rejoin the lease group");
+                        }
                     }
                 }
                 // Leaving the group now hands the lease on without waiting
@@ -465,6 +504,37 @@ impl Lease {
         self.stop.store(true, Ordering::Release);
         if let Some(thread) = self.thread.take() {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+/// Whether the alive time in `file` is older than [`ALIVE_STALE`] (no file:
+/// no owner yet, which the group settles by itself).
+fn owner_is_gone(file: &std::path::Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(file) else {
+        return false;
+    };
+    let Ok(written) = text.trim().parse::<i64>() else {
+        return false;
+    };
+    EventTime::now().millis().saturating_sub(written) > ALIVE_STALE.as_millis() as i64
+}
+
+/// Writes the time into `file` every second while this instance is active.
+async fn keep_alive(file: PathBuf, active: IntGauge, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if active.get() == 1 {
+            let now = EventTime::now().millis().to_string();
+            let f = file.clone();
+            let written = tokio::task::spawn_blocking(move || std::fs::write(f, now)).await;
+            if let Ok(Err(e)) = written {
+                tracing::warn!(error = %e, "Cannot write the alive file");
+            }
         }
     }
 }

@@ -374,3 +374,74 @@ async fn sigkill_of_the_active_processor_hands_its_partitions_to_the_other() {
     let metrics = survivor.metrics_text().await;
     assert!(metric_value(&metrics, "tidemark_processor_rebalances_total", "assign") >= 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_of_the_active_processor_checkpoints_and_hands_over_at_once() {
+    let tansu = TansuServer::start();
+    let influx = InfluxServer::start().expect("influxd starts");
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("process");
+    let ingest = Service::start(&ingest_args(&tansu.brokers), dir.path()).await;
+    let args = process_args(&tansu.brokers, &influx.url, &data_dir);
+    let mut first = Service::start(&args, dir.path()).await;
+    let dir_of = &data_dir;
+    let active: &Service = &first;
+    wait_until(
+        "the first to be active",
+        Duration::from_secs(60),
+        move || async move { role(active).await == "active" && checkpoint(dir_of).is_some() },
+    )
+    .await;
+    let second = Service::start(&args, dir.path()).await;
+    // The lease stays where it is when another instance joins.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(role(&first).await, "active");
+    assert_eq!(role(&second).await, "standby");
+
+    let known = KnownEvents::new(40);
+    let half = known.batches.len() / 2;
+    post_all(&ingest, &known.batches[..half]).await;
+    let active: &Service = &first;
+    wait_until(
+        "events processed",
+        Duration::from_secs(60),
+        move || async move {
+            metric_value(
+                &active.metrics_text().await,
+                "tidemark_processor_events_total",
+                "",
+            ) > 0.0
+        },
+    )
+    .await;
+    let before = checkpoint(&data_dir);
+    assert!(first.terminate().success(), "{}", first.output());
+    let stopped = Instant::now();
+    assert!(
+        first
+            .output()
+            .contains("Releasing the processor lease: checkpointing"),
+        "{}",
+        first.output()
+    );
+    assert!(
+        before != checkpoint(&data_dir),
+        "a last checkpoint on revoke"
+    );
+    let survivor = &second;
+    wait_until(
+        "the standby to take over",
+        Duration::from_secs(60),
+        move || async move { role(survivor).await == "active" },
+    )
+    .await;
+    // Leaving the group hands the lease on without the session timeout.
+    assert!(
+        stopped.elapsed() < Duration::from_secs(5),
+        "took over after {:?}",
+        stopped.elapsed()
+    );
+    let serve = Service::start(&serve_args(&tansu.brokers, &influx.url), dir.path()).await;
+    post_all(&ingest, &known.batches[half..]).await;
+    known.assert_results_within(&serve, RESULTS_TIMEOUT).await;
+}
