@@ -45,9 +45,7 @@ pub struct IngestArgs {
 
 /// Binds `--listen` and runs until `cancel`.
 pub async fn main(args: IngestArgs, cancel: CancellationToken) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let listener = super::bind(args.listen).await?;
     run(args, listener, cancel).await
 }
 

@@ -38,6 +38,42 @@ pub const PARTIALS_TOPIC: &str = "tidemark-partials";
 /// `process` instance is active.
 pub const PROCESSOR_LEASE_TOPIC: &str = "tidemark-processor-lease";
 
+/// Binds a service's `--listen` address.
+pub async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    use anyhow::Context as _;
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))
+}
+
+/// The InfluxDB store of `influx` with its tiers created, waiting for the
+/// server to come up; `service` names who needs it in the error.
+pub async fn open_influx(
+    influx: &crate::cli::InfluxArgs,
+    service: &str,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> anyhow::Result<Arc<dyn tidemark_tsdb_writer::Store>> {
+    use anyhow::Context as _;
+    let url = influx
+        .influx_url
+        .clone()
+        .with_context(|| format!("{service} needs --influx-url (TIDEMARK_INFLUX_URL)"))?;
+    let config = crate::app::RunConfig {
+        data_dir: std::path::PathBuf::new(),
+        api_keys: Vec::new(),
+        store: crate::app::StoreChoice::Influx {
+            url,
+            database: influx.influx_db.clone(),
+            username: influx.influx_user.clone(),
+            password: influx.influx_password.clone(),
+        },
+        web_dir: None,
+        workers: 1,
+    };
+    let (store, _) = crate::app::open_store(&config, cancel).await?;
+    Ok(store)
+}
+
 /// What a service reports on `/api/v1/health`, computed per request.
 pub type HealthProbe = Arc<dyn Fn() -> Value + Send + Sync>;
 

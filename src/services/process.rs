@@ -45,7 +45,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::kafka::{connect_and_provision, BrokerHealth, ProduceMetrics};
 use super::{service_router, KafkaArgs, MeteredLog, PROCESSOR_LEASE_TOPIC, UPDATES_TOPIC};
-use crate::app::{open_store, RunConfig, StoreChoice, WriterSink};
+use crate::app::WriterSink;
 use crate::cli::InfluxArgs;
 
 pub const ACTIVE: &str = "tidemark_processor_active";
@@ -137,9 +137,7 @@ impl ServiceMetrics {
 
 /// Binds `--listen` and runs until `cancel`.
 pub async fn main(args: ProcessArgs, cancel: CancellationToken) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let listener = super::bind(args.listen).await?;
     run(args, listener, cancel).await
 }
 
@@ -149,13 +147,9 @@ pub async fn run(
     listener: TcpListener,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
-    let influx_url = args
-        .influx
-        .influx_url
-        .clone()
-        .context("process needs --influx-url (TIDEMARK_INFLUX_URL)")?;
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
+    let store = super::open_influx(&args.influx, "process", &cancel).await?;
     let registry = Registry::new();
     // Each worker reads dozens of partitions in turn; an empty one must not
     // hold up the others for long.
@@ -174,19 +168,6 @@ pub async fn run(
     let health = BrokerHealth::new(&registry)?;
     let metrics = ServiceMetrics::new(&registry)?;
 
-    let store_config = RunConfig {
-        data_dir: args.data_dir.clone(),
-        api_keys: Vec::new(),
-        store: StoreChoice::Influx {
-            url: influx_url,
-            database: args.influx.influx_db.clone(),
-            username: args.influx.influx_user.clone(),
-            password: args.influx.influx_password.clone(),
-        },
-        web_dir: None,
-        workers: args.workers,
-    };
-    let (store, _) = open_store(&store_config, &cancel).await?;
     let (writer, writer_task) = BatchingWriter::spawn(
         store,
         WriterConfig::default(),

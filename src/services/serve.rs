@@ -23,7 +23,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::kafka::{connect_and_provision, BrokerHealth};
 use super::{KafkaArgs, UPDATES_TOPIC};
-use crate::app::{open_store, RunConfig, StoreChoice};
 use crate::cli::InfluxArgs;
 
 pub const UPDATES_RECEIVED_TOTAL: &str = "tidemark_serve_updates_received_total";
@@ -52,9 +51,7 @@ pub struct ServeArgs {
 
 /// Binds `--listen` and runs until `cancel`.
 pub async fn main(args: ServeArgs, cancel: CancellationToken) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let listener = super::bind(args.listen).await?;
     run(args, listener, cancel).await
 }
 
@@ -64,11 +61,7 @@ pub async fn run(
     listener: TcpListener,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
-    let influx_url = args
-        .influx
-        .influx_url
-        .clone()
-        .context("serve needs --influx-url (TIDEMARK_INFLUX_URL)")?;
+    let store = super::open_influx(&args.influx, "serve", &cancel).await?;
     let registry = Registry::new();
     let kafka = connect_and_provision(
         &args.kafka,
@@ -93,19 +86,6 @@ pub async fn run(
     registry.register(Box::new(received.clone()))?;
     registry.register(Box::new(lag.clone()))?;
 
-    let store_config = RunConfig {
-        data_dir: PathBuf::new(),
-        api_keys: Vec::new(),
-        store: StoreChoice::Influx {
-            url: influx_url,
-            database: args.influx.influx_db.clone(),
-            username: args.influx.influx_user.clone(),
-            password: args.influx.influx_password.clone(),
-        },
-        web_dir: None,
-        workers: 1,
-    };
-    let (store, _) = open_store(&store_config, &cancel).await?;
     let (updates, _) = broadcast::channel::<Update>(4096);
 
     let background = CancellationToken::new();
