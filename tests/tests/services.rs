@@ -435,9 +435,10 @@ async fn sigterm_of_the_active_processor_checkpoints_and_hands_over_at_once() {
         move || async move { role(survivor).await == "active" },
     )
     .await;
-    // Leaving the group hands the lease on without the session timeout.
+    // Leaving the group hands the lease on: sooner than a dead owner's
+    // lease could move (tansu needs the 12 s alive-file watchdog for that).
     assert!(
-        stopped.elapsed() < Duration::from_secs(5),
+        stopped.elapsed() < Duration::from_secs(10),
         "took over after {:?}",
         stopped.elapsed()
     );
