@@ -34,6 +34,15 @@ pub enum Stage {
     Ingest,
     /// Event-to-update latency: ingest receive to WebSocket push.
     Latency,
+    /// The live processor (both stages, no checkpoints) from the log into
+    /// InfluxDB (`--influx-url`): the events are loaded first (untimed), the
+    /// clock stops once every one was processed and the store acknowledged
+    /// every fired window.
+    Process,
+    /// Reads every input partition from its start to its end through the
+    /// log, one partition after another, without decoding (events loaded
+    /// first, untimed): the log's own read ceiling under `process`.
+    Read,
 }
 
 #[derive(Debug, Args)]
@@ -83,6 +92,17 @@ pub struct BenchArgs {
     /// Duration of the `latency` run, seconds.
     #[arg(long, default_value_t = 20)]
     pub seconds: u64,
+    /// `ingest`, `process`: run over Kafka at these brokers instead of the
+    /// embedded log (topics are provisioned; use a fresh cluster per run, as
+    /// `process` reads every partition from its start).
+    #[arg(long)]
+    pub kafka_brokers: Option<String>,
+    /// `process`: the InfluxDB 1.x server the points go to.
+    #[arg(long)]
+    pub influx_url: Option<String>,
+    /// `process`: the database the points go to.
+    #[arg(long, default_value = "tidemark_bench")]
+    pub influx_db: String,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -91,6 +111,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Stage::Pipeline => bench_pipeline(&args).await?,
         Stage::Ingest => bench_ingest(&args).await?,
         Stage::Latency => bench_latency(&args).await?,
+        Stage::Process => bench_process(&args).await?,
+        Stage::Read => bench_read(&args).await?,
     };
     println!("{summary}");
     Ok(())
@@ -154,9 +176,24 @@ fn load_events(args: &BenchArgs) -> anyhow::Result<Vec<Event>> {
     }
 }
 
+/// The log a bench runs over: Kafka with `--kafka-brokers`, else the
+/// embedded log in `dir`; with its name for the summary.
+async fn open_bench_log(
+    args: &BenchArgs,
+    dir: &std::path::Path,
+) -> anyhow::Result<(Arc<dyn Log>, &'static str)> {
+    match &args.kafka_brokers {
+        None => Ok((app::open_log(dir).await? as Arc<dyn Log>, "embedded")),
+        #[cfg(feature = "kafka")]
+        Some(brokers) => Ok((crate::services::bench_log(brokers).await?, "kafka")),
+        #[cfg(not(feature = "kafka"))]
+        Some(_) => anyhow::bail!("this build has no Kafka support (cargo feature `kafka`)"),
+    }
+}
+
 /// Encoded records grouped by topic and partition, as a producer's batching would.
 async fn records_by_partition(
-    log: &SegmentLog,
+    log: &dyn Log,
     events: &[Event],
 ) -> anyhow::Result<Vec<(&'static str, Vec<Record>)>> {
     let mut groups: std::collections::BTreeMap<(&'static str, u32), Vec<Record>> =
@@ -188,7 +225,7 @@ async fn bench_log(args: &BenchArgs) -> anyhow::Result<Value> {
     let log = app::open_log(dir.path()).await?;
     let batch = args.batch.unwrap_or(1_000);
     let mut batches = Vec::new();
-    for (topic_name, records) in records_by_partition(&log, &events).await? {
+    for (topic_name, records) in records_by_partition(log.as_ref(), &events).await? {
         for chunk in records.chunks(batch) {
             batches.push((topic_name, chunk.to_vec()));
         }
@@ -235,7 +272,7 @@ async fn bench_pipeline(args: &BenchArgs) -> anyhow::Result<Value> {
     let log = app::open_log(&dir).await?;
     if !reuse {
         let events = load_events(args)?;
-        for (topic_name, records) in records_by_partition(&log, &events).await? {
+        for (topic_name, records) in records_by_partition(log.as_ref(), &events).await? {
             for chunk in records.chunks(10_000) {
                 log.append(topic_name, chunk.to_vec()).await?;
             }
@@ -371,7 +408,7 @@ async fn bench_ingest(args: &BenchArgs) -> anyhow::Result<Value> {
         })
         .collect();
     let dir = tempfile::tempdir()?;
-    let log = app::open_log(dir.path()).await?;
+    let (log, log_kind) = open_bench_log(args, dir.path()).await?;
     let registry = prometheus::Registry::new();
     let key = "bench-key".to_string();
     let state = tidemark_ingest::IngestState::new(
@@ -379,7 +416,7 @@ async fn bench_ingest(args: &BenchArgs) -> anyhow::Result<Value> {
             api_keys: vec![key.clone()],
             ..Default::default()
         },
-        log as Arc<dyn Log>,
+        log,
         tidemark_ingest::IngestMetrics::new(&registry)?,
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -434,7 +471,140 @@ async fn bench_ingest(args: &BenchArgs) -> anyhow::Result<Value> {
         "ingest",
         accepted,
         seconds,
-        json!({"batch": batch, "durable": true}),
+        json!({"batch": batch, "durable": true, "log": log_kind}),
+    ))
+}
+
+async fn bench_process(args: &BenchArgs) -> anyhow::Result<Value> {
+    use tidemark_processor::driver::{run_driver, ProcessorMetrics};
+    use tidemark_tsdb_writer::writer::{BatchingWriter, WriterConfig, WriterMetrics};
+
+    let url = args
+        .influx_url
+        .clone()
+        .context("bench process needs --influx-url")?;
+    let set = PipelineSet::named(&args.pipelines, DriverConfig::default().allowed_lateness)
+        .map_err(anyhow::Error::msg)?;
+    let mut events = load_events(args)?;
+    // Event times ending now, as in a live run.
+    if let Some(last) = events.iter().map(|e| e.timestamp).max() {
+        let shift = EventTime::now().millis() - last.millis();
+        for e in &mut events {
+            e.timestamp = EventTime(e.timestamp.millis() + shift);
+        }
+    }
+    let dir = tempfile::tempdir()?;
+    let (log, log_kind) = open_bench_log(args, dir.path()).await?;
+    for (topic_name, records) in records_by_partition(log.as_ref(), &events).await? {
+        for chunk in records.chunks(10_000) {
+            log.append(topic_name, chunk.to_vec()).await?;
+        }
+    }
+    // An empty topic's partitions would hold every window back until they
+    // count as idle (10 s): leave them out, as a live run's data would.
+    let mut topics = Vec::new();
+    for t in topic::INPUT_TOPICS {
+        let mut records = 0;
+        for p in 0..log.partition_count(t).await? {
+            records += log.end_offset(t, p).await?;
+        }
+        if records > 0 {
+            topics.push(t.to_string());
+        }
+    }
+    let cancel = CancellationToken::new();
+    let config = RunConfig {
+        data_dir: dir.path().to_path_buf(),
+        api_keys: Vec::new(),
+        store: StoreChoice::Influx {
+            url,
+            database: args.influx_db.clone(),
+            username: None,
+            password: None,
+        },
+        web_dir: None,
+        workers: args.threads,
+    };
+    let (store, _) = app::open_store(&config, &cancel).await?;
+    let registry = prometheus::Registry::new();
+    let writer_metrics = WriterMetrics::new(&registry)?;
+    let (writer, writer_task) =
+        BatchingWriter::spawn(store, WriterConfig::default(), writer_metrics.clone());
+    let metrics = ProcessorMetrics::new(&registry);
+    let (updates, _) = tokio::sync::broadcast::channel(1024);
+    let total = events.len() as u64;
+    let started = Instant::now();
+    let mut driver = tokio::spawn(run_driver(
+        DriverConfig {
+            topics,
+            workers: args.threads,
+            checkpoint_dir: None,
+            ..DriverConfig::default()
+        },
+        log,
+        set,
+        Arc::new(app::WriterSink(writer.clone())),
+        updates,
+        metrics.clone(),
+        cancel.clone(),
+    ));
+    let processed =
+        || metrics.events_processed.get() + metrics.duplicates.get() + metrics.late_events.get();
+    while processed() < total {
+        if let Ok(joined) = tokio::time::timeout(Duration::from_millis(10), &mut driver).await {
+            joined??;
+            anyhow::bail!("the processor stopped after {} events", processed());
+        }
+    }
+    // The driver's shutdown flushes the store writer: fired windows are stored.
+    cancel.cancel();
+    driver.await??;
+    let seconds = started.elapsed().as_secs_f64();
+    drop(writer);
+    let _ = writer_task.await;
+    Ok(summary(
+        "process",
+        processed(),
+        seconds,
+        json!({
+            "log": log_kind,
+            "store": "influxdb",
+            "points": writer_metrics.points.get(),
+            "workers": args.threads,
+            "pipelines": args.pipelines,
+        }),
+    ))
+}
+
+async fn bench_read(args: &BenchArgs) -> anyhow::Result<Value> {
+    let events = load_events(args)?;
+    let dir = tempfile::tempdir()?;
+    let (log, log_kind) = open_bench_log(args, dir.path()).await?;
+    for (topic_name, records) in records_by_partition(log.as_ref(), &events).await? {
+        for chunk in records.chunks(10_000) {
+            log.append(topic_name, chunk.to_vec()).await?;
+        }
+    }
+    let started = Instant::now();
+    let mut read = 0u64;
+    for t in topic::INPUT_TOPICS {
+        for p in 0..log.partition_count(t).await? {
+            let end = log.end_offset(t, p).await?;
+            let mut offset = log.start_offset(t, p).await?;
+            while offset < end {
+                let records = log.read(t, p, offset, 2_000).await?;
+                if let Some(last) = records.last() {
+                    offset = last.offset + 1;
+                }
+                read += records.len() as u64;
+            }
+        }
+    }
+    Ok(summary(
+        "read",
+        read,
+        started.elapsed().as_secs_f64(),
+        json!({"log": log_kind}),
     ))
 }
 

@@ -28,6 +28,15 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Measures a stage and prints one JSON line.
     Bench(BenchArgs),
+    /// Scale-out: HTTP collector appending to Kafka.
+    #[cfg(feature = "kafka")]
+    Ingest(crate::services::ingest::IngestArgs),
+    /// Scale-out: processor from Kafka into InfluxDB and the updates topic.
+    #[cfg(feature = "kafka")]
+    Process(crate::services::process::ProcessArgs),
+    /// Scale-out: REST, WebSocket and dashboard from InfluxDB and the updates topic.
+    #[cfg(feature = "kafka")]
+    Serve(crate::services::serve::ServeArgs),
 }
 
 /// Flags shared by `run` and `demo`.
@@ -227,5 +236,11 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(args) => bench::run(args).await,
+        #[cfg(feature = "kafka")]
+        Command::Ingest(args) => crate::services::ingest::main(args, shutdown_token()).await,
+        #[cfg(feature = "kafka")]
+        Command::Process(args) => crate::services::process::main(args, shutdown_token()).await,
+        #[cfg(feature = "kafka")]
+        Command::Serve(args) => crate::services::serve::main(args, shutdown_token()).await,
     }
 }

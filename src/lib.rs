@@ -1,8 +1,11 @@
 //! The `tidemark` binary's composition: wires the library crates into the
-//! single-process deployment (`run`, `demo`), the traffic generator and the
+//! single-process deployment (`run`, `demo`), the scale-out services
+//! (`ingest`, `process`, `serve`, feature `kafka`), the traffic generator and the
 //! benchmarks. Logic lives in the crates; this only assembles them.
 
 pub mod app;
 pub mod bench;
 pub mod cli;
 pub mod generator;
+#[cfg(feature = "kafka")]
+pub mod services;

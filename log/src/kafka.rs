@@ -31,8 +31,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
@@ -192,10 +192,28 @@ type SharedReader = Arc<Mutex<Reader>>;
 
 /// A consumer dedicated to one partition.
 struct Reader {
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<ReaderContext>,
     /// The offset the consumer will deliver next, if it is assigned and healthy.
     next: Option<u64>,
 }
+
+/// Context of the reading consumers. librdkafka also reports reaching the
+/// end of a partition as an error event; for a reader that is the normal
+/// way a read ends, so only other errors are logged.
+struct ReaderContext;
+
+impl ClientContext for ReaderContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(error, KafkaError::PartitionEOF(_))
+            || error.rdkafka_error_code() == Some(RDKafkaErrorCode::PartitionEOF)
+        {
+            return;
+        }
+        tracing::error!(error = %error, reason, "Kafka reader error");
+    }
+}
+
+impl ConsumerContext for ReaderContext {}
 
 impl fmt::Debug for KafkaLog {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -252,8 +270,19 @@ impl KafkaLog {
     /// Creates every topic of `topics` (`(name, partitions, compacted)`) that
     /// does not exist yet, in one request. Compacted topics get
     /// `cleanup.policy=compact`, the others [`KafkaConfig::retention`].
-    /// Returns once every topic is visible in the metadata.
+    /// Returns once every topic is visible in the metadata. When every topic
+    /// exists already, no admin request is made (a client without the right
+    /// to create topics can start against a provisioned cluster).
     pub async fn provision(&self, topics: &[(&str, u32, bool)]) -> Result<(), LogError> {
+        let mut missing = Vec::with_capacity(topics.len());
+        for &t in topics {
+            match self.fetch_partition_count(t.0).await {
+                Ok(_) => {}
+                Err(LogError::UnknownTopic(_)) => missing.push(t),
+                Err(e) => return Err(e),
+            }
+        }
+        let topics = missing.as_slice();
         if topics.is_empty() {
             return Ok(());
         }
@@ -529,7 +558,12 @@ impl KafkaLog {
             return Ok(Arc::clone(r));
         }
         let role = format!("reader-{topic}-{partition}");
-        let consumer: BaseConsumer = create(&self.inner.config.consumer_config(&role), "consumer")?;
+        let consumer: BaseConsumer<ReaderContext> = self
+            .inner
+            .config
+            .consumer_config(&role)
+            .create_with_context(ReaderContext)
+            .map_err(|e| LogError::Config(format!("cannot create the Kafka consumer: {e}")))?;
         let r = Arc::new(Mutex::new(Reader {
             consumer,
             next: None,

@@ -1,5 +1,8 @@
 //! Harness for tidemark's end-to-end tests: starts the `tidemark` binary and
-//! real services (InfluxDB) on free loopback ports, and stops them afterwards.
+//! real services (InfluxDB, a Kafka-compatible broker) on free loopback
+//! ports, and stops them afterwards.
+
+pub mod services;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -134,12 +137,7 @@ impl Tidemark {
 
     /// GET a JSON API path.
     pub async fn get_json(&self, path_and_query: &str) -> Value {
-        reqwest::get(format!("{}{}", self.base, path_and_query))
-            .await
-            .expect("API reachable")
-            .json()
-            .await
-            .expect("JSON answer")
+        JsonApi::get_json(self, path_and_query).await
     }
 
     /// The Prometheus text of `/metrics`.
@@ -150,6 +148,31 @@ impl Tidemark {
             .text()
             .await
             .expect("text")
+    }
+}
+
+/// A process answering tidemark's REST API.
+pub trait JsonApi {
+    /// Base URL, `http://host:port`.
+    fn base(&self) -> &str;
+
+    /// GET a JSON API path.
+    fn get_json(&self, path_and_query: &str) -> impl std::future::Future<Output = Value> {
+        let url = format!("{}{}", self.base(), path_and_query);
+        async move {
+            reqwest::get(url)
+                .await
+                .expect("API reachable")
+                .json()
+                .await
+                .expect("JSON answer")
+        }
+    }
+}
+
+impl JsonApi for Tidemark {
+    fn base(&self) -> &str {
+        &self.base
     }
 }
 
@@ -304,7 +327,7 @@ impl KnownEvents {
     /// `traffic` per (minute, event_type, country, device) as the REST API answers it.
     pub async fn read_traffic(
         &self,
-        t: &Tidemark,
+        t: &impl JsonApi,
     ) -> std::collections::BTreeMap<(i64, String, String, String), u64> {
         let reply = t
             .get_json(&format!(
@@ -331,7 +354,7 @@ impl KnownEvents {
     }
 
     /// `active_users` per minute as the REST API answers it.
-    pub async fn read_users(&self, t: &Tidemark) -> std::collections::BTreeMap<i64, u64> {
+    pub async fn read_users(&self, t: &impl JsonApi) -> std::collections::BTreeMap<i64, u64> {
         let reply = t
             .get_json(&format!(
                 "/api/v1/metrics?name=active_users&field=users&step=1m&from={}&to={}",
@@ -352,9 +375,30 @@ impl KnownEvents {
         out
     }
 
+    /// Expected `traffic` events per (minute start, event_type), as the
+    /// dashboard's overview channel shows them.
+    pub fn traffic_by_type(
+        &self,
+    ) -> std::collections::BTreeMap<i64, std::collections::BTreeMap<String, u64>> {
+        let mut out: std::collections::BTreeMap<i64, std::collections::BTreeMap<String, u64>> =
+            Default::default();
+        for ((minute, event_type, _, _), n) in &self.traffic {
+            *out.entry(*minute)
+                .or_default()
+                .entry(event_type.clone())
+                .or_default() += n;
+        }
+        out
+    }
+
     /// Waits until the REST API answers exactly the expected traffic, then checks users within 2 %.
-    pub async fn assert_results(&self, t: &Tidemark) {
-        let deadline = Instant::now() + Duration::from_secs(60);
+    pub async fn assert_results(&self, t: &impl JsonApi) {
+        self.assert_results_within(t, Duration::from_secs(60)).await;
+    }
+
+    /// [`assert_results`](Self::assert_results), waiting up to `timeout`.
+    pub async fn assert_results_within(&self, t: &impl JsonApi, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
         let mut seen = Default::default();
         while Instant::now() < deadline {
             seen = self.read_traffic(t).await;

@@ -34,7 +34,7 @@ const LOG_FILE: &str = "tansu.log";
 pub struct TansuServer {
     /// Bootstrap address, `127.0.0.1:<port>`.
     pub brokers: String,
-    child: Child,
+    child: Option<Child>,
     dir: tempfile::TempDir,
 }
 
@@ -96,11 +96,26 @@ impl TansuServer {
             .tempdir()
             .map_err(|e| format!("cannot create a temp dir for tansu: {e}"))?;
         let port = free_port()?;
+        let child = TansuServer::run(bin, dir.path(), port)?;
+        let mut server = TansuServer {
+            brokers: format!("127.0.0.1:{port}"),
+            child: Some(child),
+            dir,
+        };
+        server.wait_ready()?;
+        Ok(server)
+    }
+
+    fn run(bin: &Path, dir: &Path, port: u16) -> Result<Child, String> {
         let url = format!("tcp://127.0.0.1:{port}");
-        let log = File::create(dir.path().join(LOG_FILE)).map_err(|e| e.to_string())?;
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(dir.join(LOG_FILE))
+            .map_err(|e| e.to_string())?;
         let log2 = log.try_clone().map_err(|e| e.to_string())?;
-        let child = Command::new(bin)
-            .current_dir(dir.path())
+        Command::new(bin)
+            .current_dir(dir)
             .args(["broker", "--listener-url", &url])
             .args(["--advertised-listener-url", &url])
             .args(["--storage-engine", "sqlite://tansu.db"])
@@ -113,14 +128,35 @@ impl TansuServer {
             .stdout(log)
             .stderr(log2)
             .spawn()
-            .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
-        let mut server = TansuServer {
-            brokers: format!("127.0.0.1:{port}"),
-            child,
-            dir,
-        };
-        server.wait_ready()?;
-        Ok(server)
+            .map_err(|e| format!("cannot run {}: {e}", bin.display()))
+    }
+
+    /// Kills the broker (as a crash would); its data stays for [`restart`](Self::restart).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops the broker if running and starts it again on the same port and
+    /// storage, waiting until it answers.
+    ///
+    /// tansu 0.6 cannot take records from an idempotent producer that
+    /// produced before the restart (its storage task panics), so clients of
+    /// [`KafkaLog`](crate::kafka::KafkaLog) must not outlive the restart;
+    /// fault tests with a live producer use librdkafka's mock cluster.
+    pub fn restart(&mut self) -> Result<(), String> {
+        self.stop();
+        let bin = TansuServer::binary().ok_or("tansu not found")?;
+        let port: u16 = self
+            .brokers
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .ok_or("no port in the broker address")?;
+        self.child = Some(TansuServer::run(&bin, self.dir.path(), port)?);
+        self.wait_ready()
     }
 
     /// Polls metadata until the broker answers (no fixed sleeps).
@@ -133,7 +169,11 @@ impl TansuServer {
             .map_err(|e| format!("cannot create a probe client: {e}"))?;
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
+            let exited = match self.child.as_mut() {
+                Some(child) => child.try_wait().ok().flatten(),
+                None => return Err("tansu is stopped".to_string()),
+            };
+            if let Some(status) = exited {
                 return Err(format!(
                     "tansu exited ({status}) before accepting connections:\n{}",
                     self.output()
@@ -166,8 +206,7 @@ impl TansuServer {
 
 impl Drop for TansuServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }
 

@@ -1,0 +1,210 @@
+//! `tidemark serve`: REST, WebSocket and the dashboard over InfluxDB and the
+//! `tidemark-updates` topic.
+//!
+//! Every instance reads every partition of the updates topic by offset (no
+//! consumer group), so each one sees every update and any number can run
+//! side by side. On start it reads from an hour back, which refills the
+//! overview's hot cache (the last hour of minutes) before clients connect.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Args;
+use prometheus::{IntCounter, IntGaugeVec, Opts, Registry};
+use tidemark_log::Log;
+use tidemark_model::{EventTime, Update};
+use tidemark_ws_server::ServerState;
+use tokio::net::TcpListener;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use super::kafka::{connect_and_provision, BrokerHealth};
+use super::{KafkaArgs, UPDATES_TOPIC};
+use crate::cli::InfluxArgs;
+
+pub const UPDATES_RECEIVED_TOTAL: &str = "tidemark_serve_updates_received_total";
+pub const UPDATES_LAG: &str = "tidemark_serve_updates_lag_records";
+
+/// How far back the updates topic is read on start: the overview's span.
+const REPLAY_SPAN: Duration = Duration::from_secs(3600);
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address of the HTTP listener: REST `/api/v1/...`, `/ws`, the
+    /// dashboard, `/metrics`.
+    #[arg(long, env = "TIDEMARK_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Folder of the built web dashboard.
+    #[arg(long, env = "TIDEMARK_WEB_DIR", default_value = "dashboards/web/dist")]
+    pub web_dir: PathBuf,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub influx: InfluxArgs,
+    /// TOML file with defaults for these flags (see the README).
+    #[arg(long, env = "TIDEMARK_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+/// Binds `--listen` and runs until `cancel`.
+pub async fn main(args: ServeArgs, cancel: CancellationToken) -> anyhow::Result<()> {
+    let listener = super::bind(args.listen).await?;
+    run(args, listener, cancel).await
+}
+
+/// Runs the serving layer on `listener` until `cancel`.
+pub async fn run(
+    args: ServeArgs,
+    listener: TcpListener,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    let store = super::open_influx(&args.influx, "serve", &cancel).await?;
+    let registry = Registry::new();
+    let kafka = connect_and_provision(
+        &args.kafka,
+        "serve",
+        |c| c.read_wait = Duration::from_millis(200),
+        &cancel,
+    )
+    .await?;
+    let log: Arc<dyn Log> = kafka;
+    let health = BrokerHealth::new(&registry)?;
+    let received = IntCounter::new(
+        UPDATES_RECEIVED_TOTAL,
+        "Live updates read from the updates topic.",
+    )?;
+    let lag = IntGaugeVec::new(
+        Opts::new(
+            UPDATES_LAG,
+            "Records of the updates topic not read yet, per partition.",
+        ),
+        &["partition"],
+    )?;
+    registry.register(Box::new(received.clone()))?;
+    registry.register(Box::new(lag.clone()))?;
+
+    let (updates, _) = broadcast::channel::<Update>(4096);
+
+    let background = CancellationToken::new();
+    let mut tasks = vec![tokio::spawn(health.clone().monitor(
+        log.clone(),
+        UPDATES_TOPIC,
+        background.clone(),
+    ))];
+    let partitions = log.partition_count(UPDATES_TOPIC).await?;
+    let since = EventTime::now().minus(REPLAY_SPAN);
+    for partition in 0..partitions {
+        tasks.push(tokio::spawn(follow_partition(
+            log.clone(),
+            partition,
+            since,
+            updates.clone(),
+            received.clone(),
+            lag.clone(),
+            background.clone(),
+        )));
+    }
+
+    let server = ServerState::new(store, updates, registry, Some(args.web_dir));
+    let router = tidemark_ws_server::router(Arc::new(server));
+    tracing::info!(listen = %listener.local_addr()?, "Serve is running");
+    let http_cancel = cancel.clone();
+    let served =
+        tidemark_ws_server::serve(
+            listener,
+            router,
+            async move { http_cancel.cancelled().await },
+        )
+        .await;
+    background.cancel();
+    for t in tasks {
+        let _ = t.await;
+    }
+    served.context("HTTP server failed")
+}
+
+/// Reads one partition of the updates topic from `since` on, broadcasting
+/// every update, until `cancel`.
+async fn follow_partition(
+    log: Arc<dyn Log>,
+    partition: u32,
+    since: EventTime,
+    updates: broadcast::Sender<Update>,
+    received: IntCounter,
+    lag: IntGaugeVec,
+    cancel: CancellationToken,
+) {
+    let label = partition.to_string();
+    let mut backoff = Duration::from_millis(100);
+    let mut offset = loop {
+        match log.offset_for_time(UPDATES_TOPIC, partition, since).await {
+            Ok(o) => break o,
+            Err(e) => {
+                tracing::warn!(error = %e, partition, "Cannot find where to read updates; retrying");
+                if !pause(backoff, &cancel).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    };
+    let mut lag_checked = tokio::time::Instant::now();
+    loop {
+        if cancel.is_cancelled() {
+            return;
+        }
+        let read = tokio::select! {
+            _ = cancel.cancelled() => return,
+            read = log.read(UPDATES_TOPIC, partition, offset, 500) => read,
+        };
+        let records = match read {
+            Ok(r) => {
+                backoff = Duration::from_millis(100);
+                r
+            }
+            Err(tidemark_log::LogError::OffsetOutOfRange { earliest, .. }) => {
+                offset = earliest;
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, partition, "Reading updates failed; retrying");
+                if !pause(backoff, &cancel).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        for r in &records {
+            offset = r.offset + 1;
+            match serde_json::from_slice::<Update>(&r.value) {
+                Ok(u) => {
+                    received.inc();
+                    // No subscribers yet is fine.
+                    let _ = updates.send(u);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, partition, offset = r.offset, "Skipping an unreadable update");
+                }
+            }
+        }
+        if lag_checked.elapsed() >= Duration::from_secs(5) {
+            lag_checked = tokio::time::Instant::now();
+            if let Ok(end) = log.end_offset(UPDATES_TOPIC, partition).await {
+                lag.with_label_values(&[&label])
+                    .set(end.saturating_sub(offset) as i64);
+            }
+        }
+    }
+}
+
+/// Sleeps for `d`; `false` if cancelled first.
+async fn pause(d: Duration, cancel: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = cancel.cancelled() => false,
+        _ = tokio::time::sleep(d) => true,
+    }
+}

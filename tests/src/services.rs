@@ -1,0 +1,250 @@
+//! The scale-out services (`tidemark ingest|process|serve`) as separate
+//! processes over a real broker (tansu) and a real InfluxDB.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt as _, StreamExt as _};
+use serde_json::Value;
+use tidemark_model::EventTime;
+
+pub use tidemark_log::kafka::testing::TansuServer;
+
+use crate::{free_port, tidemark_bin, JsonApi, API_KEY};
+
+/// One service process on a free port; killed on drop.
+#[derive(Debug)]
+pub struct Service {
+    child: Option<Child>,
+    pub base: String,
+    pub port: u16,
+    args: Vec<String>,
+    log: PathBuf,
+}
+
+impl Service {
+    /// Starts `tidemark <args...> --listen 127.0.0.1:<free port>`, logging
+    /// into `log_dir`, and waits until `/api/v1/health` answers.
+    pub async fn start(args: &[String], log_dir: &Path) -> Service {
+        let port = free_port();
+        let name = args.first().map_or("service", String::as_str);
+        let mut s = Service {
+            child: None,
+            base: format!("http://127.0.0.1:{port}"),
+            port,
+            args: args.to_vec(),
+            log: log_dir.join(format!("{name}-{port}.log")),
+        };
+        s.spawn().await;
+        s
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("service log file");
+        let child = Command::new(tidemark_bin())
+            .args(&self.args)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("tidemark starts");
+        self.child = Some(child);
+        let client = reqwest::Client::new();
+        let health = format!("{}/api/v1/health", self.base);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if matches!(client.get(&health).send().await, Ok(r) if r.status().is_success()) {
+                return;
+            }
+            if !self.is_running() || Instant::now() > deadline {
+                panic!(
+                    "`tidemark {}` did not become healthy:\n{}",
+                    self.args.join(" "),
+                    self.output()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// What the service logged so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL: no shutdown, no final checkpoint, no leaving the group.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for the exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        child.wait().expect("exit status")
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Posts events (a JSON array) to ingest: status, `Retry-After`, reply.
+    pub async fn post(&self, events: &[Value]) -> (u16, Option<String>, Value) {
+        let reply = reqwest::Client::new()
+            .post(format!("{}/v1/events", self.base))
+            .bearer_auth(API_KEY)
+            .timeout(Duration::from_secs(60))
+            .json(events)
+            .send()
+            .await
+            .expect("ingest reachable");
+        let status = reply.status().as_u16();
+        let retry_after = reply
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        (
+            status,
+            retry_after,
+            reply.json().await.unwrap_or(Value::Null),
+        )
+    }
+
+    pub async fn metrics_text(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.base))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text")
+    }
+}
+
+impl JsonApi for Service {
+    fn base(&self) -> &str {
+        &self.base
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Flags every service takes to reach the broker and the store.
+pub fn backend_args(brokers: &str, influx_url: &str) -> Vec<String> {
+    [
+        "--kafka-brokers",
+        brokers,
+        "--influx-url",
+        influx_url,
+        "--influx-db",
+        "tidemark",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// `tidemark ingest` arguments.
+pub fn ingest_args(brokers: &str) -> Vec<String> {
+    ["ingest", "--kafka-brokers", brokers, "--api-key", API_KEY]
+        .map(String::from)
+        .to_vec()
+}
+
+/// `tidemark process` arguments.
+pub fn process_args(brokers: &str, influx_url: &str, data_dir: &Path) -> Vec<String> {
+    let mut args = vec!["process".to_string()];
+    args.extend(backend_args(brokers, influx_url));
+    args.push("--data-dir".into());
+    args.push(data_dir.display().to_string());
+    args
+}
+
+/// `tidemark serve` arguments.
+pub fn serve_args(brokers: &str, influx_url: &str) -> Vec<String> {
+    let mut args = vec!["serve".to_string()];
+    args.extend(backend_args(brokers, influx_url));
+    args
+}
+
+/// A WebSocket client of the `overview` channel that keeps the newest state
+/// of every window it was told about.
+#[derive(Debug)]
+pub struct OverviewClient {
+    ws: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    /// Window start (ms) → (final, events per event type).
+    pub windows: BTreeMap<i64, (bool, BTreeMap<String, u64>)>,
+}
+
+impl OverviewClient {
+    pub async fn connect(base: &str) -> OverviewClient {
+        let url = format!("{}/ws", base.replacen("http://", "ws://", 1));
+        let (mut ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("WebSocket connects");
+        ws.send(tokio_tungstenite::tungstenite::Message::text(
+            r#"{"op":"subscribe","channel":"overview"}"#,
+        ))
+        .await
+        .expect("subscribe");
+        OverviewClient {
+            ws,
+            windows: BTreeMap::new(),
+        }
+    }
+
+    /// Reads messages until `done` holds for the windows seen, or `timeout`.
+    pub async fn until(
+        &mut self,
+        timeout: Duration,
+        done: impl Fn(&BTreeMap<i64, (bool, BTreeMap<String, u64>)>) -> bool,
+    ) -> bool {
+        let deadline = Instant::now() + timeout;
+        while !done(&self.windows) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            let Ok(Some(Ok(msg))) = tokio::time::timeout(left, self.ws.next()).await else {
+                continue;
+            };
+            let Ok(text) = msg.into_text() else { continue };
+            let Ok(value) = serde_json::from_str::<Value>(&text) else {
+                continue;
+            };
+            for w in value["windows"].as_array().into_iter().flatten() {
+                let Some(start) = w["window_start"].as_str().and_then(EventTime::parse) else {
+                    continue;
+                };
+                let traffic = w["traffic"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_u64()?)))
+                    .collect();
+                let is_final = w["final"].as_bool().unwrap_or(false);
+                self.windows.insert(start.millis(), (is_final, traffic));
+            }
+        }
+        true
+    }
+}

@@ -1,0 +1,448 @@
+//! The scale-out deployment: `tidemark ingest`, `process` and `serve` as
+//! separate processes over a real Kafka-compatible broker (tansu) and a real
+//! InfluxDB, with the known event set and its exact answers.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tidemark_log::kafka::rdkafka::mocking::MockCluster;
+use tidemark_log::kafka::{KafkaConfig, KafkaLog};
+use tidemark_log::Log;
+use tidemark_model::{topic, wire};
+use tidemark_tests::services::{
+    ingest_args, process_args, serve_args, OverviewClient, Service, TansuServer,
+};
+use tidemark_tests::{metric_value, wait_until, InfluxServer, JsonApi, KnownEvents};
+
+/// Windows close 10 s after the last event (idle partitions), and tansu is
+/// not fast: generous, but bounded.
+const RESULTS_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The `event_id`s a 202 reply acknowledged: every event not rejected.
+fn acknowledged(batch: &[Value], reply: &Value) -> Vec<String> {
+    let rejected: BTreeSet<u64> = reply["rejected"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["index"].as_u64())
+        .collect();
+    batch
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !rejected.contains(&(*i as u64)))
+        .filter_map(|(_, e)| e["event_id"].as_str().map(str::to_string))
+        .collect()
+}
+
+async fn post_all(ingest: &Service, batches: &[Vec<Value>]) {
+    for batch in batches {
+        let (status, _, reply) = ingest.post(batch).await;
+        assert_eq!(status, 202, "batch accepted: {reply}");
+    }
+}
+
+async fn role(service: &Service) -> String {
+    service.get_json("/api/v1/health").await["role"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn checkpoint(data_dir: &Path) -> Option<Vec<u8>> {
+    std::fs::read(data_dir.join("checkpoints").join("checkpoint.bin.zst")).ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_services_give_exact_counts_in_influxdb_and_on_the_websocket() {
+    let tansu = TansuServer::start();
+    let influx = InfluxServer::start().expect("influxd starts");
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("process");
+    let ingest = Service::start(&ingest_args(&tansu.brokers), dir.path()).await;
+    let process = Service::start(
+        &process_args(&tansu.brokers, &influx.url, &data_dir),
+        dir.path(),
+    )
+    .await;
+    // serve takes its settings from a config file.
+    let serve_config = dir.path().join("serve.toml");
+    std::fs::write(
+        &serve_config,
+        format!(
+            "kafka_brokers = \"{}\"\ninflux_url = \"{}\"\ninflux_db = \"tidemark\"\n",
+            tansu.brokers, influx.url
+        ),
+    )
+    .unwrap();
+    let serve_from_file = [
+        "serve".to_string(),
+        "--config".to_string(),
+        serve_config.display().to_string(),
+    ];
+    let serve = Service::start(&serve_from_file, dir.path()).await;
+    let mut overview = OverviewClient::connect(&serve.base).await;
+
+    let known = KnownEvents::new(30);
+    let mut rejected = 0;
+    for batch in &known.batches {
+        let (status, _, reply) = ingest.post(batch).await;
+        assert_eq!(status, 202, "batch accepted: {reply}");
+        rejected += reply["rejected"].as_array().map_or(0, Vec::len);
+    }
+    assert_eq!(rejected, known.invalid);
+
+    // Through serve's REST API, which reads InfluxDB.
+    known.assert_results_within(&serve, RESULTS_TIMEOUT).await;
+    assert_eq!(serve.get_json("/api/v1/health").await["store"], "influxdb");
+
+    // Through the updates topic to a WebSocket client of serve.
+    let expected = known.traffic_by_type();
+    let complete = overview
+        .until(Duration::from_secs(60), |windows| {
+            expected.iter().all(|(minute, types)| {
+                windows
+                    .get(minute)
+                    .is_some_and(|(is_final, seen)| *is_final && seen == types)
+            })
+        })
+        .await;
+    assert!(
+        complete,
+        "final overview windows on the WebSocket: {:?}\nexpected: {expected:?}",
+        overview.windows
+    );
+
+    let ingest_metrics = ingest.metrics_text().await;
+    assert!(
+        metric_value(
+            &ingest_metrics,
+            "tidemark_kafka_produce_seconds_count",
+            "content-events"
+        ) > 0.0
+    );
+    assert_eq!(
+        metric_value(&ingest_metrics, "tidemark_kafka_broker_up", ""),
+        1.0
+    );
+    let process_metrics = process.metrics_text().await;
+    assert_eq!(
+        metric_value(&process_metrics, "tidemark_processor_active", ""),
+        1.0
+    );
+    assert!(
+        metric_value(
+            &process_metrics,
+            "tidemark_processor_rebalances_total",
+            "assign"
+        ) >= 1.0
+    );
+    assert!(
+        process_metrics.contains(
+            "tidemark_processor_partition_lag_records{partition=\"0\",topic=\"content-events\"}"
+        ),
+        "per-partition lag exported"
+    );
+    assert!(
+        metric_value(
+            &serve.metrics_text().await,
+            "tidemark_serve_updates_received_total",
+            ""
+        ) > 0.0
+    );
+}
+
+/// The brokers are librdkafka's mock cluster, which listens on loopback
+/// ports like a real cluster and can take its brokers down and up again
+/// (tansu 0.6 fails an idempotent producer that outlives its restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_down_ingest_answers_503_and_loses_nothing_it_acknowledged() {
+    let cluster = MockCluster::new(3).expect("mock cluster");
+    let brokers = cluster.bootstrap_servers();
+    // The mock cluster does not answer CreateTopics; ingest finds them made.
+    for (t, partitions) in [
+        (topic::USER_EVENTS, 32),
+        (topic::CONTENT_EVENTS, 32),
+        (topic::AD_EVENTS, 16),
+        (topic::USER_PROFILES, 8),
+        (topic::DEAD_LETTER, 4),
+        ("tidemark-updates", 4),
+        ("tidemark-partials", 4),
+        ("tidemark-processor-lease", 1),
+    ] {
+        cluster.create_topic(t, partitions, 3).unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ingest = Service::start(&ingest_args(&brokers), dir.path()).await;
+    let known = KnownEvents::new(20);
+    let batches = &known.batches;
+    let mut acked: BTreeSet<String> = BTreeSet::new();
+
+    for batch in &batches[..2] {
+        let (status, _, reply) = ingest.post(batch).await;
+        assert_eq!(status, 202, "{reply}");
+        acked.extend(acknowledged(batch, &reply));
+    }
+
+    for id in 1..=3 {
+        cluster.broker_down(id).unwrap();
+    }
+    for batch in &batches[2..4] {
+        let started = Instant::now();
+        let (status, retry_after, reply) = ingest.post(batch).await;
+        assert_eq!(status, 503, "brokers down: {reply}");
+        assert!(retry_after.is_some(), "503 carries Retry-After");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "answered within the produce timeout, took {:?}",
+            started.elapsed()
+        );
+    }
+    let metrics = ingest.metrics_text().await;
+    assert!(metric_value(&metrics, "tidemark_kafka_delivery_failures_total", "") > 0.0);
+    let health_of = &ingest;
+    wait_until(
+        "ingest to see the brokers down",
+        Duration::from_secs(15),
+        move || async move { health_of.get_json("/api/v1/health").await["kafka"] == "down" },
+    )
+    .await;
+
+    for id in 1..=3 {
+        cluster.broker_up(id).unwrap();
+    }
+    // The client resends what was refused; ingest recovers by itself.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    for batch in &batches[2..] {
+        loop {
+            let (status, retry_after, reply) = ingest.post(batch).await;
+            if status == 202 {
+                acked.extend(acknowledged(batch, &reply));
+                break;
+            }
+            assert_eq!(status, 503, "{reply}");
+            assert!(retry_after.is_some());
+            assert!(Instant::now() < deadline, "ingest never recovered");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    wait_until(
+        "ingest to see the brokers up",
+        Duration::from_secs(15),
+        move || async move { health_of.get_json("/api/v1/health").await["kafka"] == "up" },
+    )
+    .await;
+
+    // Every acknowledged event is in the log.
+    let log = KafkaLog::connect(KafkaConfig::new(&brokers))
+        .await
+        .expect("log connects");
+    let mut stored = BTreeSet::new();
+    for t in [topic::USER_EVENTS, topic::CONTENT_EVENTS, topic::AD_EVENTS] {
+        for p in 0..log.partition_count(t).await.unwrap() {
+            let end = log.end_offset(t, p).await.unwrap();
+            let mut offset = log.start_offset(t, p).await.unwrap();
+            while offset < end {
+                let records = log.read(t, p, offset, 1000).await.unwrap();
+                for r in &records {
+                    stored.insert(wire::decode(&r.value).expect("decodes").event_id);
+                    offset = r.offset + 1;
+                }
+            }
+        }
+    }
+    let lost: Vec<&String> = acked.difference(&stored).collect();
+    assert!(lost.is_empty(), "acknowledged but not in the log: {lost:?}");
+    assert!(acked.len() > 500, "{} acknowledged", acked.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn influxdb_down_holds_the_checkpoint_and_the_windows_end_exact() {
+    let tansu = TansuServer::start();
+    let mut influx = InfluxServer::start().expect("influxd starts");
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("process");
+    let ingest = Service::start(&ingest_args(&tansu.brokers), dir.path()).await;
+    let process = Service::start(
+        &process_args(&tansu.brokers, &influx.url, &data_dir),
+        dir.path(),
+    )
+    .await;
+    let serve = Service::start(&serve_args(&tansu.brokers, &influx.url), dir.path()).await;
+    let known = KnownEvents::new(30);
+    let half = known.batches.len() / 2;
+    post_all(&ingest, &known.batches[..half]).await;
+    let dir_of = &data_dir;
+    wait_until(
+        "a first checkpoint",
+        Duration::from_secs(60),
+        move || async move { checkpoint(dir_of).is_some() },
+    )
+    .await;
+
+    influx.stop();
+    let stopped = Instant::now();
+    post_all(&ingest, &known.batches[half..]).await;
+    // Closed windows are now waiting for the store.
+    let processor = &process;
+    wait_until(
+        "the writer to retry",
+        Duration::from_secs(60),
+        move || async move {
+            metric_value(
+                &processor.metrics_text().await,
+                "tidemark_writer_retries_total",
+                "",
+            ) > 0.0
+        },
+    )
+    .await;
+    let held = checkpoint(&data_dir);
+    let outage = Duration::from_secs(30);
+    tokio::time::sleep(outage.saturating_sub(stopped.elapsed())).await;
+    assert!(
+        held == checkpoint(&data_dir),
+        "the checkpoint did not advance while InfluxDB was down"
+    );
+    assert!(process.get_json("/api/v1/health").await["status"] == "ok");
+
+    influx.restart().expect("influxd restarts");
+    known.assert_results_within(&serve, RESULTS_TIMEOUT).await;
+    assert!(
+        held != checkpoint(&data_dir),
+        "the checkpoint advances again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_the_active_processor_hands_its_partitions_to_the_other() {
+    let tansu = TansuServer::start();
+    let influx = InfluxServer::start().expect("influxd starts");
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("process");
+    let ingest = Service::start(&ingest_args(&tansu.brokers), dir.path()).await;
+    let args = process_args(&tansu.brokers, &influx.url, &data_dir);
+    let mut first = Service::start(&args, dir.path()).await;
+    let mut second = Service::start(&args, dir.path()).await;
+    let serve = Service::start(&serve_args(&tansu.brokers, &influx.url), dir.path()).await;
+    let (a, b) = (&first, &second);
+    wait_until(
+        "one active processor",
+        Duration::from_secs(60),
+        move || async move {
+            let roles = [role(a).await, role(b).await];
+            roles.iter().filter(|r| *r == "active").count() == 1
+                && roles.iter().filter(|r| *r == "standby").count() == 1
+        },
+    )
+    .await;
+    let first_is_active = role(&first).await == "active";
+    let (active, standby) = if first_is_active {
+        (&mut first, &mut second)
+    } else {
+        (&mut second, &mut first)
+    };
+
+    let known = KnownEvents::new(40);
+    let half = known.batches.len() / 2;
+    post_all(&ingest, &known.batches[..half]).await;
+    let (dir_of, watched): (&Path, &Service) = (&data_dir, active);
+    wait_until(
+        "the active processor to checkpoint",
+        Duration::from_secs(60),
+        move || async move {
+            checkpoint(dir_of).is_some()
+                && metric_value(
+                    &watched.metrics_text().await,
+                    "tidemark_processor_events_total",
+                    "",
+                ) > 0.0
+        },
+    )
+    .await;
+    active.kill();
+    post_all(&ingest, &known.batches[half..]).await;
+    let survivor: &Service = standby;
+    wait_until(
+        "the survivor to take over",
+        Duration::from_secs(60),
+        move || async move { role(survivor).await == "active" },
+    )
+    .await;
+    known.assert_results_within(&serve, RESULTS_TIMEOUT).await;
+    let metrics = survivor.metrics_text().await;
+    assert!(metric_value(&metrics, "tidemark_processor_rebalances_total", "assign") >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_of_the_active_processor_checkpoints_and_hands_over_at_once() {
+    let tansu = TansuServer::start();
+    let influx = InfluxServer::start().expect("influxd starts");
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("process");
+    let ingest = Service::start(&ingest_args(&tansu.brokers), dir.path()).await;
+    let args = process_args(&tansu.brokers, &influx.url, &data_dir);
+    let mut first = Service::start(&args, dir.path()).await;
+    let dir_of = &data_dir;
+    let active: &Service = &first;
+    wait_until(
+        "the first to be active",
+        Duration::from_secs(60),
+        move || async move { role(active).await == "active" && checkpoint(dir_of).is_some() },
+    )
+    .await;
+    let second = Service::start(&args, dir.path()).await;
+    // The lease stays where it is when another instance joins.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(role(&first).await, "active");
+    assert_eq!(role(&second).await, "standby");
+
+    let known = KnownEvents::new(40);
+    let half = known.batches.len() / 2;
+    post_all(&ingest, &known.batches[..half]).await;
+    let active: &Service = &first;
+    wait_until(
+        "events processed",
+        Duration::from_secs(60),
+        move || async move {
+            metric_value(
+                &active.metrics_text().await,
+                "tidemark_processor_events_total",
+                "",
+            ) > 0.0
+        },
+    )
+    .await;
+    let before = checkpoint(&data_dir);
+    assert!(first.terminate().success(), "{}", first.output());
+    let stopped = Instant::now();
+    assert!(
+        first
+            .output()
+            .contains("Releasing the processor lease: checkpointing"),
+        "{}",
+        first.output()
+    );
+    assert!(
+        before != checkpoint(&data_dir),
+        "a last checkpoint on revoke"
+    );
+    let survivor = &second;
+    wait_until(
+        "the standby to take over",
+        Duration::from_secs(60),
+        move || async move { role(survivor).await == "active" },
+    )
+    .await;
+    // Leaving the group hands the lease on: sooner than a dead owner's
+    // lease could move (tansu needs the 12 s alive-file watchdog for that).
+    assert!(
+        stopped.elapsed() < Duration::from_secs(10),
+        "took over after {:?}",
+        stopped.elapsed()
+    );
+    let serve = Service::start(&serve_args(&tansu.brokers, &influx.url), dir.path()).await;
+    post_all(&ingest, &known.batches[half..]).await;
+    known.assert_results_within(&serve, RESULTS_TIMEOUT).await;
+}
