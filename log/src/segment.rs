@@ -94,6 +94,9 @@ struct Inner {
     dir: PathBuf,
     config: SegmentLogConfig,
     topics: RwLock<HashMap<String, Arc<Topic>>>,
+    /// Opened by a reader beside the writing process (replay, archive): never
+    /// writes, creates or truncates anything.
+    read_only: bool,
 }
 
 #[derive(Debug)]
@@ -448,8 +451,15 @@ fn scan_segment(
 
 impl Partition {
     /// Loads a partition folder, creating it (with an empty first segment) if needed.
-    fn load(dir: PathBuf, name: String, sync: SyncPolicy) -> Result<Partition, LogError> {
-        fs::create_dir_all(&dir)?;
+    fn load(
+        dir: PathBuf,
+        name: String,
+        sync: SyncPolicy,
+        read_only: bool,
+    ) -> Result<Partition, LogError> {
+        if !read_only {
+            fs::create_dir_all(&dir)?;
+        }
         let mut bases = Vec::new();
         for entry in fs::read_dir(&dir)? {
             let path = entry?.path();
@@ -472,7 +482,27 @@ impl Partition {
         let last = bases.len() - 1;
         for (i, &base) in bases.iter().enumerate() {
             let path = segment_path(&dir, base);
-            let file = open_segment_file(&path)?;
+            let file = if read_only {
+                match File::open(&path) {
+                    Ok(f) => f,
+                    // A partition folder the writer has not created yet is empty.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound && bases.len() == 1 => {
+                        segments.push(Segment {
+                            base,
+                            path,
+                            // Never read: the segment has no batches.
+                            file: Arc::new(File::open(&dir)?),
+                            size: 0,
+                            max_ts: i64::MIN,
+                            batches: Vec::new(),
+                        });
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            } else {
+                open_segment_file(&path)?
+            };
             if let Some(prev) = segments.last() {
                 let prev: &Segment = prev;
                 if prev.end_offset() != base {
@@ -491,7 +521,10 @@ impl Partition {
                 max_ts,
                 problem,
             } = scan_segment(&file, &path, base, i == last, &mut running_max)?;
-            if let Some(problem) = problem {
+            if let (Some(problem), true) = (&problem, read_only) {
+                // The writer may be in the middle of this batch: stop before it.
+                tracing::debug!(path = %path.display(), problem = %problem, "Reading up to an incomplete batch");
+            } else if let Some(problem) = problem {
                 tracing::warn!(
                     path = %path.display(),
                     problem = %problem,
@@ -510,7 +543,7 @@ impl Partition {
                 batches,
             });
         }
-        if sync == SyncPolicy::Always {
+        if sync == SyncPolicy::Always && !read_only {
             sync_dir(&dir)?;
         }
         let next_offset = segments.last().map_or(0, Segment::end_offset);
@@ -661,11 +694,33 @@ impl SegmentLog {
     /// Opens (creating if needed) the log under `dir`, reloading every topic
     /// and partition found there and truncating torn tails.
     pub fn open(dir: impl AsRef<Path>, config: SegmentLogConfig) -> Result<SegmentLog, LogError> {
+        Self::open_with(dir.as_ref(), config, false)
+    }
+
+    /// Opens an existing log for reading beside the process that writes it
+    /// (replay, archive): nothing is created, written or truncated, and a
+    /// batch the writer is still writing ends the readable range. The view
+    /// is the log as it was when opened; appends made later are not seen.
+    pub fn open_read_only(dir: impl AsRef<Path>) -> Result<SegmentLog, LogError> {
+        let dir = dir.as_ref();
+        if !dir.is_dir() {
+            return Err(LogError::Config(format!("no log in {}", dir.display())));
+        }
+        Self::open_with(dir, SegmentLogConfig::default(), true)
+    }
+
+    fn open_with(
+        dir: &Path,
+        config: SegmentLogConfig,
+        read_only: bool,
+    ) -> Result<SegmentLog, LogError> {
         if config.segment_bytes == 0 {
             return Err(LogError::Config("segment_bytes must be positive".into()));
         }
-        let dir = dir.as_ref().to_path_buf();
-        fs::create_dir_all(&dir)?;
+        let dir = dir.to_path_buf();
+        if !read_only {
+            fs::create_dir_all(&dir)?;
+        }
         let mut topics = HashMap::new();
         for entry in fs::read_dir(&dir)? {
             let entry = entry?;
@@ -682,7 +737,7 @@ impl SegmentLog {
                 .and_then(|n| n.parse::<u32>().ok())
                 .filter(|&n| n > 0)
                 .ok_or_else(|| corrupt(&meta, "unreadable partition count"))?;
-            let topic = Self::load_topic(&tdir, &name, partitions, config.sync)?;
+            let topic = Self::load_topic(&tdir, &name, partitions, config.sync, read_only)?;
             topics.insert(name, Arc::new(topic));
         }
         Ok(SegmentLog {
@@ -690,6 +745,7 @@ impl SegmentLog {
                 dir,
                 config,
                 topics: RwLock::new(topics),
+                read_only,
             }),
         })
     }
@@ -699,13 +755,30 @@ impl SegmentLog {
         name: &str,
         partitions: u32,
         sync: SyncPolicy,
+        read_only: bool,
     ) -> Result<Topic, LogError> {
         let partitions = (0..partitions)
             .map(|p| {
-                Partition::load(tdir.join(p.to_string()), format!("{name}/{p}"), sync).map(Arc::new)
+                Partition::load(
+                    tdir.join(p.to_string()),
+                    format!("{name}/{p}"),
+                    sync,
+                    read_only,
+                )
+                .map(Arc::new)
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Topic { partitions })
+    }
+
+    fn writable(&self) -> Result<(), LogError> {
+        if self.inner.read_only {
+            return Err(LogError::Config(format!(
+                "the log in {} is open read-only",
+                self.inner.dir.display()
+            )));
+        }
+        Ok(())
     }
 
     /// The directory the log lives in.
@@ -744,9 +817,10 @@ impl SegmentLog {
         if topics.contains_key(topic) {
             return Ok(());
         }
+        self.writable()?;
         let tdir = self.inner.dir.join(topic);
         fs::create_dir_all(&tdir)?;
-        let loaded = Self::load_topic(&tdir, topic, partitions, self.inner.config.sync)?;
+        let loaded = Self::load_topic(&tdir, topic, partitions, self.inner.config.sync, false)?;
         // The meta file goes last and atomically: a topic folder without it is
         // ignored on open, so a crash here leaves no half-made topic.
         let tmp = tdir.join("meta.tmp");
@@ -770,6 +844,7 @@ impl SegmentLog {
         topic: &str,
         records: &[Record],
     ) -> Result<Vec<Position>, LogError> {
+        self.writable()?;
         let t = self.topic(topic)?;
         let n = t.partitions.len() as u32;
         let mut groups: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
@@ -982,6 +1057,7 @@ impl SegmentLog {
     /// prefix of a partition's segments goes, so offsets stay contiguous.
     /// Returns the number of segments deleted.
     pub fn enforce_retention(&self, now: EventTime) -> Result<usize, LogError> {
+        self.writable()?;
         let cfg = &self.inner.config;
         let cutoff = cfg.retention_age.map(|age| {
             now.0

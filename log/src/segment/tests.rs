@@ -504,3 +504,35 @@ fn append_speed() {
         n as f64 / t.elapsed().as_secs_f64()
     );
 }
+
+#[test]
+fn a_read_only_reader_stops_before_a_torn_tail_and_leaves_it_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = SegmentLog::open(dir.path(), config(1 << 20)).expect("open");
+    fill(&log, "t", 3, 10);
+    let seg = segment_files(&dir.path().join("t/0"))
+        .pop()
+        .expect("segment");
+    let len = fs::metadata(&seg).expect("meta").len();
+    // A batch the writer is still writing: a header and half a payload.
+    fs::OpenOptions::new()
+        .append(true)
+        .open(&seg)
+        .expect("segment")
+        .write_all(&[0x31, 0x4d, 0x44, 0x54, 100, 0, 0, 0])
+        .expect("write");
+    let reader = SegmentLog::open_read_only(dir.path()).expect("read-only open");
+    assert_eq!(reader.end_offset_blocking("t", 0).expect("end"), 30);
+    assert_eq!(
+        reader.read_blocking("t", 0, 25, 100).expect("read").len(),
+        5
+    );
+    assert_eq!(
+        fs::metadata(&seg).expect("meta").len(),
+        len + 8,
+        "nothing truncated"
+    );
+    assert!(reader.append_blocking("t", &[rec("k", "v", 1)]).is_err());
+    assert!(reader.ensure_topic_blocking("other", 1).is_err());
+    assert!(SegmentLog::open_read_only(dir.path().join("missing")).is_err());
+}
