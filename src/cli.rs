@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use crate::app::{self, RunConfig, StoreChoice};
 use crate::bench::{self, BenchArgs};
 use crate::generator::{self, GeneratorConfig, PostTarget};
+use crate::replay_cmd::{self, ReplayArgs};
 
 /// tidemark: real-time analytics for a social network.
 #[derive(Debug, Parser)]
@@ -28,6 +29,8 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Measures a stage and prints one JSON line.
     Bench(BenchArgs),
+    /// Rebuilds a time range from the retained log through the same processor.
+    Replay(ReplayArgs),
 }
 
 /// Flags shared by `run` and `demo`.
@@ -227,5 +230,6 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(args) => bench::run(args).await,
+        Command::Replay(args) => replay_cmd::run(args).await,
     }
 }

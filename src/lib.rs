@@ -6,3 +6,4 @@ pub mod app;
 pub mod bench;
 pub mod cli;
 pub mod generator;
+pub mod replay_cmd;
