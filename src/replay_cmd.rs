@@ -218,6 +218,7 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
         let (missing, extra, changed) = counts(differences);
         verify = json!({
             "compared_with": report.compared_with,
+            "reference_points": report.reference_points,
             "missing": missing,
             "extra": extra,
             "changed": changed,
@@ -235,6 +236,7 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
             "too_late": s.too_late,
             "windows": s.windows,
             "points": s.points,
+            "measurements": s.measurements,
             "workers": s.workers,
             "seconds": s.seconds,
             "events_per_sec": s.events_per_sec,

@@ -103,6 +103,8 @@ pub struct ReplayReport {
     pub reach: Reach,
     /// Under `--verify`: every difference (empty: identical).
     pub differences: Option<Vec<Difference>>,
+    /// Under `--verify`: the reference's points inside the range.
+    pub reference_points: Option<usize>,
 }
 
 /// The database the options write into.
@@ -186,6 +188,7 @@ pub async fn run_replay(opts: ReplayOptions, source: Source) -> Result<ReplayRep
     // A failed write explains a stopped run better than the run's own error.
     written?;
     let (summary, rebuilt) = summary?;
+    let reference_points = reference.as_ref().map(Vec::len);
     let differences = reference.map(|reference| verify::diff(reference, rebuilt));
     Ok(ReplayReport {
         location: opts.store.describe(&database),
@@ -194,6 +197,7 @@ pub async fn run_replay(opts: ReplayOptions, source: Source) -> Result<ReplayRep
         summary,
         reach,
         differences,
+        reference_points,
     })
 }
 

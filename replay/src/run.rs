@@ -11,7 +11,7 @@
 //! and decompressed on the rayon pool while the worker runs the pipelines
 //! over the current one, so decoding the log overlaps with processing.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -40,6 +40,8 @@ pub struct ReplaySummary {
     pub windows: u64,
     /// Points inside the range, written (or compared).
     pub points: u64,
+    /// Points per measurement.
+    pub measurements: BTreeMap<String, u64>,
     pub workers: usize,
     pub seconds: f64,
     pub events_per_sec: f64,
@@ -158,6 +160,7 @@ pub fn execute(
     let started = Instant::now();
     let mut windows = BTreeSet::new();
     let mut points = 0u64;
+    let mut measurements: BTreeMap<String, u64> = BTreeMap::new();
     let mut failure = None;
     let (from, to) = (plan.from, plan.to);
     let run = run_parallel(
@@ -181,6 +184,12 @@ pub fn execute(
             }
             for p in &kept {
                 windows.insert((p.tier, p.time, window::window_length(p)));
+                match measurements.get_mut(&p.measurement) {
+                    Some(n) => *n += 1,
+                    None => {
+                        measurements.insert(p.measurement.clone(), 1);
+                    }
+                }
             }
             points += kept.len() as u64;
             emit(kept).map_err(|e| {
@@ -204,6 +213,7 @@ pub fn execute(
         decode_errors: run.decode_errors,
         windows: windows.len() as u64,
         points,
+        measurements,
         workers,
         seconds: (seconds * 1000.0).round() / 1000.0,
         events_per_sec: (events as f64 / seconds.max(1e-9)).round(),

@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod workload;
+
 pub use tidemark_tsdb_writer::testing::InfluxServer;
 
 /// The API key every test instance accepts.

@@ -1,0 +1,281 @@
+//! Kappa replay end to end: live runs over a generated workload (out of
+//! order, late, too late, duplicates, profiles, sessions, ad joins), then
+//! `tidemark replay` rebuilds a whole hour from the log into a new database
+//! and `--verify` compares it with what live stored: no difference, for all
+//! four pipelines, on the embedded store and on InfluxDB. A changed
+//! pipeline differs in exactly the fields it changes; bad arguments exit
+//! non-zero and write nothing.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tidemark_tests::workload::Workload;
+use tidemark_tests::{metric_value, tidemark_bin, InfluxServer, Tidemark};
+
+const HOUR: i64 = 3_600_000;
+
+/// The whole hour three hours ago: old enough for a closing batch 105
+/// minutes later, young enough for ingest (7 days).
+fn hour() -> i64 {
+    (tidemark_model::EventTime::now().millis() / HOUR - 3) * HOUR
+}
+
+fn replay(data_dir: &Path, args: &[&str]) -> Output {
+    Command::new(tidemark_bin())
+        .arg("replay")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("tidemark replay runs")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The JSON summary: the last line of stdout.
+fn summary(out: &Output) -> Value {
+    let text = stdout(out);
+    let last = text.lines().last().unwrap_or_default();
+    serde_json::from_str(last).unwrap_or_else(|e| {
+        panic!(
+            "no summary ({e}); stdout:\n{text}\nstderr:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// Starts live, posts the workload, waits until the processor has read it
+/// all, and stops live cleanly (its last checkpoint flushes the store).
+async fn live(data_dir: &Path, extra: &[&str]) -> Workload {
+    let workload = Workload::new(hour(), 7);
+    let mut t = Tidemark::start(data_dir, extra).await;
+    for batch in &workload.batches {
+        let (status, reply) = t.post(batch).await;
+        assert_eq!(status, 202, "{reply}");
+    }
+    // Done once the combined watermark reached the closing batch: the
+    // profile partitions hold it back until they count as idle (10 s).
+    let closing = workload.hour + 105 * 60_000 - 5_000;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let text = t.metrics_text().await;
+        let delay = metric_value(&text, "tidemark_processor_watermark_delay_seconds", "");
+        let watermark = tidemark_model::EventTime::now().millis() - (delay * 1000.0) as i64;
+        // The gauge stays 0 until the first combined watermark.
+        if delay > 0.0 && watermark >= closing - 1_000 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "live did not reach the closing batch"
+        );
+    }
+    assert!(t.terminate().success());
+    workload
+}
+
+fn range(w: &Workload) -> (String, String) {
+    (w.hour.to_string(), (w.hour + HOUR).to_string())
+}
+
+/// Every pipeline's measurements among the rebuilt points, and no difference.
+fn assert_equivalent(out: &Output) {
+    let s = summary(out);
+    assert!(out.status.success(), "{s}\n{}", stdout(out));
+    assert_eq!(s["verify"]["missing"], 0, "{s}");
+    assert_eq!(s["verify"]["extra"], 0, "{s}");
+    assert_eq!(s["verify"]["changed"], 0, "{s}");
+    assert!(
+        s["verify"]["reference_points"].as_u64().unwrap_or(0) > 1_000,
+        "live stored the range: {s}"
+    );
+    for m in ["traffic", "active_users", "engagement", "trending", "ads"] {
+        assert!(
+            s["measurements"][m].as_u64().unwrap_or(0) > 0,
+            "{m} rebuilt: {s}"
+        );
+    }
+    assert!(s["windows"].as_u64().unwrap_or(0) >= 60, "{s}");
+    assert!(s["too_late"].as_u64().unwrap_or(0) > 0, "{s}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_equals_live_on_the_embedded_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = live(dir.path(), &[]).await;
+    let (from, to) = range(&w);
+
+    let out = replay(dir.path(), &["--from", &from, "--to", &to, "--verify"]);
+    assert_equivalent(&out);
+    let db = summary(&out)["database"].as_str().unwrap().to_string();
+    assert!(db.starts_with("tidemark_replay_"), "{db}");
+    assert!(dir.path().join(format!("{db}.sqlite")).exists());
+
+    // One thread gives the same points.
+    let out = replay(
+        dir.path(),
+        &[
+            "--from",
+            &from,
+            "--to",
+            &to,
+            "--into",
+            "one_thread",
+            "--threads",
+            "1",
+            "--verify",
+        ],
+    );
+    assert_equivalent(&out);
+
+    // Over the live database: the same points again.
+    let out = replay(
+        dir.path(),
+        &["--from", &from, "--to", &to, "--in-place", "--verify"],
+    );
+    assert_equivalent(&out);
+    assert_eq!(summary(&out)["database"], "tidemark");
+
+    // Other engagement weights change engagement_score and nothing else.
+    let out = replay(
+        dir.path(),
+        &[
+            "--from",
+            &from,
+            "--to",
+            &to,
+            "--into",
+            "heavier_likes",
+            "--engagement-weights",
+            "like=5,share=1",
+            "--verify",
+        ],
+    );
+    assert!(!out.status.success(), "differences exit non-zero");
+    let s = summary(&out);
+    assert_eq!(s["verify"]["missing"], 0, "{s}");
+    assert_eq!(s["verify"]["extra"], 0, "{s}");
+    let changed = s["verify"]["changed"].as_u64().unwrap();
+    assert!(changed > 0, "{s}");
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with('{')).collect();
+    assert_eq!(lines.len() as u64, changed, "one line per difference");
+    for line in lines {
+        assert!(line.starts_with("changed "), "{line}");
+        assert!(
+            line.contains(" engagement,"),
+            "only engagement changes: {line}"
+        );
+        let (_, fields) = line.split_once("Z ").unwrap();
+        assert!(
+            fields.starts_with("engagement_score: ") && !fields.contains(','),
+            "only engagement_score changes: {line}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_equals_live_on_influxdb() {
+    let influx = InfluxServer::start().expect("influxd starts");
+    let dir = tempfile::tempdir().unwrap();
+    let store = [
+        "--influx-url",
+        influx.url.as_str(),
+        "--influx-db",
+        "tidemark",
+    ];
+    let w = live(dir.path(), &store).await;
+    let (from, to) = range(&w);
+    let mut args = vec!["--from", from.as_str(), "--to", to.as_str(), "--verify"];
+    args.extend(store);
+    let out = replay(dir.path(), &args);
+    assert_equivalent(&out);
+    // The new database answers on its own.
+    let db = summary(&out)["database"].as_str().unwrap().to_string();
+    let reply: Value = reqwest::get(format!(
+        "{}/query?db={db}&q=SELECT+count(*)+FROM+rt.traffic",
+        influx.url
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert!(reply["results"][0]["series"].is_array(), "{reply}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_arguments_exit_non_zero_and_write_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = live(dir.path(), &[]).await;
+    let (from, to) = range(&w);
+    let files = || {
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let before = files();
+    let cases: [(&[&str], &str); 6] = [
+        (&["--from", &to, "--to", &from], "must be after"),
+        (
+            &[
+                "--from",
+                &from,
+                "--to",
+                &to,
+                "--pipelines",
+                "traffic,weather",
+            ],
+            "unknown pipeline",
+        ),
+        (
+            &[
+                "--from",
+                "2001-01-01T00:00:00Z",
+                "--to",
+                "2001-01-02T00:00:00Z",
+            ],
+            "no event between",
+        ),
+        (
+            &["--from", &from, "--to", &to, "--into", "tidemark"],
+            "--in-place",
+        ),
+        (
+            &["--from", &from, "--to", &to, "--into", "../x"],
+            "invalid database name",
+        ),
+        (
+            &[
+                "--from",
+                &from,
+                "--to",
+                &to,
+                "--engagement-weights",
+                "hug=3",
+            ],
+            "unknown action",
+        ),
+    ];
+    for (args, message) in cases {
+        let out = replay(dir.path(), args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+        assert_eq!(files(), before, "{args:?} wrote nothing");
+    }
+    let missing = tempfile::tempdir().unwrap();
+    let out = replay(missing.path(), &["--from", &from, "--to", &to]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot open the embedded log"));
+}
