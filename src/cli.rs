@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use crate::app::{self, RunConfig, StoreChoice};
 use crate::bench::{self, BenchArgs};
 use crate::generator::{self, GeneratorConfig, PostTarget};
+use crate::promote::{self, PromoteArgs};
 use crate::replay_cmd::{self, ReplayArgs};
 
 /// tidemark: real-time analytics for a social network.
@@ -31,6 +32,8 @@ pub enum Command {
     Bench(BenchArgs),
     /// Rebuilds a time range from the retained log through the same processor.
     Replay(ReplayArgs),
+    /// Switches the serving layer to a database (a replay's target), or back.
+    Promote(PromoteArgs),
 }
 
 /// Flags shared by `run` and `demo`.
@@ -231,5 +234,6 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench(args) => bench::run(args).await,
         Command::Replay(args) => replay_cmd::run(args).await,
+        Command::Promote(args) => promote::run(args).await,
     }
 }

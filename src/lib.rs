@@ -6,4 +6,5 @@ pub mod app;
 pub mod bench;
 pub mod cli;
 pub mod generator;
+pub mod promote;
 pub mod replay_cmd;

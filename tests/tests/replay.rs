@@ -50,17 +50,14 @@ fn summary(out: &Output) -> Value {
     })
 }
 
-/// Starts live, posts the workload, waits until the processor has read it
-/// all, and stops live cleanly (its last checkpoint flushes the store).
-async fn live(data_dir: &Path, extra: &[&str]) -> Workload {
-    let workload = Workload::new(hour(), 7);
-    let mut t = Tidemark::start(data_dir, extra).await;
+/// Posts the workload to live and waits until live has processed it all:
+/// until the combined watermark reached the closing batch (the profile
+/// partitions hold it back until they count as idle, after 10 s).
+async fn post_and_settle(t: &Tidemark, workload: &Workload) {
     for batch in &workload.batches {
         let (status, reply) = t.post(batch).await;
         assert_eq!(status, 202, "{reply}");
     }
-    // Done once the combined watermark reached the closing batch: the
-    // profile partitions hold it back until they count as idle (10 s).
     let closing = workload.hour + 105 * 60_000 - 5_000;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -70,13 +67,21 @@ async fn live(data_dir: &Path, extra: &[&str]) -> Workload {
         let watermark = tidemark_model::EventTime::now().millis() - (delay * 1000.0) as i64;
         // The gauge stays 0 until the first combined watermark.
         if delay > 0.0 && watermark >= closing - 1_000 {
-            break;
+            return;
         }
         assert!(
             Instant::now() < deadline,
             "live did not reach the closing batch"
         );
     }
+}
+
+/// Runs live over the workload and stops it cleanly (its last checkpoint
+/// flushes the store).
+async fn live(data_dir: &Path, extra: &[&str]) -> Workload {
+    let workload = Workload::new(hour(), 7);
+    let mut t = Tidemark::start(data_dir, extra).await;
+    post_and_settle(&t, &workload).await;
     assert!(t.terminate().success());
     workload
 }
@@ -278,4 +283,124 @@ async fn bad_arguments_exit_non_zero_and_write_nothing() {
     let out = replay(missing.path(), &["--from", &from, "--to", &to]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot open the embedded log"));
+}
+
+/// The hour's total engagement score as the REST API answers it.
+async fn engagement_score(client: &reqwest::Client, base: &str, hour: i64) -> Result<f64, String> {
+    let url = format!(
+        "{base}/api/v1/metrics?name=engagement&field=engagement_score&step=1h&from={hour}&to={}",
+        hour + HOUR
+    );
+    let reply = client.get(url).send().await.map_err(|e| e.to_string())?;
+    if !reply.status().is_success() {
+        return Err(format!("status {}", reply.status()));
+    }
+    let body: Value = reply.json().await.map_err(|e| e.to_string())?;
+    Ok(body["series"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|s| s["points"].as_array().cloned().unwrap_or_default())
+        .map(|p| p["v"].as_f64().unwrap_or(0.0))
+        .sum())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promote_and_rollback_switch_the_rest_api_without_a_failed_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let workload = Workload::new(hour(), 11);
+    let t = Tidemark::start(dir.path(), &[]).await;
+    post_and_settle(&t, &workload).await;
+    let (from, to) = range(&workload);
+    // Beside the running live process: a new version with other weights.
+    let out = replay(
+        dir.path(),
+        &[
+            "--from",
+            &from,
+            "--to",
+            &to,
+            "--into",
+            "v2",
+            "--engagement-weights",
+            "like=5",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let client = reqwest::Client::new();
+    let hour = workload.hour;
+    let before = engagement_score(&client, &t.base, hour).await.unwrap();
+    assert!(before > 0.0);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let poller = {
+        let (client, stop, base) = (client.clone(), stop.clone(), t.base.clone());
+        tokio::spawn(async move {
+            let mut answers = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                answers.push(engagement_score(&client, &base, hour).await);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            answers
+        })
+    };
+    let promote = |args: &[&str]| {
+        let out = Command::new(tidemark_bin())
+            .arg("promote")
+            .args(args)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .output()
+            .expect("promote runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let wait_for = |want: &'static str| {
+        let (client, t) = (client.clone(), &t);
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let health = t.get_json("/api/v1/health").await;
+                if health["database"] == want {
+                    return engagement_score(&client, &t.base, hour).await.unwrap();
+                }
+                assert!(Instant::now() < deadline, "still serving {health}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    promote(&["v2"]);
+    let promoted = wait_for("v2").await;
+    assert!(
+        promoted > before,
+        "heavier likes score higher: {promoted} vs {before}"
+    );
+    promote(&["--rollback"]);
+    let rolled_back = wait_for("tidemark").await;
+    assert_eq!(rolled_back, before);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let answers = poller.await.unwrap();
+    assert!(answers.len() > 20, "{} requests", answers.len());
+    let mut seen = (false, false);
+    for a in &answers {
+        let v = a.as_ref().expect("no failed request during the switch");
+        assert!(*v == before || *v == promoted, "only whole answers: {v}");
+        seen.0 |= *v == before;
+        seen.1 |= *v == promoted;
+    }
+    assert!(seen.0 && seen.1, "both databases answered");
+    // Promoting a database that does not exist is refused.
+    let out = Command::new(tidemark_bin())
+        .args(["promote", "nope", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
 }
