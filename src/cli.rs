@@ -10,7 +10,7 @@ use crate::app::{self, RunConfig, StoreChoice};
 use crate::bench::{self, BenchArgs};
 use crate::generator::{self, GeneratorConfig, PostTarget};
 use crate::promote::{self, PromoteArgs};
-use crate::replay_cmd::{self, ReplayArgs};
+use crate::replay_cmd::{self, ArchiveArgs, ReplayArgs};
 
 /// tidemark: real-time analytics for a social network.
 #[derive(Debug, Parser)]
@@ -34,6 +34,8 @@ pub enum Command {
     Replay(ReplayArgs),
     /// Switches the serving layer to a database (a replay's target), or back.
     Promote(PromoteArgs),
+    /// Writes log records older than a time to zstd archive files replay can read.
+    Archive(ArchiveArgs),
 }
 
 /// Flags shared by `run` and `demo`.
@@ -235,5 +237,6 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(args).await,
         Command::Replay(args) => replay_cmd::run(args).await,
         Command::Promote(args) => promote::run(args).await,
+        Command::Archive(args) => replay_cmd::archive(args).await,
     }
 }

@@ -9,10 +9,12 @@ use anyhow::Context as _;
 use clap::{Args, ValueEnum};
 use serde_json::json;
 use tidemark_log::segment::SegmentLog;
+use tidemark_log::Log;
 use tidemark_model::EventTime;
 use tidemark_processor::driver::DriverConfig;
 use tidemark_processor::engagement::ActionWeights;
 use tidemark_processor::PipelineSet;
+use tidemark_replay::archive::{archive_topic, ArchiveLog, Stitched};
 use tidemark_replay::verify::counts;
 use tidemark_replay::{run_replay, ReplayError, ReplayOptions, Source, StoreTarget};
 use tidemark_tsdb_writer::influx::InfluxConfig;
@@ -26,6 +28,9 @@ pub enum SourceKind {
     Local,
     /// Kafka (`--kafka-brokers`).
     Kafka,
+    /// The archive in `--archive-dir` (`tidemark archive`), in front of the
+    /// embedded log in `--data-dir` when there is one.
+    Archive,
 }
 
 #[derive(Debug, Args)]
@@ -67,6 +72,9 @@ pub struct ReplayArgs {
     pub data_dir: PathBuf,
     #[command(flatten)]
     pub influx: InfluxArgs,
+    /// Archive folder for `--source archive` (default: `DATA_DIR/archive`).
+    #[arg(long, env = "TIDEMARK_ARCHIVE_DIR")]
+    pub archive_dir: Option<PathBuf>,
     /// Kafka bootstrap servers, for `--source kafka`.
     #[arg(long, env = "TIDEMARK_KAFKA_BROKERS")]
     pub kafka_brokers: Option<String>,
@@ -150,6 +158,20 @@ async fn open_source(args: &ReplayArgs) -> anyhow::Result<Source> {
             Ok(Source::Segment(Arc::new(log)))
         }
         SourceKind::Kafka => kafka_source(args).await,
+        SourceKind::Archive => {
+            let dir = args
+                .archive_dir
+                .clone()
+                .unwrap_or_else(|| args.data_dir.join("archive"));
+            let archive = ArchiveLog::open(&dir)
+                .with_context(|| format!("cannot open the archive in {}", dir.display()))?;
+            let log_dir = args.data_dir.join("log");
+            let log = match log_dir.is_dir() {
+                true => Some(Arc::new(SegmentLog::open_read_only(&log_dir)?) as Arc<dyn Log>),
+                false => None,
+            };
+            Ok(Source::Log(Arc::new(Stitched { archive, log })))
+        }
     }
 }
 
@@ -249,4 +271,33 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
         Some(d) if !d.is_empty() => Err(ReplayError::Differences(d.len()).into()),
         _ => Ok(()),
     }
+}
+
+#[derive(Debug, Args)]
+pub struct ArchiveArgs {
+    /// Topic to archive.
+    #[arg(long, env = "TIDEMARK_ARCHIVE_TOPIC")]
+    pub topic: String,
+    /// Archive records before the first one at or after this time (RFC 3339 or epoch ms).
+    #[arg(long, env = "TIDEMARK_ARCHIVE_BEFORE", value_parser = parse_time)]
+    pub before: EventTime,
+    /// Folder of the embedded log.
+    #[arg(long, env = "TIDEMARK_DATA_DIR", default_value = "tidemark-data")]
+    pub data_dir: PathBuf,
+    /// Where the archive goes (default: `DATA_DIR/archive`).
+    #[arg(long, env = "TIDEMARK_ARCHIVE_DIR")]
+    pub archive_dir: Option<PathBuf>,
+}
+
+/// Runs `tidemark archive`: prints what was written as one JSON line.
+pub async fn archive(args: ArchiveArgs) -> anyhow::Result<()> {
+    let log_dir = args.data_dir.join("log");
+    let log = SegmentLog::open_read_only(&log_dir)
+        .with_context(|| format!("cannot open the embedded log in {}", log_dir.display()))?;
+    let dir = args
+        .archive_dir
+        .unwrap_or_else(|| args.data_dir.join("archive"));
+    let report = archive_topic(&log, &args.topic, args.before, &dir).await?;
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
 }

@@ -10,9 +10,12 @@
 //! a window ending at `T2`); [`run::execute`] drives both stages over them by
 //! event time alone and keeps only windows inside `[T1, T2]`
 //! ([`window::inside`]); [`verify::diff`] compares the rebuilt points with
-//! a reference database; [`job::run_replay`] puts them together. Live
+//! a reference database; [`job::run_replay`] puts them together.
+//! [`archive`] writes old log records to zstd files and reads them back as a
+//! [`tidemark_log::Log`], so replay reaches past the log's retention. Live
 //! consumer state (checkpoints, offsets) is never read or written.
 
+pub mod archive;
 pub mod job;
 pub mod plan;
 pub mod run;
