@@ -54,10 +54,38 @@ impl Source {
             Source::Log(log) => {
                 let log = log.clone();
                 Arc::new(move |topic, partition, offset, max| {
-                    runtime.block_on(log.read(topic, partition, offset, max))
+                    runtime.block_on(read_some(log.as_ref(), topic, partition, offset, max))
                 })
             }
         }
+    }
+}
+
+/// How long a read may come back empty before the partition's end.
+const READ_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Reads at least one record unless `offset` is the partition's end: a
+/// remote log (Kafka) may answer empty while it is still fetching, which
+/// the runner would take for the end of the range.
+async fn read_some(
+    log: &dyn Log,
+    topic: &str,
+    partition: u32,
+    offset: u64,
+    max: usize,
+) -> Result<Vec<tidemark_log::StoredRecord>, tidemark_log::LogError> {
+    let deadline = std::time::Instant::now() + READ_PATIENCE;
+    loop {
+        let records = log.read(topic, partition, offset, max).await?;
+        if !records.is_empty() || offset >= log.end_offset(topic, partition).await? {
+            return Ok(records);
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(tidemark_log::LogError::Unavailable(format!(
+                "{topic}/{partition} returned nothing at offset {offset} for {READ_PATIENCE:?}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tidemark_tests::workload::Workload;
-use tidemark_tests::{metric_value, tidemark_bin, InfluxServer, Tidemark};
+use tidemark_tests::{post_and_settle, tidemark_bin, InfluxServer, Tidemark};
 
 const HOUR: i64 = 3_600_000;
 
@@ -48,32 +48,6 @@ fn summary(out: &Output) -> Value {
             String::from_utf8_lossy(&out.stderr)
         )
     })
-}
-
-/// Posts the workload to live and waits until live has processed it all:
-/// until the combined watermark reached the closing batch (the profile
-/// partitions hold it back until they count as idle, after 10 s).
-async fn post_and_settle(t: &Tidemark, workload: &Workload) {
-    for batch in &workload.batches {
-        let (status, reply) = t.post(batch).await;
-        assert_eq!(status, 202, "{reply}");
-    }
-    let closing = workload.hour + 105 * 60_000 - 5_000;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let text = t.metrics_text().await;
-        let delay = metric_value(&text, "tidemark_processor_watermark_delay_seconds", "");
-        let watermark = tidemark_model::EventTime::now().millis() - (delay * 1000.0) as i64;
-        // The gauge stays 0 until the first combined watermark.
-        if delay > 0.0 && watermark >= closing - 1_000 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "live did not reach the closing batch"
-        );
-    }
 }
 
 /// Runs live over the workload and stops it cleanly (its last checkpoint
