@@ -657,6 +657,77 @@ impl Partition {
         Ok(())
     }
 
+    /// For a read-only reader: takes in the whole batches the writer appended
+    /// since the last look, and the segments it rolled over to.
+    fn refresh(&self) -> Result<(), LogError> {
+        let mut st = lock(&self.state);
+        loop {
+            let mut running_max = st.running_max;
+            let Some(seg) = st.segments.last_mut() else {
+                return Ok(());
+            };
+            if seg.batches.is_empty() && seg.size == 0 {
+                // Opened before the writer created the file (a placeholder).
+                match File::open(&seg.path) {
+                    Ok(f) => seg.file = Arc::new(f),
+                    Err(_) => return Ok(()),
+                }
+            }
+            let len = seg.file.metadata()?.len();
+            let mut pos = seg.size;
+            let mut expected = seg.end_offset();
+            let mut payload = Vec::new();
+            while len.saturating_sub(pos) >= HEADER_LEN as u64 {
+                let mut hb = [0u8; HEADER_LEN];
+                seg.file.read_exact_at(&mut hb, pos)?;
+                let h = Header::decode(&hb);
+                let end = pos + HEADER_LEN as u64 + u64::from(h.payload_len);
+                if h.magic != MAGIC || h.base != expected || h.count == 0 || end > len {
+                    break;
+                }
+                payload.resize(h.payload_len as usize, 0);
+                seg.file
+                    .read_exact_at(&mut payload, pos + HEADER_LEN as u64)?;
+                if crc32fast::hash(&payload) != h.crc {
+                    // Still being written.
+                    break;
+                }
+                running_max = running_max.max(h.max_ts);
+                seg.max_ts = seg.max_ts.max(h.max_ts);
+                seg.batches.push(BatchMeta {
+                    base: h.base,
+                    count: h.count,
+                    pos,
+                    payload_len: h.payload_len,
+                    crc: h.crc,
+                    running_max,
+                });
+                expected = h.base + u64::from(h.count);
+                pos = end;
+            }
+            seg.size = pos;
+            let rolled = !seg.batches.is_empty() && pos == len;
+            st.running_max = running_max;
+            st.next_offset = expected;
+            st.visible_offset = expected;
+            let next = segment_path(&self.dir, expected);
+            if !rolled {
+                return Ok(());
+            }
+            let Ok(file) = File::open(&next) else {
+                return Ok(());
+            };
+            st.segments.push(Segment {
+                base: expected,
+                path: next,
+                file: Arc::new(file),
+                size: 0,
+                max_ts: i64::MIN,
+                batches: Vec::new(),
+            });
+        }
+    }
+
     /// Returns once every byte up to write sequence `seq` is on stable storage.
     fn wait_durable(&self, seq: u64) -> Result<(), LogError> {
         let mut synced = lock(&self.synced_seq);
@@ -699,8 +770,9 @@ impl SegmentLog {
 
     /// Opens an existing log for reading beside the process that writes it
     /// (replay, archive): nothing is created, written or truncated, and a
-    /// batch the writer is still writing ends the readable range. The view
-    /// is the log as it was when opened; appends made later are not seen.
+    /// batch the writer is still writing ends the readable range. Appends
+    /// made later show up when a read reaches the end or the end offset is
+    /// asked for; topics created later do not.
     pub fn open_read_only(dir: impl AsRef<Path>) -> Result<SegmentLog, LogError> {
         let dir = dir.as_ref();
         if !dir.is_dir() {
@@ -899,6 +971,9 @@ impl SegmentLog {
         max_records: usize,
     ) -> Result<Vec<StoredRecord>, LogError> {
         let part = self.partition(topic, partition)?;
+        if self.inner.read_only && offset >= lock(&part.state).visible_offset {
+            part.refresh()?;
+        }
         let refs = {
             let st = lock(&part.state);
             let start = st.segments.first().map_or(0, |s| s.base);
@@ -1043,7 +1118,11 @@ impl SegmentLog {
 
     /// The offset the next record appended to a partition will get.
     pub fn end_offset_blocking(&self, topic: &str, partition: u32) -> Result<u64, LogError> {
-        Ok(self.partition(topic, partition)?.bounds().1)
+        let part = self.partition(topic, partition)?;
+        if self.inner.read_only {
+            part.refresh()?;
+        }
+        Ok(part.bounds().1)
     }
 
     /// Partition count of `topic`.
