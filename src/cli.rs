@@ -155,7 +155,7 @@ fn random_key() -> String {
 }
 
 /// Cancelled on Ctrl-C or SIGTERM.
-fn shutdown_token() -> CancellationToken {
+pub(crate) fn shutdown_token() -> CancellationToken {
     let token = CancellationToken::new();
     let trigger = token.clone();
     tokio::spawn(async move {

@@ -88,6 +88,10 @@ pub struct ReplayArgs {
     /// longest window, session gap or attribution window).
     #[arg(long, env = "TIDEMARK_REPLAY_LOOKBACK", value_parser = humantime::parse_duration)]
     pub lookback: Option<Duration>,
+    /// Keep running after the range: follow the log into the target database
+    /// as live does (checkpoints in `DATA_DIR/replay/<DB>`), until Ctrl-C or SIGTERM.
+    #[arg(long, env = "TIDEMARK_REPLAY_FOLLOW", conflicts_with = "in_place")]
+    pub follow: bool,
     /// No progress bar (it is hidden anyway when stderr is not a terminal).
     #[arg(long)]
     pub no_progress: bool,
@@ -231,7 +235,7 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
     // waits on a broker.
     tidemark_replay::job::target_database(&options)?;
     let source = open_source(&args).await?;
-    let report = run_replay(options, source).await?;
+    let report = run_replay(options.clone(), source.clone()).await?;
     let mut verify = serde_json::Value::Null;
     if let Some(differences) = &report.differences {
         for d in differences {
@@ -267,10 +271,25 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
             "verify": verify,
         })
     );
-    match &report.differences {
-        Some(d) if !d.is_empty() => Err(ReplayError::Differences(d.len()).into()),
-        _ => Ok(()),
+    if let Some(d) = report.differences.as_ref().filter(|d| !d.is_empty()) {
+        return Err(ReplayError::Differences(d.len()).into());
     }
+    if args.follow {
+        eprintln!(
+            "Following the log into {} (Ctrl-C or SIGTERM stops)",
+            report.database
+        );
+        let checkpoints = args.data_dir.join("replay").join(&report.database);
+        tidemark_replay::job::follow_target(
+            &options,
+            source,
+            &report.database,
+            checkpoints,
+            crate::cli::shutdown_token(),
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 #[derive(Debug, Args)]

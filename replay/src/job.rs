@@ -156,12 +156,7 @@ pub fn target_database(opts: &ReplayOptions) -> Result<String, ReplayError> {
     Ok(name)
 }
 
-/// Runs a replay of `opts` from `source`.
-pub async fn run_replay(opts: ReplayOptions, source: Source) -> Result<ReplayReport, ReplayError> {
-    if opts.to <= opts.from {
-        return Err(ReplayError::empty_range(opts.from, opts.to));
-    }
-    let database = target_database(&opts)?;
+fn config_and_reach(opts: &ReplayOptions) -> (DriverConfig, Reach) {
     let config = DriverConfig {
         allowed_lateness: opts.pipelines.allowed_lateness,
         ..DriverConfig::default()
@@ -170,6 +165,51 @@ pub async fn run_replay(opts: ReplayOptions, source: Source) -> Result<ReplayRep
     if let Some(lookback) = opts.lookback {
         reach.lookback = lookback;
     }
+    (config, reach)
+}
+
+/// After [`run_replay`]: keeps `database` up to date from `source` as live
+/// does (see [`crate::follow`]) until `cancel`, checkpointing in
+/// `checkpoint_dir`.
+pub async fn follow_target(
+    opts: &ReplayOptions,
+    source: Source,
+    database: &str,
+    checkpoint_dir: std::path::PathBuf,
+    cancel: tokio_util::sync::CancellationToken,
+) -> Result<(), ReplayError> {
+    if opts.in_place {
+        return Err(ReplayError::Invalid(
+            "--follow writes a new database: it excludes --in-place".into(),
+        ));
+    }
+    let (config, reach) = config_and_reach(opts);
+    let plan = plan(source.log(), &config.topics, opts.from, opts.to, reach).await?;
+    let store = opts.store.create(database).await?;
+    let log: Arc<dyn Log> = match source {
+        Source::Segment(log) => log,
+        Source::Log(log) => log,
+    };
+    let workers = usable_workers(opts.threads.max(1), plan.min_partitions);
+    crate::follow::follow(
+        log,
+        &plan,
+        opts.pipelines.clone(),
+        workers,
+        store,
+        checkpoint_dir,
+        cancel,
+    )
+    .await
+}
+
+/// Runs a replay of `opts` from `source`.
+pub async fn run_replay(opts: ReplayOptions, source: Source) -> Result<ReplayReport, ReplayError> {
+    if opts.to <= opts.from {
+        return Err(ReplayError::empty_range(opts.from, opts.to));
+    }
+    let database = target_database(&opts)?;
+    let (config, reach) = config_and_reach(&opts);
     let plan = plan(source.log(), &config.topics, opts.from, opts.to, reach).await?;
     let measurements: Vec<&str> = opts
         .pipelines

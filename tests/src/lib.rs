@@ -169,6 +169,12 @@ pub async fn post_and_settle(t: &Tidemark, workload: &workload::Workload) {
         let (status, reply) = t.post(batch).await;
         assert_eq!(status, 202, "{reply}");
     }
+    settle(t, workload).await;
+}
+
+/// Waits until live has processed the whole (posted) workload: until the
+/// combined watermark reached its closing batch.
+pub async fn settle(t: &Tidemark, workload: &workload::Workload) {
     let closing = workload.hour + 105 * 60_000 - 5_000;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tidemark_tests::workload::Workload;
-use tidemark_tests::{post_and_settle, tidemark_bin, InfluxServer, Tidemark};
+use tidemark_tests::{post_and_settle, settle, tidemark_bin, InfluxServer, Tidemark};
 
 const HOUR: i64 = 3_600_000;
 
@@ -444,4 +444,86 @@ async fn replay_from_an_archive_equals_replay_from_the_log() {
     );
     assert_equivalent(&out);
     assert_eq!(summary(&out)["events"], events, "the same records");
+}
+
+/// A `replay --follow` process; killed on drop.
+struct Follower(std::process::Child);
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The points of every pipeline whose windows lie inside the workload's hour.
+async fn hour_points(path: &Path, hour: i64) -> Vec<tidemark_model::Point> {
+    let store = tidemark_tsdb_writer::sqlite::SqliteStore::open(path).unwrap();
+    let measurements = ["traffic", "active_users", "engagement", "trending", "ads"];
+    let (from, to) = (
+        tidemark_model::EventTime(hour),
+        tidemark_model::EventTime(hour + HOUR),
+    );
+    tidemark_replay::verify::stored_points(&store, &measurements, from, to)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follow_keeps_the_new_database_equal_to_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let workload = Workload::new(hour(), 13);
+    let t = Tidemark::start(dir.path(), &[]).await;
+    let half = workload.batches.len() / 2;
+    for batch in &workload.batches[..half] {
+        assert_eq!(t.post(batch).await.0, 202);
+    }
+    // Started halfway through the workload, the follower keeps going.
+    let (from, to) = (
+        workload.hour.to_string(),
+        (workload.hour + 600_000).to_string(),
+    );
+    let mut follower = Follower(
+        Command::new(tidemark_bin())
+            .args([
+                "replay", "--from", &from, "--to", &to, "--into", "next", "--follow",
+            ])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    for batch in &workload.batches[half..] {
+        assert_eq!(t.post(batch).await.0, 202);
+    }
+    settle(&t, &workload).await;
+    // Both stores get the last windows with their writers' next flush.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let live = hour_points(&dir.path().join("store.sqlite"), workload.hour).await;
+        assert!(live.len() > 1_000);
+        let next = hour_points(&dir.path().join("next.sqlite"), workload.hour).await;
+        let differences = tidemark_replay::verify::diff(live, next);
+        if differences.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} differences, e.g. {}",
+            differences.len(),
+            differences[0]
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let child = &mut follower.0;
+    assert_eq!(child.try_wait().unwrap(), None, "still following");
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    assert!(child.wait().unwrap().success(), "stops cleanly");
+    assert!(dir.path().join("replay/next").is_dir(), "its checkpoints");
 }
