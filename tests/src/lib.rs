@@ -161,6 +161,31 @@ impl Drop for Tidemark {
     }
 }
 
+/// Runs `tidemark replay --data-dir DATA_DIR ARGS`.
+pub fn replay(data_dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(tidemark_bin())
+        .arg("replay")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("tidemark replay runs")
+}
+
+/// A replay's JSON summary: the last line of its stdout.
+pub fn replay_summary(out: &std::process::Output) -> Value {
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text.lines().last().unwrap_or_default();
+    serde_json::from_str(last).unwrap_or_else(|e| {
+        panic!(
+            "no summary ({e}); stdout:\n{text}\nstderr:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
 /// Posts the workload to live and waits until live has processed it all:
 /// until the combined watermark reached the closing batch (the profile
 /// partitions hold it back until they count as idle, after 10 s).

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tidemark_tests::workload::Workload;
-use tidemark_tests::{post_and_settle, settle, tidemark_bin, InfluxServer, Tidemark};
+use tidemark_tests::{
+    post_and_settle, replay, replay_summary, settle, tidemark_bin, InfluxServer, Tidemark,
+};
 
 const HOUR: i64 = 3_600_000;
 
@@ -22,32 +24,8 @@ fn hour() -> i64 {
     (tidemark_model::EventTime::now().millis() / HOUR - 3) * HOUR
 }
 
-fn replay(data_dir: &Path, args: &[&str]) -> Output {
-    Command::new(tidemark_bin())
-        .arg("replay")
-        .arg("--data-dir")
-        .arg(data_dir)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .env_remove("RUST_BACKTRACE")
-        .output()
-        .expect("tidemark replay runs")
-}
-
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The JSON summary: the last line of stdout.
-fn summary(out: &Output) -> Value {
-    let text = stdout(out);
-    let last = text.lines().last().unwrap_or_default();
-    serde_json::from_str(last).unwrap_or_else(|e| {
-        panic!(
-            "no summary ({e}); stdout:\n{text}\nstderr:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
 }
 
 /// Runs live over the workload and stops it cleanly (its last checkpoint
@@ -66,7 +44,7 @@ fn range(w: &Workload) -> (String, String) {
 
 /// Every pipeline's measurements among the rebuilt points, and no difference.
 fn assert_equivalent(out: &Output) {
-    let s = summary(out);
+    let s = replay_summary(out);
     assert!(out.status.success(), "{s}\n{}", stdout(out));
     assert_eq!(s["verify"]["missing"], 0, "{s}");
     assert_eq!(s["verify"]["extra"], 0, "{s}");
@@ -93,7 +71,10 @@ async fn replay_equals_live_on_the_embedded_store() {
 
     let out = replay(dir.path(), &["--from", &from, "--to", &to, "--verify"]);
     assert_equivalent(&out);
-    let db = summary(&out)["database"].as_str().unwrap().to_string();
+    let db = replay_summary(&out)["database"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(db.starts_with("tidemark_replay_"), "{db}");
     assert!(dir.path().join(format!("{db}.sqlite")).exists());
 
@@ -120,7 +101,7 @@ async fn replay_equals_live_on_the_embedded_store() {
         &["--from", &from, "--to", &to, "--in-place", "--verify"],
     );
     assert_equivalent(&out);
-    assert_eq!(summary(&out)["database"], "tidemark");
+    assert_eq!(replay_summary(&out)["database"], "tidemark");
 
     // Other engagement weights change engagement_score and nothing else.
     let out = replay(
@@ -138,7 +119,7 @@ async fn replay_equals_live_on_the_embedded_store() {
         ],
     );
     assert!(!out.status.success(), "differences exit non-zero");
-    let s = summary(&out);
+    let s = replay_summary(&out);
     assert_eq!(s["verify"]["missing"], 0, "{s}");
     assert_eq!(s["verify"]["extra"], 0, "{s}");
     let changed = s["verify"]["changed"].as_u64().unwrap();
@@ -177,7 +158,10 @@ async fn replay_equals_live_on_influxdb() {
     let out = replay(dir.path(), &args);
     assert_equivalent(&out);
     // The new database answers on its own.
-    let db = summary(&out)["database"].as_str().unwrap().to_string();
+    let db = replay_summary(&out)["database"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let reply: Value = reqwest::get(format!(
         "{}/query?db={db}&q=SELECT+count(*)+FROM+rt.traffic",
         influx.url
@@ -425,7 +409,7 @@ async fn replay_from_an_archive_equals_replay_from_the_log() {
         ],
     );
     assert_equivalent(&out);
-    let events = summary(&out)["events"].clone();
+    let events = replay_summary(&out)["events"].clone();
 
     // Everything archived (incrementally), then the log gone: the archive alone.
     let mut records = 0;
@@ -443,7 +427,7 @@ async fn replay_from_an_archive_equals_replay_from_the_log() {
         ],
     );
     assert_equivalent(&out);
-    assert_eq!(summary(&out)["events"], events, "the same records");
+    assert_eq!(replay_summary(&out)["events"], events, "the same records");
 }
 
 /// A `replay --follow` process; killed on drop.

@@ -7,41 +7,17 @@
 #![cfg(feature = "kafka")]
 
 use std::path::Path;
-use std::process::{Command, Output};
 use std::time::Duration;
 
-use serde_json::Value;
 use tidemark_log::kafka::testing::TansuServer;
 use tidemark_log::kafka::{KafkaConfig, KafkaLog};
 use tidemark_log::segment::SegmentLog;
 use tidemark_log::{Log, Record};
 use tidemark_model::topic::INPUT_TOPICS;
 use tidemark_tests::workload::Workload;
-use tidemark_tests::{free_port, tidemark_bin, Tidemark};
+use tidemark_tests::{free_port, replay, replay_summary, Tidemark};
 
 const HOUR: i64 = 3_600_000;
-
-fn replay(data_dir: &Path, args: &[&str]) -> Output {
-    Command::new(tidemark_bin())
-        .arg("replay")
-        .arg("--data-dir")
-        .arg(data_dir)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .env_remove("RUST_BACKTRACE")
-        .output()
-        .expect("tidemark replay runs")
-}
-
-fn summary(out: &Output) -> Value {
-    let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(text.lines().last().unwrap_or_default()).unwrap_or_else(|e| {
-        panic!(
-            "no summary ({e}); stdout:\n{text}\nstderr:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
-}
 
 /// Copies every input topic of the embedded log into Kafka.
 async fn copy_to_kafka(data_dir: &Path, kafka: &KafkaLog) -> u64 {
@@ -114,8 +90,12 @@ async fn replay_from_kafka_equals_live() {
             "--verify",
         ],
     );
-    let s = summary(&out);
+    let s = replay_summary(&out);
     assert!(out.status.success(), "{s}");
+    eprintln!(
+        "replay from Kafka: {} events in {} s, {} events/s",
+        s["events"], s["seconds"], s["events_per_sec"]
+    );
     assert_eq!(s["verify"]["missing"], 0, "{s}");
     assert_eq!(s["verify"]["extra"], 0, "{s}");
     assert_eq!(s["verify"]["changed"], 0, "{s}");
