@@ -225,19 +225,25 @@ pub fn execute(
 /// ticker thread until the returned guard is dropped.
 pub fn progress_bar(total: u64, progress: Arc<Progress>) -> ProgressGuard {
     let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
-    if let Ok(style) = ProgressStyle::with_template(
-        "{bar:30} {human_pos}/{human_len} events  {per_sec}  event time {msg}  ETA {eta}",
-    ) {
+    if let Ok(style) =
+        ProgressStyle::with_template("{bar:30} {human_pos}/{human_len} events  {msg}  ETA {eta}")
+    {
         bar.set_style(style);
     }
     let (stop, stopped) = mpsc::channel::<()>();
     let ticker = bar.clone();
+    let started = Instant::now();
     let thread = std::thread::spawn(move || loop {
-        ticker.set_position(progress.records.load(Ordering::Relaxed));
+        let records = progress.records.load(Ordering::Relaxed);
+        ticker.set_position(records);
+        let rate = records as f64 / started.elapsed().as_secs_f64().max(1e-3);
         let at = progress.position.load(Ordering::Relaxed);
-        if at > 0 {
-            ticker.set_message(EventTime(at).to_rfc3339());
-        }
+        let position = if at > 0 {
+            EventTime(at).to_rfc3339()
+        } else {
+            "-".to_string()
+        };
+        ticker.set_message(format!("{rate:.0} events/s  event time {position}"));
         match stopped.recv_timeout(Duration::from_millis(200)) {
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             _ => return,
