@@ -86,6 +86,19 @@ impl InfluxStore {
         }
     }
 
+    /// Runs one read-only InfluxQL statement (GET /query, times in ms).
+    async fn select(&self, statement: &str) -> Result<QueryResult, StoreError> {
+        let request = self
+            .auth(self.client.get(format!("{}/query", self.base)))
+            .query(&[
+                ("db", self.config.database.as_str()),
+                ("epoch", "ms"),
+                ("q", statement),
+            ]);
+        let response = request.send().await.map_err(transport_error)?;
+        parse_query_response(response).await
+    }
+
     /// Runs one InfluxQL statement that changes state (POST /query).
     async fn execute(&self, statement: &str) -> Result<QueryResult, StoreError> {
         let request = self
@@ -346,15 +359,7 @@ impl Store for InfluxStore {
             return Ok(Vec::new());
         }
         let statement = build_query(&self.config.database, query)?;
-        let request = self
-            .auth(self.client.get(format!("{}/query", self.base)))
-            .query(&[
-                ("db", self.config.database.as_str()),
-                ("epoch", "ms"),
-                ("q", statement.as_str()),
-            ]);
-        let response = request.send().await.map_err(transport_error)?;
-        let result = parse_query_response(response).await?;
+        let result = self.select(&statement).await?;
         if let Some(e) = result.error {
             return Err(StoreError::InvalidQuery(format!("{statement}: {e}")));
         }
@@ -381,15 +386,7 @@ impl Store for InfluxStore {
             from.millis().clamp(MIN_MILLIS, MAX_MILLIS),
             to.millis().clamp(MIN_MILLIS, MAX_MILLIS),
         );
-        let request = self
-            .auth(self.client.get(format!("{}/query", self.base)))
-            .query(&[
-                ("db", self.config.database.as_str()),
-                ("epoch", "ms"),
-                ("q", statement.as_str()),
-            ]);
-        let response = request.send().await.map_err(transport_error)?;
-        let result = parse_query_response(response).await?;
+        let result = self.select(&statement).await?;
         match result.error {
             // A database or measurement never written holds no points.
             Some(e) if e.contains("not found") => return Ok(Vec::new()),
