@@ -86,10 +86,21 @@ pub type ReadFn =
 
 type Pending = mpsc::Receiver<(u64, usize, Result<Vec<StoredRecord>, LogError>)>;
 
-/// Reads one batch ahead per partition on the rayon pool.
+/// Reads one batch ahead per partition on the rayon pool, never past the
+/// partition's range; dropping it waits for the reads in flight, so none
+/// outlives the run (and the runtime a remote read needs).
 pub struct Prefetch {
     read: ReadFn,
+    ends: Arc<HashMap<(String, u32), u64>>,
     pending: HashMap<(String, u32), Pending>,
+}
+
+impl Drop for Prefetch {
+    fn drop(&mut self) {
+        for (_, rx) in self.pending.drain() {
+            let _ = rx.recv();
+        }
+    }
 }
 
 impl std::fmt::Debug for Prefetch {
@@ -101,20 +112,26 @@ impl std::fmt::Debug for Prefetch {
 }
 
 impl Prefetch {
-    pub fn new(read: ReadFn) -> Prefetch {
+    /// Reads with `read`, each partition up to its end in `ends` (exclusive).
+    pub fn new(read: ReadFn, ends: Arc<HashMap<(String, u32), u64>>) -> Prefetch {
         Prefetch {
             read,
+            ends,
             pending: HashMap::new(),
         }
     }
 
     fn spawn(&mut self, topic: &str, partition: u32, offset: u64, max: usize) {
+        let key = (topic.to_string(), partition);
+        if self.ends.get(&key).is_some_and(|&end| offset >= end) {
+            return;
+        }
         let (tx, rx) = mpsc::sync_channel(1);
         let (read, t) = (self.read.clone(), topic.to_string());
         rayon::spawn(move || {
             let _ = tx.send((offset, max, read(&t, partition, offset, max)));
         });
-        self.pending.insert((topic.to_string(), partition), rx);
+        self.pending.insert(key, rx);
     }
 }
 
@@ -163,6 +180,12 @@ pub fn execute(
     let mut measurements: BTreeMap<String, u64> = BTreeMap::new();
     let mut failure = None;
     let (from, to) = (plan.from, plan.to);
+    let ends: Arc<HashMap<(String, u32), u64>> = Arc::new(
+        plan.ranges
+            .iter()
+            .filter_map(|r| Some(((r.topic.clone(), r.partition), r.to?)))
+            .collect(),
+    );
     let run = run_parallel(
         &config,
         set,
@@ -170,7 +193,7 @@ pub fn execute(
         false,
         plan.ranges.clone(),
         || Counting {
-            inner: Prefetch::new(read.clone()),
+            inner: Prefetch::new(read.clone(), ends.clone()),
             progress: progress.clone(),
         },
         wire::decode,

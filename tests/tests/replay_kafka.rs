@@ -91,7 +91,12 @@ async fn replay_from_kafka_equals_live() {
         ],
     );
     let s = replay_summary(&out);
-    assert!(out.status.success(), "{s}");
+    assert!(
+        out.status.success(),
+        "{s}\n{:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     eprintln!(
         "replay from Kafka: {} events in {} s, {} events/s",
         s["events"], s["seconds"], s["events_per_sec"]
