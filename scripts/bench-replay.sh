@@ -4,7 +4,7 @@
 # range into a new SQLite database RUNS times per thread count and prints
 # each run and the median events/s.
 #   scripts/bench-replay.sh EVENTS_FILE [RUNS] [THREADS...]
-# e.g. scripts/bench-replay.sh /tmp/ev1m.ndjson 3 1 2
+# e.g. scripts/bench-replay.sh events.ndjson 3 1 2
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 input="${1:?usage: bench-replay.sh EVENTS_FILE [RUNS] [THREADS...]}"
