@@ -9,9 +9,11 @@ scripts/setup.sh
 cargo fmt --all -- --check
 # The Kafka log (feature `kafka` of tidemark-log) is built, linted and tested
 # against a real broker (tansu) and librdkafka's mock cluster.
-FEATURES="tidemark-log/kafka"
+# `tidemark/kafka` adds `replay --source kafka`; `tidemark-tests/kafka` its
+# end-to-end test.
+FEATURES="tidemark-log/kafka,tidemark/kafka,tidemark-tests/kafka"
 cargo clippy --workspace --all-targets --features "$FEATURES" --quiet -- -D warnings
-cargo build --release --quiet --bin tidemark
+cargo build --release --quiet --bin tidemark --features kafka
 export TIDEMARK_BIN="$CARGO_TARGET_DIR/release/tidemark"
 cargo test --workspace --all-targets --features "$FEATURES"
 

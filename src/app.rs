@@ -15,11 +15,14 @@ use tidemark_processor::driver::{
     run_driver, BoxFuture, DriverConfig, PointSink, ProcessorMetrics,
 };
 use tidemark_processor::ProcessorError;
+use tidemark_replay::StoreTarget;
 use tidemark_tsdb_writer::influx::{InfluxConfig, InfluxStore};
 use tidemark_tsdb_writer::sqlite::SqliteStore;
 use tidemark_tsdb_writer::writer::{BatchingWriter, WriterConfig, WriterHandle, WriterMetrics};
 use tidemark_tsdb_writer::Store;
 use tidemark_ws_server::ServerState;
+
+use crate::promote;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -151,14 +154,25 @@ pub async fn run(
         log.clone() as Arc<dyn Log>,
         IngestMetrics::new(&registry)?,
     );
-    let server = ServerState::new(
+    let server = Arc::new(ServerState::new(
         store.clone(),
         updates.clone(),
         registry.clone(),
         config.web_dir.clone(),
-    );
-    let router = tidemark_ingest::router(Arc::new(ingest))
-        .merge(tidemark_ws_server::router(Arc::new(server)));
+    ));
+    let (target, live_database) = store_target(&config);
+    let live = (live_database, store.clone());
+    server.serving().switch(&live.0, store.clone());
+    promote::sync_serving(&config.data_dir, &target, &live, &server);
+    tokio::spawn(promote::follow_serving(
+        config.data_dir.clone(),
+        target,
+        live,
+        server.clone(),
+        cancel.clone(),
+    ));
+    let router =
+        tidemark_ingest::router(Arc::new(ingest)).merge(tidemark_ws_server::router(server));
 
     let housekeeping = tokio::spawn(housekeeping(log.clone(), sqlite, cancel.clone()));
     let http_cancel = cancel.clone();
@@ -177,6 +191,35 @@ pub async fn run(
     housekeeping.abort();
     processed.context("processor failed")?;
     Ok(())
+}
+
+/// Where `run` keeps databases, and the name of the live one.
+fn store_target(config: &RunConfig) -> (StoreTarget, String) {
+    match &config.store {
+        StoreChoice::Sqlite => (
+            StoreTarget::Sqlite {
+                data_dir: config.data_dir.clone(),
+            },
+            tidemark_tsdb_writer::DEFAULT_DATABASE.to_string(),
+        ),
+        StoreChoice::Influx {
+            url,
+            database,
+            username,
+            password,
+        } => (
+            StoreTarget::Influx {
+                config: InfluxConfig {
+                    url: url.clone(),
+                    database: database.clone(),
+                    username: username.clone(),
+                    password: password.clone(),
+                    timeout: Duration::from_secs(10),
+                },
+            },
+            database.clone(),
+        ),
+    }
 }
 
 /// Retention of the log and the embedded store, once a minute.

@@ -9,6 +9,8 @@ use tokio_util::sync::CancellationToken;
 use crate::app::{self, RunConfig, StoreChoice};
 use crate::bench::{self, BenchArgs};
 use crate::generator::{self, GeneratorConfig, PostTarget};
+use crate::promote::{self, PromoteArgs};
+use crate::replay_cmd::{self, ArchiveArgs, ReplayArgs};
 
 /// tidemark: real-time analytics for a social network.
 #[derive(Debug, Parser)]
@@ -37,6 +39,12 @@ pub enum Command {
     /// Scale-out: REST, WebSocket and dashboard from InfluxDB and the updates topic.
     #[cfg(feature = "kafka")]
     Serve(crate::services::serve::ServeArgs),
+    /// Rebuilds a time range from the retained log through the same processor.
+    Replay(ReplayArgs),
+    /// Switches the serving layer to a database (a replay's target), or back.
+    Promote(PromoteArgs),
+    /// Writes log records older than a time to zstd archive files replay can read.
+    Archive(ArchiveArgs),
 }
 
 /// Flags shared by `run` and `demo`.
@@ -156,7 +164,7 @@ fn random_key() -> String {
 }
 
 /// Cancelled on Ctrl-C or SIGTERM.
-fn shutdown_token() -> CancellationToken {
+pub(crate) fn shutdown_token() -> CancellationToken {
     let token = CancellationToken::new();
     let trigger = token.clone();
     tokio::spawn(async move {
@@ -242,5 +250,8 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Process(args) => crate::services::process::main(args, shutdown_token()).await,
         #[cfg(feature = "kafka")]
         Command::Serve(args) => crate::services::serve::main(args, shutdown_token()).await,
+        Command::Replay(args) => replay_cmd::run(args).await,
+        Command::Promote(args) => promote::run(args).await,
+        Command::Archive(args) => replay_cmd::archive(args).await,
     }
 }

@@ -7,5 +7,7 @@ pub mod app;
 pub mod bench;
 pub mod cli;
 pub mod generator;
+pub mod promote;
+pub mod replay_cmd;
 #[cfg(feature = "kafka")]
 pub mod services;

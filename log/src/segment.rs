@@ -94,6 +94,9 @@ struct Inner {
     dir: PathBuf,
     config: SegmentLogConfig,
     topics: RwLock<HashMap<String, Arc<Topic>>>,
+    /// Opened by a reader beside the writing process (replay, archive): never
+    /// writes, creates or truncates anything.
+    read_only: bool,
 }
 
 #[derive(Debug)]
@@ -455,8 +458,15 @@ fn scan_segment(
 
 impl Partition {
     /// Loads a partition folder, creating it (with an empty first segment) if needed.
-    fn load(dir: PathBuf, name: String, sync: SyncPolicy) -> Result<Partition, LogError> {
-        fs::create_dir_all(&dir)?;
+    fn load(
+        dir: PathBuf,
+        name: String,
+        sync: SyncPolicy,
+        read_only: bool,
+    ) -> Result<Partition, LogError> {
+        if !read_only {
+            fs::create_dir_all(&dir)?;
+        }
         let mut bases = Vec::new();
         for entry in fs::read_dir(&dir)? {
             let path = entry?.path();
@@ -479,7 +489,27 @@ impl Partition {
         let last = bases.len() - 1;
         for (i, &base) in bases.iter().enumerate() {
             let path = segment_path(&dir, base);
-            let file = open_segment_file(&path)?;
+            let file = if read_only {
+                match File::open(&path) {
+                    Ok(f) => f,
+                    // A partition folder the writer has not created yet is empty.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound && bases.len() == 1 => {
+                        segments.push(Segment {
+                            base,
+                            path,
+                            // Never read: the segment has no batches.
+                            file: Arc::new(File::open(&dir)?),
+                            size: 0,
+                            max_ts: i64::MIN,
+                            batches: Vec::new(),
+                        });
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            } else {
+                open_segment_file(&path)?
+            };
             if let Some(prev) = segments.last() {
                 let prev: &Segment = prev;
                 if prev.end_offset() != base {
@@ -498,7 +528,10 @@ impl Partition {
                 max_ts,
                 problem,
             } = scan_segment(&file, &path, base, i == last, &mut running_max)?;
-            if let Some(problem) = problem {
+            if let (Some(problem), true) = (&problem, read_only) {
+                // The writer may be in the middle of this batch: stop before it.
+                tracing::debug!(path = %path.display(), problem = %problem, "Reading up to an incomplete batch");
+            } else if let Some(problem) = problem {
                 tracing::warn!(
                     path = %path.display(),
                     problem = %problem,
@@ -517,7 +550,7 @@ impl Partition {
                 batches,
             });
         }
-        if sync == SyncPolicy::Always {
+        if sync == SyncPolicy::Always && !read_only {
             sync_dir(&dir)?;
         }
         let next_offset = segments.last().map_or(0, Segment::end_offset);
@@ -631,6 +664,77 @@ impl Partition {
         Ok(())
     }
 
+    /// For a read-only reader: takes in the whole batches the writer appended
+    /// since the last look, and the segments it rolled over to.
+    fn refresh(&self) -> Result<(), LogError> {
+        let mut st = lock(&self.state);
+        loop {
+            let mut running_max = st.running_max;
+            let Some(seg) = st.segments.last_mut() else {
+                return Ok(());
+            };
+            if seg.batches.is_empty() && seg.size == 0 {
+                // Opened before the writer created the file (a placeholder).
+                match File::open(&seg.path) {
+                    Ok(f) => seg.file = Arc::new(f),
+                    Err(_) => return Ok(()),
+                }
+            }
+            let len = seg.file.metadata()?.len();
+            let mut pos = seg.size;
+            let mut expected = seg.end_offset();
+            let mut payload = Vec::new();
+            while len.saturating_sub(pos) >= HEADER_LEN as u64 {
+                let mut hb = [0u8; HEADER_LEN];
+                seg.file.read_exact_at(&mut hb, pos)?;
+                let h = Header::decode(&hb);
+                let end = pos + HEADER_LEN as u64 + u64::from(h.payload_len);
+                if h.magic != MAGIC || h.base != expected || h.count == 0 || end > len {
+                    break;
+                }
+                payload.resize(h.payload_len as usize, 0);
+                seg.file
+                    .read_exact_at(&mut payload, pos + HEADER_LEN as u64)?;
+                if crc32fast::hash(&payload) != h.crc {
+                    // Still being written.
+                    break;
+                }
+                running_max = running_max.max(h.max_ts);
+                seg.max_ts = seg.max_ts.max(h.max_ts);
+                seg.batches.push(BatchMeta {
+                    base: h.base,
+                    count: h.count,
+                    pos,
+                    payload_len: h.payload_len,
+                    crc: h.crc,
+                    running_max,
+                });
+                expected = h.base + u64::from(h.count);
+                pos = end;
+            }
+            seg.size = pos;
+            let rolled = !seg.batches.is_empty() && pos == len;
+            st.running_max = running_max;
+            st.next_offset = expected;
+            st.visible_offset = expected;
+            let next = segment_path(&self.dir, expected);
+            if !rolled {
+                return Ok(());
+            }
+            let Ok(file) = File::open(&next) else {
+                return Ok(());
+            };
+            st.segments.push(Segment {
+                base: expected,
+                path: next,
+                file: Arc::new(file),
+                size: 0,
+                max_ts: i64::MIN,
+                batches: Vec::new(),
+            });
+        }
+    }
+
     /// Returns once every byte up to write sequence `seq` is on stable storage.
     fn wait_durable(&self, seq: u64) -> Result<(), LogError> {
         let mut synced = lock(&self.synced_seq);
@@ -668,11 +772,34 @@ impl SegmentLog {
     /// Opens (creating if needed) the log under `dir`, reloading every topic
     /// and partition found there and truncating torn tails.
     pub fn open(dir: impl AsRef<Path>, config: SegmentLogConfig) -> Result<SegmentLog, LogError> {
+        Self::open_with(dir.as_ref(), config, false)
+    }
+
+    /// Opens an existing log for reading beside the process that writes it
+    /// (replay, archive): nothing is created, written or truncated, and a
+    /// batch the writer is still writing ends the readable range. Appends
+    /// made later show up when a read reaches the end or the end offset is
+    /// asked for; topics created later do not.
+    pub fn open_read_only(dir: impl AsRef<Path>) -> Result<SegmentLog, LogError> {
+        let dir = dir.as_ref();
+        if !dir.is_dir() {
+            return Err(LogError::Config(format!("no log in {}", dir.display())));
+        }
+        Self::open_with(dir, SegmentLogConfig::default(), true)
+    }
+
+    fn open_with(
+        dir: &Path,
+        config: SegmentLogConfig,
+        read_only: bool,
+    ) -> Result<SegmentLog, LogError> {
         if config.segment_bytes == 0 {
             return Err(LogError::Config("segment_bytes must be positive".into()));
         }
-        let dir = dir.as_ref().to_path_buf();
-        fs::create_dir_all(&dir)?;
+        let dir = dir.to_path_buf();
+        if !read_only {
+            fs::create_dir_all(&dir)?;
+        }
         let mut topics = HashMap::new();
         for entry in fs::read_dir(&dir)? {
             let entry = entry?;
@@ -689,7 +816,7 @@ impl SegmentLog {
                 .and_then(|n| n.parse::<u32>().ok())
                 .filter(|&n| n > 0)
                 .ok_or_else(|| corrupt(&meta, "unreadable partition count"))?;
-            let topic = Self::load_topic(&tdir, &name, partitions, config.sync)?;
+            let topic = Self::load_topic(&tdir, &name, partitions, config.sync, read_only)?;
             topics.insert(name, Arc::new(topic));
         }
         Ok(SegmentLog {
@@ -697,6 +824,7 @@ impl SegmentLog {
                 dir,
                 config,
                 topics: RwLock::new(topics),
+                read_only,
             }),
         })
     }
@@ -706,13 +834,30 @@ impl SegmentLog {
         name: &str,
         partitions: u32,
         sync: SyncPolicy,
+        read_only: bool,
     ) -> Result<Topic, LogError> {
         let partitions = (0..partitions)
             .map(|p| {
-                Partition::load(tdir.join(p.to_string()), format!("{name}/{p}"), sync).map(Arc::new)
+                Partition::load(
+                    tdir.join(p.to_string()),
+                    format!("{name}/{p}"),
+                    sync,
+                    read_only,
+                )
+                .map(Arc::new)
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Topic { partitions })
+    }
+
+    fn writable(&self) -> Result<(), LogError> {
+        if self.inner.read_only {
+            return Err(LogError::Config(format!(
+                "the log in {} is open read-only",
+                self.inner.dir.display()
+            )));
+        }
+        Ok(())
     }
 
     /// The directory the log lives in.
@@ -751,9 +896,10 @@ impl SegmentLog {
         if topics.contains_key(topic) {
             return Ok(());
         }
+        self.writable()?;
         let tdir = self.inner.dir.join(topic);
         fs::create_dir_all(&tdir)?;
-        let loaded = Self::load_topic(&tdir, topic, partitions, self.inner.config.sync)?;
+        let loaded = Self::load_topic(&tdir, topic, partitions, self.inner.config.sync, false)?;
         // The meta file goes last and atomically: a topic folder without it is
         // ignored on open, so a crash here leaves no half-made topic.
         let tmp = tdir.join("meta.tmp");
@@ -777,6 +923,7 @@ impl SegmentLog {
         topic: &str,
         records: &[Record],
     ) -> Result<Vec<Position>, LogError> {
+        self.writable()?;
         let t = self.topic(topic)?;
         let n = t.partitions.len() as u32;
         let mut groups: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
@@ -890,6 +1037,9 @@ impl SegmentLog {
         max_records: usize,
     ) -> Result<(Arc<Partition>, Vec<BatchRef>), LogError> {
         let part = self.partition(topic, partition)?;
+        if self.inner.read_only && offset >= lock(&part.state).visible_offset {
+            part.refresh()?;
+        }
         let refs = {
             let st = lock(&part.state);
             let start = st.segments.first().map_or(0, |s| s.base);
@@ -1009,7 +1159,11 @@ impl SegmentLog {
 
     /// The offset the next record appended to a partition will get.
     pub fn end_offset_blocking(&self, topic: &str, partition: u32) -> Result<u64, LogError> {
-        Ok(self.partition(topic, partition)?.bounds().1)
+        let part = self.partition(topic, partition)?;
+        if self.inner.read_only {
+            part.refresh()?;
+        }
+        Ok(part.bounds().1)
     }
 
     /// Partition count of `topic`.
@@ -1023,6 +1177,7 @@ impl SegmentLog {
     /// prefix of a partition's segments goes, so offsets stay contiguous.
     /// Returns the number of segments deleted.
     pub fn enforce_retention(&self, now: EventTime) -> Result<usize, LogError> {
+        self.writable()?;
         let cfg = &self.inner.config;
         let cutoff = cfg.retention_age.map(|age| {
             now.0

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod workload;
+
 pub use tidemark_tsdb_writer::testing::InfluxServer;
 
 /// The API key every test instance accepts.
@@ -179,6 +181,63 @@ impl JsonApi for Tidemark {
 impl Drop for Tidemark {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Runs `tidemark replay --data-dir DATA_DIR ARGS`.
+pub fn replay(data_dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(tidemark_bin())
+        .arg("replay")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("tidemark replay runs")
+}
+
+/// A replay's JSON summary: the last line of its stdout.
+pub fn replay_summary(out: &std::process::Output) -> Value {
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text.lines().last().unwrap_or_default();
+    serde_json::from_str(last).unwrap_or_else(|e| {
+        panic!(
+            "no summary ({e}); stdout:\n{text}\nstderr:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// Posts the workload to live and waits until live has processed it all:
+/// until the combined watermark reached the closing batch (the profile
+/// partitions hold it back until they count as idle, after 10 s).
+pub async fn post_and_settle(t: &Tidemark, workload: &workload::Workload) {
+    for batch in &workload.batches {
+        let (status, reply) = t.post(batch).await;
+        assert_eq!(status, 202, "{reply}");
+    }
+    settle(t, workload).await;
+}
+
+/// Waits until live has processed the whole (posted) workload: until the
+/// combined watermark reached its closing batch.
+pub async fn settle(t: &Tidemark, workload: &workload::Workload) {
+    let closing = workload.hour + 105 * 60_000 - 5_000;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let text = t.metrics_text().await;
+        let delay = metric_value(&text, "tidemark_processor_watermark_delay_seconds", "");
+        let watermark = tidemark_model::EventTime::now().millis() - (delay * 1000.0) as i64;
+        // The gauge stays 0 until the first combined watermark.
+        if delay > 0.0 && watermark >= closing - 1_000 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "live did not reach the closing batch"
+        );
     }
 }
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use reqwest::{Client, RequestBuilder, StatusCode};
 use serde::Deserialize;
-use tidemark_model::{EventTime, Point, Tier};
+use tidemark_model::{EventTime, FieldValue, Point, Tier};
 
 use crate::{Aggregate, MetricQuery, Series, Store, StoreError, DEFAULT_DATABASE};
 
@@ -84,6 +84,19 @@ impl InfluxStore {
             Some(user) => request.basic_auth(user, self.config.password.as_ref()),
             None => request,
         }
+    }
+
+    /// Runs one read-only InfluxQL statement (GET /query, times in ms).
+    async fn select(&self, statement: &str) -> Result<QueryResult, StoreError> {
+        let request = self
+            .auth(self.client.get(format!("{}/query", self.base)))
+            .query(&[
+                ("db", self.config.database.as_str()),
+                ("epoch", "ms"),
+                ("q", statement),
+            ]);
+        let response = request.send().await.map_err(transport_error)?;
+        parse_query_response(response).await
     }
 
     /// Runs one InfluxQL statement that changes state (POST /query).
@@ -167,6 +180,8 @@ struct QueryResult {
 struct RawSeries {
     #[serde(default)]
     tags: BTreeMap<String, String>,
+    #[serde(default)]
+    columns: Vec<String>,
     #[serde(default)]
     values: Vec<Vec<serde_json::Value>>,
 }
@@ -344,19 +359,74 @@ impl Store for InfluxStore {
             return Ok(Vec::new());
         }
         let statement = build_query(&self.config.database, query)?;
-        let request = self
-            .auth(self.client.get(format!("{}/query", self.base)))
-            .query(&[
-                ("db", self.config.database.as_str()),
-                ("epoch", "ms"),
-                ("q", statement.as_str()),
-            ]);
-        let response = request.send().await.map_err(transport_error)?;
-        let result = parse_query_response(response).await?;
+        let result = self.select(&statement).await?;
         if let Some(e) = result.error {
             return Err(StoreError::InvalidQuery(format!("{statement}: {e}")));
         }
         to_series(result.series, &query.group_by)
+    }
+
+    async fn points(
+        &self,
+        tier: Tier,
+        measurement: &str,
+        from: EventTime,
+        to: EventTime,
+    ) -> Result<Vec<Point>, StoreError> {
+        validate_name("measurement", measurement)?;
+        if from >= to {
+            return Ok(Vec::new());
+        }
+        // GROUP BY * puts the tags in each series, so the columns are fields.
+        let statement = format!(
+            "SELECT * FROM {}.{}.{} WHERE time >= {}ms AND time < {}ms GROUP BY *",
+            quote_ident(&self.config.database),
+            quote_ident(tier.name()),
+            quote_ident(measurement),
+            from.millis().clamp(MIN_MILLIS, MAX_MILLIS),
+            to.millis().clamp(MIN_MILLIS, MAX_MILLIS),
+        );
+        let result = self.select(&statement).await?;
+        match result.error {
+            // A database or measurement never written holds no points.
+            Some(e) if e.contains("not found") => return Ok(Vec::new()),
+            Some(e) => return Err(StoreError::InvalidQuery(format!("{statement}: {e}"))),
+            None => {}
+        }
+        let mut out = Vec::new();
+        for s in result.series {
+            for row in &s.values {
+                let Some(time) = row.first().and_then(serde_json::Value::as_i64) else {
+                    return Err(StoreError::Unavailable(format!(
+                        "unexpected InfluxDB row {row:?}"
+                    )));
+                };
+                let fields: Vec<(String, FieldValue)> = s
+                    .columns
+                    .iter()
+                    .zip(row)
+                    .skip(1)
+                    .filter_map(|(name, v)| {
+                        let value = match v.as_i64() {
+                            Some(i) => FieldValue::Int(i),
+                            None => FieldValue::Float(v.as_f64()?),
+                        };
+                        Some((name.clone(), value))
+                    })
+                    .collect();
+                if fields.is_empty() {
+                    continue;
+                }
+                let tags = s
+                    .tags
+                    .iter()
+                    .filter(|(_, v)| !v.is_empty())
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                out.push(Point::new(measurement, tier, EventTime(time), tags, fields));
+            }
+        }
+        Ok(out)
     }
 
     fn kind(&self) -> &'static str {

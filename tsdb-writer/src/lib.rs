@@ -88,6 +88,24 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Answers a metric query, series sorted by tags.
     async fn query(&self, query: &MetricQuery) -> Result<Vec<Series>, StoreError>;
 
+    /// Every stored point of `measurement` in `tier` with a time in
+    /// `from..to`, as written (what replay's `--verify` compares). Integer
+    /// and float fields may come back as either kind where the store does
+    /// not keep the difference (InfluxDB's JSON); compare values as `f64`.
+    async fn points(
+        &self,
+        tier: Tier,
+        measurement: &str,
+        from: EventTime,
+        to: EventTime,
+    ) -> Result<Vec<Point>, StoreError> {
+        let _ = (tier, measurement, from, to);
+        Err(StoreError::Rejected(format!(
+            "the {} store cannot list its points",
+            self.kind()
+        )))
+    }
+
     /// A short description for logs and `/api/v1/health`, e.g. `sqlite` or `influxdb`.
     fn kind(&self) -> &'static str;
 }

@@ -209,6 +209,52 @@ impl Store for SqliteStore {
         aggregate_rows(query, rows)
     }
 
+    async fn points(
+        &self,
+        tier: Tier,
+        measurement: &str,
+        from: EventTime,
+        to: EventTime,
+    ) -> Result<Vec<Point>, StoreError> {
+        let m = measurement.to_string();
+        let rows: Vec<(i64, String, String)> = self
+            .with_conn(move |conn| {
+                let mut stmt = conn.prepare_cached(SELECT).map_err(io_error)?;
+                let rows = stmt
+                    .query_map(params![tier.name(), m, from.millis(), to.millis()], |row| {
+                        Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                    })
+                    .map_err(io_error)?;
+                rows.collect::<Result<Vec<_>, _>>().map_err(io_error)
+            })
+            .await?;
+        rows.into_iter()
+            .map(|(time, tags, fields)| {
+                let tags: BTreeMap<String, String> = serde_json::from_str(&tags)
+                    .map_err(|e| StoreError::Io(format!("corrupt tags in store: {e}")))?;
+                let fields: Map<String, Value> = serde_json::from_str(&fields)
+                    .map_err(|e| StoreError::Io(format!("corrupt fields in store: {e}")))?;
+                let fields = fields
+                    .into_iter()
+                    .filter_map(|(k, v)| {
+                        let value = match v.as_i64() {
+                            Some(i) if !v.is_f64() => FieldValue::Int(i),
+                            _ => FieldValue::Float(v.as_f64()?),
+                        };
+                        Some((k, value))
+                    })
+                    .collect();
+                Ok(Point::new(
+                    measurement,
+                    tier,
+                    EventTime(time),
+                    tags.into_iter().collect(),
+                    fields,
+                ))
+            })
+            .collect()
+    }
+
     fn kind(&self) -> &'static str {
         "sqlite"
     }

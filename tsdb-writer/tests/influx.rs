@@ -269,3 +269,28 @@ async fn stopped_server_is_retryable_and_the_writer_catches_up() {
     assert_eq!(metrics.points.get(), 1);
     drop(server);
 }
+
+#[tokio::test]
+async fn lists_points_as_written() {
+    let Some(server) = server() else { return };
+    let store = store(&server);
+    store.ensure_schema().await.unwrap();
+    let t0 = base();
+    let written = vec![
+        point(Tier::Rt, "de", "ios", t0, 1, 0.5),
+        point(Tier::Rt, "fr", "ios", t0 + 60_000, 8, 0.125),
+        point(Tier::Hourly, "de", "ios", t0, 100, 9.5),
+    ];
+    store.write(&written).await.unwrap();
+    let mut got = store
+        .points(Tier::Rt, "traffic", EventTime(t0), EventTime(t0 + 600_000))
+        .await
+        .unwrap();
+    got.sort_by_key(|p| (p.time, p.series_key()));
+    assert_eq!(got, written[..2].to_vec());
+    let none = store
+        .points(Tier::Rt, "nothing", EventTime(t0), EventTime(t0 + 600_000))
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+}

@@ -160,3 +160,22 @@ async fn file_store_survives_reopen() {
     let got = store.query(&query("events", Aggregate::Sum)).await.unwrap();
     assert_eq!(got[0].points, vec![(EventTime(0), 3.0)]);
 }
+
+#[tokio::test]
+async fn lists_points_as_written() {
+    let store = sample().await;
+    let mut got = store
+        .points(Tier::Rt, "traffic", EventTime(0), EventTime(600_000))
+        .await
+        .unwrap();
+    got.sort_by_key(|p| (p.time, p.series_key()));
+    assert_eq!(
+        got,
+        vec![
+            point(Tier::Rt, "de", "android", 0, 2, 0.25),
+            point(Tier::Rt, "de", "ios", 0, 1, 0.5),
+            point(Tier::Rt, "fr", "ios", 0, 4, 1.0),
+            point(Tier::Rt, "fr", "ios", 60_000, 8, 0.0),
+        ]
+    );
+}

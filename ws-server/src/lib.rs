@@ -10,7 +10,7 @@ mod rest;
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
@@ -111,10 +111,49 @@ impl ServerMetrics {
     }
 }
 
+/// The database the REST API answers from, switchable while serving
+/// (`tidemark promote`): a request takes the store once, so it is answered
+/// wholly by the old or wholly by the new database, never fails in between.
+#[derive(Debug)]
+pub struct ServingStore {
+    current: RwLock<(String, Arc<dyn Store>)>,
+}
+
+impl ServingStore {
+    fn new(name: &str, store: Arc<dyn Store>) -> ServingStore {
+        ServingStore {
+            current: RwLock::new((name.to_string(), store)),
+        }
+    }
+
+    /// The store requests are answered from now.
+    pub fn get(&self) -> Arc<dyn Store> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .clone()
+    }
+
+    /// The name of the database served now.
+    pub fn name(&self) -> String {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .clone()
+    }
+
+    /// Serves `name` from now on; requests already running finish on the old one.
+    pub fn switch(&self, name: &str, store: Arc<dyn Store>) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = (name.to_string(), store);
+    }
+}
+
 /// Everything the handlers share.
 #[derive(Debug)]
 pub struct ServerState {
-    pub(crate) store: Arc<dyn Store>,
+    pub(crate) store: ServingStore,
     pub(crate) updates: broadcast::Sender<Update>,
     pub(crate) registry: Registry,
     pub(crate) web_dir: Option<PathBuf>,
@@ -141,13 +180,18 @@ impl ServerState {
             Err(_) => tracing::warn!("no Tokio runtime: the overview hot cache stays empty"),
         }
         ServerState {
-            store,
+            store: ServingStore::new(tidemark_tsdb_writer::DEFAULT_DATABASE, store),
             updates,
             registry,
             web_dir,
             hot,
             metrics,
         }
+    }
+
+    /// The database the REST API answers from (see [`ServingStore`]).
+    pub fn serving(&self) -> &ServingStore {
+        &self.store
     }
 
     /// A copy of the overview hot cache.
@@ -191,7 +235,9 @@ pub async fn serve(
 }
 
 async fn health(axum::extract::State(state): axum::extract::State<Arc<ServerState>>) -> Response {
-    Json(serde_json::json!({ "status": "ok", "store": state.store.kind() })).into_response()
+    let store = state.store.get();
+    Json(serde_json::json!({ "status": "ok", "store": store.kind(), "database": state.store.name() }))
+        .into_response()
 }
 
 async fn prometheus_text(

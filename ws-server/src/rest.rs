@@ -32,7 +32,8 @@ pub(crate) async fn metrics_query(
         Err(e) => return e.into_response(),
     };
     let started = Instant::now();
-    let result = state.store.query(&query).await;
+    let store = state.store.get();
+    let result = store.query(&query).await;
     state
         .metrics
         .query_seconds

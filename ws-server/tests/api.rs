@@ -155,7 +155,10 @@ async fn health_names_the_store() {
     let f = fixture().await;
     let (status, body) = get_json(&f.state, "/api/v1/health").await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(body, json!({"status": "ok", "store": "memory"}));
+    assert_eq!(
+        body,
+        json!({"status": "ok", "store": "memory", "database": "tidemark"})
+    );
 }
 
 #[tokio::test]

@@ -526,3 +526,74 @@ fn append_speed() {
         n as f64 / t.elapsed().as_secs_f64()
     );
 }
+
+#[test]
+fn a_read_only_reader_stops_before_a_torn_tail_and_leaves_it_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = SegmentLog::open(dir.path(), config(1 << 20)).expect("open");
+    fill(&log, "t", 3, 10);
+    let seg = segment_files(&dir.path().join("t/0"))
+        .pop()
+        .expect("segment");
+    let len = fs::metadata(&seg).expect("meta").len();
+    // A batch the writer is still writing: a header and half a payload.
+    fs::OpenOptions::new()
+        .append(true)
+        .open(&seg)
+        .expect("segment")
+        .write_all(&[0x31, 0x4d, 0x44, 0x54, 100, 0, 0, 0])
+        .expect("write");
+    let reader = SegmentLog::open_read_only(dir.path()).expect("read-only open");
+    assert_eq!(reader.end_offset_blocking("t", 0).expect("end"), 30);
+    assert_eq!(
+        reader.read_blocking("t", 0, 25, 100).expect("read").len(),
+        5
+    );
+    assert_eq!(
+        fs::metadata(&seg).expect("meta").len(),
+        len + 8,
+        "nothing truncated"
+    );
+    assert!(reader.append_blocking("t", &[rec("k", "v", 1)]).is_err());
+    assert!(reader.ensure_topic_blocking("other", 1).is_err());
+    assert!(SegmentLog::open_read_only(dir.path().join("missing")).is_err());
+}
+
+#[test]
+fn a_read_only_reader_follows_later_appends_across_segment_rolls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let writer = SegmentLog::open(dir.path(), config(2_000)).expect("open");
+    writer.ensure_topic_blocking("t", 1).expect("topic");
+    writer.ensure_topic_blocking("empty", 1).expect("topic");
+    fill(&writer, "t", 2, 10);
+    let reader = SegmentLog::open_read_only(dir.path()).expect("read-only open");
+    assert_eq!(reader.end_offset_blocking("t", 0).expect("end"), 20);
+    for b in 0..40 {
+        let recs: Vec<Record> = (0..10)
+            .map(|i| rec("k", &format!("later-{b}-{i}"), 5_000 + b * 10 + i))
+            .collect();
+        writer.append_blocking("t", &recs).expect("append");
+        writer.append_blocking("empty", &recs[..1]).expect("append");
+    }
+    assert!(segment_files(&dir.path().join("t/0")).len() > 2, "rolled");
+    let mut seen = Vec::new();
+    loop {
+        let batch = reader
+            .read_blocking("t", 0, seen.len() as u64, 64)
+            .expect("read");
+        if batch.is_empty() {
+            break;
+        }
+        seen.extend(batch);
+    }
+    assert_eq!(seen.len(), 420);
+    assert!(seen.iter().enumerate().all(|(i, r)| r.offset == i as u64));
+    assert_eq!(reader.end_offset_blocking("empty", 0).expect("end"), 40);
+    assert_eq!(
+        reader
+            .read_blocking("empty", 0, 0, 100)
+            .expect("read")
+            .len(),
+        40
+    );
+}
