@@ -26,7 +26,9 @@ use crate::checkpoint::{self, Checkpoint};
 use crate::combiner::Combiner;
 use crate::dedup::DEFAULT_HORIZON;
 use crate::partial::Partial;
-use crate::runner::{check_worker_count, usable_workers, worker_of, Counts, ProcessorCheckpoint};
+use crate::runner::{
+    check_worker_count, usable_workers, worker_of, Counts, ProcessorCheckpoint, RUN_LEN,
+};
 use crate::traffic::DEFAULT_ALLOWED_LATENESS;
 use crate::watermark::{DEFAULT_IDLE_TIMEOUT, DEFAULT_OUT_OF_ORDERNESS};
 use crate::worker::{Outcome, Worker};
@@ -46,14 +48,15 @@ pub trait PointSink: Send + Sync {
 /// How records are turned into events and too-late events into dead letters.
 #[derive(Debug, Clone, Copy)]
 pub struct EventCodec {
-    pub decode: fn(&[u8]) -> Result<Event, WireError>,
+    /// Decodes a record into an event whose buffers it may reuse.
+    pub decode: fn(&[u8], &mut Event) -> Result<(), WireError>,
     pub to_json: fn(&Event) -> String,
 }
 
 impl Default for EventCodec {
     fn default() -> Self {
         EventCodec {
-            decode: wire::decode,
+            decode: wire::decode_into,
             to_json: Event::to_json,
         }
     }
@@ -659,6 +662,7 @@ impl LiveWorker {
 
     fn work(&mut self) -> Result<(), ProcessorError> {
         let codec = self.config.codec;
+        let (mut run, mut outcomes) = (Vec::<Event>::new(), Vec::new());
         let mut next_early = Instant::now() + self.config.early_interval;
         let mut backoff = Duration::from_millis(100);
         loop {
@@ -714,28 +718,38 @@ impl LiveWorker {
                 any = true;
                 p.offset = last.offset + 1;
                 self.engine.set_progress(p.slot, false, now);
-                for rec in &records {
-                    let ev = match (codec.decode)(&rec.value) {
-                        Ok(ev) => ev,
-                        Err(e) => {
-                            decode_errors += 1;
-                            tracing::warn!(error = %e, topic = %p.topic, partition = p.partition, offset = rec.offset,
-                                "Skipping undecodable record");
-                            continue;
+                // Decoded into reused events and offered a run at a time, as
+                // in bounded runs (`runner::run_parallel`).
+                for chunk in records.chunks(RUN_LEN) {
+                    let mut n = 0;
+                    for rec in chunk {
+                        if run.len() <= n {
+                            run.push(Event::default());
                         }
-                    };
-                    let outcome = self.engine.process(p.slot, &ev);
-                    counts.add(outcome);
-                    if outcome == Outcome::TooLate {
-                        let json = format!(
-                            r#"{{"reason":"too_late","event":{}}}"#,
-                            (codec.to_json)(&ev)
-                        );
-                        dead_letters.push(Record {
-                            key: Bytes::copy_from_slice(ev.user_id.as_bytes()),
-                            value: Bytes::from(json),
-                            timestamp: ev.timestamp,
-                        });
+                        match (codec.decode)(&rec.value, &mut run[n]) {
+                            Ok(()) => n += 1,
+                            Err(e) => {
+                                decode_errors += 1;
+                                tracing::warn!(error = %e, topic = %p.topic, partition = p.partition, offset = rec.offset,
+                                    "Skipping undecodable record");
+                            }
+                        }
+                    }
+                    outcomes.clear();
+                    self.engine.process_batch(p.slot, &run[..n], &mut outcomes);
+                    for (ev, &outcome) in run.iter().zip(&outcomes) {
+                        counts.add(outcome);
+                        if outcome == Outcome::TooLate {
+                            let json = format!(
+                                r#"{{"reason":"too_late","event":{}}}"#,
+                                (codec.to_json)(ev)
+                            );
+                            dead_letters.push(Record {
+                                key: Bytes::copy_from_slice(ev.user_id.as_bytes()),
+                                value: Bytes::from(json),
+                                timestamp: ev.timestamp,
+                            });
+                        }
                     }
                 }
             }

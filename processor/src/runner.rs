@@ -456,11 +456,11 @@ struct EventRun {
     outcomes: Vec<Outcome>,
 }
 
-impl EventRun {
-    /// Long enough for the pipelines' look-ups to overlap, short enough to
-    /// stay in cache.
-    const LEN: usize = 64;
+/// Events offered to a worker at once: long enough for the pipelines'
+/// look-ups to overlap, short enough to stay in cache.
+pub(crate) const RUN_LEN: usize = 64;
 
+impl EventRun {
     /// Decodes one record into the run; `Ok(true)` when the run is full.
     fn decode_next<D>(&mut self, value: &[u8], decode: &D) -> Result<bool, WireError>
     where
@@ -471,7 +471,7 @@ impl EventRun {
         }
         decode(value, &mut self.events[self.len])?;
         self.len += 1;
-        Ok(self.len >= Self::LEN)
+        Ok(self.len >= RUN_LEN)
     }
 
     fn offer(

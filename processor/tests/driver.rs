@@ -172,19 +172,20 @@ fn enc(id: &str, user: &str, ts: i64) -> Vec<u8> {
     format!("{id}|{user}|{ts}").into_bytes()
 }
 
-fn decode(buf: &[u8]) -> Result<Event, WireError> {
+fn decode(buf: &[u8], into: &mut Event) -> Result<(), WireError> {
     let text = std::str::from_utf8(buf).map_err(|_| WireError::Corrupt("utf8"))?;
     let mut it = text.split('|');
     let (Some(id), Some(user), Some(ts)) = (it.next(), it.next(), it.next()) else {
         return Err(WireError::Truncated);
     };
-    Ok(Event {
+    *into = Event {
         event_id: id.into(),
         user_id: user.into(),
         event_type: EventType::Login,
         timestamp: EventTime(ts.parse().map_err(|_| WireError::Corrupt("ts"))?),
         ..Event::default()
-    })
+    };
+    Ok(())
 }
 
 fn to_json(ev: &Event) -> String {
