@@ -977,25 +977,15 @@ impl SegmentLog {
         offset: u64,
         max_records: usize,
     ) -> Result<Vec<StoredRecord>, LogError> {
-        let (part, refs) = self.batches_from(topic, partition, offset, max_records)?;
-        let mut out = Vec::with_capacity(max_records.min(covered_hint(&refs)));
-        for r in refs {
-            let buf = self.load_batch(&part, &r)?;
-            walk_records(&buf, r.meta.base, r.meta.count, &r.path, |span| {
-                if span.offset >= offset {
-                    out.push(StoredRecord {
-                        offset: span.offset,
-                        key: buf.slice(span.key),
-                        value: buf.slice(span.value),
-                        timestamp: span.timestamp,
-                    });
-                }
-                out.len() < max_records
-            })?;
-            if out.len() >= max_records {
-                break;
-            }
-        }
+        let mut out = Vec::new();
+        self.scan(topic, partition, offset, max_records, |buf, span| {
+            out.push(StoredRecord {
+                offset: span.offset,
+                key: buf.slice(span.key),
+                value: buf.slice(span.value),
+                timestamp: span.timestamp,
+            });
+        })?;
         Ok(out)
     }
 
@@ -1010,22 +1000,37 @@ impl SegmentLog {
         max_records: usize,
         mut visit: impl FnMut(u64, &[u8]),
     ) -> Result<usize, LogError> {
+        self.scan(topic, partition, offset, max_records, |buf, span| {
+            visit(span.offset, &buf[span.value]);
+        })
+    }
+
+    /// Hands up to `max_records` visible records from `offset` to `each`,
+    /// with the batch buffer they lie in; returns how many.
+    fn scan(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max_records: usize,
+        mut each: impl FnMut(&Bytes, RecordSpan),
+    ) -> Result<usize, LogError> {
         let (part, refs) = self.batches_from(topic, partition, offset, max_records)?;
-        let mut visited = 0usize;
+        let mut taken = 0usize;
         for r in refs {
             let buf = self.load_batch(&part, &r)?;
             walk_records(&buf, r.meta.base, r.meta.count, &r.path, |span| {
                 if span.offset >= offset {
-                    visit(span.offset, &buf[span.value]);
-                    visited += 1;
+                    each(&buf, span);
+                    taken += 1;
                 }
-                visited < max_records
+                taken < max_records
             })?;
-            if visited >= max_records {
+            if taken >= max_records {
                 break;
             }
         }
-        Ok(visited)
+        Ok(taken)
     }
 
     /// The visible batches holding up to `max_records` records from `offset`.
@@ -1212,10 +1217,6 @@ impl SegmentLog {
         }
         Ok(deleted)
     }
-}
-
-fn covered_hint(refs: &[BatchRef]) -> usize {
-    refs.iter().map(|r| r.meta.count as usize).sum()
 }
 
 async fn blocking<T: Send + 'static>(

@@ -27,11 +27,11 @@ use crate::combiner::Combiner;
 use crate::dedup::DEFAULT_HORIZON;
 use crate::partial::Partial;
 use crate::runner::{
-    check_worker_count, usable_workers, worker_of, Counts, ProcessorCheckpoint, RUN_LEN,
+    check_worker_count, usable_workers, worker_of, Counts, EventRun, ProcessorCheckpoint,
 };
 use crate::traffic::DEFAULT_ALLOWED_LATENESS;
 use crate::watermark::{DEFAULT_IDLE_TIMEOUT, DEFAULT_OUT_OF_ORDERNESS};
-use crate::worker::{Outcome, Worker};
+use crate::worker::Worker;
 use crate::{PipelineSet, ProcessorError};
 
 /// A boxed, sendable future (what [`PointSink`] methods return).
@@ -662,7 +662,7 @@ impl LiveWorker {
 
     fn work(&mut self) -> Result<(), ProcessorError> {
         let codec = self.config.codec;
-        let (mut run, mut outcomes) = (Vec::<Event>::new(), Vec::new());
+        let (mut run, mut too_late) = (EventRun::default(), Vec::new());
         let mut next_early = Instant::now() + self.config.early_interval;
         let mut backoff = Duration::from_millis(100);
         loop {
@@ -684,7 +684,6 @@ impl LiveWorker {
             let mut failed = false;
             let mut counts = Counts::default();
             let mut decode_errors = 0u64;
-            let mut dead_letters = Vec::new();
             for p in &mut self.parts {
                 let read = self.runtime.block_on(self.log.read(
                     &p.topic,
@@ -720,39 +719,30 @@ impl LiveWorker {
                 self.engine.set_progress(p.slot, false, now);
                 // Decoded into reused events and offered a run at a time, as
                 // in bounded runs (`runner::run_parallel`).
-                for chunk in records.chunks(RUN_LEN) {
-                    let mut n = 0;
-                    for rec in chunk {
-                        if run.len() <= n {
-                            run.push(Event::default());
-                        }
-                        match (codec.decode)(&rec.value, &mut run[n]) {
-                            Ok(()) => n += 1,
-                            Err(e) => {
-                                decode_errors += 1;
-                                tracing::warn!(error = %e, topic = %p.topic, partition = p.partition, offset = rec.offset,
-                                    "Skipping undecodable record");
-                            }
-                        }
-                    }
-                    outcomes.clear();
-                    self.engine.process_batch(p.slot, &run[..n], &mut outcomes);
-                    for (ev, &outcome) in run.iter().zip(&outcomes) {
-                        counts.add(outcome);
-                        if outcome == Outcome::TooLate {
-                            let json = format!(
-                                r#"{{"reason":"too_late","event":{}}}"#,
-                                (codec.to_json)(ev)
-                            );
-                            dead_letters.push(Record {
-                                key: Bytes::copy_from_slice(ev.user_id.as_bytes()),
-                                value: Bytes::from(json),
-                                timestamp: ev.timestamp,
-                            });
+                for rec in &records {
+                    match run.decode_next(&rec.value, &codec.decode) {
+                        Ok(true) => run.offer(&mut self.engine, p.slot, &mut counts, &mut too_late),
+                        Ok(false) => {}
+                        Err(e) => {
+                            decode_errors += 1;
+                            tracing::warn!(error = %e, topic = %p.topic, partition = p.partition, offset = rec.offset,
+                                "Skipping undecodable record");
                         }
                     }
                 }
+                run.offer(&mut self.engine, p.slot, &mut counts, &mut too_late);
             }
+            let dead_letters: Vec<Record> = too_late
+                .drain(..)
+                .map(|ev| Record {
+                    key: Bytes::copy_from_slice(ev.user_id.as_bytes()),
+                    value: Bytes::from(format!(
+                        r#"{{"reason":"too_late","event":{}}}"#,
+                        (codec.to_json)(&ev)
+                    )),
+                    timestamp: ev.timestamp,
+                })
+                .collect();
             let mut partials = Vec::new();
             let now = Instant::now();
             self.engine

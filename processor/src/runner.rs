@@ -448,9 +448,10 @@ where
     Ok(summary)
 }
 
-/// Events decoded into reused buffers, offered to a worker a run at a time.
+/// Events decoded into reused buffers, offered to a worker a run at a time
+/// (bounded runs here, and the live driver).
 #[derive(Default)]
-struct EventRun {
+pub(crate) struct EventRun {
     events: Vec<Event>,
     len: usize,
     outcomes: Vec<Outcome>,
@@ -458,11 +459,11 @@ struct EventRun {
 
 /// Events offered to a worker at once: long enough for the pipelines'
 /// look-ups to overlap, short enough to stay in cache.
-pub(crate) const RUN_LEN: usize = 64;
+const RUN_LEN: usize = 64;
 
 impl EventRun {
     /// Decodes one record into the run; `Ok(true)` when the run is full.
-    fn decode_next<D>(&mut self, value: &[u8], decode: &D) -> Result<bool, WireError>
+    pub(crate) fn decode_next<D>(&mut self, value: &[u8], decode: &D) -> Result<bool, WireError>
     where
         D: Fn(&[u8], &mut Event) -> Result<(), WireError>,
     {
@@ -474,7 +475,9 @@ impl EventRun {
         Ok(self.len >= RUN_LEN)
     }
 
-    fn offer(
+    /// Offers the decoded events (if any) to `worker`, counting outcomes and
+    /// keeping the too-late events.
+    pub(crate) fn offer(
         &mut self,
         worker: &mut Worker,
         slot: usize,
