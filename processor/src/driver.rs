@@ -220,12 +220,12 @@ fn windows_in(points: &[Point]) -> u64 {
 
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-fn next_backoff(b: Duration) -> Duration {
+pub(crate) fn next_backoff(b: Duration) -> Duration {
     (b * 2).min(MAX_BACKOFF)
 }
 
 /// Sleeps for `d`; `false` if cancelled first.
-async fn pause(d: Duration, cancel: &CancellationToken) -> bool {
+pub(crate) async fn pause(d: Duration, cancel: &CancellationToken) -> bool {
     tokio::select! {
         _ = cancel.cancelled() => false,
         _ = tokio::time::sleep(d) => true,
@@ -254,8 +254,11 @@ async fn send_points(
     }
 }
 
+/// Next offsets of a worker's partitions.
+pub(crate) type Offsets = Vec<((String, u32), u64)>;
+
 /// What a live worker thread tells the driver.
-enum FromWorker {
+pub(crate) enum FromWorker {
     Progress {
         worker: usize,
         partials: Vec<Partial>,
@@ -266,12 +269,17 @@ enum FromWorker {
         decode_errors: u64,
         dead_letters: Vec<Record>,
         newest_received_at: EventTime,
+        /// Where the worker is after this batch (empty unless asked for).
+        offsets: Offsets,
+        /// Replaying what was reported before a restart: nothing to report.
+        catching_up: bool,
     },
     Early {
         worker: usize,
         partials: Vec<Partial>,
         /// Records behind the end of the log, per topic, for this worker's partitions.
         lag: Vec<(String, i64)>,
+        offsets: Offsets,
     },
     /// The worker's state at a batch boundary; it waits for the next command.
     Barrier {
@@ -283,7 +291,7 @@ enum FromWorker {
 
 /// What the driver tells a live worker thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ToWorker {
+pub(crate) enum ToWorker {
     /// Send a barrier with the state, then wait.
     Checkpoint,
     /// Go on after a barrier.
@@ -293,11 +301,15 @@ enum ToWorker {
 }
 
 /// One partition a live worker reads.
-struct Part {
-    topic: String,
-    partition: u32,
-    slot: usize,
-    offset: u64,
+pub(crate) struct Part {
+    pub(crate) topic: String,
+    pub(crate) partition: u32,
+    pub(crate) slot: usize,
+    pub(crate) offset: u64,
+    /// While set, the worker is replaying what it already reported before a
+    /// restart: it reads no further than this and reports nothing (see
+    /// [`crate::shards`]).
+    pub(crate) catch_up_to: Option<u64>,
 }
 
 /// Runs the processor until `cancel`: one thread per stage-1 worker reads its
@@ -335,6 +347,7 @@ pub async fn run_driver(
                 partition,
                 slot,
                 offset,
+                catch_up_to: None,
             });
         }
     }
@@ -381,25 +394,13 @@ pub async fn run_driver(
             commands: cmd_rx,
             config: config.clone(),
             global_wm: global_wm.clone(),
+            report_offsets: false,
         };
-        let thread = std::thread::Builder::new()
-            .name(format!("tidemark-worker-{index}"))
-            .spawn(move || live.run())
-            .map_err(ProcessorError::Io)?;
-        threads.push(thread);
+        threads.push(live.spawn()?);
     }
     drop(tx);
 
-    let mut driver = Combining {
-        combiner,
-        sink,
-        updates,
-        metrics,
-        log,
-        newest_received_at: EventTime::MIN,
-        lag: vec![Vec::new(); workers],
-        global_wm,
-    };
+    let mut driver = Combining::new(combiner, sink, updates, metrics, log, global_wm);
     let result = driver.run(&config, &mut rx, &commands, &cancel).await;
     for c in &commands {
         let _ = c.send(ToWorker::Stop);
@@ -418,11 +419,11 @@ pub async fn run_driver(
 }
 
 /// The driver's side: the combiner, the sink, live updates and checkpoints.
-struct Combining {
-    combiner: Combiner,
-    sink: Arc<dyn PointSink>,
+pub(crate) struct Combining {
+    pub(crate) combiner: Combiner,
+    pub(crate) sink: Arc<dyn PointSink>,
     updates: broadcast::Sender<Update>,
-    metrics: ProcessorMetrics,
+    pub(crate) metrics: ProcessorMetrics,
     log: Arc<dyn Log>,
     newest_received_at: EventTime,
     lag: Vec<Vec<(String, i64)>>,
@@ -430,13 +431,34 @@ struct Combining {
 }
 
 /// Whether to go on after handling a message.
-enum Flow {
+pub(crate) enum Flow {
     Continue,
     /// Cancelled while points could not be sent: stop without a checkpoint.
     Abandon,
 }
 
 impl Combining {
+    pub(crate) fn new(
+        combiner: Combiner,
+        sink: Arc<dyn PointSink>,
+        updates: broadcast::Sender<Update>,
+        metrics: ProcessorMetrics,
+        log: Arc<dyn Log>,
+        global_wm: Arc<AtomicI64>,
+    ) -> Self {
+        let workers = combiner.workers();
+        Combining {
+            combiner,
+            sink,
+            updates,
+            metrics,
+            log,
+            newest_received_at: EventTime::MIN,
+            lag: vec![Vec::new(); workers],
+            global_wm,
+        }
+    }
+
     async fn run(
         &mut self,
         config: &DriverConfig,
@@ -475,7 +497,7 @@ impl Combining {
             .map(|_| ())
     }
 
-    async fn handle(
+    pub(crate) async fn handle(
         &mut self,
         msg: FromWorker,
         cancel: &CancellationToken,
@@ -490,6 +512,8 @@ impl Combining {
                 decode_errors,
                 dead_letters,
                 newest_received_at,
+                offsets: _,
+                catching_up: _,
             } => {
                 self.metrics.events_processed.inc_by(counts.accepted);
                 self.metrics.late_events.inc_by(counts.too_late);
@@ -528,6 +552,7 @@ impl Combining {
                 worker,
                 partials,
                 lag,
+                offsets: _,
             } => {
                 self.combiner.on_early(worker, partials);
                 if let Some(l) = self.lag.get_mut(worker) {
@@ -550,7 +575,7 @@ impl Combining {
         }
     }
 
-    fn publish_early(&mut self) {
+    pub(crate) fn publish_early(&mut self) {
         let mut early = Vec::new();
         self.combiner.early(&mut early);
         for u in updates_of(&early, false, self.newest_received_at) {
@@ -598,7 +623,13 @@ impl Combining {
             workers: barriers.into_iter().flatten().collect(),
             combiner: self.combiner.snapshot(),
         });
-        let saved = write_checkpoint(config, cp, self.sink.as_ref(), &self.metrics).await;
+        let saved = write_checkpoint(
+            config.checkpoint_dir.clone(),
+            cp,
+            self.sink.as_ref(),
+            &self.metrics,
+        )
+        .await;
         for c in commands {
             let _ = c.send(then);
         }
@@ -607,20 +638,53 @@ impl Combining {
 }
 
 /// A stage-1 worker on its own thread, reading its partitions from the log.
-struct LiveWorker {
-    index: usize,
-    engine: Worker,
-    parts: Vec<Part>,
-    log: Arc<dyn Log>,
-    runtime: tokio::runtime::Handle,
-    tx: tokio::sync::mpsc::Sender<FromWorker>,
-    commands: std::sync::mpsc::Receiver<ToWorker>,
-    config: DriverConfig,
+pub(crate) struct LiveWorker {
+    pub(crate) index: usize,
+    pub(crate) engine: Worker,
+    pub(crate) parts: Vec<Part>,
+    pub(crate) log: Arc<dyn Log>,
+    pub(crate) runtime: tokio::runtime::Handle,
+    pub(crate) tx: tokio::sync::mpsc::Sender<FromWorker>,
+    pub(crate) commands: std::sync::mpsc::Receiver<ToWorker>,
+    pub(crate) config: DriverConfig,
     /// The combiner's [`Combiner::target`], published by the driver.
-    global_wm: Arc<AtomicI64>,
+    pub(crate) global_wm: Arc<AtomicI64>,
+    /// Whether progress reports carry the partitions' offsets.
+    pub(crate) report_offsets: bool,
 }
 
 impl LiveWorker {
+    pub(crate) fn spawn(self) -> Result<std::thread::JoinHandle<()>, ProcessorError> {
+        std::thread::Builder::new()
+            .name(format!("tidemark-worker-{}", self.index))
+            .spawn(move || self.run())
+            .map_err(ProcessorError::Io)
+    }
+
+    fn offsets(&self) -> Offsets {
+        if !self.report_offsets {
+            return Vec::new();
+        }
+        self.parts
+            .iter()
+            .map(|p| ((p.topic.clone(), p.partition), p.offset))
+            .collect()
+    }
+
+    /// Whether some partition is still short of where it was reported before.
+    fn catching_up(&mut self) -> bool {
+        let behind = self
+            .parts
+            .iter()
+            .any(|p| p.catch_up_to.is_some_and(|to| p.offset < to));
+        if !behind {
+            for p in &mut self.parts {
+                p.catch_up_to = None;
+            }
+        }
+        behind
+    }
+
     fn run(mut self) {
         if let Err(e) = self.work() {
             let _ = self.tx.blocking_send(FromWorker::Failed(e));
@@ -685,12 +749,18 @@ impl LiveWorker {
             let mut counts = Counts::default();
             let mut decode_errors = 0u64;
             for p in &mut self.parts {
-                let read = self.runtime.block_on(self.log.read(
-                    &p.topic,
-                    p.partition,
-                    p.offset,
-                    self.config.max_batch,
-                ));
+                let max = match p.catch_up_to {
+                    Some(to) => (to.saturating_sub(p.offset) as usize).min(self.config.max_batch),
+                    None => self.config.max_batch,
+                };
+                if max == 0 {
+                    // Caught up with what was reported: wait for the others
+                    // without marking the partition idle, as before the restart.
+                    continue;
+                }
+                let read =
+                    self.runtime
+                        .block_on(self.log.read(&p.topic, p.partition, p.offset, max));
                 let records = match read {
                     Ok(r) => {
                         backoff = Duration::from_millis(100);
@@ -709,6 +779,18 @@ impl LiveWorker {
                     }
                     Err(e) => return Err(e.into()),
                 };
+                let mut records = records;
+                if let Some(to) = p.catch_up_to {
+                    if records.is_empty() {
+                        continue;
+                    }
+                    // Compacted partitions have gaps: never read past `to`.
+                    records.retain(|r| r.offset < to);
+                    if records.is_empty() {
+                        p.offset = to;
+                        continue;
+                    }
+                }
                 let now = Instant::now();
                 let Some(last) = records.last() else {
                     self.engine.set_progress(p.slot, true, now);
@@ -732,6 +814,11 @@ impl LiveWorker {
                 }
                 run.offer(&mut self.engine, p.slot, &mut counts, &mut too_late);
             }
+            let catching_up = self.catching_up();
+            if catching_up {
+                // Already dead-lettered before the restart.
+                too_late.clear();
+            }
             let dead_letters: Vec<Record> = too_late
                 .drain(..)
                 .map(|ev| Record {
@@ -748,6 +835,10 @@ impl LiveWorker {
             self.engine
                 .observe_global(EventTime(self.global_wm.load(Ordering::Acquire)));
             let wm = self.engine.advance(now, &mut partials);
+            if catching_up {
+                // The combiner has these, or newer ones, from before the restart.
+                partials.clear();
+            }
             let progress = FromWorker::Progress {
                 worker: self.index,
                 partials,
@@ -757,12 +848,14 @@ impl LiveWorker {
                 decode_errors,
                 dead_letters,
                 newest_received_at: self.engine.newest_received_at(),
+                offsets: self.offsets(),
+                catching_up,
             };
             if self.tx.blocking_send(progress).is_err() {
                 return Ok(());
             }
             let now = Instant::now();
-            if now >= next_early {
+            if now >= next_early && !catching_up {
                 next_early = now + self.config.early_interval;
                 let mut partials = Vec::new();
                 self.engine.early(&mut partials);
@@ -771,6 +864,7 @@ impl LiveWorker {
                     worker: self.index,
                     partials,
                     lag,
+                    offsets: self.offsets(),
                 };
                 if self.tx.blocking_send(early).is_err() {
                     return Ok(());
@@ -815,7 +909,11 @@ impl LiveWorker {
     }
 }
 
-async fn append_dead_letters(log: &dyn Log, records: Vec<Record>, cancel: &CancellationToken) {
+pub(crate) async fn append_dead_letters(
+    log: &dyn Log,
+    records: Vec<Record>,
+    cancel: &CancellationToken,
+) {
     let mut backoff = Duration::from_millis(100);
     loop {
         match log.append(DEAD_LETTER, records.clone()).await {
@@ -838,13 +936,13 @@ async fn append_dead_letters(log: &dyn Log, records: Vec<Record>, cancel: &Cance
 /// Flushes the sink, then saves the checkpoint. A failing sink skips the
 /// checkpoint (it is retried at the next interval); a failing save is an error
 /// only when it can never succeed.
-async fn write_checkpoint(
-    config: &DriverConfig,
-    cp: Option<ProcessorCheckpoint>,
+pub(crate) async fn write_checkpoint<T: serde::Serialize + Send + 'static>(
+    dir: Option<PathBuf>,
+    cp: Option<T>,
     sink: &dyn PointSink,
     metrics: &ProcessorMetrics,
 ) -> Result<(), ProcessorError> {
-    let (Some(dir), Some(cp)) = (config.checkpoint_dir.clone(), cp) else {
+    let (Some(dir), Some(cp)) = (dir, cp) else {
         if let Err(e) = sink.flush().await {
             tracing::warn!(error = %e, "Flushing points failed");
         }

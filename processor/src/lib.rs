@@ -20,6 +20,7 @@ pub mod engagement;
 pub mod hll;
 pub mod partial;
 pub mod runner;
+pub mod shards;
 #[cfg(test)]
 mod solo;
 pub mod traffic;
@@ -228,13 +229,15 @@ pub enum ProcessorError {
     Log(#[from] tidemark_log::LogError),
     #[error(transparent)]
     Store(#[from] tidemark_tsdb_writer::StoreError),
+    #[error("invalid processor setup: {0}")]
+    Setup(String),
 }
 
 impl ProcessorError {
     /// Whether retrying may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            ProcessorError::CorruptCheckpoint(_) => false,
+            ProcessorError::CorruptCheckpoint(_) | ProcessorError::Setup(_) => false,
             ProcessorError::Io(_) => true,
             ProcessorError::Log(e) => e.is_retryable(),
             ProcessorError::Store(e) => e.is_retryable(),

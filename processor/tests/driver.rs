@@ -361,3 +361,100 @@ async fn early_updates_are_broadcast_for_open_windows() {
         .unwrap()
         .unwrap();
 }
+
+/// Stage 1 as two shards and stage 2 apart, joined by a partials topic, as
+/// in `tidemark process`: exact windows, also when a shard dies and comes
+/// back from a checkpoint older than what it already reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sharded_stages_give_exact_windows_across_a_shard_crash() {
+    use tidemark_processor::shards::{run_combiner, run_shards, ShardedConfig};
+
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(MemLog::default());
+    log.create("user-events", 2);
+    log.create("tidemark-partials", 1);
+    for (id, ts) in [("a1", 10_000), ("a2", 20_000), ("a3", 70_000)] {
+        log.push("user-events", 0, enc(id, "u1", ts));
+    }
+    for (id, ts) in [("b1", 30_000), ("b2", 65_000)] {
+        log.push("user-events", 1, enc(id, "u9", ts));
+    }
+    let sharded = ShardedConfig {
+        driver: DriverConfig {
+            workers: 2,
+            ..config(dir.path())
+        },
+        partials_topic: "tidemark-partials".to_string(),
+    };
+    let metrics = ProcessorMetrics::new(&prometheus::Registry::new());
+    let shard = |n: usize, cancel: &CancellationToken| {
+        let (sharded, log, metrics, cancel) = (
+            sharded.clone(),
+            log.clone(),
+            metrics.clone(),
+            cancel.clone(),
+        );
+        tokio::spawn(async move {
+            run_shards(sharded, &[n], log, PipelineSet::default(), metrics, cancel).await
+        })
+    };
+    let sink = Arc::new(MemSink::default());
+    let (tx, mut rx) = broadcast::channel(4096);
+    let stop_combiner = CancellationToken::new();
+    let combiner = tokio::spawn(run_combiner(
+        sharded.clone(),
+        log.clone(),
+        PipelineSet::default(),
+        sink.clone(),
+        tx,
+        metrics.clone(),
+        stop_combiner.clone(),
+    ));
+    let (stop_0, stop_1) = (CancellationToken::new(), CancellationToken::new());
+    let shard_0 = shard(0, &stop_0);
+    let first_1 = shard(1, &stop_1);
+    await_final(&mut rx, 0, 3).await;
+
+    // Shard 1's checkpoint now, then more work it reports, then it dies and
+    // comes back from that older checkpoint.
+    let shard_1_dir = dir.path().join("shard-1");
+    let older = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Ok(bytes) = std::fs::read(checkpoint::path(&shard_1_dir)) {
+                return bytes;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("shard 1 checkpoints");
+    for (id, ts) in [("b3", 130_000), ("b4", 140_000)] {
+        log.push("user-events", 1, enc(id, "u9", ts));
+    }
+    log.push("user-events", 0, enc("a4", "u1", 150_000));
+    await_final(&mut rx, 60_000, 2).await;
+    stop_1.cancel();
+    first_1.await.unwrap().unwrap();
+    std::fs::write(checkpoint::path(&shard_1_dir), older).unwrap();
+    let stop_1 = CancellationToken::new();
+    let second_1 = shard(1, &stop_1);
+    log.push("user-events", 1, enc("b5", "u9", 250_000));
+    log.push("user-events", 0, enc("a5", "u1", 250_000));
+    await_final(&mut rx, 120_000, 3).await;
+
+    for stop in [&stop_0, &stop_1] {
+        stop.cancel();
+    }
+    shard_0.await.unwrap().unwrap();
+    second_1.await.unwrap().unwrap();
+    stop_combiner.cancel();
+    combiner.await.unwrap().unwrap();
+    assert_eq!(sink.events(0), Some(FieldValue::Int(3)));
+    assert_eq!(sink.events(60_000), Some(FieldValue::Int(2)));
+    assert_eq!(
+        sink.events(120_000),
+        Some(FieldValue::Int(3)),
+        "replayed events are not counted twice"
+    );
+    assert!(checkpoint::path(&dir.path().join("combiner")).exists());
+}

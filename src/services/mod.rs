@@ -30,13 +30,16 @@ use serde_json::Value;
 
 /// Topic of live updates, from `process` to every `serve`.
 pub const UPDATES_TOPIC: &str = "tidemark-updates";
-/// Topic reserved for stage-1 partials on their way to a separate combiner
-/// (see the README's scale-out section: `process` runs both stages in one
-/// active instance for now, so nothing is written to it yet).
+/// Topic of stage-1 partials on their way to the combiner, which may run in
+/// another `process` instance (see [`tidemark_processor::shards`]).
 pub const PARTIALS_TOPIC: &str = "tidemark-partials";
 /// One-partition topic whose consumer-group assignment decides which
-/// `process` instance is active.
+/// `process` instance runs the combiner.
 pub const PROCESSOR_LEASE_TOPIC: &str = "tidemark-processor-lease";
+/// Topic with one partition per stage-1 shard, whose consumer-group
+/// assignment spreads the shards over the `process` instances (created by
+/// `process` with `--workers` partitions).
+pub const PROCESSOR_SHARDS_TOPIC: &str = "tidemark-processor-shards";
 
 /// Binds a service's `--listen` address.
 pub async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {

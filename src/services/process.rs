@@ -1,25 +1,31 @@
 //! `tidemark process`: both processor stages over Kafka, into InfluxDB and
 //! the `tidemark-updates` topic.
 //!
-//! Several instances may run; one is active at a time. Which one is decided
-//! by Kafka's group protocol: every instance joins the consumer group
-//! `<client-id>-process` on the one-partition [`PROCESSOR_LEASE_TOPIC`], and
-//! the instance assigned that partition runs the processor over every input
-//! partition. On revoke it stops at a barrier and writes its checkpoint
-//! before the partition is handed on; on assign the new owner restores the
-//! newest checkpoint from the shared `--data-dir` and reads on from its
-//! offsets. A killed owner leaves the group after the session timeout (6 s);
-//! the survivor then replays from the last checkpoint, and since processing
-//! is deterministic and the store overwrites points with the same identity,
+//! Several instances share the work through two Kafka consumer groups:
+//! - **Shards** (stage 1, see [`tidemark_processor::shards`]): the input is
+//!   cut into `--workers` shards, one per partition of
+//!   [`PROCESSOR_SHARDS_TOPIC`]; the group `<client-id>-process-shards`
+//!   spreads them over the instances. Each runs its shards' workers and
+//!   sends their partials through [`PARTIALS_TOPIC`].
+//! - **Combiner** (stage 2): the instance assigned the one partition of
+//!   [`PROCESSOR_LEASE_TOPIC`] (group `<client-id>-process`) merges the
+//!   partials, writes final windows to InfluxDB and publishes live updates.
+//!
+//! On revoke a role stops at a barrier and writes its checkpoint before its
+//! partitions are handed on; on assign the new owner restores the newest
+//! checkpoint from the shared `--data-dir` and reads on from its offsets. A
+//! killed instance leaves its groups after the session timeout (6 s); the
+//! survivors replay from the last checkpoints, and since processing is
+//! deterministic and the store overwrites points with the same identity,
 //! the windows end up exactly as without the failure.
 //!
-//! Offsets live in the checkpoint; they are also committed to the group
+//! Offsets live in the checkpoints; they are also committed to the group
 //! `<client-id>-process-offsets`, for lag monitoring by Kafka tools only.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -33,9 +39,10 @@ use tidemark_log::kafka::rdkafka::consumer::{
 use tidemark_log::kafka::rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tidemark_log::{Log, Record};
 use tidemark_model::{topic, EventTime, Update};
-use tidemark_processor::checkpoint;
-use tidemark_processor::driver::{run_driver, DriverConfig, ProcessorMetrics};
-use tidemark_processor::runner::ProcessorCheckpoint;
+use tidemark_processor::driver::{DriverConfig, ProcessorMetrics};
+use tidemark_processor::shards::{
+    run_combiner, run_shards, shard_count, shard_offsets, ShardedConfig,
+};
 use tidemark_processor::PipelineSet;
 use tidemark_tsdb_writer::writer::{BatchingWriter, WriterConfig, WriterMetrics};
 use tokio::net::TcpListener;
@@ -44,24 +51,28 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::kafka::{connect_and_provision, BrokerHealth, ProduceMetrics};
-use super::{service_router, KafkaArgs, MeteredLog, PROCESSOR_LEASE_TOPIC, UPDATES_TOPIC};
+use super::{
+    service_router, KafkaArgs, MeteredLog, PARTIALS_TOPIC, PROCESSOR_LEASE_TOPIC,
+    PROCESSOR_SHARDS_TOPIC, UPDATES_TOPIC,
+};
 use crate::app::WriterSink;
 use crate::cli::InfluxArgs;
 
 pub const ACTIVE: &str = "tidemark_processor_active";
+pub const SHARDS_OWNED: &str = "tidemark_processor_shards_owned";
 pub const REBALANCES_TOTAL: &str = "tidemark_processor_rebalances_total";
 pub const PARTITION_LAG: &str = "tidemark_processor_partition_lag_records";
 pub const UPDATES_DROPPED_TOTAL: &str = "tidemark_processor_updates_dropped_total";
 
-/// Session timeout of the lease group: how long a dead instance keeps the
-/// lease (Kafka's smallest default `group.min.session.timeout.ms`).
+/// Session timeout of the groups: how long a dead instance keeps its
+/// partitions (Kafka's smallest default `group.min.session.timeout.ms`).
 const LEASE_SESSION_TIMEOUT: Duration = Duration::from_secs(6);
 /// Longest wait for the processor's final checkpoint before a revoked lease
 /// is handed on anyway.
 const REVOKE_WAIT: Duration = Duration::from_secs(60);
-/// File in `--data-dir` where the active instance writes the time every
-/// second, so the standby can tell a dead owner from a live one.
-const ALIVE_FILE: &str = "process-alive";
+/// Folder in `--data-dir` where holders write the time every second, so
+/// the others can tell a dead holder from a live one (see [`AliveFiles`]).
+const ALIVE_DIR: &str = "alive";
 /// How old the alive time may get before a standby rejoins the group.
 const ALIVE_STALE: Duration = Duration::from_secs(12);
 /// Points of one measurement per update record at most, so a record stays
@@ -77,7 +88,8 @@ pub struct ProcessArgs {
     /// takeover restores the previous owner's newest checkpoint).
     #[arg(long, env = "TIDEMARK_DATA_DIR", default_value = "tidemark-data")]
     pub data_dir: PathBuf,
-    /// Stage-1 worker threads; every instance sharing `--data-dir` needs the same count.
+    /// Stage-1 shards, spread over the instances; every instance sharing
+    /// `--data-dir` needs the same count.
     #[arg(long, env = "TIDEMARK_WORKERS", default_value_t = 2)]
     pub workers: usize,
     #[command(flatten)]
@@ -93,6 +105,7 @@ pub struct ProcessArgs {
 #[derive(Debug, Clone)]
 struct ServiceMetrics {
     active: IntGauge,
+    shards: IntGauge,
     rebalances: IntCounterVec,
     partition_lag: IntGaugeVec,
     updates_dropped: IntCounter,
@@ -102,12 +115,13 @@ impl ServiceMetrics {
     fn new(registry: &Registry) -> anyhow::Result<ServiceMetrics> {
         let active = IntGauge::new(
             ACTIVE,
-            "1 while this instance holds the lease and runs the processor.",
+            "1 while this instance holds the lease and runs the combiner.",
         )?;
+        let shards = IntGauge::new(SHARDS_OWNED, "Stage-1 shards this instance runs.")?;
         let rebalances = IntCounterVec::new(
             Opts::new(
                 REBALANCES_TOTAL,
-                "Lease rebalances seen by this instance, by kind (assign, revoke).",
+                "Shard and lease rebalances seen by this instance, by kind (assign, revoke).",
             ),
             &["kind"],
         )?;
@@ -123,11 +137,13 @@ impl ServiceMetrics {
             "Live updates not published (the store still gets every final window).",
         )?;
         registry.register(Box::new(active.clone()))?;
+        registry.register(Box::new(shards.clone()))?;
         registry.register(Box::new(rebalances.clone()))?;
         registry.register(Box::new(partition_lag.clone()))?;
         registry.register(Box::new(updates_dropped.clone()))?;
         Ok(ServiceMetrics {
             active,
+            shards,
             rebalances,
             partition_lag,
             updates_dropped,
@@ -187,21 +203,27 @@ pub async fn run(
         background.clone(),
     ));
     let checkpoint_dir = args.data_dir.join("checkpoints");
+    let owned = Arc::new(Mutex::new(Vec::new()));
     let lag = tokio::spawn(watch_lag(
         log.clone(),
         args.kafka.clone(),
         checkpoint_dir.clone(),
+        owned.clone(),
         metrics.clone(),
         background.clone(),
     ));
 
     let probe = {
-        let (health, active) = (health.clone(), metrics.active.clone());
+        let (health, active, owned) = (health.clone(), metrics.active.clone(), owned.clone());
         Arc::new(move || {
+            let shards = owned.lock().map(|o| o.clone()).unwrap_or_default();
+            let combiner = active.get() == 1;
             json!({
                 "status": "ok",
                 "service": "process",
-                "role": if active.get() == 1 { "active" } else { "standby" },
+                "role": if combiner || !shards.is_empty() { "active" } else { "standby" },
+                "shards": shards,
+                "combiner": combiner,
                 "kafka": if health.is_up() { "up" } else { "down" },
             })
         })
@@ -213,94 +235,161 @@ pub async fn run(
         async move { http_cancel.cancelled().await },
     ));
 
-    let driver = Driving {
-        config: DriverConfig {
-            checkpoint_dir: Some(checkpoint_dir),
-            workers: args.workers,
-            ..DriverConfig::default()
-        },
+    let config = DriverConfig {
+        checkpoint_dir: Some(checkpoint_dir.clone()),
+        workers: args.workers,
+        ..DriverConfig::default()
+    };
+    let shards = provision_shards(&config, log.as_ref()).await?;
+    let roles = Roles {
+        config,
         log: log.clone(),
         sink: Arc::new(WriterSink(writer.clone())),
         updates: updates.clone(),
         processor_metrics: ProcessorMetrics::new(&registry),
         metrics: metrics.clone(),
-        running: None,
+        owned: owned.clone(),
+        shards: None,
+        combiner: None,
     };
-    let alive_file = args.data_dir.join(ALIVE_FILE);
-    let (lease, events) = Lease::join(&args.kafka, metrics.rebalances.clone(), alive_file.clone())?;
-    let alive = tokio::spawn(keep_alive(
-        alive_file,
-        metrics.active.clone(),
-        background.clone(),
-    ));
-    tracing::info!("Process is running; waiting for the processor lease");
-    let result = driver.follow_lease(events, &cancel).await;
+    let group = |role: &str| format!("{}-process{role}", args.kafka.kafka_client_id);
+    let alive_dir = args.data_dir.join(ALIVE_DIR);
+    let (shard_group, shard_events) = Membership::join(
+        &args.kafka,
+        PROCESSOR_SHARDS_TOPIC,
+        shards,
+        group("-shards"),
+        metrics.rebalances.clone(),
+        &alive_dir,
+    )?;
+    let (lease, lease_events) = Membership::join(
+        &args.kafka,
+        PROCESSOR_LEASE_TOPIC,
+        1,
+        group(""),
+        metrics.rebalances.clone(),
+        &alive_dir,
+    )?;
+    tracing::info!(
+        shards,
+        "Process is running; waiting for shards and the combiner lease"
+    );
+    let result = roles.follow(shard_events, lease_events, &cancel).await;
 
     background.cancel();
-    lease.leave().await;
+    tokio::join!(shard_group.leave(), lease.leave());
     drop(updates);
     let _ = publisher.await;
     drop(writer);
     let _ = writer_task.await;
-    let _ = tokio::join!(monitor, lag, alive);
+    let _ = tokio::join!(monitor, lag);
     if let Ok(Err(e)) = http.await {
         tracing::warn!(error = %e, "HTTP server failed");
     }
     result
 }
 
-/// What the lease consumer tells the service.
+/// Creates the shards topic with one partition per shard, or checks that
+/// it has them: every instance must cut the input into the same shards.
+async fn provision_shards(config: &DriverConfig, log: &dyn Log) -> anyhow::Result<u32> {
+    let shards = shard_count(config, log).await? as u32;
+    log.ensure_topic(PROCESSOR_SHARDS_TOPIC, shards)
+        .await
+        .with_context(|| format!("cannot create {PROCESSOR_SHARDS_TOPIC}"))?;
+    let existing = log.partition_count(PROCESSOR_SHARDS_TOPIC).await?;
+    anyhow::ensure!(
+        existing == shards,
+        "{PROCESSOR_SHARDS_TOPIC} has {existing} partitions but --workers {} makes {shards} shards: \
+         every process instance needs the same --workers as when the topic was created",
+        config.workers
+    );
+    Ok(shards)
+}
+
+/// What a group membership tells the service.
 #[derive(Debug)]
-enum LeaseEvent {
-    Acquired,
-    /// Stop processing, then answer on the channel (the lease is handed on then).
+enum GroupEvent {
+    /// These partitions of the group's topic are now this instance's.
+    Assigned(Vec<u32>),
+    /// Give every partition up, then answer on the channel (they are handed
+    /// on then).
     Revoked(std::sync::mpsc::SyncSender<()>),
 }
 
-/// The processor runs while the lease is held.
-struct Driving {
+/// What this instance runs: some shards, and maybe the combiner.
+struct Roles {
     config: DriverConfig,
     log: Arc<dyn Log>,
     sink: Arc<WriterSink>,
     updates: broadcast::Sender<Update>,
     processor_metrics: ProcessorMetrics,
     metrics: ServiceMetrics,
-    running: Option<(
-        CancellationToken,
-        JoinHandle<Result<(), tidemark_processor::ProcessorError>>,
-    )>,
+    owned: Arc<Mutex<Vec<usize>>>,
+    shards: Option<Running>,
+    combiner: Option<Running>,
 }
 
-impl Driving {
-    async fn follow_lease(
+type Running = (
+    CancellationToken,
+    JoinHandle<Result<(), tidemark_processor::ProcessorError>>,
+);
+
+/// Waits for a running role to end by itself (never, when there is none).
+async fn ended(role: &mut Option<Running>) -> Result<(), anyhow::Error> {
+    let joined = match role {
+        Some((_, handle)) => handle.await,
+        None => std::future::pending().await,
+    };
+    *role = None;
+    // A role never stops by itself: this is a failure. Exiting leaves the
+    // groups, so other instances take over.
+    match joined {
+        Ok(Ok(())) => Err(anyhow::anyhow!("it stopped unexpectedly")),
+        Ok(Err(e)) => Err(anyhow::Error::new(e)),
+        Err(e) => Err(anyhow::Error::new(e).context("it panicked")),
+    }
+}
+
+/// Stops a role, which writes its last checkpoint.
+async fn stop(role: &mut Option<Running>) -> anyhow::Result<()> {
+    let Some((cancel, handle)) = role.take() else {
+        return Ok(());
+    };
+    cancel.cancel();
+    match handle.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(anyhow::Error::new(e)),
+        Err(e) => Err(anyhow::Error::new(e).context("it panicked")),
+    }
+}
+
+impl Roles {
+    async fn follow(
         mut self,
-        mut events: mpsc::UnboundedReceiver<LeaseEvent>,
+        mut shard_events: mpsc::UnboundedReceiver<GroupEvent>,
+        mut lease_events: mpsc::UnboundedReceiver<GroupEvent>,
         cancel: &CancellationToken,
     ) -> anyhow::Result<()> {
         let result = loop {
-            let finished = async {
-                match &mut self.running {
-                    Some((_, handle)) => handle.await,
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
                 _ = cancel.cancelled() => break Ok(()),
-                joined = finished => {
-                    self.running = None;
-                    self.metrics.active.set(0);
-                    // The processor never stops by itself: this is a failure.
-                    // Exiting leaves the group, so another instance takes over.
-                    break match joined {
-                        Ok(Ok(())) => Err(anyhow::anyhow!("the processor stopped unexpectedly")),
-                        Ok(Err(e)) => Err(anyhow::Error::new(e).context("the processor failed")),
-                        Err(e) => Err(anyhow::Error::new(e).context("the processor panicked")),
-                    };
-                }
-                event = events.recv() => match event {
-                    Some(LeaseEvent::Acquired) => self.start(),
-                    Some(LeaseEvent::Revoked(done)) => {
-                        let stopped = self.stop().await;
+                e = ended(&mut self.shards) => break e.context("the shards failed"),
+                e = ended(&mut self.combiner) => break e.context("the combiner failed"),
+                event = shard_events.recv() => match event {
+                    Some(GroupEvent::Assigned(shards)) => self.start_shards(shards),
+                    Some(GroupEvent::Revoked(done)) => {
+                        let stopped = self.stop_shards().await;
+                        let _ = done.send(());
+                        if let Err(e) = stopped {
+                            break Err(e);
+                        }
+                    }
+                    None => break Err(anyhow::anyhow!("the shard group consumer stopped")),
+                },
+                event = lease_events.recv() => match event {
+                    Some(GroupEvent::Assigned(_)) => self.start_combiner(),
+                    Some(GroupEvent::Revoked(done)) => {
+                        let stopped = self.stop_combiner().await;
                         let _ = done.send(());
                         if let Err(e) = stopped {
                             break Err(e);
@@ -310,26 +399,74 @@ impl Driving {
                 },
             }
         };
-        let stopped = self.stop().await;
-        // Answer revokes that arrive while the consumer leaves the group.
-        tokio::spawn(async move {
-            while let Some(event) = events.recv().await {
-                if let LeaseEvent::Revoked(done) = event {
-                    let _ = done.send(());
+        let stopped = self.stop_shards().await;
+        let stopped_combiner = self.stop_combiner().await;
+        // Answer revokes that arrive while the consumers leave their groups.
+        for mut events in [shard_events, lease_events] {
+            tokio::spawn(async move {
+                while let Some(event) = events.recv().await {
+                    if let GroupEvent::Revoked(done) = event {
+                        let _ = done.send(());
+                    }
                 }
-            }
-        });
-        result.and(stopped)
+            });
+        }
+        result.and(stopped).and(stopped_combiner)
     }
 
-    fn start(&mut self) {
-        if self.running.is_some() {
+    fn start_shards(&mut self, mut shards: Vec<u32>) {
+        if self.shards.is_some() || shards.is_empty() {
             return;
         }
-        tracing::info!("Acquired the processor lease; restoring the newest checkpoint");
+        shards.sort_unstable();
+        let shards: Vec<usize> = shards.into_iter().map(|s| s as usize).collect();
+        tracing::info!(?shards, "Assigned shards; restoring their checkpoints");
         let cancel = CancellationToken::new();
-        let handle = tokio::spawn(run_driver(
+        let (config, log, metrics) = (
             self.config.clone(),
+            self.log.clone(),
+            self.processor_metrics.clone(),
+        );
+        self.metrics.shards.set(shards.len() as i64);
+        if let Ok(mut owned) = self.owned.lock() {
+            owned.clone_from(&shards);
+        }
+        let stop = cancel.clone();
+        let handle = tokio::spawn(async move {
+            run_shards(
+                sharded(config),
+                &shards,
+                log,
+                PipelineSet::default(),
+                metrics,
+                stop,
+            )
+            .await
+        });
+        self.shards = Some((cancel, handle));
+    }
+
+    async fn stop_shards(&mut self) -> anyhow::Result<()> {
+        if self.shards.is_none() {
+            return Ok(());
+        }
+        tracing::info!("Releasing the shards: checkpointing");
+        let stopped = stop(&mut self.shards).await.context("the shards failed");
+        self.metrics.shards.set(0);
+        if let Ok(mut owned) = self.owned.lock() {
+            owned.clear();
+        }
+        stopped
+    }
+
+    fn start_combiner(&mut self) {
+        if self.combiner.is_some() {
+            return;
+        }
+        tracing::info!("Acquired the combiner lease; restoring its checkpoint");
+        let cancel = CancellationToken::new();
+        let handle = tokio::spawn(run_combiner(
+            sharded(self.config.clone()),
             self.log.clone(),
             PipelineSet::default(),
             self.sink.clone(),
@@ -337,58 +474,66 @@ impl Driving {
             self.processor_metrics.clone(),
             cancel.clone(),
         ));
-        self.running = Some((cancel, handle));
+        self.combiner = Some((cancel, handle));
         self.metrics.active.set(1);
     }
 
-    /// Stops the processor, which writes a last checkpoint.
-    async fn stop(&mut self) -> anyhow::Result<()> {
-        let Some((cancel, handle)) = self.running.take() else {
+    async fn stop_combiner(&mut self) -> anyhow::Result<()> {
+        if self.combiner.is_none() {
             return Ok(());
-        };
-        tracing::info!("Releasing the processor lease: checkpointing");
-        cancel.cancel();
-        let joined = handle.await;
-        self.metrics.active.set(0);
-        match joined {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(anyhow::Error::new(e).context("the processor failed")),
-            Err(e) => Err(anyhow::Error::new(e).context("the processor panicked")),
         }
+        tracing::info!("Releasing the combiner lease: checkpointing");
+        let stopped = stop(&mut self.combiner)
+            .await
+            .context("the combiner failed");
+        self.metrics.active.set(0);
+        stopped
     }
 }
 
-/// Membership in the lease group, polled on its own thread (rebalance
-/// callbacks run there and may block until the processor checkpointed).
-struct Lease {
+fn sharded(driver: DriverConfig) -> ShardedConfig {
+    ShardedConfig {
+        driver,
+        partials_topic: PARTIALS_TOPIC.to_string(),
+    }
+}
+
+/// Membership in one consumer group over one topic, polled on its own
+/// thread (rebalance callbacks run there and may block until the roles
+/// checkpointed).
+struct Membership {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-struct LeaseContext {
-    events: mpsc::UnboundedSender<LeaseEvent>,
+struct GroupContext {
+    events: mpsc::UnboundedSender<GroupEvent>,
     rebalances: IntCounterVec,
-    /// Whether this member holds the lease partition.
-    holding: AtomicBool,
+    /// The partitions this member holds.
+    holding: Mutex<Vec<u32>>,
+    alive: AliveFiles,
 }
 
-impl ClientContext for LeaseContext {}
+impl ClientContext for GroupContext {}
 
-impl ConsumerContext for LeaseContext {
+impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             if tpl.count() == 0 {
                 return;
             }
             self.rebalances.with_label_values(&["revoke"]).inc();
-            self.holding.store(false, Ordering::Release);
             let (done, wait) = std::sync::mpsc::sync_channel(1);
-            if self.events.send(LeaseEvent::Revoked(done)).is_ok()
+            if self.events.send(GroupEvent::Revoked(done)).is_ok()
                 && wait.recv_timeout(REVOKE_WAIT).is_err()
             {
-                tracing::warn!(
-                    "The processor did not checkpoint in time; releasing the lease anyway"
-                );
+                tracing::warn!("The processor did not checkpoint in time; handing on anyway");
+            }
+            // Handed on in good order: nobody needs to wait for these to go stale.
+            if let Ok(mut holding) = self.holding.lock() {
+                for p in holding.drain(..) {
+                    self.alive.forget(p);
+                }
             }
         }
     }
@@ -399,29 +544,84 @@ impl ConsumerContext for LeaseContext {
                 return;
             }
             self.rebalances.with_label_values(&["assign"]).inc();
-            self.holding.store(true, Ordering::Release);
-            let _ = self.events.send(LeaseEvent::Acquired);
+            let partitions: Vec<u32> = tpl
+                .elements()
+                .iter()
+                .map(|e| e.partition().max(0) as u32)
+                .collect();
+            for &p in &partitions {
+                self.alive.touch(p);
+            }
+            if let Ok(mut holding) = self.holding.lock() {
+                holding.clone_from(&partitions);
+            }
+            let _ = self.events.send(GroupEvent::Assigned(partitions));
         }
     }
 }
 
-impl Lease {
+/// One file per partition of a group's topic, in which its holder writes
+/// the time every second: some brokers (tansu) drop a dead member only when
+/// another one joins, so a member that sees a partition's time go stale
+/// joins again.
+#[derive(Debug, Clone)]
+struct AliveFiles {
+    dir: PathBuf,
+    topic: &'static str,
+}
+
+impl AliveFiles {
+    fn file(&self, partition: u32) -> PathBuf {
+        self.dir.join(format!("{}-{partition}", self.topic))
+    }
+
+    fn touch(&self, partition: u32) {
+        let now = EventTime::now().millis().to_string();
+        if let Err(e) = std::fs::write(self.file(partition), now) {
+            tracing::warn!(error = %e, "Cannot write an alive file");
+        }
+    }
+
+    fn forget(&self, partition: u32) {
+        let _ = std::fs::remove_file(self.file(partition));
+    }
+
+    /// Whether a holder's time of `partition` is older than [`ALIVE_STALE`]
+    /// (no file: nobody held it, or it was handed on in good order).
+    fn is_stale(&self, partition: u32) -> bool {
+        let Ok(text) = std::fs::read_to_string(self.file(partition)) else {
+            return false;
+        };
+        let Ok(written) = text.trim().parse::<i64>() else {
+            return false;
+        };
+        EventTime::now().millis().saturating_sub(written) > ALIVE_STALE.as_millis() as i64
+    }
+}
+
+impl Membership {
+    /// Joins `group` on `topic` (of `partitions` partitions).
     fn join(
         kafka: &KafkaArgs,
+        topic: &'static str,
+        partitions: u32,
+        group: String,
         rebalances: IntCounterVec,
-        alive_file: PathBuf,
-    ) -> anyhow::Result<(Lease, mpsc::UnboundedReceiver<LeaseEvent>)> {
+        alive_dir: &std::path::Path,
+    ) -> anyhow::Result<(Membership, mpsc::UnboundedReceiver<GroupEvent>)> {
+        std::fs::create_dir_all(alive_dir)
+            .with_context(|| format!("cannot create {}", alive_dir.display()))?;
         let (tx, rx) = mpsc::unbounded_channel();
-        // The range assignor gives the partition to the first member in
-        // member-id order, and brokers begin a member id with the client
+        // The range assignor gives the first partitions to the first member
+        // in member-id order, and brokers begin a member id with the client
         // id: with the start time in it, the oldest instance keeps the
         // lease when another one joins instead of handing it over.
         let started = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis());
-        let mut config = kafka.client_config(&format!("process-lease-{started:015}"));
+        let mut config = kafka.client_config(&format!("process-{started:015}"));
         config
-            .set("group.id", format!("{}-process", kafka.kafka_client_id))
+            .set("group.id", group)
             .set(
                 "session.timeout.ms",
                 LEASE_SESSION_TIMEOUT.as_millis().to_string(),
@@ -430,50 +630,64 @@ impl Lease {
             .set("partition.assignment.strategy", "range")
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "latest");
-        let consumer: BaseConsumer<LeaseContext> = config
-            .create_with_context(LeaseContext {
+        let alive = AliveFiles {
+            dir: alive_dir.to_path_buf(),
+            topic,
+        };
+        let consumer: BaseConsumer<GroupContext> = config
+            .create_with_context(GroupContext {
                 events: tx,
                 rebalances,
-                holding: AtomicBool::new(false),
+                holding: Mutex::new(Vec::new()),
+                alive: alive.clone(),
             })
-            .context("cannot create the lease consumer")?;
+            .context("cannot create a group consumer")?;
         consumer
-            .subscribe(&[PROCESSOR_LEASE_TOPIC])
-            .context("cannot join the lease group")?;
+            .subscribe(&[topic])
+            .with_context(|| format!("cannot join the group of {topic}"))?;
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
         let thread = std::thread::Builder::new()
-            .name("tidemark-lease".to_string())
+            .name(format!("tidemark-{topic}"))
             .spawn(move || {
                 let mut last_rejoin = std::time::Instant::now();
+                let mut last_touch = std::time::Instant::now();
                 while !stopping.load(Ordering::Acquire) {
                     if let Some(Err(e)) = consumer.poll(Duration::from_millis(200)) {
-                        tracing::warn!(error = %e, "Lease consumer error");
+                        tracing::warn!(error = %e, topic, "Group consumer error");
                     }
-                    // Some brokers (tansu) drop a dead member only when
-                    // another one joins: a standby that sees the owner's
-                    // alive time go stale joins again.
-                    if !consumer.context().holding.load(Ordering::Acquire)
-                        && last_rejoin.elapsed() >= ALIVE_STALE
-                        && owner_is_gone(&alive_file)
-                    {
-                        tracing::info!("The lease owner looks dead; rejoining the group");
+                    let holding = consumer
+                        .context()
+                        .holding
+                        .lock()
+                        .map(|h| h.clone())
+                        .unwrap_or_default();
+                    if last_touch.elapsed() >= Duration::from_secs(1) {
+                        last_touch = std::time::Instant::now();
+                        for &p in &holding {
+                            alive.touch(p);
+                        }
+                    }
+                    let orphaned =
+                        (0..partitions).any(|p| !holding.contains(&p) && alive.is_stale(p));
+                    if orphaned && last_rejoin.elapsed() >= ALIVE_STALE {
+                        tracing::info!(topic, "A holder looks dead; rejoining the group");
                         last_rejoin = std::time::Instant::now();
                         consumer.unsubscribe();
-                        if let Err(e) = consumer.subscribe(&[PROCESSOR_LEASE_TOPIC]) {
-                            tracing::warn!(error = %e, "Cannot rejoin the lease group");
+                        if let Err(e) = consumer.subscribe(&[topic]) {
+                            tracing::warn!(error = %e, topic, "Cannot rejoin the group");
                         }
                     }
                 }
-                // Leaving the group now hands the lease on without waiting
-                // for the session timeout.
+                // Leaving the group now hands the partitions on without
+                // waiting for the session timeout.
                 consumer.unsubscribe();
                 let _ = consumer.poll(Duration::from_millis(100));
                 drop(consumer);
             })
-            .context("cannot start the lease thread")?;
+            .context("cannot start a group thread")?;
         Ok((
-            Lease {
+            Membership {
                 stop,
                 thread: Some(thread),
             },
@@ -485,37 +699,6 @@ impl Lease {
         self.stop.store(true, Ordering::Release);
         if let Some(thread) = self.thread.take() {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
-        }
-    }
-}
-
-/// Whether the alive time in `file` is older than [`ALIVE_STALE`] (no file:
-/// no owner yet, which the group settles by itself).
-fn owner_is_gone(file: &std::path::Path) -> bool {
-    let Ok(text) = std::fs::read_to_string(file) else {
-        return false;
-    };
-    let Ok(written) = text.trim().parse::<i64>() else {
-        return false;
-    };
-    EventTime::now().millis().saturating_sub(written) > ALIVE_STALE.as_millis() as i64
-}
-
-/// Writes the time into `file` every second while this instance is active.
-async fn keep_alive(file: PathBuf, active: IntGauge, cancel: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        if active.get() == 1 {
-            let now = EventTime::now().millis().to_string();
-            let f = file.clone();
-            let written = tokio::task::spawn_blocking(move || std::fs::write(f, now)).await;
-            if let Ok(Err(e)) = written {
-                tracing::warn!(error = %e, "Cannot write the alive file");
-            }
         }
     }
 }
@@ -589,12 +772,14 @@ fn update_records(updates: &[Update]) -> Vec<Record> {
     out
 }
 
-/// Every 5 s while active: per-partition lag behind the last checkpoint, and
-/// the checkpoint's offsets committed to the offsets group for Kafka tools.
+/// Every 5 s: per-partition lag of the owned shards behind their last
+/// checkpoints, and those offsets committed to the offsets group for Kafka
+/// tools.
 async fn watch_lag(
     log: Arc<dyn Log>,
     kafka: KafkaArgs,
     checkpoint_dir: PathBuf,
+    owned: Arc<Mutex<Vec<usize>>>,
     metrics: ServiceMetrics,
     cancel: CancellationToken,
 ) {
@@ -620,25 +805,38 @@ async fn watch_lag(
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if metrics.active.get() != 1 {
+        let shards = owned.lock().map(|o| o.clone()).unwrap_or_default();
+        if shards.is_empty() {
             metrics.partition_lag.reset();
             continue;
         }
         let dir = checkpoint_dir.clone();
-        let loaded =
-            tokio::task::spawn_blocking(move || checkpoint::load::<ProcessorCheckpoint>(&dir))
-                .await;
-        let Ok(Ok(Some(cp))) = loaded else { continue };
-        let offsets = cp.offsets();
+        let loaded = tokio::task::spawn_blocking(move || {
+            let mut offsets = std::collections::BTreeMap::new();
+            for shard in shards {
+                if let Ok(Some(o)) = shard_offsets(&dir, shard) {
+                    offsets.extend(o);
+                }
+            }
+            offsets
+        })
+        .await;
+        let Ok(offsets) = loaded else { continue };
         let mut tpl = TopicPartitionList::new();
+        let mut lags = Vec::new();
         for ((t, p), &offset) in &offsets {
             if let Ok(end) = log.end_offset(t, *p).await {
-                metrics
-                    .partition_lag
-                    .with_label_values(&[t, &p.to_string()])
-                    .set(end.saturating_sub(offset) as i64);
+                lags.push((t, p.to_string(), end.saturating_sub(offset) as i64));
             }
             let _ = tpl.add_partition_offset(t, *p as i32, Offset::Offset(offset as i64));
+        }
+        // Replaced in one step: shards given up drop out, scrapes never see a gap.
+        metrics.partition_lag.reset();
+        for (t, p, lag) in lags {
+            metrics.partition_lag.with_label_values(&[t, &p]).set(lag);
+        }
+        if tpl.count() == 0 {
+            continue;
         }
         if let Some(c) = &committer {
             let c = c.clone();

@@ -231,6 +231,10 @@ impl OverviewClient {
             let Ok(value) = serde_json::from_str::<Value>(&text) else {
                 continue;
             };
+            if value["type"] == "snapshot" {
+                // A snapshot is the whole overview.
+                self.windows.clear();
+            }
             for w in value["windows"].as_array().into_iter().flatten() {
                 let Some(start) = w["window_start"].as_str().and_then(EventTime::parse) else {
                     continue;

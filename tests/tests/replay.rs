@@ -11,6 +11,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use tidemark_tests::services::OverviewClient;
 use tidemark_tests::workload::Workload;
 use tidemark_tests::{
     post_and_settle, replay, replay_summary, settle, tidemark_bin, InfluxServer, Tidemark,
@@ -290,6 +291,26 @@ async fn promote_and_rollback_switch_the_rest_api_without_a_failed_request() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // And one without the traffic pipeline.
+    let out = replay(
+        dir.path(),
+        &[
+            "--from",
+            &from,
+            "--to",
+            &to,
+            "--into",
+            "v3",
+            "--pipelines",
+            "engagement",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     let client = reqwest::Client::new();
     let hour = workload.hour;
     let before = engagement_score(&client, &t.base, hour).await.unwrap();
@@ -334,6 +355,15 @@ async fn promote_and_rollback_switch_the_rest_api_without_a_failed_request() {
             }
         }
     };
+    // WebSocket clients follow the served database too.
+    let mut overview = OverviewClient::connect(&t.base).await;
+    assert!(
+        overview
+            .until(Duration::from_secs(10), |w| !w.is_empty())
+            .await,
+        "a snapshot of the live overview"
+    );
+    let live_overview = overview.windows.clone();
     promote(&["v2"]);
     let promoted = wait_for("v2").await;
     assert!(
@@ -343,6 +373,26 @@ async fn promote_and_rollback_switch_the_rest_api_without_a_failed_request() {
     promote(&["--rollback"]);
     let rolled_back = wait_for("tidemark").await;
     assert_eq!(rolled_back, before);
+    // v3 has no traffic at all: its overview is empty.
+    promote(&["v3"]);
+    assert!(
+        overview
+            .until(Duration::from_secs(10), |w| w.is_empty())
+            .await,
+        "a snapshot of v3's empty overview: {:?}",
+        overview.windows
+    );
+    promote(&["--rollback"]);
+    let expected = live_overview.clone();
+    assert!(
+        overview
+            .until(Duration::from_secs(10), move |w| expected
+                .iter()
+                .all(|(start, window)| w.get(start) == Some(window)))
+            .await,
+        "the live overview again: {:?}\nexpected {live_overview:?}",
+        overview.windows
+    );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let answers = poller.await.unwrap();
     assert!(answers.len() > 20, "{} requests", answers.len());

@@ -43,15 +43,35 @@ async fn post_all(ingest: &Service, batches: &[Vec<Value>]) {
     }
 }
 
-async fn role(service: &Service) -> String {
-    service.get_json("/api/v1/health").await["role"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
+/// The shards a `process` instance runs, and whether it runs the combiner.
+async fn roles(service: &Service) -> (Vec<u64>, bool) {
+    let health = service.get_json("/api/v1/health").await;
+    let shards = health["shards"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_u64)
+        .collect();
+    (shards, health["combiner"] == true)
 }
 
+/// The combiner's checkpoint: it advances only once the store has the points.
 fn checkpoint(data_dir: &Path) -> Option<Vec<u8>> {
-    std::fs::read(data_dir.join("checkpoints").join("checkpoint.bin.zst")).ok()
+    std::fs::read(
+        data_dir
+            .join("checkpoints")
+            .join("combiner")
+            .join("checkpoint.bin.zst"),
+    )
+    .ok()
+}
+
+async fn events_processed(service: &Service) -> f64 {
+    metric_value(
+        &service.metrics_text().await,
+        "tidemark_processor_events_total",
+        "",
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -138,12 +158,17 @@ async fn three_services_give_exact_counts_in_influxdb_and_on_the_websocket() {
             "assign"
         ) >= 1.0
     );
-    assert!(
-        process_metrics.contains(
-            "tidemark_processor_partition_lag_records{partition=\"0\",topic=\"content-events\"}"
-        ),
-        "per-partition lag exported"
-    );
+    let processor = &process;
+    wait_until(
+        "per-partition lag exported",
+        Duration::from_secs(30),
+        move || async move {
+            processor.metrics_text().await.contains(
+                "tidemark_processor_partition_lag_records{partition=\"0\",topic=\"content-events\"}",
+            )
+        },
+    )
+    .await;
     assert!(
         metric_value(
             &serve.metrics_text().await,
@@ -316,7 +341,7 @@ async fn influxdb_down_holds_the_checkpoint_and_the_windows_end_exact() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_of_the_active_processor_hands_its_partitions_to_the_other() {
+async fn two_processors_share_the_shards_and_a_sigkill_moves_them_to_the_survivor() {
     let tansu = TansuServer::start();
     let influx = InfluxServer::start().expect("influxd starts");
     let dir = tempfile::tempdir().unwrap();
@@ -328,17 +353,16 @@ async fn sigkill_of_the_active_processor_hands_its_partitions_to_the_other() {
     let serve = Service::start(&serve_args(&tansu.brokers, &influx.url), dir.path()).await;
     let (a, b) = (&first, &second);
     wait_until(
-        "one active processor",
+        "one shard each and one combiner",
         Duration::from_secs(60),
         move || async move {
-            let roles = [role(a).await, role(b).await];
-            roles.iter().filter(|r| *r == "active").count() == 1
-                && roles.iter().filter(|r| *r == "standby").count() == 1
+            let (ra, rb) = (roles(a).await, roles(b).await);
+            ra.0.len() == 1 && rb.0.len() == 1 && ra.0 != rb.0 && ra.1 != rb.1
         },
     )
     .await;
-    let first_is_active = role(&first).await == "active";
-    let (active, standby) = if first_is_active {
+    // The instance with the combiner dies: both of its roles must move.
+    let (victim, survivor) = if roles(&first).await.1 {
         (&mut first, &mut second)
     } else {
         (&mut second, &mut first)
@@ -347,36 +371,37 @@ async fn sigkill_of_the_active_processor_hands_its_partitions_to_the_other() {
     let known = KnownEvents::new(40);
     let half = known.batches.len() / 2;
     post_all(&ingest, &known.batches[..half]).await;
-    let (dir_of, watched): (&Path, &Service) = (&data_dir, active);
+    let (dir_of, v, s): (&Path, &Service, &Service) = (&data_dir, victim, survivor);
     wait_until(
-        "the active processor to checkpoint",
+        "both processors to work and the combiner to checkpoint",
         Duration::from_secs(60),
         move || async move {
             checkpoint(dir_of).is_some()
-                && metric_value(
-                    &watched.metrics_text().await,
-                    "tidemark_processor_events_total",
-                    "",
-                ) > 0.0
+                && events_processed(v).await > 0.0
+                && events_processed(s).await > 0.0
         },
     )
     .await;
-    active.kill();
+    victim.kill();
     post_all(&ingest, &known.batches[half..]).await;
-    let survivor: &Service = standby;
+    let survivor: &Service = survivor;
     wait_until(
-        "the survivor to take over",
+        "the survivor to run every shard and the combiner",
         Duration::from_secs(60),
-        move || async move { role(survivor).await == "active" },
+        move || async move { roles(survivor).await == (vec![0, 1], true) },
     )
     .await;
     known.assert_results_within(&serve, RESULTS_TIMEOUT).await;
     let metrics = survivor.metrics_text().await;
-    assert!(metric_value(&metrics, "tidemark_processor_rebalances_total", "assign") >= 1.0);
+    assert!(metric_value(&metrics, "tidemark_processor_rebalances_total", "assign") >= 2.0);
+    assert_eq!(
+        metric_value(&metrics, "tidemark_processor_shards_owned", ""),
+        2.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_of_the_active_processor_checkpoints_and_hands_over_at_once() {
+async fn sigterm_of_a_processor_checkpoints_and_hands_over_at_once() {
     let tansu = TansuServer::start();
     let influx = InfluxServer::start().expect("influxd starts");
     let dir = tempfile::tempdir().unwrap();
@@ -385,58 +410,56 @@ async fn sigterm_of_the_active_processor_checkpoints_and_hands_over_at_once() {
     let args = process_args(&tansu.brokers, &influx.url, &data_dir);
     let mut first = Service::start(&args, dir.path()).await;
     let dir_of = &data_dir;
-    let active: &Service = &first;
+    let alone: &Service = &first;
     wait_until(
-        "the first to be active",
+        "the first to run everything",
         Duration::from_secs(60),
-        move || async move { role(active).await == "active" && checkpoint(dir_of).is_some() },
+        move || async move { roles(alone).await == (vec![0, 1], true) && checkpoint(dir_of).is_some() },
     )
     .await;
     let second = Service::start(&args, dir.path()).await;
-    // The lease stays where it is when another instance joins.
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    assert_eq!(role(&first).await, "active");
-    assert_eq!(role(&second).await, "standby");
+    // The newcomer gets a shard; the combiner stays where it is.
+    let (a, b) = (&first, &second);
+    wait_until(
+        "the shards to be shared",
+        Duration::from_secs(60),
+        move || async move {
+            roles(a).await == (vec![0], true) && roles(b).await == (vec![1], false)
+        },
+    )
+    .await;
 
     let known = KnownEvents::new(40);
     let half = known.batches.len() / 2;
     post_all(&ingest, &known.batches[..half]).await;
-    let active: &Service = &first;
     wait_until(
-        "events processed",
+        "events processed by both",
         Duration::from_secs(60),
-        move || async move {
-            metric_value(
-                &active.metrics_text().await,
-                "tidemark_processor_events_total",
-                "",
-            ) > 0.0
-        },
+        move || async move { events_processed(a).await > 0.0 && events_processed(b).await > 0.0 },
     )
     .await;
     let before = checkpoint(&data_dir);
     assert!(first.terminate().success(), "{}", first.output());
     let stopped = Instant::now();
-    assert!(
-        first
-            .output()
-            .contains("Releasing the processor lease: checkpointing"),
-        "{}",
-        first.output()
-    );
+    for step in [
+        "Releasing the combiner lease: checkpointing",
+        "Releasing the shards: checkpointing",
+    ] {
+        assert!(first.output().contains(step), "{}", first.output());
+    }
     assert!(
         before != checkpoint(&data_dir),
         "a last checkpoint on revoke"
     );
     let survivor = &second;
     wait_until(
-        "the standby to take over",
+        "the other to take over",
         Duration::from_secs(60),
-        move || async move { role(survivor).await == "active" },
+        move || async move { roles(survivor).await == (vec![0, 1], true) },
     )
     .await;
-    // Leaving the group hands the lease on: sooner than a dead owner's
-    // lease could move (tansu needs the 12 s alive-file watchdog for that).
+    // Leaving the groups hands everything on: sooner than a dead holder's
+    // partitions could move (tansu needs the 12 s alive-file watchdog for that).
     assert!(
         stopped.elapsed() < Duration::from_secs(10),
         "took over after {:?}",

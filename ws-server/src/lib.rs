@@ -7,6 +7,7 @@
 
 mod live;
 mod rest;
+mod served;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -19,7 +20,7 @@ use axum::{Json, Router};
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Registry};
 use tidemark_model::Update;
 use tidemark_tsdb_writer::{Store, StoreError};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 use tower_http::services::{ServeDir, ServeFile};
 
 pub use live::{run_session, Overview, OverviewWindow, OVERVIEW_WINDOWS};
@@ -111,42 +112,36 @@ impl ServerMetrics {
     }
 }
 
-/// The database the REST API answers from, switchable while serving
-/// (`tidemark promote`): a request takes the store once, so it is answered
-/// wholly by the old or wholly by the new database, never fails in between.
+/// The database the REST API and the overview answer from, switchable
+/// while serving (`tidemark promote`): a request takes the store once, so it
+/// is answered wholly by the old or wholly by the new database, never fails
+/// in between.
 #[derive(Debug)]
 pub struct ServingStore {
-    current: RwLock<(String, Arc<dyn Store>)>,
+    current: served::Serving,
 }
 
 impl ServingStore {
-    fn new(name: &str, store: Arc<dyn Store>) -> ServingStore {
-        ServingStore {
-            current: RwLock::new((name.to_string(), store)),
-        }
-    }
-
     /// The store requests are answered from now.
     pub fn get(&self) -> Arc<dyn Store> {
-        self.current
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .1
-            .clone()
+        self.current.borrow().1.clone()
     }
 
     /// The name of the database served now.
     pub fn name(&self) -> String {
-        self.current
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .0
-            .clone()
+        self.current.borrow().0.clone()
     }
 
-    /// Serves `name` from now on; requests already running finish on the old one.
+    /// Serves `name` from now on; requests already running finish on the
+    /// old one, and WebSocket clients get a snapshot of the new one.
     pub fn switch(&self, name: &str, store: Arc<dyn Store>) {
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = (name.to_string(), store);
+        let unchanged = {
+            let current = self.current.borrow();
+            current.0 == name && Arc::ptr_eq(&current.1, &store)
+        };
+        if !unchanged {
+            self.current.send_replace((name.to_string(), store));
+        }
     }
 }
 
@@ -154,7 +149,12 @@ impl ServingStore {
 #[derive(Debug)]
 pub struct ServerState {
     pub(crate) store: ServingStore,
-    pub(crate) updates: broadcast::Sender<Update>,
+    /// The database the live processor writes (see [`ServerState::set_live_database`]).
+    live_database: Arc<RwLock<String>>,
+    /// What sessions follow (see [`served`]).
+    pub(crate) served: broadcast::Sender<served::Served>,
+    /// The hot cache's generation: it goes up when the served database changes.
+    pub(crate) generation: watch::Receiver<u64>,
     pub(crate) registry: Registry,
     pub(crate) web_dir: Option<PathBuf>,
     pub(crate) hot: Arc<Mutex<Overview>>,
@@ -162,9 +162,10 @@ pub struct ServerState {
 }
 
 impl ServerState {
-    /// Builds the state, registers the server metrics in `registry` and starts
-    /// the hot-cache task that follows `updates` (call inside a Tokio runtime;
-    /// the task ends when every sender of `updates` is gone).
+    /// Builds the state serving `store` as the live database, registers the
+    /// server metrics in `registry` and starts the hot-cache task that
+    /// follows `updates` (call inside a Tokio runtime; the task ends with the
+    /// state).
     pub fn new(
         store: Arc<dyn Store>,
         updates: broadcast::Sender<Update>,
@@ -173,15 +174,32 @@ impl ServerState {
     ) -> ServerState {
         let metrics = ServerMetrics::new(&registry);
         let hot = Arc::new(Mutex::new(Overview::default()));
+        let live_database = Arc::new(RwLock::new(
+            tidemark_tsdb_writer::DEFAULT_DATABASE.to_string(),
+        ));
+        let (current, serving) =
+            watch::channel((tidemark_tsdb_writer::DEFAULT_DATABASE.to_string(), store));
+        let (served, _) = broadcast::channel(1024);
+        let (generation_tx, generation) = watch::channel(0);
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
-                handle.spawn(live::follow_updates(updates.subscribe(), Arc::clone(&hot)));
+                handle.spawn(served::follow_serving(
+                    serving,
+                    live_database.clone(),
+                    updates.subscribe(),
+                    served.clone(),
+                    Arc::clone(&hot),
+                    generation_tx,
+                    metrics.ws_dropped.clone(),
+                ));
             }
             Err(_) => tracing::warn!("no Tokio runtime: the overview hot cache stays empty"),
         }
         ServerState {
-            store: ServingStore::new(tidemark_tsdb_writer::DEFAULT_DATABASE, store),
-            updates,
+            store: ServingStore { current },
+            live_database,
+            served,
+            generation,
             registry,
             web_dir,
             hot,
@@ -192,6 +210,16 @@ impl ServerState {
     /// The database the REST API answers from (see [`ServingStore`]).
     pub fn serving(&self) -> &ServingStore {
         &self.store
+    }
+
+    /// Names the database the live processor writes (by default
+    /// `tidemark`): while it is served, live updates feed the overview;
+    /// while another one is, that database does (see [`served`]).
+    pub fn set_live_database(&self, name: &str) {
+        *self
+            .live_database
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = name.to_string();
     }
 
     /// A copy of the overview hot cache.

@@ -3,7 +3,9 @@
 //! A session subscribes to the updates broadcast before it copies the hot
 //! cache, so nothing falls between its snapshot and its first update; it then
 //! keeps its own copy of the overview up to date and sends each changed window
-//! whole, so a client never has to merge partial results.
+//! whole, so a client never has to merge partial results. When the served
+//! database changes (`tidemark promote`), the hot cache is rebuilt under a
+//! new generation and every session sends a fresh snapshot.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -18,6 +20,7 @@ use serde_json::{json, Map, Value};
 use tidemark_model::{EventTime, Tier, Update};
 use tokio::sync::broadcast::error::RecvError;
 
+use crate::served::Served;
 use crate::{json_number, ServerState};
 
 /// How many 1-minute windows the overview keeps: the last hour.
@@ -139,27 +142,6 @@ pub(crate) fn lock(hot: &Mutex<Overview>) -> MutexGuard<'_, Overview> {
     hot.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Keeps the hot cache current until the updates channel closes.
-pub(crate) async fn follow_updates(
-    mut updates: tokio::sync::broadcast::Receiver<Update>,
-    hot: Arc<Mutex<Overview>>,
-) {
-    loop {
-        match updates.recv().await {
-            Ok(update) => {
-                lock(&hot).apply(&update);
-            }
-            Err(RecvError::Lagged(n)) => {
-                tracing::warn!(
-                    skipped = n,
-                    "overview cache fell behind the updates channel"
-                );
-            }
-            Err(RecvError::Closed) => break,
-        }
-    }
-}
-
 #[derive(Debug, Deserialize)]
 struct ClientMessage {
     op: String,
@@ -173,7 +155,40 @@ fn error_message(error: &str) -> String {
 
 enum Event {
     Client(Option<String>),
-    Update(Result<Update, RecvError>),
+    Update(Result<Served, RecvError>),
+    /// The hot cache was rebuilt for another database.
+    Reset,
+}
+
+/// A session's subscription to the overview channel.
+struct Subscription {
+    updates: tokio::sync::broadcast::Receiver<Served>,
+    generation: tokio::sync::watch::Receiver<u64>,
+    /// The generation `overview` belongs to.
+    current: u64,
+    overview: Overview,
+}
+
+impl Subscription {
+    fn new(state: &ServerState) -> Subscription {
+        // In this order, nothing falls between the snapshot and the updates.
+        let updates = state.served.subscribe();
+        let mut generation = state.generation.clone();
+        let current = *generation.borrow_and_update();
+        Subscription {
+            updates,
+            generation,
+            current,
+            overview: state.overview(),
+        }
+    }
+
+    /// Starts over from the hot cache: what the client gets is a snapshot.
+    fn resync(&mut self, state: &ServerState) -> String {
+        self.current = *self.generation.borrow_and_update();
+        self.overview = state.overview();
+        self.overview.snapshot_message()
+    }
 }
 
 struct ClientGauge(prometheus::IntGauge);
@@ -194,12 +209,17 @@ where
 {
     state.metrics.ws_clients.inc();
     let _gauge = ClientGauge(state.metrics.ws_clients.clone());
-    let mut subscription: Option<(tokio::sync::broadcast::Receiver<Update>, Overview)> = None;
+    let mut subscription: Option<Subscription> = None;
     loop {
         let event = match &mut subscription {
-            Some((updates, _)) => tokio::select! {
+            Some(sub) => tokio::select! {
                 msg = incoming.next() => Event::Client(msg),
-                update = updates.recv() => Event::Update(update),
+                update = sub.updates.recv() => Event::Update(update),
+                changed = sub.generation.changed() => match changed {
+                    Ok(()) => Event::Reset,
+                    // The server is going away; the update channel says so too.
+                    Err(_) => Event::Update(Err(RecvError::Closed)),
+                },
             },
             None => Event::Client(incoming.next().await),
         };
@@ -209,10 +229,9 @@ where
                 Err(e) => Some(error_message(&format!("invalid message: {e}"))),
                 Ok(msg) => match (msg.op.as_str(), msg.channel.as_deref()) {
                     ("subscribe", Some(OVERVIEW)) => {
-                        let updates = state.updates.subscribe();
-                        let overview = state.overview();
-                        let snapshot = overview.snapshot_message();
-                        subscription = Some((updates, overview));
+                        let sub = Subscription::new(&state);
+                        let snapshot = sub.overview.snapshot_message();
+                        subscription = Some(sub);
                         Some(snapshot)
                     }
                     ("unsubscribe", Some(OVERVIEW)) => {
@@ -225,28 +244,25 @@ where
                     (op, _) => Some(error_message(&format!("unknown op {op:?}"))),
                 },
             },
-            Event::Update(Ok(update)) => match &mut subscription {
-                Some((_, overview)) => {
-                    let changed = overview.apply(&update);
+            Event::Update(Ok((generation, update))) => match &mut subscription {
+                Some(sub) if generation > sub.current => Some(sub.resync(&state)),
+                Some(sub) if generation == sub.current => {
+                    let changed = sub.overview.apply(&update);
                     if changed.is_empty() {
                         None
                     } else {
                         observe_latency(&state, &update);
-                        Some(overview.message("update", changed.into_iter()))
+                        Some(sub.overview.message("update", changed.into_iter()))
                     }
                 }
-                None => None,
+                // Of a database no longer served.
+                _ => None,
             },
+            Event::Reset => subscription.as_mut().map(|sub| sub.resync(&state)),
             Event::Update(Err(RecvError::Lagged(n))) => {
                 // Coalesce: what was missed is in the hot cache; send it whole.
                 state.metrics.ws_dropped.inc_by(n);
-                match &mut subscription {
-                    Some((_, overview)) => {
-                        *overview = state.overview();
-                        Some(overview.snapshot_message())
-                    }
-                    None => None,
-                }
+                subscription.as_mut().map(|sub| sub.resync(&state))
             }
             Event::Update(Err(RecvError::Closed)) => {
                 subscription = None;

@@ -500,3 +500,87 @@ async fn websocket_subscribe_gets_snapshot_then_update() {
         .unwrap()
         .unwrap();
 }
+
+/// `tidemark promote`: sessions get a snapshot of the newly served database,
+/// then its changes; live updates are held back until the live database is
+/// served again.
+#[tokio::test]
+async fn switching_the_served_database_resends_the_overview_from_it() {
+    let live = Arc::new(MemStore::default());
+    let promoted = Arc::new(MemStore::default());
+    // Some hours old, as replayed history is.
+    let base = EventTime::now()
+        .minus(Duration::from_secs(3 * 3600))
+        .floor(Duration::from_secs(60));
+    let at = |minute: i64| EventTime(base.0 + minute * 60_000);
+    let point = |minute: i64, kind: &str, n: i64| {
+        Point::new(
+            "traffic",
+            Tier::Rt,
+            at(minute),
+            vec![("event_type".into(), kind.into())],
+            vec![("events".into(), FieldValue::Int(n))],
+        )
+    };
+    promoted.write(&[point(0, "like", 7)]).await.unwrap();
+    let (updates, _) = broadcast::channel(16);
+    let state = Arc::new(ServerState::new(
+        live.clone(),
+        updates.clone(),
+        prometheus::Registry::new(),
+        None,
+    ));
+    let (mut client_tx, server_rx) = futures::channel::mpsc::channel::<String>(8);
+    let (server_tx, mut client_rx) = futures::channel::mpsc::channel::<String>(8);
+    let session = tokio::spawn(run_session(state.clone(), server_tx, server_rx));
+    async fn recv(rx: &mut futures::channel::mpsc::Receiver<String>) -> Value {
+        let msg = tokio::time::timeout(Duration::from_secs(5), rx.next())
+            .await
+            .expect("a message in time")
+            .unwrap();
+        serde_json::from_str(&msg).unwrap()
+    }
+    let window = |minute: i64, traffic: Value| {
+        json!({"window_start": at(minute).to_rfc3339(), "final": true,
+               "traffic": traffic, "active_users": 0})
+    };
+    client_tx
+        .send(r#"{"op":"subscribe","channel":"overview"}"#.into())
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut client_rx).await["windows"], json!([]));
+
+    state.serving().switch("v2", promoted.clone());
+    let msg = recv(&mut client_rx).await;
+    assert_eq!(msg["type"], "snapshot");
+    assert_eq!(msg["windows"], json!([window(0, json!({"like": 7}))]));
+    // The live processor's updates describe the live database: held back.
+    let live_update = Update {
+        window_start: at(1),
+        is_final: false,
+        newest_received_at: EventTime::now(),
+        points: vec![point(1, "view", 3)],
+    };
+    updates.send(live_update.clone()).unwrap();
+    // What the promoted database gains arrives as an update.
+    promoted.write(&[point(2, "share", 2)]).await.unwrap();
+    let msg = recv(&mut client_rx).await;
+    assert_eq!(msg["type"], "update");
+    assert_eq!(msg["windows"], json!([window(2, json!({"share": 2}))]));
+    // A client connecting now starts from the promoted database too.
+    let overview: Vec<EventTime> = state.overview().windows().map(|(t, _)| t).collect();
+    assert_eq!(overview, vec![at(0), at(2)]);
+
+    // Rollback: the live database's (empty) overview, then live updates again.
+    state.serving().switch("tidemark", live.clone());
+    let msg = recv(&mut client_rx).await;
+    assert_eq!(msg["type"], "snapshot");
+    assert_eq!(msg["windows"], json!([]));
+    updates.send(live_update).unwrap();
+    let msg = recv(&mut client_rx).await;
+    assert_eq!(msg["type"], "update");
+    assert_eq!(msg["windows"][0]["traffic"], json!({"view": 3}));
+
+    drop(client_tx);
+    session.await.unwrap();
+}

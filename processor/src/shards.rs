@@ -1,0 +1,799 @@
+//! Stage 1 and stage 2 in separate processes, joined by a log topic.
+//!
+//! Where one machine is not enough, the stage-1 workers are spread over
+//! several processes as *shards*: shard `w` of `n` is the worker that owns
+//! partition `p` of every input topic with `p % n == w` (see
+//! [`worker_of`]), so a user's events still meet in one place. A process
+//! runs the shards it is given with [`run_shards`]; each shard writes what
+//! the in-process driver would hand its combiner, as [`ShardMessage`]s, to
+//! the partials topic. One process runs [`run_combiner`], which reads those
+//! messages and does what the in-process driver does with them: fire
+//! windows, write points, publish live updates.
+//!
+//! Nothing is lost or counted twice across restarts and hand-overs:
+//! - a shard checkpoints on its own (`<dir>/shard-<w>`), and only once every
+//!   message it wrote before is durable in the log;
+//! - a restarted shard replays from its checkpoint and reports nothing until
+//!   it has read exactly as far as its last progress message said (its
+//!   *catch-up*), so the combiner never sees a shard go back in time;
+//! - the combiner saves its state with its read offsets in the partials
+//!   topic (`<dir>/combiner`) after flushing the store, and reads on from
+//!   there after a restart.
+//!
+//! The combiner's target watermark (see [`Combiner::target`]) goes back to
+//! the shards through the file `<dir>/combiner-target`, so every process
+//! shares the checkpoint folder.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tidemark_log::{Log, Record};
+use tidemark_model::topic::partition_for_key;
+use tidemark_model::{EventTime, Update, Watermark};
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::checkpoint::{self, Checkpoint};
+use crate::combiner::Combiner;
+use crate::driver::{
+    append_dead_letters, next_backoff, pause, write_checkpoint, Combining, DriverConfig, Flow,
+    FromWorker, LiveWorker, Offsets, Part, PointSink, ProcessorMetrics, ToWorker,
+};
+use crate::partial::Partial;
+use crate::runner::{usable_workers, worker_of, Counts};
+use crate::worker::Worker;
+use crate::{PipelineSet, ProcessorError};
+
+/// Largest encoded message: more partials go into several messages, well
+/// below Kafka's default 1 MB limit.
+const MAX_MESSAGE_BYTES: u64 = 512 * 1024;
+/// File in the checkpoint folder holding the combiner's target watermark.
+const TARGET_FILE: &str = "combiner-target";
+/// How often shards look at the target watermark.
+const TARGET_POLL: Duration = Duration::from_millis(200);
+/// Records read from one partials partition at a time.
+const READ_BATCH: usize = 500;
+/// How long a stopping process tries to write its last messages and
+/// checkpoints before it gives up (the next owner replays instead).
+const STOP_WAIT: Duration = Duration::from_secs(30);
+
+/// Where sharded processing keeps its state and sends its partials.
+#[derive(Debug, Clone)]
+pub struct ShardedConfig {
+    /// Every process's settings; `checkpoint_dir` is required and shared.
+    pub driver: DriverConfig,
+    /// The topic that takes shard reports to the combiner.
+    pub partials_topic: String,
+}
+
+/// The next offset to read of each partition.
+pub type NextOffsets = BTreeMap<crate::watermark::PartitionKey, u64>;
+
+/// One record of the partials topic: what a shard reports to the combiner.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShardMessage {
+    pub shard: u32,
+    /// The shard's next offset of each of its partitions after this report.
+    pub offsets: Offsets,
+    pub body: ShardBody,
+}
+
+/// What a [`ShardMessage`] carries.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ShardBody {
+    /// Partials of a report too large for one message; its `Progress` follows.
+    Partials(Vec<Partial>),
+    /// The end of a progress report: the shard's watermark after it.
+    Progress {
+        partials: Vec<Partial>,
+        wm: Watermark,
+        idle: bool,
+        newest_received_at: EventTime,
+    },
+    /// Early partials of the shard's open windows, in one or more messages;
+    /// the set replaces the previous one once `last` arrives.
+    Early {
+        partials: Vec<Partial>,
+        first: bool,
+        last: bool,
+    },
+}
+
+/// A shard's checkpoint, with the shard count it belongs to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ShardCheckpoint {
+    shards: usize,
+    worker: Checkpoint,
+}
+
+/// The combiner's checkpoint: its state and where it reads the partials topic.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CombinerCheckpoint {
+    shards: usize,
+    combiner: Vec<u8>,
+    read_offsets: BTreeMap<u32, u64>,
+}
+
+/// The next offsets in shard `shard`'s checkpoint in `dir`, if it has one.
+pub fn shard_offsets(dir: &Path, shard: usize) -> Result<Option<NextOffsets>, ProcessorError> {
+    Ok(checkpoint::load::<ShardCheckpoint>(&shard_dir(dir, shard))?.map(|cp| cp.worker.offsets))
+}
+
+/// The number of shards: `config.workers`, lowered to a count that divides
+/// every input topic's partitions (see [`usable_workers`]). Every process
+/// must come to the same number.
+pub async fn shard_count(config: &DriverConfig, log: &dyn Log) -> Result<usize, ProcessorError> {
+    let mut smallest = u32::MAX;
+    for topic in &config.topics {
+        smallest = smallest.min(log.partition_count(topic).await?);
+    }
+    Ok(usable_workers(config.workers, smallest))
+}
+
+fn checkpoint_dir(config: &DriverConfig) -> Result<PathBuf, ProcessorError> {
+    config.checkpoint_dir.clone().ok_or_else(|| {
+        ProcessorError::Setup("sharded processing needs a checkpoint folder".to_string())
+    })
+}
+
+fn shard_dir(dir: &Path, shard: usize) -> PathBuf {
+    dir.join(format!("shard-{shard}"))
+}
+
+/// The key of a shard's messages: one that lands in partition
+/// `shard % partitions`, so shards spread over the partials topic.
+fn shard_key(shard: usize, partitions: u32) -> String {
+    let wanted = shard as u32 % partitions.max(1);
+    (0..)
+        .map(|i| format!("shard-{shard}.{i}"))
+        .find(|k| partition_for_key(k.as_bytes(), partitions) == wanted)
+        .unwrap_or_default()
+}
+
+/// The combiner's last published target watermark (`MIN` when none).
+fn read_target(dir: &Path) -> Watermark {
+    std::fs::read_to_string(dir.join(TARGET_FILE))
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .map_or(EventTime::MIN, EventTime)
+}
+
+async fn write_target(dir: &Path, target: Watermark) -> std::io::Result<()> {
+    let tmp = dir.join(format!("{TARGET_FILE}.tmp"));
+    tokio::fs::write(&tmp, target.0.to_string()).await?;
+    tokio::fs::rename(&tmp, dir.join(TARGET_FILE)).await
+}
+
+/// Splits `partials` into groups whose encoding stays below [`MAX_MESSAGE_BYTES`].
+fn chunks(partials: Vec<Partial>) -> Vec<Vec<Partial>> {
+    let mut out = vec![Vec::new()];
+    let mut size = 0;
+    for p in partials {
+        let n = bincode::serialized_size(&p).unwrap_or(MAX_MESSAGE_BYTES);
+        if size + n > MAX_MESSAGE_BYTES && out.last().is_some_and(|c| !c.is_empty()) {
+            out.push(Vec::new());
+            size = 0;
+        }
+        size += n;
+        if let Some(last) = out.last_mut() {
+            last.push(p);
+        }
+    }
+    out
+}
+
+fn encode(key: &str, message: &ShardMessage) -> Result<Record, ProcessorError> {
+    let value =
+        bincode::serialize(message).map_err(|e| ProcessorError::Io(std::io::Error::other(e)))?;
+    Ok(Record {
+        key: Bytes::copy_from_slice(key.as_bytes()),
+        value: Bytes::from(value),
+        timestamp: EventTime::now(),
+    })
+}
+
+/// The offsets of the shard's last progress report in `topic`, if any:
+/// where a restarted shard must have read to before it reports again.
+async fn last_reported(
+    log: &dyn Log,
+    topic: &str,
+    shard: usize,
+) -> Result<Option<NextOffsets>, ProcessorError> {
+    let partitions = log.partition_count(topic).await?;
+    let partition = shard as u32 % partitions.max(1);
+    let start = log.start_offset(topic, partition).await?;
+    let mut end = log.end_offset(topic, partition).await?;
+    while end > start {
+        let from = end.saturating_sub(READ_BATCH as u64).max(start);
+        let mut records = Vec::new();
+        let mut at = from;
+        // A read may return fewer records than asked: read the whole span.
+        while at < end {
+            let batch = log.read(topic, partition, at, (end - at) as usize).await?;
+            let Some(last) = batch.last() else { break };
+            at = last.offset + 1;
+            records.extend(batch.into_iter().filter(|r| r.offset < end));
+        }
+        for r in records.iter().rev() {
+            let Ok(m) = bincode::deserialize::<ShardMessage>(&r.value) else {
+                continue;
+            };
+            if m.shard as usize == shard && matches!(m.body, ShardBody::Progress { .. }) {
+                return Ok(Some(m.offsets.into_iter().collect()));
+            }
+        }
+        end = from;
+    }
+    Ok(None)
+}
+
+/// Runs the stage-1 `shards` of this process until `cancel`, each on its own
+/// thread reading its partitions from `log`, reporting to the partials
+/// topic and checkpointing into the checkpoint folder (see the module
+/// documentation). On cancel every shard writes a last checkpoint.
+pub async fn run_shards(
+    sharded: ShardedConfig,
+    shards: &[usize],
+    log: Arc<dyn Log>,
+    pipelines: PipelineSet,
+    metrics: ProcessorMetrics,
+    cancel: CancellationToken,
+) -> Result<(), ProcessorError> {
+    let ShardedConfig {
+        driver: config,
+        partials_topic,
+    } = sharded;
+    let partials_topic = partials_topic.as_str();
+    let dir = checkpoint_dir(&config)?;
+    let count = shard_count(&config, log.as_ref()).await?;
+    let partials_partitions = log.partition_count(partials_topic).await?;
+    let global_wm = Arc::new(AtomicI64::new(read_target(&dir).0));
+    let (tx, mut rx) = mpsc::channel::<FromWorker>(4 * shards.len().max(1));
+    let mut commands = BTreeMap::new();
+    let mut threads = Vec::new();
+    for &shard in shards {
+        if shard >= count {
+            return Err(ProcessorError::Setup(format!(
+                "shard {shard} does not exist: there are {count}"
+            )));
+        }
+        let mut engine = Worker::new(&config, pipelines.stage1());
+        let mut parts = Vec::new();
+        for topic in &config.topics {
+            for partition in 0..log.partition_count(topic).await? {
+                if worker_of(partition, count) != shard {
+                    continue;
+                }
+                parts.push(Part {
+                    topic: topic.clone(),
+                    partition,
+                    slot: engine.register(topic, partition),
+                    offset: log.start_offset(topic, partition).await?,
+                    catch_up_to: None,
+                });
+            }
+        }
+        if let Some(cp) = checkpoint::load::<ShardCheckpoint>(&shard_dir(&dir, shard))? {
+            crate::runner::check_worker_count(cp.shards, count)?;
+            engine.restore(&cp.worker)?;
+            for p in &mut parts {
+                if let Some(&o) = cp.worker.offsets.get(&(p.topic.clone(), p.partition)) {
+                    p.offset = o.max(p.offset);
+                }
+            }
+        }
+        if let Some(reported) = last_reported(log.as_ref(), partials_topic, shard).await? {
+            for p in &mut parts {
+                if let Some(&to) = reported.get(&(p.topic.clone(), p.partition)) {
+                    p.catch_up_to = (to > p.offset).then_some(to);
+                }
+            }
+        }
+        tracing::info!(shard, shards = count, "Starting shard");
+        let (cmd_tx, cmd_rx) = std::sync::mpsc::channel::<ToWorker>();
+        commands.insert(shard, cmd_tx);
+        let live = LiveWorker {
+            index: shard,
+            engine,
+            parts,
+            log: log.clone(),
+            runtime: tokio::runtime::Handle::current(),
+            tx: tx.clone(),
+            commands: cmd_rx,
+            config: config.clone(),
+            global_wm: global_wm.clone(),
+            report_offsets: true,
+        };
+        threads.push(live.spawn()?);
+    }
+    drop(tx);
+
+    let mut host = ShardHost {
+        log,
+        topic: partials_topic.to_string(),
+        keys: shards
+            .iter()
+            .map(|&s| (s, shard_key(s, partials_partitions)))
+            .collect(),
+        reported: BTreeMap::new(),
+        metrics,
+        dir: dir.clone(),
+        count,
+    };
+    let result = host
+        .run(&config, &mut rx, &commands, &global_wm, &cancel)
+        .await;
+    for c in commands.values() {
+        let _ = c.send(ToWorker::Stop);
+    }
+    drop(commands);
+    rx.close();
+    while rx.recv().await.is_some() {}
+    let _ = tokio::task::spawn_blocking(move || {
+        for t in threads {
+            let _ = t.join();
+        }
+    })
+    .await;
+    result
+}
+
+/// The async side of [`run_shards`]: writes reports, dead letters and checkpoints.
+struct ShardHost {
+    log: Arc<dyn Log>,
+    topic: String,
+    keys: BTreeMap<usize, String>,
+    /// Per shard, the watermark and idleness last reported.
+    reported: BTreeMap<usize, (Watermark, bool)>,
+    metrics: ProcessorMetrics,
+    dir: PathBuf,
+    count: usize,
+}
+
+/// What handling a worker's message asks of the host.
+enum Next {
+    Continue,
+    /// A shard reached a barrier with this state.
+    Barrier(usize, Checkpoint),
+    /// A report could not be written before cancel: stop, and checkpoint
+    /// nothing after it.
+    Abandon,
+}
+
+impl ShardHost {
+    async fn run(
+        &mut self,
+        config: &DriverConfig,
+        rx: &mut mpsc::Receiver<FromWorker>,
+        commands: &BTreeMap<usize, std::sync::mpsc::Sender<ToWorker>>,
+        global_wm: &AtomicI64,
+        cancel: &CancellationToken,
+    ) -> Result<(), ProcessorError> {
+        let mut checkpoint_tick = tokio::time::interval(config.checkpoint_interval);
+        checkpoint_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        checkpoint_tick.reset();
+        let mut target_tick = tokio::time::interval(TARGET_POLL);
+        loop {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                msg = rx.recv() => {
+                    let Some(msg) = msg else { return Ok(()) };
+                    match self.handle(msg, cancel).await? {
+                        Next::Continue => {}
+                        Next::Barrier(shard, cp) => {
+                            // A failed save is logged; the next interval tries again.
+                            self.save(shard, cp).await;
+                            if let Some(c) = commands.get(&shard) {
+                                let _ = c.send(ToWorker::Resume);
+                            }
+                        }
+                        Next::Abandon => return Ok(()),
+                    }
+                }
+                _ = checkpoint_tick.tick() => {
+                    for c in commands.values() {
+                        let _ = c.send(ToWorker::Checkpoint);
+                    }
+                }
+                _ = target_tick.tick() => {
+                    global_wm.fetch_max(read_target(&self.dir).0, Ordering::AcqRel);
+                }
+            }
+        }
+        // Cancelled: every shard stops at a barrier and saves it, unless its
+        // reports cannot be written in time.
+        let stopping = CancellationToken::new();
+        let deadline = stopping.clone();
+        let timer = tokio::spawn(async move {
+            tokio::time::sleep(STOP_WAIT).await;
+            deadline.cancel();
+        });
+        for c in commands.values() {
+            let _ = c.send(ToWorker::Checkpoint);
+        }
+        let mut pending = commands.len();
+        while pending > 0 {
+            let Some(msg) = rx.recv().await else { break };
+            match self.handle(msg, &stopping).await? {
+                Next::Continue => {}
+                Next::Barrier(shard, cp) => {
+                    self.save(shard, cp).await;
+                    if let Some(c) = commands.get(&shard) {
+                        let _ = c.send(ToWorker::Stop);
+                    }
+                    pending -= 1;
+                }
+                Next::Abandon => break,
+            }
+        }
+        timer.abort();
+        Ok(())
+    }
+
+    async fn handle(
+        &mut self,
+        msg: FromWorker,
+        cancel: &CancellationToken,
+    ) -> Result<Next, ProcessorError> {
+        let records = match msg {
+            FromWorker::Progress {
+                worker,
+                partials,
+                wm,
+                idle,
+                counts,
+                decode_errors,
+                dead_letters,
+                newest_received_at,
+                offsets,
+                catching_up,
+            } => {
+                self.count_events(counts, decode_errors);
+                if !dead_letters.is_empty() {
+                    append_dead_letters(self.log.as_ref(), dead_letters, cancel).await;
+                }
+                if catching_up
+                    || (partials.is_empty() && self.reported.get(&worker) == Some(&(wm, idle)))
+                {
+                    return Ok(Next::Continue);
+                }
+                self.reported.insert(worker, (wm, idle));
+                let mut groups = chunks(partials);
+                let last = groups.pop().unwrap_or_default();
+                let mut messages: Vec<ShardMessage> = groups
+                    .into_iter()
+                    .map(|g| ShardMessage {
+                        shard: worker as u32,
+                        offsets: offsets.clone(),
+                        body: ShardBody::Partials(g),
+                    })
+                    .collect();
+                messages.push(ShardMessage {
+                    shard: worker as u32,
+                    offsets,
+                    body: ShardBody::Progress {
+                        partials: last,
+                        wm,
+                        idle,
+                        newest_received_at,
+                    },
+                });
+                self.records(worker, &messages)?
+            }
+            FromWorker::Early {
+                worker,
+                partials,
+                lag,
+                offsets,
+            } => {
+                for (topic, n) in lag {
+                    self.metrics.lag_records.with_label_values(&[&topic]).set(n);
+                }
+                let groups = chunks(partials);
+                let n = groups.len();
+                let messages: Vec<ShardMessage> = groups
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, g)| ShardMessage {
+                        shard: worker as u32,
+                        offsets: offsets.clone(),
+                        body: ShardBody::Early {
+                            partials: g,
+                            first: i == 0,
+                            last: i + 1 == n,
+                        },
+                    })
+                    .collect();
+                self.records(worker, &messages)?
+            }
+            FromWorker::Barrier { worker, checkpoint } => {
+                return Ok(Next::Barrier(worker, checkpoint))
+            }
+            FromWorker::Failed(e) => return Err(e),
+        };
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.log.append(&self.topic, records.clone()).await {
+                Ok(_) => return Ok(Next::Continue),
+                Err(e) if e.is_retryable() => {
+                    tracing::warn!(error = %e, "Writing shard reports failed; retrying");
+                    if !pause(backoff, cancel).await {
+                        return Ok(Next::Abandon);
+                    }
+                    backoff = next_backoff(backoff);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    fn records(
+        &self,
+        shard: usize,
+        messages: &[ShardMessage],
+    ) -> Result<Vec<Record>, ProcessorError> {
+        let key = self.keys.get(&shard).map_or("", String::as_str);
+        messages.iter().map(|m| encode(key, m)).collect()
+    }
+
+    fn count_events(&self, counts: Counts, decode_errors: u64) {
+        self.metrics.events_processed.inc_by(counts.accepted);
+        self.metrics.late_events.inc_by(counts.too_late);
+        self.metrics.duplicates.inc_by(counts.duplicates);
+        self.metrics.decode_errors.inc_by(decode_errors);
+    }
+
+    /// Saves a shard's checkpoint, logging a failure.
+    async fn save(&self, shard: usize, worker: Checkpoint) {
+        let timer = self.metrics.checkpoint_duration_seconds.start_timer();
+        let dir = shard_dir(&self.dir, shard);
+        let cp = ShardCheckpoint {
+            shards: self.count,
+            worker,
+        };
+        let saved = tokio::task::spawn_blocking(move || checkpoint::save(&dir, &cp)).await;
+        match saved {
+            Ok(Ok(())) => timer.observe_duration(),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, shard, "Saving a shard checkpoint failed");
+                timer.stop_and_discard();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, shard, "Saving a shard checkpoint failed");
+                timer.stop_and_discard();
+            }
+        }
+    }
+}
+
+/// Runs stage 2 until `cancel`: reads every shard's reports from
+/// the partials topic, fires windows into `sink` and `updates`, publishes the
+/// target watermark for the shards and checkpoints into
+/// `config.checkpoint_dir` (see the module documentation).
+pub async fn run_combiner(
+    sharded: ShardedConfig,
+    log: Arc<dyn Log>,
+    pipelines: PipelineSet,
+    sink: Arc<dyn PointSink>,
+    updates: broadcast::Sender<Update>,
+    metrics: ProcessorMetrics,
+    cancel: CancellationToken,
+) -> Result<(), ProcessorError> {
+    let ShardedConfig {
+        driver: config,
+        partials_topic,
+    } = sharded;
+    let partials_topic = partials_topic.as_str();
+    let dir = checkpoint_dir(&config)?;
+    let count = shard_count(&config, log.as_ref()).await?;
+    let mut combiner = Combiner::new(pipelines.stage2(), count, pipelines.allowed_lateness);
+    let mut read_offsets = BTreeMap::new();
+    for partition in 0..log.partition_count(partials_topic).await? {
+        read_offsets.insert(
+            partition,
+            log.start_offset(partials_topic, partition).await?,
+        );
+    }
+    let combiner_dir = dir.join("combiner");
+    if let Some(cp) = checkpoint::load::<CombinerCheckpoint>(&combiner_dir)? {
+        crate::runner::check_worker_count(cp.shards, count)?;
+        combiner.restore(&cp.combiner)?;
+        for (p, o) in cp.read_offsets {
+            if let Some(at) = read_offsets.get_mut(&p) {
+                *at = (*at).max(o);
+            }
+        }
+        tracing::info!(shards = count, "Restored combiner checkpoint");
+    }
+    let global_wm = Arc::new(AtomicI64::new(combiner.target().0));
+    let mut driver = Combining::new(combiner, sink, updates, metrics, log.clone(), global_wm);
+    let mut shard_states = vec![ShardState::default(); count];
+    let mut published = EventTime::MIN;
+
+    let mut early_tick = tokio::time::interval(config.early_interval);
+    early_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut checkpoint_tick = tokio::time::interval(config.checkpoint_interval);
+    checkpoint_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    checkpoint_tick.reset();
+    let mut backoff = Duration::from_millis(100);
+    let save = |driver: &Combining, read_offsets: &BTreeMap<u32, u64>| CombinerCheckpoint {
+        shards: count,
+        combiner: driver.combiner.snapshot(),
+        read_offsets: read_offsets.clone(),
+    };
+    loop {
+        if cancel.is_cancelled() {
+            break;
+        }
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            _ = early_tick.tick() => driver.publish_early(),
+            _ = checkpoint_tick.tick() => {
+                let cp = save(&driver, &read_offsets);
+                write_checkpoint(Some(combiner_dir.clone()), Some(cp), driver.sink.as_ref(), &driver.metrics).await?;
+            }
+            read = read_round(log.as_ref(), partials_topic, &read_offsets) => {
+                let batches = match read {
+                    Ok(b) => {
+                        backoff = Duration::from_millis(100);
+                        b
+                    }
+                    Err(e) if e.is_retryable() => {
+                        tracing::warn!(error = %e, "Reading shard reports failed; retrying");
+                        if !pause(backoff, &cancel).await {
+                            break;
+                        }
+                        backoff = next_backoff(backoff);
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                let mut any = false;
+                for (partition, records) in batches {
+                    for r in records {
+                        any = true;
+                        read_offsets.insert(partition, r.offset + 1);
+                        let message = match bincode::deserialize::<ShardMessage>(&r.value) {
+                            Ok(m) => m,
+                            Err(e) => {
+                                tracing::warn!(error = %e, partition, offset = r.offset, "Skipping an unreadable shard report");
+                                continue;
+                            }
+                        };
+                        let Some(msg) = to_driver(message, &mut shard_states) else { continue };
+                        if let Flow::Abandon = driver.handle(msg, &cancel).await? {
+                            return Ok(());
+                        }
+                    }
+                }
+                let target = driver.combiner.target();
+                if target > published {
+                    match write_target(&dir, target).await {
+                        Ok(()) => published = target,
+                        Err(e) => tracing::warn!(error = %e, "Cannot publish the target watermark"),
+                    }
+                }
+                if !any && !pause(config.idle_sleep, &cancel).await {
+                    break;
+                }
+            }
+        }
+    }
+    // A last checkpoint; a store that stays down skips it (the next owner
+    // replays the reports instead).
+    let cp = save(&driver, &read_offsets);
+    let flushed = tokio::time::timeout(
+        STOP_WAIT,
+        write_checkpoint(
+            Some(combiner_dir),
+            Some(cp),
+            driver.sink.as_ref(),
+            &driver.metrics,
+        ),
+    )
+    .await;
+    match flushed {
+        Ok(r) => r,
+        Err(_) => {
+            tracing::warn!("The store did not take the last points in time; not checkpointing");
+            Ok(())
+        }
+    }
+}
+
+/// Reads the next records of every partials partition.
+async fn read_round(
+    log: &dyn Log,
+    topic: &str,
+    offsets: &BTreeMap<u32, u64>,
+) -> Result<Vec<(u32, Vec<tidemark_log::StoredRecord>)>, ProcessorError> {
+    let mut out = Vec::new();
+    for (&partition, &offset) in offsets {
+        let records = match log.read(topic, partition, offset, READ_BATCH).await {
+            Ok(r) => r,
+            Err(tidemark_log::LogError::OffsetOutOfRange { earliest, .. }) => {
+                tracing::warn!(
+                    partition,
+                    from = offset,
+                    to = earliest,
+                    "Shard reports no longer retained; skipping ahead"
+                );
+                out.push((partition, Vec::new()));
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        out.push((partition, records));
+    }
+    Ok(out)
+}
+
+/// What the combiner remembers of a shard between its messages.
+#[derive(Debug, Clone, Default)]
+struct ShardState {
+    /// An early set still arriving.
+    early: Option<Vec<Partial>>,
+    /// Idleness as last reported.
+    idle: bool,
+}
+
+/// Turns a report into what the in-process driver's combiner handles.
+fn to_driver(message: ShardMessage, shards: &mut [ShardState]) -> Option<FromWorker> {
+    let worker = message.shard as usize;
+    let Some(state) = shards.get_mut(worker) else {
+        tracing::warn!(shard = worker, "Skipping a report of an unknown shard");
+        return None;
+    };
+    let report = |partials, wm, idle, newest_received_at| FromWorker::Progress {
+        worker,
+        partials,
+        wm,
+        idle,
+        counts: Counts::default(),
+        decode_errors: 0,
+        dead_letters: Vec::new(),
+        newest_received_at,
+        offsets: Vec::new(),
+        catching_up: false,
+    };
+    match message.body {
+        ShardBody::Partials(partials) => {
+            Some(report(partials, EventTime::MIN, state.idle, EventTime::MIN))
+        }
+        ShardBody::Progress {
+            partials,
+            wm,
+            idle,
+            newest_received_at,
+        } => {
+            state.idle = idle;
+            Some(report(partials, wm, idle, newest_received_at))
+        }
+        ShardBody::Early {
+            partials,
+            first,
+            last,
+        } => {
+            if first {
+                state.early = Some(Vec::new());
+            }
+            state.early.as_mut()?.extend(partials);
+            if !last {
+                return None;
+            }
+            Some(FromWorker::Early {
+                worker,
+                partials: state.early.take().unwrap_or_default(),
+                lag: Vec::new(),
+                offsets: Vec::new(),
+            })
+        }
+    }
+}
