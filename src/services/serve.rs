@@ -44,6 +44,10 @@ pub struct ServeArgs {
     pub kafka: KafkaArgs,
     #[command(flatten)]
     pub influx: InfluxArgs,
+    /// Folder whose `serving.json` (written by `tidemark promote --data-dir`)
+    /// names the database to serve; without it `--influx-db` is served.
+    #[arg(long, env = "TIDEMARK_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
     /// TOML file with defaults for these flags (see the README).
     #[arg(long, env = "TIDEMARK_CONFIG")]
     pub config: Option<PathBuf>,
@@ -108,8 +112,28 @@ pub async fn run(
         )));
     }
 
-    let server = ServerState::new(store, updates, registry, Some(args.web_dir));
-    let router = tidemark_ws_server::router(Arc::new(server));
+    let server = Arc::new(ServerState::new(
+        store.clone(),
+        updates,
+        registry,
+        Some(args.web_dir),
+    ));
+    let live = (args.influx.influx_db.clone(), store);
+    server.set_live_database(&live.0);
+    server.serving().switch(&live.0, live.1.clone());
+    if let Some(dir) = &args.data_dir {
+        // `tidemark promote` switches every serve that shares the folder.
+        let (target, _) = crate::replay_cmd::store_target(dir, &args.influx);
+        crate::promote::sync_serving(dir, &target, &live, &server);
+        tasks.push(tokio::spawn(crate::promote::follow_serving(
+            dir.clone(),
+            target,
+            live,
+            server.clone(),
+            background.clone(),
+        )));
+    }
+    let router = tidemark_ws_server::router(server);
     tracing::info!(listen = %listener.local_addr()?, "Serve is running");
     let http_cancel = cancel.clone();
     let served =

@@ -14,7 +14,7 @@ use tidemark_model::{topic, wire};
 use tidemark_tests::services::{
     ingest_args, process_args, serve_args, OverviewClient, Service, TansuServer,
 };
-use tidemark_tests::{metric_value, wait_until, InfluxServer, JsonApi, KnownEvents};
+use tidemark_tests::{metric_value, tidemark_bin, wait_until, InfluxServer, JsonApi, KnownEvents};
 
 /// Windows close 10 s after the last event (idle partitions), and tansu is
 /// not fast: generous, but bounded.
@@ -88,11 +88,15 @@ async fn three_services_give_exact_counts_in_influxdb_and_on_the_websocket() {
     .await;
     // serve takes its settings from a config file.
     let serve_config = dir.path().join("serve.toml");
+    let serving_dir = dir.path().join("serving");
+    std::fs::create_dir_all(&serving_dir).unwrap();
     std::fs::write(
         &serve_config,
         format!(
-            "kafka_brokers = \"{}\"\ninflux_url = \"{}\"\ninflux_db = \"tidemark\"\n",
-            tansu.brokers, influx.url
+            "kafka_brokers = \"{}\"\ninflux_url = \"{}\"\ninflux_db = \"tidemark\"\ndata_dir = \"{}\"\n",
+            tansu.brokers,
+            influx.url,
+            serving_dir.display()
         ),
     )
     .unwrap();
@@ -176,6 +180,64 @@ async fn three_services_give_exact_counts_in_influxdb_and_on_the_websocket() {
             ""
         ) > 0.0
     );
+
+    // `tidemark promote` switches serve as well: REST and the WebSocket
+    // overview (an empty database has an empty one), then back.
+    let created = reqwest::Client::new()
+        .post(format!("{}/query", influx.url))
+        .query(&[("q", "CREATE DATABASE tidemark_v2")])
+        .send()
+        .await
+        .unwrap();
+    assert!(created.status().is_success());
+    let promote = |args: &[&str]| {
+        let out = std::process::Command::new(tidemark_bin())
+            .arg("promote")
+            .args(args)
+            .arg("--data-dir")
+            .arg(&serving_dir)
+            .args(["--influx-url", &influx.url])
+            .output()
+            .expect("promote runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let serving = |want: &'static str| {
+        let serve = &serve;
+        move || async move { serve.get_json("/api/v1/health").await["database"] == want }
+    };
+    promote(&["tidemark_v2"]);
+    wait_until(
+        "serve to serve tidemark_v2",
+        Duration::from_secs(10),
+        serving("tidemark_v2"),
+    )
+    .await;
+    assert!(
+        overview
+            .until(Duration::from_secs(10), |w| w.is_empty())
+            .await,
+        "a snapshot of the empty database: {:?}",
+        overview.windows
+    );
+    promote(&["--rollback"]);
+    wait_until(
+        "serve to serve tidemark again",
+        Duration::from_secs(10),
+        serving("tidemark"),
+    )
+    .await;
+    let again = overview
+        .until(Duration::from_secs(10), |windows| {
+            expected
+                .iter()
+                .all(|(minute, types)| windows.get(minute).is_some_and(|(_, seen)| seen == types))
+        })
+        .await;
+    assert!(again, "the live overview again: {:?}", overview.windows);
 }
 
 /// The brokers are librdkafka's mock cluster, which listens on loopback
