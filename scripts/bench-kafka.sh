@@ -4,6 +4,8 @@
 #   ingest  : HTTP POST /v1/events -> log (202 after the log confirmed)
 #   read    : log -> nothing (every partition start to end, no decoding)
 #   process : log -> both processor stages -> InfluxDB
+#   sharded : the same as `tidemark process` runs it: the shards report
+#             through the partials topic to a separate combiner
 # Each run gets a fresh tansu broker (SQLite storage) and reuses one influxd.
 # Prints each run's JSON, then one JSON summary with the medians.
 #
@@ -71,13 +73,15 @@ for i in $(seq "$RUNS"); do
   with_tansu "$BIN" bench read --events "$EVENTS" | tee -a "$WORK/read-kafka.jsonl"
   "$BIN" bench process --events "$EVENTS" --event-rate 500 --influx-url "$INFLUX" | tee -a "$WORK/process-embedded.jsonl"
   with_tansu "$BIN" bench process --events "$EVENTS" --event-rate 500 --influx-url "$INFLUX" | tee -a "$WORK/process-kafka.jsonl"
+  "$BIN" bench process --sharded --events "$EVENTS" --event-rate 500 --influx-url "$INFLUX" | tee -a "$WORK/sharded-embedded.jsonl"
+  with_tansu "$BIN" bench process --sharded --events "$EVENTS" --event-rate 500 --influx-url "$INFLUX" | tee -a "$WORK/sharded-kafka.jsonl"
 done
 
 python3 - "$WORK" <<'PY'
 import json, statistics, sys, os
 out = {"bench": "kafka_vs_embedded"}
 for name in ["ingest-embedded", "ingest-kafka", "read-embedded", "read-kafka",
-             "process-embedded", "process-kafka"]:
+             "process-embedded", "process-kafka", "sharded-embedded", "sharded-kafka"]:
     rates = [json.loads(l)["events_per_sec"] for l in open(os.path.join(sys.argv[1], name + ".jsonl")) if l.strip()]
     out[name.replace("-", "_") + "_events_per_sec"] = rates
     out[name.replace("-", "_") + "_median"] = statistics.median(rates)

@@ -103,6 +103,11 @@ pub struct BenchArgs {
     /// `process`: the database the points go to.
     #[arg(long, default_value = "tidemark_bench")]
     pub influx_db: String,
+    /// `process`: run the stages as `tidemark process` does, `--threads`
+    /// shards reporting through the partials topic to a separate combiner,
+    /// instead of in one driver.
+    #[arg(long)]
+    pub sharded: bool,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -534,37 +539,45 @@ async fn bench_process(args: &BenchArgs) -> anyhow::Result<Value> {
     let (updates, _) = tokio::sync::broadcast::channel(1024);
     let total = events.len() as u64;
     let started = Instant::now();
-    let mut driver = tokio::spawn(run_driver(
-        DriverConfig {
+    if args.sharded {
+        let sink = Arc::new(app::WriterSink(writer.clone()));
+        let sharded = ShardedRun {
             topics,
-            workers: args.threads,
-            checkpoint_dir: None,
-            ..DriverConfig::default()
-        },
-        log,
-        set,
-        Arc::new(app::WriterSink(writer.clone())),
-        updates,
-        metrics.clone(),
-        cancel.clone(),
-    ));
-    let processed =
-        || metrics.events_processed.get() + metrics.duplicates.get() + metrics.late_events.get();
-    while processed() < total {
-        if let Ok(joined) = tokio::time::timeout(Duration::from_millis(10), &mut driver).await {
-            joined??;
-            anyhow::bail!("the processor stopped after {} events", processed());
+            total,
+            dir: dir.path(),
+        };
+        run_sharded(args, sharded, log, set, sink, updates, metrics.clone()).await?;
+    } else {
+        let mut driver = tokio::spawn(run_driver(
+            DriverConfig {
+                topics,
+                workers: args.threads,
+                checkpoint_dir: None,
+                ..DriverConfig::default()
+            },
+            log,
+            set,
+            Arc::new(app::WriterSink(writer.clone())),
+            updates,
+            metrics.clone(),
+            cancel.clone(),
+        ));
+        while processed(&metrics) < total {
+            if let Ok(joined) = tokio::time::timeout(Duration::from_millis(10), &mut driver).await {
+                joined??;
+                anyhow::bail!("the processor stopped after {} events", processed(&metrics));
+            }
         }
+        // The driver's shutdown flushes the store writer: fired windows are stored.
+        cancel.cancel();
+        driver.await??;
     }
-    // The driver's shutdown flushes the store writer: fired windows are stored.
-    cancel.cancel();
-    driver.await??;
     let seconds = started.elapsed().as_secs_f64();
     drop(writer);
     let _ = writer_task.await;
     Ok(summary(
         "process",
-        processed(),
+        processed(&metrics),
         seconds,
         json!({
             "log": log_kind,
@@ -572,8 +585,91 @@ async fn bench_process(args: &BenchArgs) -> anyhow::Result<Value> {
             "points": writer_metrics.points.get(),
             "workers": args.threads,
             "pipelines": args.pipelines,
+            "sharded": args.sharded,
         }),
     ))
+}
+
+/// Events the processor took (accepted, duplicates and too late).
+fn processed(metrics: &tidemark_processor::driver::ProcessorMetrics) -> u64 {
+    metrics.events_processed.get() + metrics.duplicates.get() + metrics.late_events.get()
+}
+
+/// What a sharded `bench process` runs over.
+struct ShardedRun<'a> {
+    topics: Vec<String>,
+    /// Events in the log.
+    total: u64,
+    /// Where the checkpoints go.
+    dir: &'a std::path::Path,
+}
+
+/// `bench process --sharded`: every shard and the combiner, joined by the
+/// partials topic of `log`, until every event is processed and every
+/// report combined; the combiner's shutdown flushes the store writer.
+async fn run_sharded(
+    args: &BenchArgs,
+    run: ShardedRun<'_>,
+    log: Arc<dyn Log>,
+    set: PipelineSet,
+    sink: Arc<app::WriterSink>,
+    updates: tokio::sync::broadcast::Sender<tidemark_model::Update>,
+    metrics: tidemark_processor::driver::ProcessorMetrics,
+) -> anyhow::Result<()> {
+    let ShardedRun { topics, total, dir } = run;
+    use tidemark_processor::shards::{run_combiner, run_shards, shard_count, ShardedConfig};
+
+    const PARTIALS: &str = "tidemark-partials";
+    log.ensure_topic(PARTIALS, topic::default_partitions(PARTIALS))
+        .await?;
+    let sharded = ShardedConfig {
+        driver: DriverConfig {
+            topics,
+            workers: args.threads,
+            checkpoint_dir: Some(dir.join("checkpoints")),
+            ..DriverConfig::default()
+        },
+        partials_topic: PARTIALS.to_string(),
+    };
+    let shards: Vec<usize> = (0..shard_count(&sharded.driver, log.as_ref()).await?).collect();
+    let (stop_shards, stop_combiner) = (CancellationToken::new(), CancellationToken::new());
+    let mut stage1 = {
+        let (sharded, log, set, metrics, stop) = (
+            sharded.clone(),
+            log.clone(),
+            set.clone(),
+            metrics.clone(),
+            stop_shards.clone(),
+        );
+        tokio::spawn(async move { run_shards(sharded, &shards, log, set, metrics, stop).await })
+    };
+    let combiner = tokio::spawn(run_combiner(
+        sharded,
+        log.clone(),
+        set,
+        sink,
+        updates,
+        metrics.clone(),
+        stop_combiner.clone(),
+    ));
+    while processed(&metrics) < total {
+        if let Ok(joined) = tokio::time::timeout(Duration::from_millis(10), &mut stage1).await {
+            joined??;
+            anyhow::bail!("the shards stopped after {} events", processed(&metrics));
+        }
+    }
+    stop_shards.cancel();
+    stage1.await??;
+    let mut reports = 0;
+    for p in 0..log.partition_count(PARTIALS).await? {
+        reports += log.end_offset(PARTIALS, p).await? - log.start_offset(PARTIALS, p).await?;
+    }
+    while metrics.shard_reports.get() < reports {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop_combiner.cancel();
+    combiner.await??;
+    Ok(())
 }
 
 async fn bench_read(args: &BenchArgs) -> anyhow::Result<Value> {

@@ -118,6 +118,8 @@ pub struct ProcessorMetrics {
     pub lag_records: IntGaugeVec,
     pub windows_fired: IntCounter,
     pub checkpoint_duration_seconds: Histogram,
+    /// Shard reports the combiner read (sharded processing only).
+    pub shard_reports: IntCounter,
 }
 
 impl ProcessorMetrics {
@@ -179,6 +181,11 @@ impl ProcessorMetrics {
                 "Window results emitted (final or corrected)",
             ),
             checkpoint_duration_seconds,
+            shard_reports: counter(
+                registry,
+                "tidemark_processor_shard_reports_total",
+                "Records of the partials topic the combiner read",
+            ),
         }
     }
 }

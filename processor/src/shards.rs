@@ -659,6 +659,7 @@ pub async fn run_combiner(
                 for (partition, records) in batches {
                     for r in records {
                         any = true;
+                        driver.metrics.shard_reports.inc();
                         read_offsets.insert(partition, r.offset + 1);
                         let message = match bincode::deserialize::<ShardMessage>(&r.value) {
                             Ok(m) => m,
