@@ -409,10 +409,19 @@ pub async fn run_driver(
 
     let mut driver = Combining::new(combiner, sink, updates, metrics, log, global_wm);
     let result = driver.run(&config, &mut rx, &commands, &cancel).await;
-    for c in &commands {
+    stop_workers(commands, rx, threads).await;
+    result
+}
+
+/// Tells every worker thread to stop and waits until they have.
+pub(crate) async fn stop_workers(
+    commands: impl IntoIterator<Item = std::sync::mpsc::Sender<ToWorker>>,
+    mut rx: tokio::sync::mpsc::Receiver<FromWorker>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+) {
+    for c in commands {
         let _ = c.send(ToWorker::Stop);
     }
-    drop(commands);
     // Unblock workers waiting to send, then wait for them to end.
     rx.close();
     while rx.recv().await.is_some() {}
@@ -422,7 +431,6 @@ pub async fn run_driver(
         }
     })
     .await;
-    result
 }
 
 /// The driver's side: the combiner, the sink, live updates and checkpoints.

@@ -41,8 +41,9 @@ use tokio_util::sync::CancellationToken;
 use crate::checkpoint::{self, Checkpoint};
 use crate::combiner::Combiner;
 use crate::driver::{
-    append_dead_letters, next_backoff, pause, write_checkpoint, Combining, DriverConfig, Flow,
-    FromWorker, LiveWorker, Offsets, Part, PointSink, ProcessorMetrics, ToWorker,
+    append_dead_letters, next_backoff, pause, stop_workers, write_checkpoint, Combining,
+    DriverConfig, Flow, FromWorker, LiveWorker, Offsets, Part, PointSink, ProcessorMetrics,
+    ToWorker,
 };
 use crate::partial::Partial;
 use crate::runner::{usable_workers, worker_of, Counts};
@@ -135,10 +136,18 @@ pub async fn shard_count(config: &DriverConfig, log: &dyn Log) -> Result<usize, 
     Ok(usable_workers(config.workers, smallest))
 }
 
-fn checkpoint_dir(config: &DriverConfig) -> Result<PathBuf, ProcessorError> {
-    config.checkpoint_dir.clone().ok_or_else(|| {
-        ProcessorError::Setup("sharded processing needs a checkpoint folder".to_string())
-    })
+impl ShardedConfig {
+    /// The settings, the partials topic, the checkpoint folder and the shard count.
+    async fn open(
+        self,
+        log: &dyn Log,
+    ) -> Result<(DriverConfig, String, PathBuf, usize), ProcessorError> {
+        let dir = self.driver.checkpoint_dir.clone().ok_or_else(|| {
+            ProcessorError::Setup("sharded processing needs a checkpoint folder".to_string())
+        })?;
+        let count = shard_count(&self.driver, log).await?;
+        Ok((self.driver, self.partials_topic, dir, count))
+    }
 }
 
 fn shard_dir(dir: &Path, shard: usize) -> PathBuf {
@@ -244,13 +253,8 @@ pub async fn run_shards(
     metrics: ProcessorMetrics,
     cancel: CancellationToken,
 ) -> Result<(), ProcessorError> {
-    let ShardedConfig {
-        driver: config,
-        partials_topic,
-    } = sharded;
+    let (config, partials_topic, dir, count) = sharded.open(log.as_ref()).await?;
     let partials_topic = partials_topic.as_str();
-    let dir = checkpoint_dir(&config)?;
-    let count = shard_count(&config, log.as_ref()).await?;
     let partials_partitions = log.partition_count(partials_topic).await?;
     let global_wm = Arc::new(AtomicI64::new(read_target(&dir).0));
     let (tx, mut rx) = mpsc::channel::<FromWorker>(4 * shards.len().max(1));
@@ -328,18 +332,7 @@ pub async fn run_shards(
     let result = host
         .run(&config, &mut rx, &commands, &global_wm, &cancel)
         .await;
-    for c in commands.values() {
-        let _ = c.send(ToWorker::Stop);
-    }
-    drop(commands);
-    rx.close();
-    while rx.recv().await.is_some() {}
-    let _ = tokio::task::spawn_blocking(move || {
-        for t in threads {
-            let _ = t.join();
-        }
-    })
-    .await;
+    stop_workers(commands.into_values(), rx, threads).await;
     result
 }
 
@@ -585,13 +578,8 @@ pub async fn run_combiner(
     metrics: ProcessorMetrics,
     cancel: CancellationToken,
 ) -> Result<(), ProcessorError> {
-    let ShardedConfig {
-        driver: config,
-        partials_topic,
-    } = sharded;
+    let (config, partials_topic, dir, count) = sharded.open(log.as_ref()).await?;
     let partials_topic = partials_topic.as_str();
-    let dir = checkpoint_dir(&config)?;
-    let count = shard_count(&config, log.as_ref()).await?;
     let mut combiner = Combiner::new(pipelines.stage2(), count, pipelines.allowed_lateness);
     let mut read_offsets = BTreeMap::new();
     for partition in 0..log.partition_count(partials_topic).await? {
