@@ -1,0 +1,18 @@
+# The `tidemark` image of docker-compose.yml: the binary (every subcommand)
+# and the built dashboard.
+FROM rust:1-bookworm AS build
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends nodejs npm \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked --bin tidemark \
+ && npm --prefix dashboards/web ci \
+ && npm --prefix dashboards/web run build
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=build /src/target/release/tidemark /usr/local/bin/tidemark
+COPY --from=build /src/dashboards/web/dist /usr/share/tidemark/web
