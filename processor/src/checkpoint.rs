@@ -19,11 +19,14 @@ pub const FILE_NAME: &str = "checkpoint.bin.zst";
 const TMP_NAME: &str = "checkpoint.bin.zst.tmp";
 const ZSTD_LEVEL: i32 = 3;
 
+/// The next offset to read of each partition.
+pub type NextOffsets = BTreeMap<PartitionKey, u64>;
+
 /// Everything needed to resume processing exactly where it stopped.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Checkpoint {
     /// Next offset to read, per (topic, partition).
-    pub offsets: BTreeMap<PartitionKey, u64>,
+    pub offsets: NextOffsets,
     pub watermarks: WatermarkState,
     pub dedup: BTreeMap<PartitionKey, PartitionDedup>,
     /// The worker's watermark when the checkpoint was taken.

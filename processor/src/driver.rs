@@ -22,7 +22,7 @@ use tidemark_model::{Event, EventTime, Point, Tier, Update, Watermark};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-use crate::checkpoint::{self, Checkpoint};
+use crate::checkpoint::{self, Checkpoint, NextOffsets};
 use crate::combiner::Combiner;
 use crate::dedup::DEFAULT_HORIZON;
 use crate::partial::Partial;
@@ -190,6 +190,16 @@ impl ProcessorMetrics {
     }
 }
 
+impl ProcessorMetrics {
+    /// Counts what happened to a batch of records.
+    pub(crate) fn count(&self, counts: Counts, decode_errors: u64) {
+        self.events_processed.inc_by(counts.accepted);
+        self.late_events.inc_by(counts.too_late);
+        self.duplicates.inc_by(counts.duplicates);
+        self.decode_errors.inc_by(decode_errors);
+    }
+}
+
 fn unreachable_metric() -> ! {
     // Names and help texts above are constant and valid.
     panic!("invalid constant metric definition")
@@ -261,9 +271,6 @@ async fn send_points(
     }
 }
 
-/// Next offsets of a worker's partitions.
-pub(crate) type Offsets = Vec<((String, u32), u64)>;
-
 /// What a live worker thread tells the driver.
 pub(crate) enum FromWorker {
     Progress {
@@ -277,7 +284,7 @@ pub(crate) enum FromWorker {
         dead_letters: Vec<Record>,
         newest_received_at: EventTime,
         /// Where the worker is after this batch (empty unless asked for).
-        offsets: Offsets,
+        offsets: NextOffsets,
         /// Replaying what was reported before a restart: nothing to report.
         catching_up: bool,
     },
@@ -286,7 +293,7 @@ pub(crate) enum FromWorker {
         partials: Vec<Partial>,
         /// Records behind the end of the log, per topic, for this worker's partitions.
         lag: Vec<(String, i64)>,
-        offsets: Offsets,
+        offsets: NextOffsets,
     },
     /// The worker's state at a batch boundary; it waits for the next command.
     Barrier {
@@ -530,10 +537,7 @@ impl Combining {
                 offsets: _,
                 catching_up: _,
             } => {
-                self.metrics.events_processed.inc_by(counts.accepted);
-                self.metrics.late_events.inc_by(counts.too_late);
-                self.metrics.duplicates.inc_by(counts.duplicates);
-                self.metrics.decode_errors.inc_by(decode_errors);
+                self.metrics.count(counts, decode_errors);
                 self.newest_received_at = self.newest_received_at.max(newest_received_at);
                 let mut out = Vec::new();
                 for p in partials {
@@ -676,14 +680,21 @@ impl LiveWorker {
             .map_err(ProcessorError::Io)
     }
 
-    fn offsets(&self) -> Offsets {
-        if !self.report_offsets {
-            return Vec::new();
-        }
+    /// The next offset of each of the worker's partitions.
+    fn next_offsets(&self) -> NextOffsets {
         self.parts
             .iter()
             .map(|p| ((p.topic.clone(), p.partition), p.offset))
             .collect()
+    }
+
+    /// What a report says of the offsets: [`Self::next_offsets`] when asked for.
+    fn reported_offsets(&self) -> NextOffsets {
+        if self.report_offsets {
+            self.next_offsets()
+        } else {
+            NextOffsets::new()
+        }
     }
 
     /// Whether some partition is still short of where it was reported before.
@@ -710,12 +721,7 @@ impl LiveWorker {
     fn obey(&mut self, command: ToWorker) -> bool {
         match command {
             ToWorker::Checkpoint => {
-                let offsets = self
-                    .parts
-                    .iter()
-                    .map(|p| ((p.topic.clone(), p.partition), p.offset))
-                    .collect();
-                let checkpoint = self.engine.checkpoint(offsets);
+                let checkpoint = self.engine.checkpoint(self.next_offsets());
                 if self
                     .tx
                     .blocking_send(FromWorker::Barrier {
@@ -776,7 +782,7 @@ impl LiveWorker {
                 let read =
                     self.runtime
                         .block_on(self.log.read(&p.topic, p.partition, p.offset, max));
-                let records = match read {
+                let mut records = match read {
                     Ok(r) => {
                         backoff = Duration::from_millis(100);
                         r
@@ -794,7 +800,6 @@ impl LiveWorker {
                     }
                     Err(e) => return Err(e.into()),
                 };
-                let mut records = records;
                 if let Some(to) = p.catch_up_to {
                     if records.is_empty() {
                         continue;
@@ -863,7 +868,7 @@ impl LiveWorker {
                 decode_errors,
                 dead_letters,
                 newest_received_at: self.engine.newest_received_at(),
-                offsets: self.offsets(),
+                offsets: self.reported_offsets(),
                 catching_up,
             };
             if self.tx.blocking_send(progress).is_err() {
@@ -879,7 +884,7 @@ impl LiveWorker {
                     worker: self.index,
                     partials,
                     lag,
-                    offsets: self.offsets(),
+                    offsets: self.reported_offsets(),
                 };
                 if self.tx.blocking_send(early).is_err() {
                     return Ok(());

@@ -38,12 +38,11 @@ use tidemark_model::{EventTime, Update, Watermark};
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::checkpoint::{self, Checkpoint};
+use crate::checkpoint::{self, Checkpoint, NextOffsets};
 use crate::combiner::Combiner;
 use crate::driver::{
     append_dead_letters, next_backoff, pause, stop_workers, write_checkpoint, Combining,
-    DriverConfig, Flow, FromWorker, LiveWorker, Offsets, Part, PointSink, ProcessorMetrics,
-    ToWorker,
+    DriverConfig, Flow, FromWorker, LiveWorker, Part, PointSink, ProcessorMetrics, ToWorker,
 };
 use crate::partial::Partial;
 use crate::runner::{usable_workers, worker_of, Counts};
@@ -72,15 +71,12 @@ pub struct ShardedConfig {
     pub partials_topic: String,
 }
 
-/// The next offset to read of each partition.
-pub type NextOffsets = BTreeMap<crate::watermark::PartitionKey, u64>;
-
 /// One record of the partials topic: what a shard reports to the combiner.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ShardMessage {
     pub shard: u32,
     /// The shard's next offset of each of its partitions after this report.
-    pub offsets: Offsets,
+    pub offsets: NextOffsets,
     pub body: ShardBody,
 }
 
@@ -233,7 +229,7 @@ async fn last_reported(
                 continue;
             };
             if m.shard as usize == shard && matches!(m.body, ShardBody::Progress { .. }) {
-                return Ok(Some(m.offsets.into_iter().collect()));
+                return Ok(Some(m.offsets));
             }
         }
         end = from;
@@ -447,7 +443,7 @@ impl ShardHost {
                 offsets,
                 catching_up,
             } => {
-                self.count_events(counts, decode_errors);
+                self.metrics.count(counts, decode_errors);
                 if !dead_letters.is_empty() {
                     append_dead_letters(self.log.as_ref(), dead_letters, cancel).await;
                 }
@@ -535,13 +531,6 @@ impl ShardHost {
         messages.iter().map(|m| encode(key, m)).collect()
     }
 
-    fn count_events(&self, counts: Counts, decode_errors: u64) {
-        self.metrics.events_processed.inc_by(counts.accepted);
-        self.metrics.late_events.inc_by(counts.too_late);
-        self.metrics.duplicates.inc_by(counts.duplicates);
-        self.metrics.decode_errors.inc_by(decode_errors);
-    }
-
     /// Saves a shard's checkpoint, logging a failure.
     async fn save(&self, shard: usize, worker: Checkpoint) {
         let timer = self.metrics.checkpoint_duration_seconds.start_timer();
@@ -550,13 +539,12 @@ impl ShardHost {
             shards: self.count,
             worker,
         };
-        let saved = tokio::task::spawn_blocking(move || checkpoint::save(&dir, &cp)).await;
+        let saved = tokio::task::spawn_blocking(move || checkpoint::save(&dir, &cp))
+            .await
+            .map_err(|e| ProcessorError::Io(std::io::Error::other(e)))
+            .and_then(|r| r);
         match saved {
-            Ok(Ok(())) => timer.observe_duration(),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, shard, "Saving a shard checkpoint failed");
-                timer.stop_and_discard();
-            }
+            Ok(()) => timer.observe_duration(),
             Err(e) => {
                 tracing::warn!(error = %e, shard, "Saving a shard checkpoint failed");
                 timer.stop_and_discard();
@@ -616,9 +604,6 @@ pub async fn run_combiner(
         read_offsets: read_offsets.clone(),
     };
     loop {
-        if cancel.is_cancelled() {
-            break;
-        }
         tokio::select! {
             biased;
             _ = cancel.cancelled() => break,
@@ -749,7 +734,7 @@ fn to_driver(message: ShardMessage, shards: &mut [ShardState]) -> Option<FromWor
         decode_errors: 0,
         dead_letters: Vec::new(),
         newest_received_at,
-        offsets: Vec::new(),
+        offsets: NextOffsets::new(),
         catching_up: false,
     };
     match message.body {
@@ -781,7 +766,7 @@ fn to_driver(message: ShardMessage, shards: &mut [ShardState]) -> Option<FromWor
                 worker,
                 partials: state.early.take().unwrap_or_default(),
                 lag: Vec::new(),
-                offsets: Vec::new(),
+                offsets: NextOffsets::new(),
             })
         }
     }
