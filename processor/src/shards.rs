@@ -629,7 +629,10 @@ pub async fn run_combiner(
                     Err(e) => return Err(e),
                 };
                 let mut any = false;
-                for (partition, records) in batches {
+                for (partition, from, records) in batches {
+                    if let Some(at) = read_offsets.get_mut(&partition) {
+                        *at = (*at).max(from);
+                    }
                     for r in records {
                         any = true;
                         driver.metrics.shard_reports.inc();
@@ -682,12 +685,13 @@ pub async fn run_combiner(
     }
 }
 
-/// Reads the next records of every partials partition.
+/// Reads the next records of every partials partition, each with the
+/// offset it was read from (later than asked when retention removed some).
 async fn read_round(
     log: &dyn Log,
     topic: &str,
     offsets: &BTreeMap<u32, u64>,
-) -> Result<Vec<(u32, Vec<tidemark_log::StoredRecord>)>, ProcessorError> {
+) -> Result<Vec<(u32, u64, Vec<tidemark_log::StoredRecord>)>, ProcessorError> {
     let mut out = Vec::new();
     for (&partition, &offset) in offsets {
         let records = match log.read(topic, partition, offset, READ_BATCH).await {
@@ -699,12 +703,12 @@ async fn read_round(
                     to = earliest,
                     "Shard reports no longer retained; skipping ahead"
                 );
-                out.push((partition, Vec::new()));
+                out.push((partition, earliest, Vec::new()));
                 continue;
             }
             Err(e) => return Err(e.into()),
         };
-        out.push((partition, records));
+        out.push((partition, offset, records));
     }
     Ok(out)
 }
