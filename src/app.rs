@@ -163,7 +163,6 @@ pub async fn run(
     let (target, live_database) = store_target(&config);
     let live = (live_database, store.clone());
     server.set_live_database(&live.0);
-    server.serving().switch(&live.0, store.clone());
     promote::sync_serving(&config.data_dir, &target, &live, &server);
     tokio::spawn(promote::follow_serving(
         config.data_dir.clone(),

@@ -120,7 +120,6 @@ pub async fn run(
     ));
     let live = (args.influx.influx_db.clone(), store);
     server.set_live_database(&live.0);
-    server.serving().switch(&live.0, live.1.clone());
     if let Some(dir) = &args.data_dir {
         // `tidemark promote` switches every serve that shares the folder.
         let (target, _) = crate::replay_cmd::store_target(dir, &args.influx);

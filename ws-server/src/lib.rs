@@ -214,12 +214,19 @@ impl ServerState {
 
     /// Names the database the live processor writes (by default
     /// `tidemark`): while it is served, live updates feed the overview;
-    /// while another one is, that database does (see [`served`]).
+    /// while another one is, that database does (see [`served`]). The live
+    /// store, if served, is served under the new name from now on.
     pub fn set_live_database(&self, name: &str) {
-        *self
-            .live_database
-            .write()
-            .unwrap_or_else(|e| e.into_inner()) = name.to_string();
+        let previous = std::mem::replace(
+            &mut *self
+                .live_database
+                .write()
+                .unwrap_or_else(|e| e.into_inner()),
+            name.to_string(),
+        );
+        if self.store.name() == previous {
+            self.store.switch(name, self.store.get());
+        }
     }
 
     /// A copy of the overview hot cache.
