@@ -562,12 +562,7 @@ async fn bench_process(args: &BenchArgs) -> anyhow::Result<Value> {
             metrics.clone(),
             cancel.clone(),
         ));
-        while processed(&metrics) < total {
-            if let Ok(joined) = tokio::time::timeout(Duration::from_millis(10), &mut driver).await {
-                joined??;
-                anyhow::bail!("the processor stopped after {} events", processed(&metrics));
-            }
-        }
+        await_processed(&metrics, total, &mut driver, "the processor").await?;
         // The driver's shutdown flushes the store writer: fired windows are stored.
         cancel.cancel();
         driver.await??;
@@ -595,6 +590,23 @@ fn processed(metrics: &tidemark_processor::driver::ProcessorMetrics) -> u64 {
     metrics.events_processed.get() + metrics.duplicates.get() + metrics.late_events.get()
 }
 
+/// Waits until the processor took `total` events; `what` (a task that
+/// never ends by itself) ending first is an error.
+async fn await_processed(
+    metrics: &tidemark_processor::driver::ProcessorMetrics,
+    total: u64,
+    task: &mut tokio::task::JoinHandle<Result<(), tidemark_processor::ProcessorError>>,
+    what: &str,
+) -> anyhow::Result<()> {
+    while processed(metrics) < total {
+        if let Ok(joined) = tokio::time::timeout(Duration::from_millis(10), &mut *task).await {
+            joined??;
+            anyhow::bail!("{what} stopped after {} events", processed(metrics));
+        }
+    }
+    Ok(())
+}
+
 /// What a sharded `bench process` runs over.
 struct ShardedRun<'a> {
     topics: Vec<String>,
@@ -619,7 +631,7 @@ async fn run_sharded(
     let ShardedRun { topics, total, dir } = run;
     use tidemark_processor::shards::{run_combiner, run_shards, shard_count, ShardedConfig};
 
-    const PARTIALS: &str = "tidemark-partials";
+    use tidemark_model::topic::PARTIALS;
     log.ensure_topic(PARTIALS, topic::default_partitions(PARTIALS))
         .await?;
     let sharded = ShardedConfig {
@@ -652,12 +664,7 @@ async fn run_sharded(
         metrics.clone(),
         stop_combiner.clone(),
     ));
-    while processed(&metrics) < total {
-        if let Ok(joined) = tokio::time::timeout(Duration::from_millis(10), &mut stage1).await {
-            joined??;
-            anyhow::bail!("the shards stopped after {} events", processed(&metrics));
-        }
-    }
+    await_processed(&metrics, total, &mut stage1, "the shards").await?;
     stop_shards.cancel();
     stage1.await??;
     let mut reports = 0;

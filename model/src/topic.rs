@@ -9,6 +9,10 @@ pub const USER_PROFILES: &str = "user-profiles";
 /// Rejected and too-late events, each with its reason.
 pub const DEAD_LETTER: &str = "dead-letter";
 
+/// Stage-1 partials on their way to the combiner when the stages run in
+/// separate processes.
+pub const PARTIALS: &str = "tidemark-partials";
+
 /// The topics that carry events into the processor.
 pub const INPUT_TOPICS: [&str; 4] = [USER_EVENTS, CONTENT_EVENTS, AD_EVENTS, USER_PROFILES];
 

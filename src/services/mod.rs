@@ -32,7 +32,7 @@ use serde_json::Value;
 pub const UPDATES_TOPIC: &str = "tidemark-updates";
 /// Topic of stage-1 partials on their way to the combiner, which may run in
 /// another `process` instance (see [`tidemark_processor::shards`]).
-pub const PARTIALS_TOPIC: &str = "tidemark-partials";
+pub const PARTIALS_TOPIC: &str = tidemark_model::topic::PARTIALS;
 /// One-partition topic whose consumer-group assignment decides which
 /// `process` instance runs the combiner.
 pub const PROCESSOR_LEASE_TOPIC: &str = "tidemark-processor-lease";

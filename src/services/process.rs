@@ -334,8 +334,18 @@ type Running = (
     JoinHandle<Result<(), tidemark_processor::ProcessorError>>,
 );
 
+/// How a role's task ended.
+fn outcome(
+    joined: Result<Result<(), tidemark_processor::ProcessorError>, tokio::task::JoinError>,
+) -> anyhow::Result<()> {
+    match joined {
+        Ok(r) => r.map_err(anyhow::Error::new),
+        Err(e) => Err(anyhow::Error::new(e).context("it panicked")),
+    }
+}
+
 /// Waits for a running role to end by itself (never, when there is none).
-async fn ended(role: &mut Option<Running>) -> Result<(), anyhow::Error> {
+async fn ended(role: &mut Option<Running>) -> anyhow::Result<()> {
     let joined = match role {
         Some((_, handle)) => handle.await,
         None => std::future::pending().await,
@@ -343,11 +353,7 @@ async fn ended(role: &mut Option<Running>) -> Result<(), anyhow::Error> {
     *role = None;
     // A role never stops by itself: this is a failure. Exiting leaves the
     // groups, so other instances take over.
-    match joined {
-        Ok(Ok(())) => Err(anyhow::anyhow!("it stopped unexpectedly")),
-        Ok(Err(e)) => Err(anyhow::Error::new(e)),
-        Err(e) => Err(anyhow::Error::new(e).context("it panicked")),
-    }
+    outcome(joined).and(Err(anyhow::anyhow!("it stopped unexpectedly")))
 }
 
 /// Stops a role, which writes its last checkpoint.
@@ -356,11 +362,7 @@ async fn stop(role: &mut Option<Running>) -> anyhow::Result<()> {
         return Ok(());
     };
     cancel.cancel();
-    match handle.await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(anyhow::Error::new(e)),
-        Err(e) => Err(anyhow::Error::new(e).context("it panicked")),
-    }
+    outcome(handle.await)
 }
 
 impl Roles {
