@@ -197,6 +197,22 @@ pub fn replay(data_dir: &Path, args: &[&str]) -> std::process::Output {
         .expect("tidemark replay runs")
 }
 
+/// Runs `tidemark promote ARGS --data-dir DATA_DIR` and asserts it succeeded.
+pub fn promote(data_dir: &Path, args: &[&str]) {
+    let out = Command::new(tidemark_bin())
+        .arg("promote")
+        .args(args)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .output()
+        .expect("tidemark promote runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A replay's JSON summary: the last line of its stdout.
 pub fn replay_summary(out: &std::process::Output) -> Value {
     let text = String::from_utf8_lossy(&out.stdout);

@@ -327,20 +327,7 @@ async fn promote_and_rollback_switch_the_rest_api_without_a_failed_request() {
             answers
         })
     };
-    let promote = |args: &[&str]| {
-        let out = Command::new(tidemark_bin())
-            .arg("promote")
-            .args(args)
-            .arg("--data-dir")
-            .arg(dir.path())
-            .output()
-            .expect("promote runs");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let promote = |args: &[&str]| tidemark_tests::promote(dir.path(), args);
     let wait_for = |want: &'static str| {
         let (client, t) = (client.clone(), &t);
         async move {

@@ -14,7 +14,7 @@ use tidemark_model::{topic, wire};
 use tidemark_tests::services::{
     ingest_args, process_args, serve_args, OverviewClient, Service, TansuServer,
 };
-use tidemark_tests::{metric_value, tidemark_bin, wait_until, InfluxServer, JsonApi, KnownEvents};
+use tidemark_tests::{metric_value, wait_until, InfluxServer, JsonApi, KnownEvents};
 
 /// Windows close 10 s after the last event (idle partitions), and tansu is
 /// not fast: generous, but bounded.
@@ -190,26 +190,14 @@ async fn three_services_give_exact_counts_in_influxdb_and_on_the_websocket() {
         .await
         .unwrap();
     assert!(created.status().is_success());
-    let promote = |args: &[&str]| {
-        let out = std::process::Command::new(tidemark_bin())
-            .arg("promote")
-            .args(args)
-            .arg("--data-dir")
-            .arg(&serving_dir)
-            .args(["--influx-url", &influx.url])
-            .output()
-            .expect("promote runs");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+    let promote = |database: &str| {
+        tidemark_tests::promote(&serving_dir, &[database, "--influx-url", &influx.url])
     };
     let serving = |want: &'static str| {
         let serve = &serve;
         move || async move { serve.get_json("/api/v1/health").await["database"] == want }
     };
-    promote(&["tidemark_v2"]);
+    promote("tidemark_v2");
     wait_until(
         "serve to serve tidemark_v2",
         Duration::from_secs(10),
@@ -223,7 +211,7 @@ async fn three_services_give_exact_counts_in_influxdb_and_on_the_websocket() {
         "a snapshot of the empty database: {:?}",
         overview.windows
     );
-    promote(&["--rollback"]);
+    promote("--rollback");
     wait_until(
         "serve to serve tidemark again",
         Duration::from_secs(10),

@@ -307,6 +307,29 @@ fn update(minute: i64, is_final: bool, points: Vec<Point>) -> Update {
     }
 }
 
+/// A session over channels: what the client sends, what it receives.
+fn channel_session(
+    state: &Arc<ServerState>,
+) -> (
+    futures::channel::mpsc::Sender<String>,
+    futures::channel::mpsc::Receiver<String>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (client_tx, server_rx) = futures::channel::mpsc::channel::<String>(8);
+    let (server_tx, client_rx) = futures::channel::mpsc::channel::<String>(8);
+    let session = tokio::spawn(run_session(state.clone(), server_tx, server_rx));
+    (client_tx, client_rx, session)
+}
+
+/// The next message a channel session sent, within 5 s.
+async fn recv(rx: &mut futures::channel::mpsc::Receiver<String>) -> Value {
+    let msg = tokio::time::timeout(Duration::from_secs(5), rx.next())
+        .await
+        .expect("a message in time")
+        .unwrap();
+    serde_json::from_str(&msg).unwrap()
+}
+
 /// The session over channels: subscribe, snapshot, updates, errors, lag.
 #[tokio::test]
 async fn session_sends_snapshot_updates_and_coalesces_when_lagging() {
@@ -319,16 +342,7 @@ async fn session_sends_snapshot_updates_and_coalesces_when_lagging() {
         registry.clone(),
         None,
     ));
-    let (mut client_tx, server_rx) = futures::channel::mpsc::channel::<String>(8);
-    let (server_tx, mut client_rx) = futures::channel::mpsc::channel::<String>(8);
-    let session = tokio::spawn(run_session(state.clone(), server_tx, server_rx));
-    async fn recv(rx: &mut futures::channel::mpsc::Receiver<String>) -> Value {
-        let msg = tokio::time::timeout(Duration::from_secs(5), rx.next())
-            .await
-            .unwrap()
-            .unwrap();
-        serde_json::from_str(&msg).unwrap()
-    }
+    let (mut client_tx, mut client_rx, session) = channel_session(&state);
 
     client_tx.send(r#"{"op":"dance"}"#.into()).await.unwrap();
     assert_eq!(recv(&mut client_rx).await["type"], "error");
@@ -530,16 +544,7 @@ async fn switching_the_served_database_resends_the_overview_from_it() {
         prometheus::Registry::new(),
         None,
     ));
-    let (mut client_tx, server_rx) = futures::channel::mpsc::channel::<String>(8);
-    let (server_tx, mut client_rx) = futures::channel::mpsc::channel::<String>(8);
-    let session = tokio::spawn(run_session(state.clone(), server_tx, server_rx));
-    async fn recv(rx: &mut futures::channel::mpsc::Receiver<String>) -> Value {
-        let msg = tokio::time::timeout(Duration::from_secs(5), rx.next())
-            .await
-            .expect("a message in time")
-            .unwrap();
-        serde_json::from_str(&msg).unwrap()
-    }
+    let (mut client_tx, mut client_rx, session) = channel_session(&state);
     let window = |minute: i64, traffic: Value| {
         json!({"window_start": at(minute).to_rfc3339(), "final": true,
                "traffic": traffic, "active_users": 0})
