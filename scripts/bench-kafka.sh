@@ -31,7 +31,7 @@ wait_port() { for _ in $(seq 300); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/n
 
 cargo build --release --quiet --bin tidemark
 BIN="$CARGO_TARGET_DIR/release/tidemark"
-TANSU="${TANSU_BIN:-$(command -v tansu || echo "$HOME/.cargo/bin/tansu")}"
+TANSU="$(tansu_bin)" || { echo "tansu not found: run scripts/setup.sh" >&2; exit 1; }
 
 INFLUX_PORT="$(free_port)"
 mkdir -p "$WORK/influx"

@@ -2,16 +2,19 @@
 # Installs what the demo and the tests need, idempotently and quickly when present:
 # Debian's influxdb (real InfluxDB 1.x for tests) and chromium (browser tests),
 # the tansu broker (Kafka tests), the dashboard's npm packages (and its build),
-# playwright-core for the browser test.
+# playwright-core for the browser test. `--web-only` installs just what the
+# demo needs: the dashboard's packages and its build.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$ROOT"
+web_only=false
+[ "${1:-}" = "--web-only" ] && web_only=true
 
 want_debs=()
 command -v influxd >/dev/null 2>&1 || want_debs+=(influxdb)
 command -v chromium >/dev/null 2>&1 || want_debs+=(chromium)
-if [ "${#want_debs[@]}" -gt 0 ] && [ "${1:-}" != "--web-only" ]; then
-  echo "Installing Debian packages: ${want_debs[*]}"
+if [ "${#want_debs[@]}" -gt 0 ] && ! $web_only; then
+  step "setup: Debian packages ${want_debs[*]} (InfluxDB 1.x for the store tests, Chromium for the browser tests; about 1 minute)"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q >/dev/null
   apt-get install -y -q --no-install-recommends "${want_debs[@]}" >/dev/null
@@ -22,28 +25,30 @@ fi
 
 # npm packages: reinstall only when the lock file changed since the last install.
 npm_install() {
-  local dir="$1"
+  local dir="$1" why="$2"
   local stamp="$dir/node_modules/.tidemark-lock"
   if [ ! -f "$stamp" ] || ! cmp -s "$dir/package-lock.json" "$stamp"; then
+    step "setup: npm packages of $dir ($why)"
     # `npm install` honours the lock file; `npm ci` trips over optional
     # platform packages (rollup) that npm 11 leaves out of the lock.
     (cd "$dir" && npm install --no-save --no-audit --no-fund --loglevel=error)
     cp "$dir/package-lock.json" "$stamp"
   fi
 }
-npm_install dashboards/web
-[ "${1:-}" = "--web-only" ] || npm_install tests/browser
+npm_install dashboards/web "React, Vite: the dashboard's build"
+$web_only || npm_install tests/browser "playwright-core: drives Chromium in the browser test"
 
-# tansu, a Kafka-compatible broker, for the Kafka log's tests (built once,
-# about 10 minutes, kept outside the clone).
-if [ "${1:-}" != "--web-only" ] && ! command -v tansu >/dev/null 2>&1 \
-   && [ ! -x "$HOME/.cargo/bin/tansu" ] && [ ! -x "$TIDEMARK_TOOLS/bin/tansu" ]; then
-  echo "Installing tansu (Kafka-compatible broker for tests) into $TIDEMARK_TOOLS"
+# tansu, a Kafka-compatible broker, for the Kafka log's tests: built once from
+# crates.io and kept outside the clone.
+if ! $web_only && ! tansu_bin >/dev/null; then
+  step "setup: tansu into $TIDEMARK_TOOLS (Kafka-compatible broker for the Kafka tests; built from crates.io once, about 10 minutes on 2 cores)"
   cargo install tansu --locked --features libsql --root "$TIDEMARK_TOOLS" --quiet
+  tansu_bin >/dev/null || { echo "setup: tansu was built but is not in $TIDEMARK_TOOLS/bin" >&2; exit 1; }
 fi
 
 # Build the dashboard when its sources are newer than the build.
 if [ ! -f dashboards/web/dist/index.html ] || \
    [ -n "$(find dashboards/web/src dashboards/web/index.html dashboards/web/package-lock.json -newer dashboards/web/dist/index.html 2>/dev/null | head -1)" ]; then
+  step "setup: building the dashboard (dashboards/web/dist, served by tidemark)"
   (cd dashboards/web && npm run --silent build)
 fi

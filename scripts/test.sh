@@ -1,21 +1,32 @@
 #!/usr/bin/env bash
 # Runs every check and test: formatting, lints, unit and property tests, the
-# end-to-end tests against real InfluxDB, and the browser test of the dashboard.
+# end-to-end tests against real InfluxDB and Kafka (tansu), and the browser
+# test of the dashboard. The first run on a fresh machine installs and builds
+# everything (see README); later runs reuse it.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$ROOT"
 scripts/setup.sh
+# Resolved after setup, which installs tansu on a fresh machine; the tests
+# would look in the same places, this makes the choice visible and fixed.
+TANSU_BIN="$(tansu_bin)" || { echo "tansu not found after setup" >&2; exit 1; }
+export TANSU_BIN
 
+step "test: formatting"
 cargo fmt --all -- --check
 # The Kafka log (feature `kafka` of tidemark-log) is built, linted and tested
 # against a real broker (tansu) and librdkafka's mock cluster.
 # `tidemark/kafka` adds `replay --source kafka`; `tidemark-tests/kafka` its
 # end-to-end test.
 FEATURES="tidemark-log/kafka,tidemark/kafka,tidemark-tests/kafka"
+step "test: clippy (the first run compiles the workspace: several minutes)"
 cargo clippy --workspace --all-targets --features "$FEATURES" --quiet -- -D warnings
+step "test: release build of tidemark (used by the end-to-end tests)"
 cargo build --release --quiet --bin tidemark --features kafka
 export TIDEMARK_BIN="$CARGO_TARGET_DIR/release/tidemark"
+step "test: cargo test (unit, property and end-to-end tests)"
 cargo test --workspace --all-targets --features "$FEATURES"
 
+step "test: browser test of the dashboard (Chromium)"
 mkdir -p artifacts
 (cd tests/browser && node --test --test-reporter=tap dashboard.test.mjs)

@@ -264,16 +264,31 @@ async fn ingest(
             .collect()
     };
 
-    // Topics are appended concurrently so their group fsyncs overlap.
+    // Topics, dead letters included, are appended concurrently: their group
+    // fsyncs overlap, and a request waits for one append's timeout at most.
     let started = Instant::now();
     let appends = groups
         .iter()
         .map(|(t, pending)| state.log.append(t, records(pending)));
-    let results = futures::future::join_all(appends).await;
+    let dead_letters = async {
+        if dead.is_empty() {
+            return None;
+        }
+        Some(state.log.append(topic::DEAD_LETTER, records(&dead)).await)
+    };
+    let (results, dead_result) =
+        futures::future::join(futures::future::join_all(appends), dead_letters).await;
     state
         .metrics
         .append_seconds
         .observe(started.elapsed().as_secs_f64());
+    match dead_result {
+        None => {}
+        Some(Ok(_)) => state.metrics.log_appended.inc_by(dead.len() as u64),
+        // The client is told why each event was rejected either way; losing
+        // the dead letter is not worth failing the accepted events.
+        Some(Err(e)) => tracing::warn!(error = %e, count = dead.len(), "Dead-letter append failed"),
+    }
     let mut first_error = None;
     for ((_, pending), result) in groups.iter().zip(results) {
         if let Err(e) = result {
@@ -292,20 +307,6 @@ async fn ingest(
     }
     if let Some(e) = first_error {
         return Err(e.into());
-    }
-    if !dead.is_empty() {
-        let started = Instant::now();
-        let result = state.log.append(topic::DEAD_LETTER, records(&dead)).await;
-        state
-            .metrics
-            .append_seconds
-            .observe(started.elapsed().as_secs_f64());
-        match result {
-            Ok(_) => state.metrics.log_appended.inc_by(dead.len() as u64),
-            // The client is told why each event was rejected either way; losing
-            // the dead letter is not worth failing the accepted events.
-            Err(e) => tracing::warn!(error = %e, count = dead.len(), "Dead-letter append failed"),
-        }
     }
 
     state.metrics.duplicates.inc_by(duplicates as u64);

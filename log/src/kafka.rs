@@ -83,8 +83,8 @@ pub struct KafkaConfig {
     /// Replication factor of topics this log creates; `None` = the broker's
     /// `default.replication.factor`.
     pub replication_factor: Option<u16>,
-    /// How long [`Log::append`] may take before it gives up on a record
-    /// (librdkafka `message.timeout.ms`, plus waiting for queue space).
+    /// How long one [`Log::append`] may take in all before it fails
+    /// retryably (also librdkafka's `message.timeout.ms`).
     pub produce_timeout: Duration,
     /// Timeout of metadata, watermark, time-index and admin requests.
     pub request_timeout: Duration,
@@ -458,8 +458,6 @@ impl KafkaLog {
         }
         let partitions = self.partitions(topic).await?;
         let producer = self.producer();
-        let timeout = self.inner.config.produce_timeout;
-        let deadline = Instant::now() + timeout;
         let mut deliveries: Vec<DeliveryFuture> = Vec::with_capacity(records.len());
         let mut positions: Vec<Position> = Vec::with_capacity(records.len());
         // Records are enqueued strictly in input order (a record waits for queue
@@ -478,12 +476,6 @@ impl KafkaLog {
                         break;
                     }
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                        if Instant::now() >= deadline {
-                            return Err(LogError::Unavailable(format!(
-                                "Kafka ({}): the producer queue stayed full for {timeout:?}",
-                                self.inner.config.brokers
-                            )));
-                        }
                         // Waiting for our oldest outstanding record frees space.
                         if positions.len() < deliveries.len() {
                             let d = &mut deliveries[positions.len()];
@@ -760,8 +752,23 @@ impl Log for KafkaLog {
         self.partitions(topic).await
     }
 
+    /// Fails with [`LogError::Unavailable`] once [`KafkaConfig::produce_timeout`]
+    /// has passed without every record confirmed, wherever the wait is: a
+    /// metadata fetch, a full producer queue or the deliveries. librdkafka's
+    /// own `message.timeout.ms` is not that bound: it is checked on a
+    /// one-second timer, and an idempotent producer keeps an in-flight batch
+    /// until its request times out. Records not confirmed by then may still
+    /// be delivered later (at least once); the event ids make that safe.
     async fn append(&self, topic: &str, records: Vec<Record>) -> Result<Vec<Position>, LogError> {
-        self.append_inner(topic, &records).await
+        let timeout = self.inner.config.produce_timeout;
+        match tokio::time::timeout(timeout, self.append_inner(topic, &records)).await {
+            Ok(result) => result,
+            Err(_) => Err(LogError::Unavailable(format!(
+                "Kafka ({}): {} record(s) for `{topic}` not confirmed within {timeout:?}",
+                self.inner.config.brokers,
+                records.len()
+            ))),
+        }
     }
 
     async fn read(

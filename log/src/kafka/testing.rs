@@ -11,8 +11,8 @@
 //! # Ok(()) }
 //! ```
 //!
-//! The binary is found through `TANSU_BIN`, then `~/.cargo/bin/tansu`, then
-//! `PATH` (install it with `cargo install tansu --locked --features libsql`).
+//! The binary is found as [`TansuServer::binary`] says; `scripts/setup.sh`
+//! installs it (`cargo install tansu --locked --features libsql`).
 //!
 //! [tansu]: https://github.com/tansu-io/tansu
 
@@ -39,25 +39,31 @@ pub struct TansuServer {
 }
 
 impl TansuServer {
-    /// The tansu binary: `TANSU_BIN`, else `~/.cargo/bin/tansu`, else `tansu`
-    /// on `PATH`; `None` if none exists.
+    /// The tansu binary, looked up as `scripts/env.sh` does: `TANSU_BIN`,
+    /// else where `scripts/setup.sh` installs it (`$TIDEMARK_TOOLS/bin`,
+    /// by default `~/.cache/tidemark/tools/bin`), else `~/.cargo/bin`, else
+    /// `PATH`; `None` if none exists.
     pub fn binary() -> Option<PathBuf> {
         if let Some(p) = std::env::var_os("TANSU_BIN") {
             return Some(PathBuf::from(p));
         }
-        let home = std::env::var_os("CARGO_HOME")
+        let home = std::env::var_os("HOME").map(PathBuf::from);
+        let tools = std::env::var_os("TIDEMARK_TOOLS")
             .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
-        if let Some(p) = home.map(|h| h.join("bin").join("tansu")) {
-            if p.is_file() {
-                return Some(p);
-            }
-        }
-        std::env::var_os("PATH").and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|d| d.join("tansu"))
-                .find(|p| p.is_file())
-        })
+            .or_else(|| home.as_ref().map(|h| h.join(".cache/tidemark/tools")));
+        let cargo = std::env::var_os("CARGO_HOME")
+            .map(PathBuf::from)
+            .or_else(|| home.map(|h| h.join(".cargo")));
+        let path = std::env::var_os("PATH")
+            .map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+            .unwrap_or_default();
+        tools
+            .into_iter()
+            .chain(cargo)
+            .map(|dir| dir.join("bin"))
+            .chain(path)
+            .map(|dir| dir.join("tansu"))
+            .find(|p| p.is_file())
     }
 
     /// Starts a broker and waits until it answers metadata requests.
@@ -75,7 +81,7 @@ impl TansuServer {
     /// [`start`](Self::start), returning the reason instead of panicking.
     pub fn try_start() -> Result<TansuServer, String> {
         let bin = TansuServer::binary().ok_or(
-            "tansu not found: set TANSU_BIN or run \
+            "tansu not found: run scripts/setup.sh, or set TANSU_BIN, or run \
              `cargo install tansu --locked --features libsql`",
         )?;
         // The port is free when we look; another process could take it before
