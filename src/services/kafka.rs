@@ -249,27 +249,19 @@ impl ProduceMetrics {
     }
 }
 
-/// A [`Log`] that counts what it produces and bounds how long an append
-/// may wait; reads pass straight through.
+/// A [`Log`] that counts what it produces; reads pass straight through.
+/// [`KafkaLog`](tidemark_log::kafka::KafkaLog) itself bounds an append by
+/// `--produce-timeout`.
 #[derive(Debug)]
 pub struct MeteredLog {
     inner: Arc<dyn Log>,
     metrics: ProduceMetrics,
-    deadline: Duration,
 }
 
 impl MeteredLog {
-    /// An append that is not confirmed within `deadline` fails retryably.
-    /// librdkafka's own `message.timeout.ms` does not expire a record that
-    /// is already in flight until its request times out, which can take
-    /// several times as long; the record may still land later, which is
-    /// at-least-once like any failed append.
-    pub fn new(inner: Arc<dyn Log>, metrics: ProduceMetrics, deadline: Duration) -> MeteredLog {
-        MeteredLog {
-            inner,
-            metrics,
-            deadline,
-        }
+    /// Counts `inner`'s appends into `metrics`.
+    pub fn new(inner: Arc<dyn Log>, metrics: ProduceMetrics) -> MeteredLog {
+        MeteredLog { inner, metrics }
     }
 }
 
@@ -286,14 +278,7 @@ impl Log for MeteredLog {
     async fn append(&self, topic: &str, records: Vec<Record>) -> Result<Vec<Position>, LogError> {
         let n = records.len() as u64;
         let started = Instant::now();
-        let result =
-            match tokio::time::timeout(self.deadline, self.inner.append(topic, records)).await {
-                Ok(r) => r,
-                Err(_) => Err(LogError::Unavailable(format!(
-                    "the brokers did not confirm an append to `{topic}` within {:?}",
-                    self.deadline
-                ))),
-            };
+        let result = self.inner.append(topic, records).await;
         match &result {
             Ok(_) => {
                 self.metrics

@@ -179,7 +179,6 @@ pub async fn run(
     let log: Arc<dyn Log> = Arc::new(MeteredLog::new(
         kafka.clone(),
         ProduceMetrics::new(&registry)?,
-        args.kafka.produce_timeout,
     ));
     let health = BrokerHealth::new(&registry)?;
     let metrics = ServiceMetrics::new(&registry)?;
