@@ -163,6 +163,17 @@ async fn post_events(
     response
 }
 
+/// Awaits `append`, observing how long it took in `histogram`.
+async fn timed<T>(
+    histogram: &prometheus::Histogram,
+    append: impl std::future::Future<Output = T>,
+) -> T {
+    let started = Instant::now();
+    let result = append.await;
+    histogram.observe(started.elapsed().as_secs_f64());
+    result
+}
+
 /// One accepted event waiting for its append; ranges index the request's buffer.
 struct Pending {
     key: Range<usize>,
@@ -266,22 +277,25 @@ async fn ingest(
 
     // Topics, dead letters included, are appended concurrently: their group
     // fsyncs overlap, and a request waits for one append's timeout at most.
-    let started = Instant::now();
-    let appends = groups
-        .iter()
-        .map(|(t, pending)| state.log.append(t, records(pending)));
+    let appends = futures::future::join_all(
+        groups
+            .iter()
+            .map(|(t, pending)| state.log.append(t, records(pending))),
+    );
     let dead_letters = async {
         if dead.is_empty() {
             return None;
         }
-        Some(state.log.append(topic::DEAD_LETTER, records(&dead)).await)
+        Some(
+            timed(
+                &state.metrics.append_seconds,
+                state.log.append(topic::DEAD_LETTER, records(&dead)),
+            )
+            .await,
+        )
     };
     let (results, dead_result) =
-        futures::future::join(futures::future::join_all(appends), dead_letters).await;
-    state
-        .metrics
-        .append_seconds
-        .observe(started.elapsed().as_secs_f64());
+        futures::future::join(timed(&state.metrics.append_seconds, appends), dead_letters).await;
     match dead_result {
         None => {}
         Some(Ok(_)) => state.metrics.log_appended.inc_by(dead.len() as u64),
