@@ -291,8 +291,7 @@ pub(crate) enum FromWorker {
     Early {
         worker: usize,
         partials: Vec<Partial>,
-        /// Records behind the end of the log, per topic, for this worker's partitions.
-        lag: Vec<(String, i64)>,
+        /// Where the worker is (for its lag; see [`LagProbe`]).
         offsets: NextOffsets,
     },
     /// The worker's state at a batch boundary; it waits for the next command.
@@ -448,7 +447,7 @@ pub(crate) struct Combining {
     pub(crate) metrics: ProcessorMetrics,
     log: Arc<dyn Log>,
     newest_received_at: EventTime,
-    lag: Vec<Vec<(String, i64)>>,
+    lag: LagProbe,
     global_wm: Arc<AtomicI64>,
 }
 
@@ -468,15 +467,14 @@ impl Combining {
         log: Arc<dyn Log>,
         global_wm: Arc<AtomicI64>,
     ) -> Self {
-        let workers = combiner.workers();
         Combining {
             combiner,
             sink,
             updates,
+            lag: LagProbe::new(log.clone(), metrics.lag_records.clone()),
             metrics,
             log,
             newest_received_at: EventTime::MIN,
-            lag: vec![Vec::new(); workers],
             global_wm,
         }
     }
@@ -570,20 +568,10 @@ impl Combining {
             FromWorker::Early {
                 worker,
                 partials,
-                lag,
-                offsets: _,
+                offsets,
             } => {
                 self.combiner.on_early(worker, partials);
-                if let Some(l) = self.lag.get_mut(worker) {
-                    *l = lag;
-                }
-                let mut by_topic: BTreeMap<&str, i64> = BTreeMap::new();
-                for (topic, n) in self.lag.iter().flatten() {
-                    *by_topic.entry(topic).or_insert(0) += n;
-                }
-                for (topic, n) in by_topic {
-                    self.metrics.lag_records.with_label_values(&[topic]).set(n);
-                }
+                self.lag.update(worker, offsets);
                 Ok(Flow::Continue)
             }
             FromWorker::Barrier { worker, .. } => {
@@ -653,6 +641,97 @@ impl Combining {
             let _ = c.send(then);
         }
         saved.map(|()| Flow::Continue)
+    }
+}
+
+/// How often [`LagProbe`] asks the log for its end offsets.
+const LAG_INTERVAL: Duration = Duration::from_secs(5);
+/// End offsets asked for at once by [`LagProbe`].
+const LAG_QUERIES: usize = 4;
+
+/// Sets `tidemark_processor_lag_records` from the offsets the workers
+/// report, on a task of its own: asking a broker for the end offsets of
+/// dozens of partitions takes a round trip each, which must never hold up
+/// reading them (on the worker threads it once slowed every pass over the
+/// partitions to seconds).
+pub(crate) struct LagProbe {
+    log: Arc<dyn Log>,
+    gauge: IntGaugeVec,
+    /// Each worker's next offsets, as last reported.
+    offsets: Arc<std::sync::Mutex<BTreeMap<usize, NextOffsets>>>,
+    /// Started with the first report.
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl LagProbe {
+    pub(crate) fn new(log: Arc<dyn Log>, gauge: IntGaugeVec) -> Self {
+        LagProbe {
+            log,
+            gauge,
+            offsets: Arc::default(),
+            task: None,
+        }
+    }
+
+    /// Takes a worker's next offsets.
+    pub(crate) fn update(&mut self, worker: usize, offsets: NextOffsets) {
+        if offsets.is_empty() {
+            return;
+        }
+        self.offsets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(worker, offsets);
+        if self.task.is_none() {
+            let (log, gauge, offsets) =
+                (self.log.clone(), self.gauge.clone(), self.offsets.clone());
+            self.task = Some(tokio::spawn(Self::watch(log, gauge, offsets)));
+        }
+    }
+
+    async fn watch(
+        log: Arc<dyn Log>,
+        gauge: IntGaugeVec,
+        offsets: Arc<std::sync::Mutex<BTreeMap<usize, NextOffsets>>>,
+    ) {
+        use futures::StreamExt as _;
+        let mut tick = tokio::time::interval(LAG_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let positions: Vec<((String, u32), u64)> = offsets
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .flat_map(|o| o.iter().map(|(k, &v)| (k.clone(), v)))
+                .collect();
+            let behind: Vec<Option<(String, i64)>> = futures::stream::iter(positions)
+                .map(|((topic, partition), next)| {
+                    let log = log.clone();
+                    async move {
+                        let end = log.end_offset(&topic, partition).await.ok()?;
+                        Some((topic, end.saturating_sub(next) as i64))
+                    }
+                })
+                .buffer_unordered(LAG_QUERIES)
+                .collect()
+                .await;
+            let mut by_topic: BTreeMap<String, i64> = BTreeMap::new();
+            for (topic, n) in behind.into_iter().flatten() {
+                *by_topic.entry(topic).or_insert(0) += n;
+            }
+            for (topic, n) in by_topic {
+                gauge.with_label_values(&[&topic]).set(n);
+            }
+        }
+    }
+}
+
+impl Drop for LagProbe {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
     }
 }
 
@@ -879,12 +958,10 @@ impl LiveWorker {
                 next_early = now + self.config.early_interval;
                 let mut partials = Vec::new();
                 self.engine.early(&mut partials);
-                let lag = self.lag();
                 let early = FromWorker::Early {
                     worker: self.index,
                     partials,
-                    lag,
-                    offsets: self.reported_offsets(),
+                    offsets: self.next_offsets(),
                 };
                 if self.tx.blocking_send(early).is_err() {
                     return Ok(());
@@ -912,20 +989,6 @@ impl LiveWorker {
                 }
             }
         }
-    }
-
-    fn lag(&self) -> Vec<(String, i64)> {
-        let mut by_topic: BTreeMap<String, i64> = BTreeMap::new();
-        for p in &self.parts {
-            if let Ok(end) = self
-                .runtime
-                .block_on(self.log.end_offset(&p.topic, p.partition))
-            {
-                *by_topic.entry(p.topic.clone()).or_insert(0) +=
-                    end.saturating_sub(p.offset) as i64;
-            }
-        }
-        by_topic.into_iter().collect()
     }
 }
 

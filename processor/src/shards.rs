@@ -36,13 +36,15 @@ use tidemark_log::{Log, Record};
 use tidemark_model::topic::partition_for_key;
 use tidemark_model::{EventTime, Update, Watermark};
 use tokio::sync::{broadcast, mpsc};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::{self, Checkpoint, NextOffsets};
 use crate::combiner::Combiner;
 use crate::driver::{
     append_dead_letters, next_backoff, pause, stop_workers, write_checkpoint, Combining,
-    DriverConfig, Flow, FromWorker, LiveWorker, Part, PointSink, ProcessorMetrics, ToWorker,
+    DriverConfig, Flow, FromWorker, LagProbe, LiveWorker, Part, PointSink, ProcessorMetrics,
+    ToWorker,
 };
 use crate::partial::Partial;
 use crate::runner::{usable_workers, worker_of, Counts};
@@ -313,6 +315,7 @@ pub async fn run_shards(
     }
     drop(tx);
 
+    let lag_log = log.clone();
     let mut host = ShardHost {
         log,
         topic: partials_topic.to_string(),
@@ -321,6 +324,7 @@ pub async fn run_shards(
             .map(|&s| (s, shard_key(s, partials_partitions)))
             .collect(),
         reported: BTreeMap::new(),
+        lag: LagProbe::new(lag_log, metrics.lag_records.clone()),
         metrics,
         dir: dir.clone(),
         count,
@@ -339,6 +343,7 @@ struct ShardHost {
     keys: BTreeMap<usize, String>,
     /// Per shard, the watermark and idleness last reported.
     reported: BTreeMap<usize, (Watermark, bool)>,
+    lag: LagProbe,
     metrics: ProcessorMetrics,
     dir: PathBuf,
     count: usize,
@@ -453,6 +458,13 @@ impl ShardHost {
                     return Ok(Next::Continue);
                 }
                 self.reported.insert(worker, (wm, idle));
+                tracing::debug!(
+                    shard = worker,
+                    wm = wm.0,
+                    idle,
+                    partials = partials.len(),
+                    "Reporting shard progress"
+                );
                 let mut groups = chunks(partials);
                 let last = groups.pop().unwrap_or_default();
                 let mut messages: Vec<ShardMessage> = groups
@@ -478,12 +490,9 @@ impl ShardHost {
             FromWorker::Early {
                 worker,
                 partials,
-                lag,
                 offsets,
             } => {
-                for (topic, n) in lag {
-                    self.metrics.lag_records.with_label_values(&[&topic]).set(n);
-                }
+                self.lag.update(worker, offsets.clone());
                 let groups = chunks(partials);
                 let n = groups.len();
                 let messages: Vec<ShardMessage> = groups
@@ -592,75 +601,112 @@ pub async fn run_combiner(
     let mut shard_states = vec![ShardState::default(); count];
     let mut published = EventTime::MIN;
 
-    let mut early_tick = tokio::time::interval(config.early_interval);
-    early_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut checkpoint_tick = tokio::time::interval(config.checkpoint_interval);
-    checkpoint_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    checkpoint_tick.reset();
     let mut backoff = Duration::from_millis(100);
     let save = |driver: &Combining, read_offsets: &BTreeMap<u32, u64>| CombinerCheckpoint {
         shards: count,
         combiner: driver.combiner.snapshot(),
         read_offsets: read_offsets.clone(),
     };
+    // The timers are looked at between reads rather than raced against
+    // them: a read they cut short is thrown away and done again, and one
+    // slower than the early interval would never finish.
+    let mut next_early = Instant::now() + config.early_interval;
+    let mut next_checkpoint = Instant::now() + config.checkpoint_interval;
     loop {
-        tokio::select! {
+        if Instant::now() >= next_early {
+            driver.publish_early();
+            next_early = Instant::now() + config.early_interval;
+        }
+        if Instant::now() >= next_checkpoint {
+            let cp = save(&driver, &read_offsets);
+            write_checkpoint(
+                Some(combiner_dir.clone()),
+                Some(cp),
+                driver.sink.as_ref(),
+                &driver.metrics,
+            )
+            .await?;
+            next_checkpoint = Instant::now() + config.checkpoint_interval;
+        }
+        let read = tokio::select! {
             biased;
             _ = cancel.cancelled() => break,
-            _ = early_tick.tick() => driver.publish_early(),
-            _ = checkpoint_tick.tick() => {
-                let cp = save(&driver, &read_offsets);
-                write_checkpoint(Some(combiner_dir.clone()), Some(cp), driver.sink.as_ref(), &driver.metrics).await?;
+            read = read_round(log.as_ref(), partials_topic, &read_offsets) => read,
+        };
+        let batches = match read {
+            Ok(b) => {
+                backoff = Duration::from_millis(100);
+                b
             }
-            read = read_round(log.as_ref(), partials_topic, &read_offsets) => {
-                let batches = match read {
-                    Ok(b) => {
-                        backoff = Duration::from_millis(100);
-                        b
-                    }
-                    Err(e) if e.is_retryable() => {
-                        tracing::warn!(error = %e, "Reading shard reports failed; retrying");
-                        if !pause(backoff, &cancel).await {
-                            break;
-                        }
-                        backoff = next_backoff(backoff);
-                        continue;
-                    }
-                    Err(e) => return Err(e),
-                };
-                let mut any = false;
-                for (partition, from, records) in batches {
-                    if let Some(at) = read_offsets.get_mut(&partition) {
-                        *at = (*at).max(from);
-                    }
-                    for r in records {
-                        any = true;
-                        driver.metrics.shard_reports.inc();
-                        read_offsets.insert(partition, r.offset + 1);
-                        let message = match bincode::deserialize::<ShardMessage>(&r.value) {
-                            Ok(m) => m,
-                            Err(e) => {
-                                tracing::warn!(error = %e, partition, offset = r.offset, "Skipping an unreadable shard report");
-                                continue;
-                            }
-                        };
-                        let Some(msg) = to_driver(message, &mut shard_states) else { continue };
-                        if let Flow::Abandon = driver.handle(msg, &cancel).await? {
-                            return Ok(());
-                        }
-                    }
-                }
-                let target = driver.combiner.target();
-                if target > published {
-                    match write_target(&dir, target).await {
-                        Ok(()) => published = target,
-                        Err(e) => tracing::warn!(error = %e, "Cannot publish the target watermark"),
-                    }
-                }
-                if !any && !pause(config.idle_sleep, &cancel).await {
+            Err(e) if e.is_retryable() => {
+                tracing::warn!(error = %e, "Reading shard reports failed; retrying");
+                if !pause(backoff, &cancel).await {
                     break;
                 }
+                backoff = next_backoff(backoff);
+                continue;
             }
+            Err(e) => return Err(e),
+        };
+        let mut any = false;
+        for (partition, from, records) in batches {
+            if let Some(at) = read_offsets.get_mut(&partition) {
+                *at = (*at).max(from);
+            }
+            for r in records {
+                any = true;
+                driver.metrics.shard_reports.inc();
+                read_offsets.insert(partition, r.offset + 1);
+                let message = match bincode::deserialize::<ShardMessage>(&r.value) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::warn!(error = %e, partition, offset = r.offset, "Skipping an unreadable shard report");
+                        continue;
+                    }
+                };
+                if let ShardBody::Progress {
+                    wm,
+                    idle,
+                    ref partials,
+                    ..
+                } = message.body
+                {
+                    tracing::debug!(
+                        shard = message.shard,
+                        wm = wm.0,
+                        idle,
+                        partials = partials.len(),
+                        partition,
+                        offset = r.offset,
+                        "Read shard progress"
+                    );
+                }
+                let before = driver.combiner.watermark();
+                let Some(msg) = to_driver(message, &mut shard_states) else {
+                    continue;
+                };
+                if let Flow::Abandon = driver.handle(msg, &cancel).await? {
+                    return Ok(());
+                }
+                if driver.combiner.watermark() != before {
+                    tracing::debug!(
+                        from = before.0,
+                        to = driver.combiner.watermark().0,
+                        target = driver.combiner.target().0,
+                        "Combined watermark advanced"
+                    );
+                }
+            }
+        }
+        let target = driver.combiner.target();
+        if target > published {
+            match write_target(&dir, target).await {
+                Ok(()) => published = target,
+                Err(e) => tracing::warn!(error = %e, "Cannot publish the target watermark"),
+            }
+        }
+        if !any && !pause(config.idle_sleep, &cancel).await {
+            break;
         }
     }
     // A last checkpoint; a store that stays down skips it (the next owner
@@ -769,7 +815,6 @@ fn to_driver(message: ShardMessage, shards: &mut [ShardState]) -> Option<FromWor
             Some(FromWorker::Early {
                 worker,
                 partials: state.early.take().unwrap_or_default(),
-                lag: Vec::new(),
                 offsets: NextOffsets::new(),
             })
         }

@@ -22,6 +22,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Default)]
 struct MemLog {
     topics: Mutex<BTreeMap<String, Vec<Vec<StoredRecord>>>>,
+    /// This topic's end offsets never answer, like a broker too busy for them.
+    end_offsets_hang: Option<&'static str>,
 }
 
 impl MemLog {
@@ -124,6 +126,9 @@ impl Log for MemLog {
     }
 
     async fn end_offset(&self, topic: &str, partition: u32) -> Result<u64, LogError> {
+        if self.end_offsets_hang == Some(topic) {
+            std::future::pending::<()>().await;
+        }
         self.with_partition(topic, partition, |p| p.len() as u64)
     }
 }
@@ -202,6 +207,17 @@ fn config(dir: &std::path::Path) -> DriverConfig {
         idle_sleep: Duration::from_millis(5),
         codec: EventCodec { decode, to_json },
         ..DriverConfig::default()
+    }
+}
+
+/// Two shards over [`config`], reporting through `tidemark-partials`.
+fn two_shards(dir: &std::path::Path) -> tidemark_processor::shards::ShardedConfig {
+    tidemark_processor::shards::ShardedConfig {
+        driver: DriverConfig {
+            workers: 2,
+            ..config(dir)
+        },
+        partials_topic: "tidemark-partials".to_string(),
     }
 }
 
@@ -367,7 +383,7 @@ async fn early_updates_are_broadcast_for_open_windows() {
 /// back from a checkpoint older than what it already reported.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sharded_stages_give_exact_windows_across_a_shard_crash() {
-    use tidemark_processor::shards::{run_combiner, run_shards, ShardedConfig};
+    use tidemark_processor::shards::{run_combiner, run_shards};
 
     let dir = tempfile::tempdir().unwrap();
     let log = Arc::new(MemLog::default());
@@ -379,13 +395,7 @@ async fn sharded_stages_give_exact_windows_across_a_shard_crash() {
     for (id, ts) in [("b1", 30_000), ("b2", 65_000)] {
         log.push("user-events", 1, enc(id, "u9", ts));
     }
-    let sharded = ShardedConfig {
-        driver: DriverConfig {
-            workers: 2,
-            ..config(dir.path())
-        },
-        partials_topic: "tidemark-partials".to_string(),
-    };
+    let sharded = two_shards(dir.path());
     let metrics = ProcessorMetrics::new(&prometheus::Registry::new());
     let shard = |n: usize, cancel: &CancellationToken| {
         let (sharded, log, metrics, cancel) = (
@@ -457,4 +467,70 @@ async fn sharded_stages_give_exact_windows_across_a_shard_crash() {
         "replayed events are not counted twice"
     );
     assert!(checkpoint::path(&dir.path().join("combiner")).exists());
+}
+
+/// Reading never waits for the end offsets (the lag metric's): on a busy
+/// broker each takes a round trip, and shards that asked for them between
+/// their reads once reported their last windows minutes late.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_report_their_progress_while_the_log_does_not_answer_end_offsets() {
+    use tidemark_processor::shards::{run_combiner, run_shards};
+
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(MemLog {
+        end_offsets_hang: Some("user-events"),
+        ..MemLog::default()
+    });
+    log.create("user-events", 2);
+    log.create("tidemark-partials", 1);
+    log.push("user-events", 0, enc("a1", "u1", 10_000));
+    log.push("user-events", 1, enc("b1", "u2", 20_000));
+    let sharded = two_shards(dir.path());
+    let metrics = ProcessorMetrics::new(&prometheus::Registry::new());
+    let cancel = CancellationToken::new();
+    let shards = tokio::spawn(run_shards(
+        sharded.clone(),
+        &[0, 1],
+        log.clone(),
+        PipelineSet::default(),
+        metrics.clone(),
+        cancel.clone(),
+    ));
+    let sink = Arc::new(MemSink::default());
+    let (tx, mut rx) = broadcast::channel(4096);
+    let combiner = tokio::spawn(run_combiner(
+        sharded,
+        log.clone(),
+        PipelineSet::default(),
+        sink.clone(),
+        tx,
+        metrics,
+        cancel.clone(),
+    ));
+    // Both shards have read the first minute and sent an early report.
+    let early = async {
+        loop {
+            let u = rx.recv().await.expect("updates channel open");
+            if !u.is_final
+                && u.window_start == EventTime(0)
+                && u.points.iter().any(|p| {
+                    p.measurement == "traffic" && p.field("events") == Some(FieldValue::Int(2))
+                })
+            {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), early)
+        .await
+        .expect("early result of both shards");
+    // Later events on both partitions close the minute.
+    log.push("user-events", 0, enc("a2", "u1", 80_000));
+    log.push("user-events", 1, enc("b2", "u2", 80_000));
+    await_final(&mut rx, 0, 2).await;
+
+    cancel.cancel();
+    shards.await.unwrap().unwrap();
+    combiner.await.unwrap().unwrap();
+    assert_eq!(sink.events(0), Some(FieldValue::Int(2)));
 }

@@ -51,7 +51,11 @@ impl Service {
             .args(&self.args)
             .arg("--listen")
             .arg(format!("127.0.0.1:{}", self.port))
-            .env("RUST_LOG", "info")
+            // `TIDEMARK_SERVICE_LOG=debug` shows more in the services' logs.
+            .env(
+                "RUST_LOG",
+                std::env::var("TIDEMARK_SERVICE_LOG").unwrap_or_else(|_| "info".to_string()),
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -19,6 +19,9 @@ use tidemark_tests::{metric_value, wait_until, InfluxServer, JsonApi, KnownEvent
 /// Windows close 10 s after the last event (idle partitions), and tansu is
 /// not fast: generous, but bounded.
 const RESULTS_TIMEOUT: Duration = Duration::from_secs(120);
+/// From the last post until the workload's last minute is in the store,
+/// when nothing but later events follow it.
+const LAST_MINUTE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The `event_id`s a 202 reply acknowledged: every event not rejected.
 fn acknowledged(batch: &[Value], reply: &Value) -> Vec<String> {
@@ -518,4 +521,74 @@ async fn sigterm_of_a_processor_checkpoints_and_hands_over_at_once() {
     let serve = Service::start(&serve_args(&tansu.brokers, &influx.url), dir.path()).await;
     post_all(&ingest, &known.batches[half..]).await;
     known.assert_results_within(&serve, RESULTS_TIMEOUT).await;
+}
+
+/// Events of `users` users on every input topic at event time `ts`: nothing
+/// but a push of every partition's watermark past the workload.
+fn sentinels(users: usize, ts: i64) -> Vec<Vec<Value>> {
+    use serde_json::json;
+    let events: Vec<Value> = (0..users)
+        .flat_map(|u| {
+            [
+                json!({"event_id": format!("s-l{u}"), "event_type": "login", "user_id": format!("s{u}"), "timestamp": ts}),
+                json!({"event_id": format!("s-v{u}"), "event_type": "view", "user_id": format!("s{u}"), "post_id": "p0", "timestamp": ts}),
+                json!({"event_id": format!("s-a{u}"), "event_type": "ad_impression", "user_id": format!("s{u}"),
+                       "campaign_id": "c1", "ad_id": "c1-a1", "impression_id": format!("is{u}"), "timestamp": ts}),
+            ]
+        })
+        .collect();
+    events.chunks(100).map(<[Value]>::to_vec).collect()
+}
+
+/// Posts every batch, sending a batch again after a 503 (the broker was
+/// slower than the produce timeout): what a client does, and safe, since
+/// the processor drops the events it already has by their `event_id`.
+async fn post_all_retrying(ingest: &Service, batches: &[Vec<Value>]) {
+    for batch in batches {
+        let mut tries = 0;
+        loop {
+            let (status, _, reply) = ingest.post(batch).await;
+            tries += 1;
+            if status == 503 && tries < 5 {
+                continue;
+            }
+            assert_eq!(status, 202, "batch accepted after {tries} tries: {reply}");
+            break;
+        }
+    }
+}
+
+/// The last minute of a workload fires once later events push every
+/// partition's watermark past it, even when nothing but those events
+/// follows: every shard's final advance must reach the combiner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_minute_of_a_workload_reaches_the_store_once_later_events_pass_it() {
+    let tansu = TansuServer::start();
+    let influx = InfluxServer::start().expect("influxd starts");
+    let dir = tempfile::tempdir().unwrap();
+    let ingest = Service::start(&ingest_args(&tansu.brokers), dir.path()).await;
+    let _process = Service::start(
+        &process_args(&tansu.brokers, &influx.url, &dir.path().join("process")),
+        dir.path(),
+    )
+    .await;
+    let serve = Service::start(&serve_args(&tansu.brokers, &influx.url), dir.path()).await;
+
+    let known = KnownEvents::new(30);
+    // The workload without its closing batch, then 3 minutes later in event
+    // time only the sentinels.
+    let (closing, workload) = known.batches.split_last().expect("batches");
+    assert!(closing.iter().all(|e| e["event_id"]
+        .as_str()
+        .is_some_and(|id| id.starts_with("close-"))));
+    post_all_retrying(&ingest, workload).await;
+    post_all_retrying(&ingest, &sentinels(1_000, known.base + 6 * 60_000 + 10_000)).await;
+    let posted = Instant::now();
+
+    // The processor keeps up with ingest: the last minute lands soon after
+    // the sentinels (it once took minutes, or never came within 150 s).
+    known
+        .assert_results_within(&serve, LAST_MINUTE_TIMEOUT)
+        .await;
+    eprintln!("exact {:?} after the last post", posted.elapsed());
 }
