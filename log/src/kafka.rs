@@ -84,13 +84,23 @@ pub struct KafkaConfig {
     /// `default.replication.factor`.
     pub replication_factor: Option<u16>,
     /// How long one [`Log::append`] may take in all before it fails
-    /// retryably (also librdkafka's `message.timeout.ms`).
+    /// retryably. librdkafka goes on delivering the records for at least
+    /// [`DELIVERY_TIMEOUT`] (its `message.timeout.ms`).
     pub produce_timeout: Duration,
     /// Timeout of metadata, watermark, time-index and admin requests.
     pub request_timeout: Duration,
     /// How long [`Log::read`] waits for the first record when none is buffered.
     pub read_wait: Duration,
 }
+
+/// How long librdkafka keeps trying to deliver a record after the append
+/// that sent it gave up (at least the produce timeout). A record that times
+/// out inside an idempotent producer makes it bump its epoch, and a broker
+/// under load when that happens may not take it: tansu 0.6 stops serving
+/// produce requests altogether. So a slow moment only makes an append fail
+/// retryably, and its records usually land a little later (at least once:
+/// the event ids make that safe).
+pub const DELIVERY_TIMEOUT: Duration = Duration::from_secs(120);
 
 impl KafkaConfig {
     /// Defaults for `brokers`: client id `tidemark`, 7 days of retention (as the
@@ -145,7 +155,10 @@ impl KafkaConfig {
             .set("retry.backoff.ms", "100")
             .set(
                 "message.timeout.ms",
-                self.produce_timeout.as_millis().max(1).to_string(),
+                self.produce_timeout
+                    .max(DELIVERY_TIMEOUT)
+                    .as_millis()
+                    .to_string(),
             );
         self.apply_extra(&mut c, &PINNED_PRODUCER);
         c
