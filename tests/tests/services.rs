@@ -43,20 +43,24 @@ fn acknowledged(batch: &[Value], reply: &Value) -> Vec<String> {
 /// slower than the produce timeout, as on a busy 2-core machine).
 const RESEND_FOR: Duration = Duration::from_secs(120);
 
-/// Posts every batch, sending a batch again after a 503: what a client
-/// does, and safe, since the processor drops the events it already has by
-/// their `event_id`.
+/// Posts a batch until ingest takes it, sending it again after a 503: what
+/// a client does, and safe, since the processor drops the events it
+/// already has by their `event_id`. Returns the 202 reply.
+async fn post_accepted(ingest: &Service, batch: &[Value]) -> Value {
+    let deadline = Instant::now() + RESEND_FOR;
+    loop {
+        let (status, _, reply) = ingest.post(batch).await;
+        if status == 503 && Instant::now() < deadline {
+            continue;
+        }
+        assert_eq!(status, 202, "batch accepted: {reply}");
+        return reply;
+    }
+}
+
 async fn post_all(ingest: &Service, batches: &[Vec<Value>]) {
     for batch in batches {
-        let deadline = Instant::now() + RESEND_FOR;
-        loop {
-            let (status, _, reply) = ingest.post(batch).await;
-            if status == 503 && Instant::now() < deadline {
-                continue;
-            }
-            assert_eq!(status, 202, "batch accepted: {reply}");
-            break;
-        }
+        post_accepted(ingest, batch).await;
     }
 }
 
@@ -128,8 +132,7 @@ async fn three_services_give_exact_counts_in_influxdb_and_on_the_websocket() {
     let known = KnownEvents::new(30);
     let mut rejected = 0;
     for batch in &known.batches {
-        let (status, _, reply) = ingest.post(batch).await;
-        assert_eq!(status, 202, "batch accepted: {reply}");
+        let reply = post_accepted(&ingest, batch).await;
         rejected += reply["rejected"].as_array().map_or(0, Vec::len);
     }
     assert_eq!(rejected, known.invalid);
