@@ -824,17 +824,30 @@ async fn watch_lag(
         .await;
         let Ok(offsets) = loaded else { continue };
         let mut tpl = TopicPartitionList::new();
-        let mut lags = Vec::new();
         for ((t, p), &offset) in &offsets {
-            if let Ok(end) = log.end_offset(t, *p).await {
-                lags.push((t, p.to_string(), end.saturating_sub(offset) as i64));
-            }
             let _ = tpl.add_partition_offset(t, *p as i32, Offset::Offset(offset as i64));
         }
+        // A few at a time: one after another, a busy broker takes longer
+        // than the interval for them.
+        let lags: Vec<(String, String, i64)> = {
+            use futures::StreamExt as _;
+            futures::stream::iter(offsets.clone())
+                .map(|((t, p), offset)| {
+                    let log = log.clone();
+                    async move {
+                        let end = log.end_offset(&t, p).await.ok()?;
+                        Some((t, p.to_string(), end.saturating_sub(offset) as i64))
+                    }
+                })
+                .buffer_unordered(4)
+                .filter_map(std::future::ready)
+                .collect()
+                .await
+        };
         // Replaced in one step: shards given up drop out, scrapes never see a gap.
         metrics.partition_lag.reset();
         for (t, p, lag) in lags {
-            metrics.partition_lag.with_label_values(&[t, &p]).set(lag);
+            metrics.partition_lag.with_label_values(&[&t, &p]).set(lag);
         }
         if tpl.count() == 0 {
             continue;
