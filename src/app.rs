@@ -49,6 +49,9 @@ pub struct RunConfig {
     pub web_dir: Option<PathBuf>,
     /// Stage-1 processor workers.
     pub workers: usize,
+    /// Where the users file, the JWT key and the audit log are (defaults
+    /// in `data_dir`).
+    pub access: crate::access::AccessArgs,
 }
 
 /// Partitions per topic of the embedded log. One process on one machine gains
@@ -154,11 +157,16 @@ pub async fn run(
         log.clone() as Arc<dyn Log>,
         IngestMetrics::new(&registry)?,
     );
+    let access = config
+        .access
+        .config(&config.data_dir, config.api_keys.clone())?;
+    let access = tidemark_ws_server::Access::open(access)?;
     let server = Arc::new(ServerState::new(
         store.clone(),
         updates.clone(),
         registry.clone(),
         config.web_dir.clone(),
+        access,
     ));
     let (target, live_database) = store_target(&config);
     let live = (live_database, store.clone());

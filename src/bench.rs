@@ -529,6 +529,7 @@ async fn bench_process(args: &BenchArgs) -> anyhow::Result<Value> {
         },
         web_dir: None,
         workers: args.threads,
+        access: Default::default(),
     };
     let (store, _) = app::open_store(&config, &cancel).await?;
     let registry = prometheus::Registry::new();
@@ -720,13 +721,21 @@ async fn bench_latency(args: &BenchArgs) -> anyhow::Result<Value> {
         store: StoreChoice::Sqlite,
         web_dir: None,
         workers: args.threads.max(1),
+        access: Default::default(),
     };
+    let (token, _) =
+        tidemark_ws_server::auth::UsersFile::new(config.access.users_file(&config.data_dir))
+            .create_token(tidemark_ws_server::Role::Analyst, "bench")?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let cancel = CancellationToken::new();
     let system = tokio::spawn(app::run(config, listener, cancel.clone()));
 
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws")).await?;
+    ws.send(tokio_tungstenite::tungstenite::Message::text(
+        json!({"op": "auth", "token": token}).to_string(),
+    ))
+    .await?;
     ws.send(tokio_tungstenite::tungstenite::Message::text(
         r#"{"op":"subscribe","channel":"overview"}"#.to_string(),
     ))

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+use crate::access::{self, AccessArgs, AuditCommand, TokenCommand, UserCommand};
 use crate::app::{self, RunConfig, StoreChoice};
 use crate::bench::{self, BenchArgs};
 use crate::generator::{self, GeneratorConfig, PostTarget};
@@ -45,6 +46,15 @@ pub enum Command {
     Promote(PromoteArgs),
     /// Writes log records older than a time to zstd archive files replay can read.
     Archive(ArchiveArgs),
+    /// Users of the API and the dashboard (the users file).
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Service tokens: long-lived API keys with a role, for Grafana and scripts.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// The audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
 }
 
 /// Flags shared by `run` and `demo`.
@@ -68,6 +78,8 @@ pub struct RunArgs {
     /// checkpoint restores only into the same count.
     #[arg(long, env = "TIDEMARK_WORKERS", default_value_t = 2)]
     pub workers: usize,
+    #[command(flatten)]
+    pub access: AccessArgs,
 }
 
 /// InfluxDB connection; without `--influx-url` the embedded SQLite store is used.
@@ -153,8 +165,12 @@ fn run_config(args: RunArgs, fallback_key: impl FnOnce() -> String) -> RunConfig
         store,
         web_dir: Some(args.web_dir),
         workers: args.workers,
+        access: args.access,
     }
 }
+
+/// The admin `tidemark demo` makes (with a new password at every start).
+pub const DEMO_USER: &str = "demo";
 
 /// A random key for a run started without one, printed once so clients can use it.
 fn random_key() -> String {
@@ -195,13 +211,28 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 "tidemark is running: dashboard http://{}/",
                 listener.local_addr()?
             );
+            let users = config.access.users_file(&config.data_dir);
+            let nobody = tidemark_ws_server::auth::UsersFile::new(&users)
+                .current()
+                .map(|u| u.users.is_empty())
+                .unwrap_or(false);
+            if nobody {
+                println!(
+                    "No users yet: add one with `tidemark user add NAME --role admin --users-file {}`",
+                    users.display()
+                );
+            }
             app::run(config, listener, shutdown_token()).await
         }
         Command::Demo(args) => {
             let config = run_config(args.run.clone(), random_key);
             let listener = tokio::net::TcpListener::bind(args.run.listen).await?;
             let addr = listener.local_addr()?;
+            let password = access::random_password();
+            tidemark_ws_server::auth::UsersFile::new(config.access.users_file(&config.data_dir))
+                .put_user(DEMO_USER, tidemark_ws_server::Role::Admin, &password)?;
             println!("tidemark demo: open the dashboard at http://{addr}/");
+            println!("Log in as {DEMO_USER} with password {password} (an admin)");
             println!(
                 "Generating {} events/s through http://{addr}/v1/events",
                 args.rate
@@ -253,5 +284,8 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Replay(args) => replay_cmd::run(args).await,
         Command::Promote(args) => promote::run(args).await,
         Command::Archive(args) => replay_cmd::archive(args).await,
+        Command::User(command) => access::user(command),
+        Command::Token(command) => access::token(command),
+        Command::Audit(command) => access::audit(command),
     }
 }

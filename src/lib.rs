@@ -3,6 +3,7 @@
 //! (`ingest`, `process`, `serve`, feature `kafka`), the traffic generator and the
 //! benchmarks. Logic lives in the crates; this only assembles them.
 
+pub mod access;
 pub mod app;
 pub mod bench;
 pub mod cli;

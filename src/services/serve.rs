@@ -51,7 +51,15 @@ pub struct ServeArgs {
     /// TOML file with defaults for these flags (see the README).
     #[arg(long, env = "TIDEMARK_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Ingest keys: recognised so that one used on a read route gets 403.
+    #[arg(long = "api-key", env = "TIDEMARK_API_KEYS", value_delimiter = ',')]
+    pub api_keys: Vec<String>,
+    #[command(flatten)]
+    pub access: crate::access::AccessArgs,
 }
+
+/// Where `serve` keeps its access files when no `--data-dir` is given.
+const ACCESS_DIR: &str = "tidemark-data";
 
 /// Binds `--listen` and runs until `cancel`.
 pub async fn main(args: ServeArgs, cancel: CancellationToken) -> anyhow::Result<()> {
@@ -112,11 +120,17 @@ pub async fn run(
         )));
     }
 
+    let access_dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(ACCESS_DIR));
+    let access = args.access.config(&access_dir, args.api_keys.clone())?;
     let server = Arc::new(ServerState::new(
         store.clone(),
         updates,
         registry,
         Some(args.web_dir),
+        tidemark_ws_server::Access::open(access)?,
     ));
     let live = (args.influx.influx_db.clone(), store);
     server.set_live_database(&live.0);

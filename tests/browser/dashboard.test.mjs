@@ -1,6 +1,7 @@
-// End-to-end browser test: starts `tidemark demo` on a free loopback port and
-// checks in headless Chromium that the dashboard shows non-zero live counts
-// within 30 s. Keeps a screenshot in artifacts/dashboard.png.
+// End-to-end browser test: starts `tidemark demo` on a free loopback port,
+// logs in with the admin it prints, and checks in headless Chromium that the
+// dashboard shows non-zero live counts within 30 s. Keeps screenshots in
+// artifacts/ (login.png, dashboard.png).
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
@@ -43,7 +44,12 @@ test('demo dashboard shows live counts within 30 s', async (t) => {
   const port = await freePort();
   const dataDir = mkdtempSync(join(tmpdir(), 'tidemark-demo-'));
   const demo = spawn(bin, ['demo', '--listen', `127.0.0.1:${port}`, '--data-dir', dataDir,
-    '--web-dir', join(root, 'dashboards', 'web', 'dist'), '--rate', '2000'], { stdio: ['ignore', 'inherit', 'inherit'] });
+    '--web-dir', join(root, 'dashboards', 'web', 'dist'), '--rate', '2000'], { stdio: ['ignore', 'pipe', 'inherit'] });
+  let printed = '';
+  demo.stdout.on('data', (chunk) => {
+    printed += chunk;
+    process.stdout.write(chunk);
+  });
   let browser;
   t.after(async () => {
     if (browser) await browser.close();
@@ -63,7 +69,25 @@ test('demo dashboard shows live counts within 30 s', async (t) => {
       '--disable-sync', '--no-first-run', '--disable-quic'],
   });
   const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+  const [, user, password] = await waitFor('the demo admin', async () =>
+    printed.match(/Log in as (\S+) with password (\S+)/), 30_000);
+
+  // Without a session the dashboard is the login page, and its data is not
+  // served to anyone without a token.
+  assert.equal((await fetch(`${base}/api/v1/metrics?name=traffic&field=events`)).status, 401);
   await page.goto(base + '/');
+  await page.getByLabel('Name').fill(user);
+  await page.getByLabel('Password').fill('not the password');
+  await page.getByRole('button', { name: 'Log in' }).click();
+  await waitFor('a refused login', async () => (await page.getByRole('alert').count()) > 0, 10_000);
+  assert.match(await page.getByRole('alert').innerText(), /wrong name or password/);
+  assert.equal(new URL(page.url()).pathname, '/login');
+  mkdirSync(join(root, 'artifacts'), { recursive: true });
+  await page.screenshot({ path: join(root, 'artifacts', 'login.png') });
+  await page.getByLabel('Password').fill(password);
+  await page.getByRole('button', { name: 'Log in' }).click();
+  await waitFor('the dashboard', async () => (await page.getByTestId('signed-in-as').count()) > 0, 10_000);
+  assert.match(await page.getByTestId('signed-in-as').innerText(), /demo \(admin\)/);
   const number = async (testId) => {
     const text = await page.getByTestId(testId).first().innerText();
     return Number(text.replace(/[^0-9.]/g, '')) || 0;
@@ -75,6 +99,5 @@ test('demo dashboard shows live counts within 30 s', async (t) => {
   assert.match(await page.getByTestId('ws-status').first().innerText(), /live|connected/i);
   // Let the history chart draw its points before the picture is taken.
   await page.waitForTimeout(1500);
-  mkdirSync(join(root, 'artifacts'), { recursive: true });
   await page.screenshot({ path: join(root, 'artifacts', 'dashboard.png'), fullPage: true });
 });

@@ -50,6 +50,8 @@ pub struct Tidemark {
     pub port: u16,
     pub data_dir: PathBuf,
     extra_args: Vec<String>,
+    /// An admin service token of the data folder's users file.
+    pub token: String,
 }
 
 impl Tidemark {
@@ -62,6 +64,7 @@ impl Tidemark {
             port,
             data_dir: data_dir.to_path_buf(),
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            token: create_token(&["--data-dir", &data_dir.display().to_string()]),
         };
         t.spawn().await;
         t
@@ -144,7 +147,10 @@ impl Tidemark {
 
     /// The Prometheus text of `/metrics`.
     pub async fn metrics_text(&self) -> String {
-        reqwest::get(format!("{}/metrics", self.base))
+        reqwest::Client::new()
+            .get(format!("{}/metrics", self.base))
+            .bearer_auth(&self.token)
+            .send()
             .await
             .expect("metrics")
             .text()
@@ -158,11 +164,17 @@ pub trait JsonApi {
     /// Base URL, `http://host:port`.
     fn base(&self) -> &str;
 
+    /// The bearer token its protected routes take.
+    fn token(&self) -> &str;
+
     /// GET a JSON API path.
     fn get_json(&self, path_and_query: &str) -> impl std::future::Future<Output = Value> {
-        let url = format!("{}{}", self.base(), path_and_query);
+        let request = reqwest::Client::new()
+            .get(format!("{}{}", self.base(), path_and_query))
+            .bearer_auth(self.token());
         async move {
-            reqwest::get(url)
+            request
+                .send()
                 .await
                 .expect("API reachable")
                 .json()
@@ -176,6 +188,29 @@ impl JsonApi for Tidemark {
     fn base(&self) -> &str {
         &self.base
     }
+
+    fn token(&self) -> &str {
+        &self.token
+    }
+}
+
+/// An admin service token made by `tidemark token create ARGS` (which name
+/// the users file).
+pub fn create_token(args: &[&str]) -> String {
+    let out = Command::new(tidemark_bin())
+        .args(["token", "create", "--role", "admin", "--name", "tests"])
+        .args(args)
+        .output()
+        .expect("tidemark token create runs");
+    assert!(
+        out.status.success(),
+        "tidemark token create failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("the token is text")
+        .trim()
+        .to_string()
 }
 
 impl Drop for Tidemark {

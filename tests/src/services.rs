@@ -22,6 +22,8 @@ pub struct Service {
     pub port: u16,
     args: Vec<String>,
     log: PathBuf,
+    /// An admin service token, for `serve` (whose routes need one).
+    pub token: String,
 }
 
 impl Service {
@@ -30,12 +32,40 @@ impl Service {
     pub async fn start(args: &[String], log_dir: &Path) -> Service {
         let port = free_port();
         let name = args.first().map_or("service", String::as_str);
+        let mut args = args.to_vec();
+        let mut token = String::new();
+        if name == "serve" {
+            // Credentials of its own in the log folder, and a token for the
+            // tests' requests.
+            let access = [
+                "--users-file".to_string(),
+                log_dir
+                    .join(format!("users-{port}.toml"))
+                    .display()
+                    .to_string(),
+                "--audit-log".to_string(),
+                log_dir
+                    .join(format!("audit-{port}.ndjson"))
+                    .display()
+                    .to_string(),
+            ];
+            let secret = log_dir.join(format!("jwt-secret-{port}"));
+            std::fs::write(&secret, format!("{:064x}", port as u128 * 7919)).expect("JWT key");
+            let access: Vec<&str> = access.iter().map(String::as_str).collect();
+            token = crate::create_token(&access);
+            args.extend(access.iter().map(|s| s.to_string()));
+            args.extend([
+                "--jwt-secret-file".to_string(),
+                secret.display().to_string(),
+            ]);
+        }
         let mut s = Service {
             child: None,
             base: format!("http://127.0.0.1:{port}"),
             port,
-            args: args.to_vec(),
+            args,
             log: log_dir.join(format!("{name}-{port}.log")),
+            token,
         };
         s.spawn().await;
         s
@@ -130,7 +160,10 @@ impl Service {
     }
 
     pub async fn metrics_text(&self) -> String {
-        reqwest::get(format!("{}/metrics", self.base))
+        reqwest::Client::new()
+            .get(format!("{}/metrics", self.base))
+            .bearer_auth(&self.token)
+            .send()
             .await
             .expect("metrics")
             .text()
@@ -142,6 +175,10 @@ impl Service {
 impl JsonApi for Service {
     fn base(&self) -> &str {
         &self.base
+    }
+
+    fn token(&self) -> &str {
+        &self.token
     }
 }
 
@@ -200,11 +237,17 @@ pub struct OverviewClient {
 }
 
 impl OverviewClient {
-    pub async fn connect(base: &str) -> OverviewClient {
+    /// Connects to `base`'s `/ws` with `token` and subscribes.
+    pub async fn connect(base: &str, token: &str) -> OverviewClient {
         let url = format!("{}/ws", base.replacen("http://", "ws://", 1));
         let (mut ws, _) = tokio_tungstenite::connect_async(url)
             .await
             .expect("WebSocket connects");
+        ws.send(tokio_tungstenite::tungstenite::Message::text(
+            serde_json::json!({"op": "auth", "token": token}).to_string(),
+        ))
+        .await
+        .expect("auth");
         ws.send(tokio_tungstenite::tungstenite::Message::text(
             r#"{"op":"subscribe","channel":"overview"}"#,
         ))

@@ -311,7 +311,15 @@ async fn promote_and_rollback_switch_the_rest_api_without_a_failed_request() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let client = reqwest::Client::new();
+    let mut auth = reqwest::header::HeaderMap::new();
+    auth.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {}", t.token).parse().unwrap(),
+    );
+    let client = reqwest::Client::builder()
+        .default_headers(auth)
+        .build()
+        .unwrap();
     let hour = workload.hour;
     let before = engagement_score(&client, &t.base, hour).await.unwrap();
     assert!(before > 0.0);
@@ -343,7 +351,7 @@ async fn promote_and_rollback_switch_the_rest_api_without_a_failed_request() {
         }
     };
     // WebSocket clients follow the served database too.
-    let mut overview = OverviewClient::connect(&t.base).await;
+    let mut overview = OverviewClient::connect(&t.base, &t.token).await;
     assert!(
         overview
             .until(Duration::from_secs(10), |w| !w.is_empty())

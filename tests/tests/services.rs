@@ -127,7 +127,7 @@ async fn three_services_give_exact_counts_in_influxdb_and_on_the_websocket() {
         serve_config.display().to_string(),
     ];
     let serve = Service::start(&serve_from_file, dir.path()).await;
-    let mut overview = OverviewClient::connect(&serve.base).await;
+    let mut overview = OverviewClient::connect(&serve.base, &serve.token).await;
 
     let known = KnownEvents::new(30);
     let mut rejected = 0;

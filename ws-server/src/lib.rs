@@ -5,7 +5,10 @@
 //! registry and the hot cache of the overview channel; [`router`] exposes them
 //! over HTTP and [`serve`] runs the router until shutdown.
 
+pub mod audit;
+pub mod auth;
 mod live;
+mod pipelines;
 mod rest;
 mod served;
 
@@ -23,42 +26,121 @@ use tidemark_tsdb_writer::{Store, StoreError};
 use tokio::sync::{broadcast, watch};
 use tower_http::services::{ServeDir, ServeFile};
 
+pub use auth::{Access, AccessConfig, AccessError, Permission, Principal, Role};
+
 pub use live::{run_session, Overview, OverviewWindow, OVERVIEW_WINDOWS};
 
-/// Errors of the serving layer.
+/// Errors of the serving layer, each answered with its status and
+/// `{"error": "<message>", "code": "<machine code>"}`.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     /// A request parameter is missing or malformed.
     #[error("{0}")]
     BadRequest(String),
+    /// No valid credential.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// A wrong name or password.
+    #[error("wrong name or password")]
+    InvalidCredentials,
+    /// The credential's role lacks the permission.
+    #[error("this needs the {} permission", .0.name())]
+    Forbidden(Permission),
+    /// Too many failed logins; try again after the duration.
+    #[error("too many failed logins; try again in {} s", auth::retry_after_secs(*.0))]
+    TooManyAttempts(std::time::Duration),
+    /// What the path names does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// Something the server needs is missing for now (the users file is
+    /// invalid, the audit log cannot be written).
+    #[error("{0}")]
+    Unavailable(String),
+    /// A bug or a broken invariant.
+    #[error("{0}")]
+    Internal(String),
     /// The store failed to answer.
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl From<auth::UsersFileError> for ServerError {
+    fn from(e: auth::UsersFileError) -> ServerError {
+        match e {
+            auth::UsersFileError::Rejected(message) => ServerError::BadRequest(message),
+            other => ServerError::Unavailable(other.to_string()),
+        }
+    }
 }
 
 impl ServerError {
     /// Whether retrying the same request later may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            ServerError::BadRequest(_) => false,
+            ServerError::TooManyAttempts(_) | ServerError::Unavailable(_) => true,
             ServerError::Store(e) => e.is_retryable(),
+            _ => false,
         }
     }
 
     fn status(&self) -> StatusCode {
         match self {
             ServerError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ServerError::Unauthorized(_) | ServerError::InvalidCredentials => {
+                StatusCode::UNAUTHORIZED
+            }
+            ServerError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ServerError::TooManyAttempts(_) => StatusCode::TOO_MANY_REQUESTS,
+            ServerError::NotFound(_) => StatusCode::NOT_FOUND,
+            ServerError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ServerError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ServerError::Store(StoreError::InvalidQuery(_)) => StatusCode::BAD_REQUEST,
             ServerError::Store(e) if e.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,
             ServerError::Store(_) => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// The machine-readable code of the answer.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ServerError::BadRequest(_) => "bad_request",
+            ServerError::Unauthorized(_) => "unauthorized",
+            ServerError::InvalidCredentials => "invalid_credentials",
+            ServerError::Forbidden(_) => "forbidden",
+            ServerError::TooManyAttempts(_) => "too_many_attempts",
+            ServerError::NotFound(_) => "not_found",
+            ServerError::Unavailable(_) => "unavailable",
+            ServerError::Internal(_) => "internal",
+            ServerError::Store(StoreError::InvalidQuery(_)) => "invalid_query",
+            ServerError::Store(e) if e.is_retryable() => "store_unavailable",
+            ServerError::Store(_) => "store_failed",
         }
     }
 }
 
 impl IntoResponse for ServerError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({ "error": self.to_string() });
-        (self.status(), Json(body)).into_response()
+        let mut body = serde_json::json!({ "error": self.to_string(), "code": self.code() });
+        if let ServerError::Forbidden(p) = &self {
+            body["permission"] = p.name().into();
+        }
+        let mut response = (self.status(), Json(body)).into_response();
+        match &self {
+            ServerError::TooManyAttempts(wait) => {
+                response.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    header::HeaderValue::from(auth::retry_after_secs(*wait)),
+                );
+            }
+            ServerError::Unauthorized(_) | ServerError::InvalidCredentials => {
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    header::HeaderValue::from_static("Bearer realm=\"tidemark\""),
+                );
+            }
+            _ => {}
+        }
+        response
     }
 }
 
@@ -159,18 +241,20 @@ pub struct ServerState {
     pub(crate) web_dir: Option<PathBuf>,
     pub(crate) hot: Arc<Mutex<Overview>>,
     pub(crate) metrics: ServerMetrics,
+    pub(crate) access: Access,
 }
 
 impl ServerState {
     /// Builds the state serving `store` as the live database, registers the
     /// server metrics in `registry` and starts the hot-cache task that
     /// follows `updates` (call inside a Tokio runtime; the task ends with the
-    /// state).
+    /// state). `access` checks every protected route's credential.
     pub fn new(
         store: Arc<dyn Store>,
         updates: broadcast::Sender<Update>,
         registry: Registry,
         web_dir: Option<PathBuf>,
+        access: Access,
     ) -> ServerState {
         let metrics = ServerMetrics::new(&registry);
         let hot = Arc::new(Mutex::new(Overview::default()));
@@ -204,7 +288,21 @@ impl ServerState {
             web_dir,
             hot,
             metrics,
+            access,
         }
+    }
+
+    /// Credentials and the audit log.
+    pub fn access(&self) -> &Access {
+        &self.access
+    }
+
+    /// The database the live processor writes.
+    pub fn live_database(&self) -> String {
+        self.live_database
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The database the REST API answers from (see [`ServingStore`]).
@@ -235,18 +333,60 @@ impl ServerState {
     }
 }
 
-/// The HTTP routes: `/api/v1/health`, `/api/v1/metrics`, `/ws`, `/metrics` and
-/// the dashboard.
+/// The HTTP routes (see `docs/api.md`): health, login and the dashboard are
+/// open; every other route needs a credential whose role holds the
+/// route's [`Permission`].
 pub fn router(state: Arc<ServerState>) -> Router {
+    use axum::routing::{delete, post, put};
     let web_dir = state
         .web_dir
         .clone()
         .filter(|dir| dir.join("index.html").is_file());
-    let api = Router::new()
+    let guarded = |permission: Permission, routes: Router<Arc<ServerState>>| {
+        routes.route_layer(axum::middleware::from_fn_with_state(
+            (state.clone(), permission),
+            auth::guard,
+        ))
+    };
+    let open = Router::new()
         .route("/api/v1/health", get(health))
+        .route("/api/v1/auth/login", post(auth::routes::login))
+        .route("/api/v1/auth/refresh", post(auth::routes::refresh));
+    let reads = Router::new()
+        .route("/api/v1/auth/me", get(auth::routes::me))
         .route("/api/v1/metrics", get(rest::metrics_query))
+        .route("/api/v1/trending", get(pipelines::trending))
+        .route("/api/v1/trending/{tag}", get(pipelines::trending_tag))
+        .route("/api/v1/campaigns", get(pipelines::campaigns))
+        .route("/api/v1/campaigns/{id}", get(pipelines::campaign))
+        .route("/api/v1/engagement", get(pipelines::engagement))
+        .route("/metrics", get(prometheus_text));
+    let users = Router::new()
+        .route("/api/v1/users", get(auth::routes::list_users))
+        .route(
+            "/api/v1/users/{name}",
+            put(auth::routes::put_user).delete(auth::routes::delete_user),
+        )
+        .route(
+            "/api/v1/tokens",
+            get(auth::routes::list_tokens).post(auth::routes::create_token),
+        )
+        .route("/api/v1/tokens/{id}", delete(auth::routes::revoke_token));
+    let api = open
+        .merge(guarded(Permission::ReadMetrics, reads))
+        .merge(guarded(Permission::ManageUsers, users))
+        .merge(guarded(
+            Permission::ReadAudit,
+            Router::new().route("/api/v1/audit", get(auth::routes::audit)),
+        ))
+        .merge(guarded(
+            Permission::ReadOperations,
+            Router::new().route("/api/v1/serving", get(auth::routes::serving)),
+        ))
+        // The socket authenticates in its first message or its protocol
+        // header, and each subscription by channel.
         .route("/ws", get(live::ws_upgrade))
-        .route("/metrics", get(prometheus_text))
+        .route("/api/{*rest}", axum::routing::any(no_such_route))
         .with_state(state);
     match web_dir {
         Some(dir) => {
@@ -257,6 +397,10 @@ pub fn router(state: Arc<ServerState>) -> Router {
     }
 }
 
+async fn no_such_route(uri: axum::http::Uri) -> ServerError {
+    ServerError::NotFound(format!("no route {}", uri.path()))
+}
+
 /// Serves `router` on `listener` until `shutdown` completes, then lets
 /// in-flight requests finish.
 pub async fn serve(
@@ -264,9 +408,13 @@ pub async fn serve(
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
+    // The client's address is kept for the login limits and the audit log.
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 async fn health(axum::extract::State(state): axum::extract::State<Arc<ServerState>>) -> Response {

@@ -13,15 +13,17 @@ use std::time::Duration;
 
 use axum::extract::ws::{Message, WebSocketUpgrade};
 use axum::extract::State;
-use axum::response::Response;
+use axum::http::{header, HeaderMap};
+use axum::response::{IntoResponse as _, Response};
 use futures::{future, Sink, SinkExt, Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tidemark_model::{EventTime, Tier, Update};
 use tokio::sync::broadcast::error::RecvError;
 
+use crate::auth::{Permission, Principal, Role};
 use crate::served::Served;
-use crate::{json_number, ServerState};
+use crate::{json_number, ServerError, ServerState};
 
 /// How many 1-minute windows the overview keeps: the last hour.
 pub const OVERVIEW_WINDOWS: usize = 60;
@@ -147,11 +149,19 @@ struct ClientMessage {
     op: String,
     #[serde(default)]
     channel: Option<String>,
+    #[serde(default)]
+    token: Option<String>,
 }
 
-fn error_message(error: &str) -> String {
-    json!({ "type": "error", "error": error }).to_string()
+fn error_message(code: &str, message: &str) -> String {
+    json!({ "type": "error", "code": code, "message": message }).to_string()
 }
+
+/// The subprotocol a browser names beside `bearer.<token>` (browsers cannot
+/// set an `Authorization` header on a WebSocket).
+pub const PROTOCOL: &str = "tidemark";
+
+const BEARER_PROTOCOL_PREFIX: &str = "bearer.";
 
 enum Event {
     Client(Option<String>),
@@ -201,9 +211,14 @@ impl Drop for ClientGauge {
 
 /// Runs one client session over any text transport until the client goes
 /// away or stops accepting messages. Client messages are
-/// `{"op":"subscribe"|"unsubscribe","channel":"overview"}`.
-pub async fn run_session<Si, St>(state: Arc<ServerState>, mut sink: Si, mut incoming: St)
-where
+/// `{"op":"auth","token":"..."}` (unless `principal` came with the
+/// upgrade) and `{"op":"subscribe"|"unsubscribe","channel":"overview"}`.
+pub async fn run_session<Si, St>(
+    state: Arc<ServerState>,
+    mut principal: Option<Principal>,
+    mut sink: Si,
+    mut incoming: St,
+) where
     Si: Sink<String> + Unpin,
     St: Stream<Item = String> + Unpin,
 {
@@ -226,7 +241,49 @@ where
         let reply = match event {
             Event::Client(None) => break,
             Event::Client(Some(text)) => match serde_json::from_str::<ClientMessage>(&text) {
-                Err(e) => Some(error_message(&format!("invalid message: {e}"))),
+                Err(e) => Some(error_message(
+                    "bad_message",
+                    &format!("invalid message: {e}"),
+                )),
+                Ok(msg) if msg.op == "auth" => {
+                    match state
+                        .access
+                        .authenticate(msg.token.as_deref().unwrap_or_default())
+                    {
+                        Ok(p) => {
+                            let role = p.role().map(Role::name);
+                            principal = Some(p);
+                            Some(json!({ "type": "authenticated", "role": role }).to_string())
+                        }
+                        Err(e) => Some(error_message(e.code(), &e.to_string())),
+                    }
+                }
+                Ok(msg)
+                    if msg.op == "subscribe"
+                        && !matches!(&principal, Some(p) if p.allows(Permission::ReadMetrics)) =>
+                {
+                    Some(match &principal {
+                        None => error_message(
+                            "unauthorized",
+                            "send {\"op\":\"auth\",\"token\":\"...\"} first",
+                        ),
+                        Some(p) => {
+                            state.access.audit.record_forbidden(
+                                p,
+                                Permission::ReadMetrics,
+                                &format!(
+                                    "subscribe {}",
+                                    msg.channel.as_deref().unwrap_or_default()
+                                ),
+                                None,
+                            );
+                            error_message(
+                                "forbidden",
+                                &ServerError::Forbidden(Permission::ReadMetrics).to_string(),
+                            )
+                        }
+                    })
+                }
                 Ok(msg) => match (msg.op.as_str(), msg.channel.as_deref()) {
                     ("subscribe", Some(OVERVIEW)) => {
                         let sub = Subscription::new(&state);
@@ -238,10 +295,11 @@ where
                         subscription = None;
                         None
                     }
-                    ("subscribe" | "unsubscribe", channel) => {
-                        Some(error_message(&format!("unknown channel {channel:?}")))
-                    }
-                    (op, _) => Some(error_message(&format!("unknown op {op:?}"))),
+                    ("subscribe" | "unsubscribe", channel) => Some(error_message(
+                        "unknown_channel",
+                        &format!("unknown channel {channel:?}"),
+                    )),
+                    (op, _) => Some(error_message("unknown_op", &format!("unknown op {op:?}"))),
                 },
             },
             Event::Update(Ok((generation, update))) => match &mut subscription {
@@ -294,22 +352,51 @@ fn observe_latency(state: &ServerState, update: &Update) {
     }
 }
 
+/// The credential of an upgrade request: `Authorization: Bearer`, or a
+/// `bearer.<token>` entry of `Sec-WebSocket-Protocol`.
+fn upgrade_credential(headers: &HeaderMap) -> Option<String> {
+    if let Some(token) = crate::auth::bearer(headers) {
+        return Some(token.to_string());
+    }
+    headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .find_map(|p| p.strip_prefix(BEARER_PROTOCOL_PREFIX))
+        .map(str::to_string)
+}
+
 pub(crate) async fn ws_upgrade(
     State(state): State<Arc<ServerState>>,
+    headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    upgrade.on_upgrade(move |socket| async move {
-        let (sink, stream) = socket.split();
-        let sink = sink
-            .with(|text: String| future::ready(Ok::<_, axum::Error>(Message::Text(text.into()))));
-        let stream = stream
-            .take_while(|m| future::ready(matches!(m, Ok(m) if !matches!(m, Message::Close(_)))))
-            .filter_map(|m| {
-                future::ready(match m {
-                    Ok(Message::Text(text)) => Some(text.to_string()),
-                    _ => None,
-                })
+    let principal = match upgrade_credential(&headers) {
+        None => None,
+        Some(credential) => match state.access.authenticate(&credential) {
+            Ok(p) => Some(p),
+            Err(e) => return e.into_response(),
+        },
+    };
+    upgrade
+        .protocols([PROTOCOL])
+        .on_upgrade(move |socket| async move {
+            let (sink, stream) = socket.split();
+            let sink = sink.with(|text: String| {
+                future::ready(Ok::<_, axum::Error>(Message::Text(text.into())))
             });
-        run_session(state, Box::pin(sink), Box::pin(stream)).await;
-    })
+            let stream = stream
+                .take_while(|m| {
+                    future::ready(matches!(m, Ok(m) if !matches!(m, Message::Close(_))))
+                })
+                .filter_map(|m| {
+                    future::ready(match m {
+                        Ok(Message::Text(text)) => Some(text.to_string()),
+                        _ => None,
+                    })
+                });
+            run_session(state, principal, Box::pin(sink), Box::pin(stream)).await;
+        })
 }

@@ -47,7 +47,7 @@ pub(crate) async fn metrics_query(
     }
 }
 
-fn bad(msg: impl Into<String>) -> ServerError {
+pub(crate) fn bad(msg: impl Into<String>) -> ServerError {
     ServerError::BadRequest(msg.into())
 }
 
@@ -55,7 +55,7 @@ fn valid_name(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
-fn checked_name(param: &str, value: &str) -> Result<String, ServerError> {
+pub(crate) fn checked_name(param: &str, value: &str) -> Result<String, ServerError> {
     if valid_name(value) {
         Ok(value.to_string())
     } else {
@@ -65,7 +65,10 @@ fn checked_name(param: &str, value: &str) -> Result<String, ServerError> {
     }
 }
 
-fn time_param(param: &str, value: Option<&str>) -> Result<Option<EventTime>, ServerError> {
+pub(crate) fn time_param(
+    param: &str,
+    value: Option<&str>,
+) -> Result<Option<EventTime>, ServerError> {
     match value {
         None => Ok(None),
         Some(v) => EventTime::parse(v).map(Some).ok_or_else(|| {

@@ -11,9 +11,37 @@ use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tidemark_model::{EventTime, FieldValue, Point, Tier, Update};
 use tidemark_tsdb_writer::{Aggregate, MetricQuery, Series, Store, StoreError};
-use tidemark_ws_server::{router, run_session, serve, ServerState};
+use tidemark_ws_server::{
+    router, run_session, serve, Access, AccessConfig, Principal, Role, ServerState,
+};
 use tokio::sync::broadcast;
 use tower::ServiceExt;
+
+/// Credentials for a test server: a users file and audit log in a folder of
+/// its own (kept alive by the returned guard), and the ingest key `ingest`.
+fn test_access() -> (Access, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let access = Access::open(AccessConfig {
+        users_file: dir.path().join("users.toml"),
+        jwt_secret: vec![7; 32],
+        ingest_keys: vec!["ingest".into()],
+        audit_log: dir.path().join("audit.ndjson"),
+    })
+    .unwrap();
+    (access, dir)
+}
+
+/// A service token of `role` on `state`.
+fn token(state: &ServerState, role: Role) -> String {
+    state.access().users().create_token(role, "test").unwrap().0
+}
+
+fn analyst() -> Option<Principal> {
+    Some(Principal::Service {
+        id: "test".into(),
+        role: Role::Analyst,
+    })
+}
 
 /// Keeps points in a list and answers queries by scanning it (sum only).
 #[derive(Debug, Default)]
@@ -101,6 +129,7 @@ struct Fixture {
     updates: broadcast::Sender<Update>,
     registry: prometheus::Registry,
     state: Arc<ServerState>,
+    _access_dir: tempfile::TempDir,
 }
 
 async fn fixture() -> Fixture {
@@ -117,23 +146,34 @@ async fn fixture() -> Fixture {
         .unwrap();
     let (updates, _) = broadcast::channel(16);
     let registry = prometheus::Registry::new();
+    let (access, access_dir) = test_access();
     let state = Arc::new(ServerState::new(
         store.clone(),
         updates.clone(),
         registry.clone(),
         None,
+        access,
     ));
     Fixture {
         store,
         updates,
         registry,
         state,
+        _access_dir: access_dir,
     }
 }
 
 async fn get(state: &Arc<ServerState>, uri: &str) -> (StatusCode, Vec<u8>) {
     let response = router(state.clone())
-        .oneshot(Request::get(uri).body(Body::empty()).unwrap())
+        .oneshot(
+            Request::get(uri)
+                .header(
+                    "authorization",
+                    format!("Bearer {}", token(state, Role::Analyst)),
+                )
+                .body(Body::empty())
+                .unwrap(),
+        )
         .await
         .unwrap();
     let status = response.status();
@@ -279,11 +319,13 @@ async fn dashboard_is_served_with_index_fallback() {
     std::fs::write(dir.join("index.html"), "<html>dashboard</html>").unwrap();
     std::fs::write(dir.join("assets/app.js"), "console.log(1)").unwrap();
     let f = fixture().await;
+    let (access, _access_dir) = test_access();
     let state = Arc::new(ServerState::new(
         f.store.clone(),
         f.updates.clone(),
         f.registry,
         Some(dir.clone()),
+        access,
     ));
     let (status, body) = get(&state, "/").await;
     assert_eq!(status, StatusCode::OK);
@@ -317,7 +359,7 @@ fn channel_session(
 ) {
     let (client_tx, server_rx) = futures::channel::mpsc::channel::<String>(8);
     let (server_tx, client_rx) = futures::channel::mpsc::channel::<String>(8);
-    let session = tokio::spawn(run_session(state.clone(), server_tx, server_rx));
+    let session = tokio::spawn(run_session(state.clone(), analyst(), server_tx, server_rx));
     (client_tx, client_rx, session)
 }
 
@@ -336,11 +378,13 @@ async fn session_sends_snapshot_updates_and_coalesces_when_lagging() {
     let store = Arc::new(MemStore::default());
     let (updates, _) = broadcast::channel(2);
     let registry = prometheus::Registry::new();
+    let (access, _access_dir) = test_access();
     let state = Arc::new(ServerState::new(
         store,
         updates.clone(),
         registry.clone(),
         None,
+        access,
     ));
     let (mut client_tx, mut client_rx, session) = channel_session(&state);
 
@@ -464,9 +508,6 @@ async fn websocket_subscribe_gets_snapshot_then_update() {
         .await
         .unwrap();
     use tokio_tungstenite::tungstenite::Message;
-    ws.send(Message::text(r#"{"op":"subscribe","channel":"overview"}"#))
-        .await
-        .unwrap();
     async fn recv<S>(ws: &mut S) -> Value
     where
         S: futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
@@ -478,6 +519,23 @@ async fn websocket_subscribe_gets_snapshot_then_update() {
             .unwrap();
         serde_json::from_str(msg.to_text().unwrap()).unwrap()
     }
+    ws.send(Message::text(r#"{"op":"subscribe","channel":"overview"}"#))
+        .await
+        .unwrap();
+    let refused = recv(&mut ws).await;
+    assert_eq!(
+        (refused["type"].as_str(), refused["code"].as_str()),
+        (Some("error"), Some("unauthorized"))
+    );
+    let auth = json!({"op": "auth", "token": token(&f.state, Role::Analyst)});
+    ws.send(Message::text(auth.to_string())).await.unwrap();
+    assert_eq!(
+        recv(&mut ws).await,
+        json!({"type": "authenticated", "role": "analyst"})
+    );
+    ws.send(Message::text(r#"{"op":"subscribe","channel":"overview"}"#))
+        .await
+        .unwrap();
     let snapshot = recv(&mut ws).await;
     assert_eq!(snapshot["type"], "snapshot");
     assert_eq!(
@@ -538,11 +596,13 @@ async fn switching_the_served_database_resends_the_overview_from_it() {
     };
     promoted.write(&[point(0, "like", 7)]).await.unwrap();
     let (updates, _) = broadcast::channel(16);
+    let (access, _access_dir) = test_access();
     let state = Arc::new(ServerState::new(
         live.clone(),
         updates.clone(),
         prometheus::Registry::new(),
         None,
+        access,
     ));
     let (mut client_tx, mut client_rx, session) = channel_session(&state);
     let window = |minute: i64, traffic: Value| {

@@ -10,6 +10,7 @@ import {
   type MinuteWindow,
 } from './data';
 import { useOverview, type Status } from './live';
+import { logout, type Session } from './auth';
 
 interface RateSample {
   start: number;
@@ -43,7 +44,7 @@ function useNow(intervalMs: number): number {
   return now;
 }
 
-export function App() {
+export function App({ session }: { session: Session }) {
   const [windows, setWindows] = useState<Windows>(() => new Map());
   const [rate, setRate] = useState<number | null>(null);
   const [historyError, setHistoryError] = useState<string | null>(null);
@@ -116,7 +117,15 @@ export function App() {
         <h1>
           tidemark <span className="dim">— live</span>
         </h1>
-        <StatusBadge status={status} />
+        <div className="account">
+          <StatusBadge status={status} />
+          <span className="dim" data-testid="signed-in-as">
+            {session.name} ({session.role})
+          </span>
+          <button type="button" className="link" onClick={logout}>
+            Log out
+          </button>
+        </div>
       </header>
 
       <section className="cards">

@@ -1,3 +1,5 @@
+import { authFetch } from './auth';
+
 // The dashboard's view of the last hour: one entry per 1-minute window, merged
 // from the REST history (totals) and the WebSocket overview channel (by type).
 
@@ -24,7 +26,7 @@ export interface WireWindow {
 export type ServerMessage =
   | { type: 'snapshot'; channel: string; windows: WireWindow[] }
   | { type: 'update'; channel: string; windows: WireWindow[] }
-  | { type: 'error'; error: string };
+  | { type: 'error'; code: string; message: string };
 
 export type Windows = Map<number, MinuteWindow>;
 
@@ -83,7 +85,7 @@ interface MetricsAnswer {
 export async function fetchLastHour(name: string, field: string): Promise<Map<number, number>> {
   const from = new Date(Date.now() - HOUR_MS).toISOString();
   const params = new URLSearchParams({ name, field, step: '1m', from });
-  const response = await fetch(`/api/v1/metrics?${params}`);
+  const response = await authFetch(`/api/v1/metrics?${params}`);
   if (!response.ok) throw new Error(`${name}: HTTP ${response.status}`);
   const answer = (await response.json()) as MetricsAnswer;
   const out = new Map<number, number>();

@@ -1,4 +1,5 @@
 import { useEffect, useRef, useState } from 'react';
+import { currentSession } from './auth';
 import type { ServerMessage, WireWindow } from './data';
 
 export type Status =
@@ -34,7 +35,10 @@ export function useOverview(onWindows: (windows: WireWindow[]) => void): Status 
 
     const connect = () => {
       setStatus({ kind: 'connecting' });
-      const ws = new WebSocket(wsUrl());
+      // Browsers cannot set an Authorization header on a WebSocket: the
+      // token travels as a subprotocol beside `tidemark`.
+      const token = currentSession()?.accessToken;
+      const ws = new WebSocket(wsUrl(), token ? ['tidemark', `bearer.${token}`] : ['tidemark']);
       socket = ws;
       ws.onopen = () => {
         backoff = MIN_BACKOFF_MS;
@@ -51,7 +55,7 @@ export function useOverview(onWindows: (windows: WireWindow[]) => void): Status 
         if (msg.type === 'snapshot' || msg.type === 'update') {
           handler.current(msg.windows);
         } else if (msg.type === 'error') {
-          console.warn('tidemark:', msg.error);
+          console.warn('tidemark:', msg.code, msg.message);
         }
       };
       ws.onclose = () => {
