@@ -10,6 +10,7 @@ pub mod auth;
 mod live;
 mod pipelines;
 mod rest;
+pub mod routes;
 mod served;
 
 use std::future::Future;
@@ -27,6 +28,7 @@ use tokio::sync::{broadcast, watch};
 use tower_http::services::{ServeDir, ServeFile};
 
 pub use auth::{Access, AccessConfig, AccessError, Permission, Principal, Role};
+pub use routes::Route;
 
 pub use live::{run_session, Overview, OverviewWindow, OVERVIEW_WINDOWS};
 
@@ -337,64 +339,239 @@ impl ServerState {
 /// open; every other route needs a credential whose role holds the
 /// route's [`Permission`].
 pub fn router(state: Arc<ServerState>) -> Router {
-    use axum::routing::{delete, post, put};
+    router_and_routes(state).0
+}
+
+/// The router and its route table (what `GET /api/v1/openapi.json`
+/// describes).
+pub fn router_and_routes(state: Arc<ServerState>) -> (Router, Vec<Route>) {
+    use auth::routes as a;
+    use routes::{route, Verb::*};
+    use Permission::*;
     let web_dir = state
         .web_dir
         .clone()
         .filter(|dir| dir.join("index.html").is_file());
-    let guarded = |permission: Permission, routes: Router<Arc<ServerState>>| {
-        routes.route_layer(axum::middleware::from_fn_with_state(
-            (state.clone(), permission),
-            auth::guard,
-        ))
-    };
-    let open = Router::new()
-        .route("/api/v1/health", get(health))
-        .route("/api/v1/auth/login", post(auth::routes::login))
-        .route("/api/v1/auth/refresh", post(auth::routes::refresh));
-    let reads = Router::new()
-        .route("/api/v1/auth/me", get(auth::routes::me))
-        .route("/api/v1/metrics", get(rest::metrics_query))
-        .route("/api/v1/trending", get(pipelines::trending))
-        .route("/api/v1/trending/{tag}", get(pipelines::trending_tag))
-        .route("/api/v1/campaigns", get(pipelines::campaigns))
-        .route("/api/v1/campaigns/{id}", get(pipelines::campaign))
-        .route("/api/v1/engagement", get(pipelines::engagement))
-        .route("/metrics", get(prometheus_text));
-    let users = Router::new()
-        .route("/api/v1/users", get(auth::routes::list_users))
-        .route(
-            "/api/v1/users/{name}",
-            put(auth::routes::put_user).delete(auth::routes::delete_user),
+    let range: &[&str] = &["from", "to"];
+    let (api, table) = routes::Table::new(state.clone())
+        .add(
+            route(
+                Get,
+                "/api/v1/health",
+                None,
+                "Liveness and the database served",
+                &[],
+            ),
+            health,
         )
-        .route(
-            "/api/v1/tokens",
-            get(auth::routes::list_tokens).post(auth::routes::create_token),
+        .add(
+            route(Get, "/api/v1/openapi.json", None, "This description", &[]),
+            openapi,
         )
-        .route("/api/v1/tokens/{id}", delete(auth::routes::revoke_token));
-    let api = open
-        .merge(guarded(Permission::ReadMetrics, reads))
-        .merge(guarded(Permission::ManageUsers, users))
-        .merge(guarded(
-            Permission::ReadAudit,
-            Router::new().route("/api/v1/audit", get(auth::routes::audit)),
-        ))
-        .merge(guarded(
-            Permission::ReadOperations,
-            Router::new().route("/api/v1/serving", get(auth::routes::serving)),
-        ))
-        // The socket authenticates in its first message or its protocol
-        // header, and each subscription by channel.
-        .route("/ws", get(live::ws_upgrade))
+        .add(
+            route(
+                Post,
+                "/api/v1/auth/login",
+                None,
+                "Log in with name and password: tokens",
+                &[],
+            ),
+            a::login,
+        )
+        .add(
+            route(
+                Post,
+                "/api/v1/auth/refresh",
+                None,
+                "New tokens for a refresh token",
+                &[],
+            ),
+            a::refresh,
+        )
+        .add(
+            route(
+                Get,
+                "/api/v1/auth/me",
+                Some(ReadMetrics),
+                "Who the credential belongs to",
+                &[],
+            ),
+            a::me,
+        )
+        .add(
+            route(
+                Get,
+                "/api/v1/metrics",
+                Some(ReadMetrics),
+                "One field of one measurement over time",
+                &["name", "field", "from", "to", "step", "group_by", "agg"],
+            ),
+            rest::metrics_query,
+        )
+        .add(
+            route(
+                Get,
+                "/api/v1/trending",
+                Some(ReadMetrics),
+                "The top tags of a window",
+                &["window", "at", "limit"],
+            ),
+            pipelines::trending,
+        )
+        .add(
+            route(
+                Get,
+                "/api/v1/trending/{tag}",
+                Some(ReadMetrics),
+                "A tag's rank, score and users over time",
+                &["window", "from", "to"],
+            ),
+            pipelines::trending_tag,
+        )
+        .add(
+            route(
+                Get,
+                "/api/v1/campaigns",
+                Some(ReadMetrics),
+                "Every campaign's totals",
+                range,
+            ),
+            pipelines::campaigns,
+        )
+        .add(
+            route(
+                Get,
+                "/api/v1/campaigns/{id}",
+                Some(ReadMetrics),
+                "A campaign's fields per step",
+                &["from", "to", "step", "group_by"],
+            ),
+            pipelines::campaign,
+        )
+        .add(
+            route(
+                Get,
+                "/api/v1/engagement",
+                Some(ReadMetrics),
+                "Sessions and engagement per step",
+                &["from", "to", "step", "group_by"],
+            ),
+            pipelines::engagement,
+        )
+        .add(
+            route(
+                Get,
+                "/metrics",
+                Some(ReadMetrics),
+                "Prometheus metrics",
+                &[],
+            ),
+            prometheus_text,
+        )
+        .add(
+            route(Get, "/api/v1/users", Some(ManageUsers), "The users", &[]),
+            a::list_users,
+        )
+        .add(
+            route(
+                Put,
+                "/api/v1/users/{name}",
+                Some(ManageUsers),
+                "Add a user or set its role and password",
+                &[],
+            ),
+            a::put_user,
+        )
+        .add(
+            route(
+                Delete,
+                "/api/v1/users/{name}",
+                Some(ManageUsers),
+                "Remove a user",
+                &[],
+            ),
+            a::delete_user,
+        )
+        .add(
+            route(
+                Get,
+                "/api/v1/tokens",
+                Some(ManageUsers),
+                "The service tokens",
+                &[],
+            ),
+            a::list_tokens,
+        )
+        .add(
+            route(
+                Post,
+                "/api/v1/tokens",
+                Some(ManageUsers),
+                "Create a service token",
+                &[],
+            ),
+            a::create_token,
+        )
+        .add(
+            route(
+                Delete,
+                "/api/v1/tokens/{id}",
+                Some(ManageUsers),
+                "Revoke a service token",
+                &[],
+            ),
+            a::revoke_token,
+        )
+        .add(
+            route(
+                Get,
+                "/api/v1/audit",
+                Some(ReadAudit),
+                "The audit log",
+                range,
+            ),
+            a::audit,
+        )
+        .add(
+            route(
+                Get,
+                "/api/v1/serving",
+                Some(ReadOperations),
+                "The database served and the live one",
+                &[],
+            ),
+            a::serving,
+        )
+        // The socket authenticates in its first message or on the upgrade,
+        // and each subscription by channel.
+        .add(
+            route(Get, "/ws", None, "WebSocket: live channels", &[]),
+            live::ws_upgrade,
+        )
+        .finish();
+    let api = api
         .route("/api/{*rest}", axum::routing::any(no_such_route))
         .with_state(state);
-    match web_dir {
+    let api = match web_dir {
         Some(dir) => {
             let index = dir.join("index.html");
             api.fallback_service(ServeDir::new(dir).fallback(ServeFile::new(index)))
         }
         None => api.route("/", get(not_built)),
-    }
+    };
+    (api, table)
+}
+
+async fn openapi(
+    axum::extract::State(state): axum::extract::State<Arc<ServerState>>,
+) -> Json<serde_json::Value> {
+    // The table is the same for every state: described once.
+    static DESCRIPTION: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+    Json(
+        DESCRIPTION
+            .get_or_init(|| routes::openapi(&router_and_routes(state).1))
+            .clone(),
+    )
 }
 
 async fn no_such_route(uri: axum::http::Uri) -> ServerError {

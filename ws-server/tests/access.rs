@@ -112,7 +112,7 @@ impl Server {
     }
 }
 
-/// A request a route takes; `setup` makes what it names exist first.
+/// A request a route takes, and the permission it needs.
 struct Case {
     method: Method,
     path: &'static str,
@@ -127,6 +127,13 @@ fn case(method: Method, path: &'static str, needs: Permission, body: Option<Valu
         needs,
         body,
     }
+}
+
+/// Whether a concrete path (with a query) is one of a route's template.
+fn matches_template(path: &str, template: &str) -> bool {
+    let path = path.split('?').next().unwrap_or_default();
+    let (a, b): (Vec<&str>, Vec<&str>) = (path.split('/').collect(), template.split('/').collect());
+    a.len() == b.len() && a.iter().zip(&b).all(|(p, t)| p == t || t.starts_with('{'))
 }
 
 fn cases() -> Vec<Case> {
@@ -190,6 +197,67 @@ fn cases() -> Vec<Case> {
         case(Method::GET, "/api/v1/audit", ReadAudit, None),
         case(Method::GET, "/api/v1/serving", ReadOperations, None),
     ]
+}
+
+#[tokio::test]
+async fn the_cases_cover_every_guarded_route_and_openapi_describes_every_route() {
+    let server = server();
+    let (_, table) = tidemark_ws_server::router_and_routes(server.state.clone());
+    let cases = cases();
+    for route in table.iter().filter(|r| r.permission.is_some()) {
+        let case = cases
+            .iter()
+            .find(|c| {
+                c.method.as_str().eq_ignore_ascii_case(route.verb.name())
+                    && matches_template(c.path, route.path)
+            })
+            .unwrap_or_else(|| panic!("no case for {:?} {}", route.verb, route.path));
+        assert_eq!(Some(case.needs), route.permission, "{}", route.path);
+    }
+    let (status, _, doc) = server
+        .call(Method::GET, "/api/v1/openapi.json", None, None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(doc["openapi"], "3.0.3");
+    for route in &table {
+        let operation = &doc["paths"][route.path][route.verb.name()];
+        assert!(
+            operation.is_object(),
+            "{:?} {} is not described",
+            route.verb,
+            route.path
+        );
+        match route.permission {
+            Some(p) => assert_eq!(operation["x-permission"], p.name()),
+            None => assert_eq!(operation["security"], json!([])),
+        }
+    }
+    let described: usize = doc["paths"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|item| item.as_object().unwrap().len())
+        .sum();
+    assert_eq!(
+        described,
+        table.len(),
+        "nothing described that is not routed"
+    );
+    // Every route of the table is routed: none answers 404 or 405.
+    for route in &table {
+        let path = route
+            .path
+            .replace("{tag}", "t")
+            .replace("{id}", "x")
+            .replace("{name}", "n");
+        let method = Method::from_bytes(route.verb.name().to_uppercase().as_bytes()).unwrap();
+        let (status, _, _) = server.call(method, &path, None, None).await;
+        assert!(
+            status != StatusCode::NOT_FOUND && status != StatusCode::METHOD_NOT_ALLOWED,
+            "{:?} {path}: {status}",
+            route.verb
+        );
+    }
 }
 
 #[tokio::test]
