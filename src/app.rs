@@ -49,6 +49,8 @@ pub struct RunConfig {
     pub web_dir: Option<PathBuf>,
     /// Stage-1 processor workers.
     pub workers: usize,
+    /// How often early results of open windows are published.
+    pub early_interval: Duration,
     /// Where the users file, the JWT key and the audit log are (defaults
     /// in `data_dir`).
     pub access: crate::access::AccessArgs,
@@ -137,6 +139,7 @@ pub async fn run(
     let driver_config = DriverConfig {
         checkpoint_dir: Some(config.data_dir.join("checkpoints")),
         workers: config.workers,
+        early_interval: config.early_interval,
         ..DriverConfig::default()
     };
     let processor = tokio::spawn(run_driver(

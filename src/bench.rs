@@ -92,6 +92,10 @@ pub struct BenchArgs {
     /// Duration of the `latency` run, seconds.
     #[arg(long, default_value_t = 20)]
     pub seconds: u64,
+    /// `latency`: the early-results interval of the system measured
+    /// (`run`'s default).
+    #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
+    pub early_interval: Duration,
     /// `ingest`, `process`: run over Kafka at these brokers instead of the
     /// embedded log (topics are provisioned; use a fresh cluster per run, as
     /// `process` reads every partition from its start).
@@ -529,6 +533,7 @@ async fn bench_process(args: &BenchArgs) -> anyhow::Result<Value> {
         },
         web_dir: None,
         workers: args.threads,
+        early_interval: args.early_interval,
         access: Default::default(),
     };
     let (store, _) = app::open_store(&config, &cancel).await?;
@@ -721,6 +726,7 @@ async fn bench_latency(args: &BenchArgs) -> anyhow::Result<Value> {
         store: StoreChoice::Sqlite,
         web_dir: None,
         workers: args.threads.max(1),
+        early_interval: args.early_interval,
         access: Default::default(),
     };
     let (token, _) =
@@ -829,6 +835,7 @@ async fn bench_latency(args: &BenchArgs) -> anyhow::Result<Value> {
         args.seconds as f64,
         json!({
             "offered_rate": args.rate,
+            "early_interval_ms": args.early_interval.as_millis() as u64,
             "events_seen_in_updates": measured,
             "p50_ms": (pct(0.50) * 10.0).round() / 10.0,
             "p99_ms": (pct(0.99) * 10.0).round() / 10.0,

@@ -78,6 +78,12 @@ pub struct RunArgs {
     /// checkpoint restores only into the same count.
     #[arg(long, env = "TIDEMARK_WORKERS", default_value_t = 2)]
     pub workers: usize,
+    /// How often open windows' early results go to live clients (the
+    /// store gets final windows only): shorter moves dashboards sooner and
+    /// costs the combiner more work. 50 ms keeps event-to-screen p99 under
+    /// 250 ms at 20,000 events/s (`tidemark bench latency`).
+    #[arg(long, env = "TIDEMARK_EARLY_INTERVAL", default_value = "50ms", value_parser = humantime::parse_duration)]
+    pub early_interval: std::time::Duration,
     #[command(flatten)]
     pub access: AccessArgs,
 }
@@ -165,6 +171,7 @@ fn run_config(args: RunArgs, fallback_key: impl FnOnce() -> String) -> RunConfig
         store,
         web_dir: Some(args.web_dir),
         workers: args.workers,
+        early_interval: args.early_interval,
         access: args.access,
     }
 }

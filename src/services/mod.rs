@@ -72,6 +72,7 @@ pub async fn open_influx(
         },
         web_dir: None,
         workers: 1,
+        early_interval: tidemark_processor::driver::DriverConfig::default().early_interval,
         access: Default::default(),
     };
     let (store, _) = crate::app::open_store(&config, cancel).await?;

@@ -92,6 +92,14 @@ pub struct ProcessArgs {
     /// `--data-dir` needs the same count.
     #[arg(long, env = "TIDEMARK_WORKERS", default_value_t = 2)]
     pub workers: usize,
+    /// How often open windows' early results go to live clients (the
+    /// store gets final windows only): shorter moves dashboards sooner and
+    /// costs the combiner more work. Scaled out, every shard also reports
+    /// its partials over Kafka this often, hence a longer default than
+    /// `run`'s.
+    #[arg(long, env = "TIDEMARK_EARLY_INTERVAL", default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub early_interval: std::time::Duration,
+
     #[command(flatten)]
     pub kafka: KafkaArgs,
     #[command(flatten)]
@@ -237,6 +245,7 @@ pub async fn run(
     let config = DriverConfig {
         checkpoint_dir: Some(checkpoint_dir.clone()),
         workers: args.workers,
+        early_interval: args.early_interval,
         ..DriverConfig::default()
     };
     let shards = provision_shards(&config, log.as_ref()).await?;
