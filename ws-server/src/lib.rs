@@ -2,11 +2,14 @@
 //! dashboard and `/metrics`, at the end of the data flow.
 //!
 //! [`ServerState`] holds the store, the live updates channel, the Prometheus
-//! registry and the hot cache of the overview channel; [`router`] exposes them
-//! over HTTP and [`serve`] runs the router until shutdown.
+//! registry, the hot cache of the overview channel, the other live channels
+//! (`channels`) and access (`auth`, `audit`); [`router`] exposes them over
+//! HTTP from one route table (`routes`) and [`serve`] runs the router until
+//! shutdown.
 
 pub mod audit;
 pub mod auth;
+mod channels;
 mod live;
 mod pipelines;
 mod rest;
@@ -242,6 +245,8 @@ pub struct ServerState {
     pub(crate) registry: Registry,
     pub(crate) web_dir: Option<PathBuf>,
     pub(crate) hot: Arc<Mutex<Overview>>,
+    /// The channels other than the overview.
+    pub(crate) hub: Arc<channels::Hub>,
     pub(crate) metrics: ServerMetrics,
     pub(crate) access: Access,
 }
@@ -260,6 +265,7 @@ impl ServerState {
     ) -> ServerState {
         let metrics = ServerMetrics::new(&registry);
         let hot = Arc::new(Mutex::new(Overview::default()));
+        let hub = Arc::new(channels::Hub::default());
         let live_database = Arc::new(RwLock::new(
             tidemark_tsdb_writer::DEFAULT_DATABASE.to_string(),
         ));
@@ -274,7 +280,10 @@ impl ServerState {
                     live_database.clone(),
                     updates.subscribe(),
                     served.clone(),
-                    Arc::clone(&hot),
+                    served::LiveCaches {
+                        overview: Arc::clone(&hot),
+                        hub: Arc::clone(&hub),
+                    },
                     generation_tx,
                     metrics.ws_dropped.clone(),
                 ));
@@ -289,6 +298,7 @@ impl ServerState {
             registry,
             web_dir,
             hot,
+            hub,
             metrics,
             access,
         }

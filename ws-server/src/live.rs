@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use axum::extract::ws::{Message, WebSocketUpgrade};
+use axum::extract::ws::{CloseFrame, Message, WebSocketUpgrade};
 use axum::extract::State;
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse as _, Response};
@@ -22,6 +22,7 @@ use tidemark_model::{EventTime, Tier, Update};
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::auth::{Permission, Principal, Role};
+use crate::channels::Published;
 use crate::served::Served;
 use crate::{json_number, ServerError, ServerState};
 
@@ -35,6 +36,9 @@ const WINDOW: Duration = Duration::from_secs(60);
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 const OVERVIEW: &str = "overview";
+
+/// How long a slow client's close frame may take.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// One 1-minute window of the overview channel.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -168,6 +172,56 @@ enum Event {
     Update(Result<Served, RecvError>),
     /// The hot cache was rebuilt for another database.
     Reset,
+    /// A change of one of the hub's channels.
+    Channel(String, Result<Arc<Published>, RecvError>),
+}
+
+/// How a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// The client closed the socket or went away.
+    ClientLeft,
+    /// The client did not take a message for [`SEND_TIMEOUT`]: close it
+    /// with [`SLOW_CLOSE_CODE`].
+    Slow,
+}
+
+/// The close code of a client dropped for not keeping up, with reason `slow`.
+pub const SLOW_CLOSE_CODE: u16 = 4008;
+
+/// A session's subscription to one of the hub's channels.
+struct ChannelSubscription {
+    /// The newest change the client has (in a snapshot or an update).
+    seq: u64,
+    updates: tokio::sync::broadcast::Receiver<Arc<Published>>,
+}
+
+/// The next change of any channel subscribed to; never, with none.
+async fn next_published(
+    subscriptions: &mut BTreeMap<String, ChannelSubscription>,
+) -> (String, Result<Arc<Published>, RecvError>) {
+    if subscriptions.is_empty() {
+        return future::pending().await;
+    }
+    let receives = subscriptions
+        .iter_mut()
+        .map(|(name, sub)| Box::pin(async move { (name.clone(), sub.updates.recv().await) }));
+    future::select_all(receives).await.0
+}
+
+/// The overview's next update or reset; never, without the subscription.
+async fn next_overview(subscription: &mut Option<Subscription>) -> Event {
+    let Some(sub) = subscription else {
+        return future::pending().await;
+    };
+    tokio::select! {
+        update = sub.updates.recv() => Event::Update(update),
+        changed = sub.generation.changed() => match changed {
+            Ok(()) => Event::Reset,
+            // The server is going away; the update channel says so too.
+            Err(_) => Event::Update(Err(RecvError::Closed)),
+        },
+    }
 }
 
 /// A session's subscription to the overview channel.
@@ -210,36 +264,32 @@ impl Drop for ClientGauge {
 }
 
 /// Runs one client session over any text transport until the client goes
-/// away or stops accepting messages. Client messages are
-/// `{"op":"auth","token":"..."}` (unless `principal` came with the
-/// upgrade) and `{"op":"subscribe"|"unsubscribe","channel":"overview"}`.
+/// away or stops accepting messages, and gives the sink back with how it
+/// ended. Client messages are `{"op":"auth","token":"..."}` (unless
+/// `principal` came with the upgrade) and
+/// `{"op":"subscribe"|"unsubscribe","channel":"..."}`.
 pub async fn run_session<Si, St>(
     state: Arc<ServerState>,
     mut principal: Option<Principal>,
     mut sink: Si,
     mut incoming: St,
-) where
+) -> (Si, SessionEnd)
+where
     Si: Sink<String> + Unpin,
     St: Stream<Item = String> + Unpin,
 {
     state.metrics.ws_clients.inc();
     let _gauge = ClientGauge(state.metrics.ws_clients.clone());
     let mut subscription: Option<Subscription> = None;
-    loop {
-        let event = match &mut subscription {
-            Some(sub) => tokio::select! {
-                msg = incoming.next() => Event::Client(msg),
-                update = sub.updates.recv() => Event::Update(update),
-                changed = sub.generation.changed() => match changed {
-                    Ok(()) => Event::Reset,
-                    // The server is going away; the update channel says so too.
-                    Err(_) => Event::Update(Err(RecvError::Closed)),
-                },
-            },
-            None => Event::Client(incoming.next().await),
+    let mut channels: BTreeMap<String, ChannelSubscription> = BTreeMap::new();
+    let end = loop {
+        let event = tokio::select! {
+            msg = incoming.next() => Event::Client(msg),
+            event = next_overview(&mut subscription) => event,
+            (name, change) = next_published(&mut channels) => Event::Channel(name, change),
         };
         let reply = match event {
-            Event::Client(None) => break,
+            Event::Client(None) => break SessionEnd::ClientLeft,
             Event::Client(Some(text)) => match serde_json::from_str::<ClientMessage>(&text) {
                 Err(e) => Some(error_message(
                     "bad_message",
@@ -295,6 +345,32 @@ pub async fn run_session<Si, St>(
                         subscription = None;
                         None
                     }
+                    ("subscribe", Some(name)) if state.hub.permission(name).is_some() => {
+                        let needs = state
+                            .hub
+                            .permission(name)
+                            .unwrap_or(Permission::ReadMetrics);
+                        match (&principal, state.hub.subscribe(name)) {
+                            (Some(p), Some(sub)) if p.allows(needs) => {
+                                channels.insert(
+                                    name.to_string(),
+                                    ChannelSubscription {
+                                        seq: sub.seq,
+                                        updates: sub.updates,
+                                    },
+                                );
+                                Some(sub.snapshot)
+                            }
+                            _ => Some(error_message(
+                                "forbidden",
+                                &ServerError::Forbidden(needs).to_string(),
+                            )),
+                        }
+                    }
+                    ("unsubscribe", Some(name)) if channels.contains_key(name) => {
+                        channels.remove(name);
+                        None
+                    }
                     ("subscribe" | "unsubscribe", channel) => Some(error_message(
                         "unknown_channel",
                         &format!("unknown channel {channel:?}"),
@@ -326,18 +402,48 @@ pub async fn run_session<Si, St>(
                 subscription = None;
                 None
             }
+            Event::Channel(name, Ok(change)) => match channels.get_mut(&name) {
+                // Already in the snapshot the client has.
+                Some(sub) if change.seq > sub.seq => {
+                    sub.seq = change.seq;
+                    Some(change.text.clone())
+                }
+                _ => None,
+            },
+            Event::Channel(name, Err(RecvError::Lagged(n))) => {
+                // Coalesce: the newest value of every key, as a snapshot.
+                state.metrics.ws_dropped.inc_by(n);
+                match state.hub.subscribe(&name) {
+                    Some(sub) => {
+                        channels.insert(
+                            name,
+                            ChannelSubscription {
+                                seq: sub.seq,
+                                updates: sub.updates,
+                            },
+                        );
+                        Some(sub.snapshot)
+                    }
+                    None => None,
+                }
+            }
+            Event::Channel(name, Err(RecvError::Closed)) => {
+                channels.remove(&name);
+                None
+            }
         };
         if let Some(text) = reply {
             match tokio::time::timeout(SEND_TIMEOUT, sink.send(text)).await {
                 Ok(Ok(())) => {}
-                Ok(Err(_)) => break,
+                Ok(Err(_)) => break SessionEnd::ClientLeft,
                 Err(_) => {
                     tracing::info!("disconnecting a WebSocket client that stopped reading");
-                    break;
+                    break SessionEnd::Slow;
                 }
             }
         }
-    }
+    };
+    (sink, end)
 }
 
 fn observe_latency(state: &ServerState, update: &Update) {
@@ -397,6 +503,16 @@ pub(crate) async fn ws_upgrade(
                         _ => None,
                     })
                 });
-            run_session(state, principal, Box::pin(sink), Box::pin(stream)).await;
+            let (sink, end) = run_session(state, principal, sink, Box::pin(stream)).await;
+            if end == SessionEnd::Slow {
+                // Said if the socket still takes it; a client that reads nothing
+                // may not, and is dropped either way.
+                let close = Message::Close(Some(CloseFrame {
+                    code: SLOW_CLOSE_CODE,
+                    reason: "slow".into(),
+                }));
+                let mut socket = sink.into_inner();
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.send(close)).await;
+            }
         })
 }

@@ -31,6 +31,12 @@ pub(crate) type Served = (u64, Update);
 /// The database served now, shared by the handlers and [`follow_serving`].
 pub(crate) type Serving = watch::Sender<(String, Arc<dyn Store>)>;
 
+/// What live updates feed: the overview's hot cache and the other channels.
+pub(crate) struct LiveCaches {
+    pub overview: Arc<Mutex<Overview>>,
+    pub hub: Arc<crate::channels::Hub>,
+}
+
 /// Feeds the hot cache and `served` from the live updates or the served
 /// database (see the module documentation) until the serving store is gone.
 pub(crate) async fn follow_serving(
@@ -38,10 +44,11 @@ pub(crate) async fn follow_serving(
     live_database: Arc<RwLock<String>>,
     mut live: broadcast::Receiver<Update>,
     served: broadcast::Sender<Served>,
-    hot: Arc<Mutex<Overview>>,
+    caches: LiveCaches,
     generation: watch::Sender<u64>,
     dropped: prometheus::IntCounter,
 ) {
+    let LiveCaches { overview: hot, hub } = caches;
     let mut promoted: Option<Arc<dyn Store>> = None;
     let mut last: BTreeMap<EventTime, Update> = BTreeMap::new();
     let mut live_open = true;
@@ -73,11 +80,15 @@ pub(crate) async fn follow_serving(
                     }
                 }
                 generation.send_modify(|g| *g += 1);
+                // The other channels follow live updates only: they start
+                // over, and fill again while the live database is served.
+                hub.reset();
                 promoted = (!is_live).then_some(store);
             }
             update = live.recv(), if live_open => match update {
                 Ok(update) => {
                     if promoted.is_none() {
+                        hub.publish(&update);
                         lock(&hot).apply(&update);
                         let _ = served.send((*generation.borrow(), update));
                     }

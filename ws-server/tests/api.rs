@@ -359,7 +359,12 @@ fn channel_session(
 ) {
     let (client_tx, server_rx) = futures::channel::mpsc::channel::<String>(8);
     let (server_tx, client_rx) = futures::channel::mpsc::channel::<String>(8);
-    let session = tokio::spawn(run_session(state.clone(), analyst(), server_tx, server_rx));
+    let session = tokio::spawn({
+        let state = state.clone();
+        async move {
+            run_session(state, analyst(), server_tx, server_rx).await;
+        }
+    });
     (client_tx, client_rx, session)
 }
 
@@ -648,4 +653,114 @@ async fn switching_the_served_database_resends_the_overview_from_it() {
 
     drop(client_tx);
     session.await.unwrap();
+}
+
+fn trending_point(minute: i64, window: &str, tag: &str, rank: i64, users: i64) -> Point {
+    Point::new(
+        "trending",
+        Tier::Rt,
+        EventTime(T0 + minute * 60_000),
+        vec![("tag".into(), tag.into()), ("window".into(), window.into())],
+        vec![
+            ("events".into(), FieldValue::Int(users * 3)),
+            ("rank".into(), FieldValue::Int(rank)),
+            ("score".into(), FieldValue::Float(users as f64 / 2.0)),
+            ("users".into(), FieldValue::Int(users)),
+        ],
+    )
+}
+
+/// The trending channel: a numbered snapshot, then numbered changes only,
+/// ending equal to the REST answer for the final window; other channels
+/// and unsubscribing.
+#[tokio::test]
+async fn trending_channel_numbers_its_changes_and_ends_equal_to_rest() {
+    let f = fixture().await;
+    let (mut client_tx, mut client_rx, _session) = channel_session(&f.state);
+    client_tx
+        .send(r#"{"op":"subscribe","channel":"trending:5m"}"#.into())
+        .await
+        .unwrap();
+    let snapshot = recv(&mut client_rx).await;
+    assert_eq!(
+        (snapshot["type"].as_str(), snapshot["seq"].as_u64()),
+        (Some("snapshot"), Some(0))
+    );
+    let mut state = snapshot["data"].clone();
+    assert_eq!(state["tags"], json!([]));
+
+    let early = vec![
+        trending_point(0, "5m", "rust", 1, 9),
+        trending_point(0, "5m", "go", 2, 4),
+        trending_point(0, "1m", "zig", 1, 2),
+    ];
+    f.updates.send(update(0, false, early)).unwrap();
+    let last = vec![
+        trending_point(0, "5m", "go", 1, 12),
+        trending_point(0, "5m", "rust", 2, 10),
+        trending_point(0, "5m", "c", 3, 1),
+    ];
+    f.store.write(&last).await.unwrap();
+    f.updates.send(update(0, true, last)).unwrap();
+    for seq in 1..=2 {
+        let msg = recv(&mut client_rx).await;
+        assert_eq!(msg["type"], "update", "{msg}");
+        assert_eq!(msg["seq"], seq, "gapless: {msg}");
+        for (key, value) in msg["data"].as_object().unwrap() {
+            state[key] = value.clone();
+        }
+    }
+    assert_eq!(state["final"], true);
+    let (status, rest) = get_json(&f.state, &format!("/api/v1/trending?window=5m&at={T0}")).await;
+    assert_eq!(status, StatusCode::OK);
+    for key in ["window", "start", "end", "final", "tags"] {
+        assert_eq!(
+            state[key], rest[key],
+            "{key}: channel {state} vs REST {rest}"
+        );
+    }
+
+    // Unsubscribed, the 5m channel is quiet while the 1m one speaks.
+    client_tx
+        .send(r#"{"op":"unsubscribe","channel":"trending:5m"}"#.into())
+        .await
+        .unwrap();
+    client_tx
+        .send(r#"{"op":"subscribe","channel":"trending:1m"}"#.into())
+        .await
+        .unwrap();
+    let one = recv(&mut client_rx).await;
+    assert_eq!(
+        (one["channel"].as_str(), one["seq"].as_u64()),
+        (Some("trending:1m"), Some(1))
+    );
+    assert_eq!(one["data"]["tags"][0]["tag"], "zig");
+    f.updates
+        .send(update(
+            1,
+            false,
+            vec![
+                trending_point(1, "5m", "x", 1, 1),
+                trending_point(1, "1m", "y", 1, 1),
+            ],
+        ))
+        .unwrap();
+    let next = recv(&mut client_rx).await;
+    assert_eq!(
+        (next["channel"].as_str(), next["seq"].as_u64()),
+        (Some("trending:1m"), Some(2)),
+        "{next}"
+    );
+
+    client_tx
+        .send(r#"{"op":"subscribe","channel":"alerts"}"#.into())
+        .await
+        .unwrap();
+    let alerts = recv(&mut client_rx).await;
+    assert_eq!(alerts["data"], json!({"alerts": []}));
+    client_tx
+        .send(r#"{"op":"subscribe","channel":"trending:2m"}"#.into())
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut client_rx).await["code"], "unknown_channel");
 }
