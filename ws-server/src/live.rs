@@ -38,7 +38,7 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 const OVERVIEW: &str = "overview";
 
 /// How long a slow client's close frame may take.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One 1-minute window of the overview channel.
 #[derive(Debug, Clone, Default, PartialEq)]

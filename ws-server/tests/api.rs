@@ -764,3 +764,116 @@ async fn trending_channel_numbers_its_changes_and_ends_equal_to_rest() {
         .unwrap();
     assert_eq!(recv(&mut client_rx).await["code"], "unknown_channel");
 }
+
+/// A client that stops reading is dropped after 10 s with close code 4008,
+/// while another client on the same channel gets every change at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_closed_as_slow_and_others_never_wait() {
+    use tokio_tungstenite::tungstenite::Message;
+    let store = Arc::new(MemStore::default());
+    let (updates, _) = broadcast::channel(8192);
+    let registry = prometheus::Registry::new();
+    let (access, _access_dir) = test_access();
+    let state = Arc::new(ServerState::new(
+        store,
+        updates.clone(),
+        registry.clone(),
+        None,
+        access,
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(listener, router(state.clone()), async {
+        stop_rx.await.ok();
+    }));
+    let connect = || async {
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+            .await
+            .unwrap();
+        let auth = json!({"op": "auth", "token": token(&state, Role::Analyst)});
+        ws.send(Message::text(auth.to_string())).await.unwrap();
+        ws.send(Message::text(
+            r#"{"op":"subscribe","channel":"trending:5m"}"#,
+        ))
+        .await
+        .unwrap();
+        ws
+    };
+    let mut slow = connect().await;
+    let mut fast = connect().await;
+    async fn next_json<S>(ws: &mut S) -> Value
+    where
+        S: futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+    {
+        loop {
+            let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
+                .await
+                .expect("a message in time")
+                .unwrap()
+                .unwrap();
+            if let Message::Text(text) = msg {
+                return serde_json::from_str(&text).unwrap();
+            }
+        }
+    }
+    for ws in [&mut slow, &mut fast] {
+        assert_eq!(next_json(ws).await["type"], "authenticated");
+        assert_eq!(next_json(ws).await["type"], "snapshot");
+    }
+
+    // Megabytes of changes: far more than the slow client's socket holds.
+    const CHANGES: i64 = 3000;
+    let long_tag = |i: i64, k: i64| format!("{k:02}-{}", "t".repeat(100 + (i % 7) as usize));
+    for i in 0..CHANGES {
+        let points = (1..=40)
+            .map(|k| trending_point(i, "5m", &long_tag(i, k), k, 100 - k))
+            .collect();
+        updates.send(update(i, false, points)).unwrap();
+        if i % 100 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    // The reading client reaches the last change while the slow one is
+    // still connected: nobody waited for it.
+    let last_start = EventTime(T0 + (CHANGES - 1) * 60_000).to_rfc3339();
+    loop {
+        let msg = next_json(&mut fast).await;
+        if msg["data"]["start"] == last_start {
+            break;
+        }
+    }
+    assert_eq!(metric_value(&registry, "tidemark_ws_clients"), 2.0);
+
+    // The slow client's session ends after it took nothing for 10 s...
+    let started = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while metric_value(&registry, "tidemark_ws_clients") > 1.0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the slow client is let go");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    // ...and, reading again, it finds the close frame behind what it missed.
+    let close = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(msg) = slow.next().await {
+            if let Ok(Message::Close(frame)) = msg {
+                return frame;
+            }
+        }
+        None
+    })
+    .await
+    .expect("the socket ends")
+    .expect("a close frame");
+    assert_eq!(u16::from(close.code), 4008);
+    assert_eq!(close.reason.as_str(), "slow");
+    stop_tx.send(()).unwrap();
+    drop(fast);
+    server.await.unwrap().unwrap();
+}
