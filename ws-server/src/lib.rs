@@ -12,6 +12,7 @@ pub mod auth;
 mod channels;
 mod live;
 mod pipelines;
+pub mod query;
 mod rest;
 pub mod routes;
 mod served;
@@ -67,6 +68,9 @@ pub enum ServerError {
     /// The store failed to answer.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// An ad-hoc query was refused or failed.
+    #[error(transparent)]
+    Query(#[from] query::QueryError),
 }
 
 impl From<auth::UsersFileError> for ServerError {
@@ -99,6 +103,7 @@ impl ServerError {
             ServerError::NotFound(_) => StatusCode::NOT_FOUND,
             ServerError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ServerError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ServerError::Query(e) => e.status(),
             ServerError::Store(StoreError::InvalidQuery(_)) => StatusCode::BAD_REQUEST,
             ServerError::Store(e) if e.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,
             ServerError::Store(_) => StatusCode::BAD_GATEWAY,
@@ -116,6 +121,7 @@ impl ServerError {
             ServerError::NotFound(_) => "not_found",
             ServerError::Unavailable(_) => "unavailable",
             ServerError::Internal(_) => "internal",
+            ServerError::Query(e) => e.code(),
             ServerError::Store(StoreError::InvalidQuery(_)) => "invalid_query",
             ServerError::Store(e) if e.is_retryable() => "store_unavailable",
             ServerError::Store(_) => "store_failed",
@@ -249,6 +255,8 @@ pub struct ServerState {
     pub(crate) hub: Arc<channels::Hub>,
     pub(crate) metrics: ServerMetrics,
     pub(crate) access: Access,
+    /// Turns of ad-hoc queries (see [`query::CONCURRENT_QUERIES`]).
+    pub(crate) query_turns: tokio::sync::Semaphore,
 }
 
 impl ServerState {
@@ -301,6 +309,7 @@ impl ServerState {
             hub,
             metrics,
             access,
+            query_turns: tokio::sync::Semaphore::new(query::CONCURRENT_QUERIES),
         }
     }
 
@@ -467,6 +476,26 @@ pub fn router_and_routes(state: Arc<ServerState>) -> (Router, Vec<Route>) {
                 &["from", "to", "step", "group_by"],
             ),
             pipelines::engagement,
+        )
+        .add(
+            route(
+                Post,
+                "/api/v1/query",
+                Some(RunQueries),
+                "An ad-hoc SQL query over the measurements",
+                &[],
+            ),
+            query::query,
+        )
+        .add(
+            route(
+                Get,
+                "/api/v1/query/tables",
+                Some(RunQueries),
+                "The tables and columns an ad-hoc query may read",
+                &[],
+            ),
+            query::tables,
         )
         .add(
             route(

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
 use serde_json::{json, Value};
-use tidemark_model::Point;
+use tidemark_model::{EventTime, Point, Tier};
 use tidemark_tsdb_writer::{MetricQuery, Series, Store, StoreError};
 use tidemark_ws_server::audit::{self, ChainError};
 use tidemark_ws_server::{router, Access, AccessConfig, Permission, Role, ServerState};
@@ -27,6 +27,15 @@ impl Store for EmptyStore {
         Ok(())
     }
     async fn query(&self, _: &MetricQuery) -> Result<Vec<Series>, StoreError> {
+        Ok(Vec::new())
+    }
+    async fn points(
+        &self,
+        _: Tier,
+        _: &str,
+        _: EventTime,
+        _: EventTime,
+    ) -> Result<Vec<Point>, StoreError> {
         Ok(Vec::new())
     }
     fn kind(&self) -> &'static str {
@@ -177,6 +186,15 @@ fn cases() -> Vec<Case> {
             ReadMetrics,
             None,
         ),
+        case(
+            Method::POST,
+            "/api/v1/query",
+            RunQueries,
+            Some(
+                json!({"sql": "SELECT count(*) FROM traffic WHERE time >= '2026-12-01T00:00:00Z'"}),
+            ),
+        ),
+        case(Method::GET, "/api/v1/query/tables", RunQueries, None),
         case(Method::GET, "/metrics", ReadMetrics, None),
         case(Method::GET, "/api/v1/users", ManageUsers, None),
         case(
