@@ -226,15 +226,20 @@ pub fn serve_args(brokers: &str, influx_url: &str) -> Vec<String> {
 }
 
 /// A WebSocket client of the `overview` channel that keeps the newest state
-/// of every window it was told about.
+/// of every window it was told about: the snapshot's data with each update
+/// merged in (a JSON merge patch), as docs/api.md describes.
 #[derive(Debug)]
 pub struct OverviewClient {
     ws: tokio_tungstenite::WebSocketStream<
         tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
     >,
+    /// The channel's data and the `seq` it is at, once a snapshot came.
+    data: Option<(u64, Value)>,
     /// Window start (ms) → (final, events per event type).
     pub windows: BTreeMap<i64, (bool, BTreeMap<String, u64>)>,
 }
+
+const SUBSCRIBE_OVERVIEW: &str = r#"{"op":"subscribe","channel":"overview"}"#;
 
 impl OverviewClient {
     /// Connects to `base`'s `/ws` with `token` and subscribes.
@@ -249,12 +254,13 @@ impl OverviewClient {
         .await
         .expect("auth");
         ws.send(tokio_tungstenite::tungstenite::Message::text(
-            r#"{"op":"subscribe","channel":"overview"}"#,
+            SUBSCRIBE_OVERVIEW,
         ))
         .await
         .expect("subscribe");
         OverviewClient {
             ws,
+            data: None,
             windows: BTreeMap::new(),
         }
     }
@@ -278,24 +284,77 @@ impl OverviewClient {
             let Ok(value) = serde_json::from_str::<Value>(&text) else {
                 continue;
             };
-            if value["type"] == "snapshot" {
+            if value["channel"] != "overview" {
+                continue;
+            }
+            let seq = value["seq"].as_u64().unwrap_or_default();
+            match (value["type"].as_str(), &mut self.data) {
                 // A snapshot is the whole overview.
-                self.windows.clear();
-            }
-            for w in value["windows"].as_array().into_iter().flatten() {
-                let Some(start) = w["window_start"].as_str().and_then(EventTime::parse) else {
+                (Some("snapshot"), data) => *data = Some((seq, value["data"].clone())),
+                (Some("update"), Some((last, data))) if seq == *last + 1 => {
+                    *last = seq;
+                    merge_patch(data, &value["data"]);
+                }
+                // A gap: subscribing again gives a new snapshot.
+                (Some("update"), _) => {
+                    self.data = None;
+                    self.ws
+                        .send(tokio_tungstenite::tungstenite::Message::text(
+                            SUBSCRIBE_OVERVIEW,
+                        ))
+                        .await
+                        .expect("subscribe again");
                     continue;
-                };
-                let traffic = w["traffic"]
-                    .as_object()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|(k, v)| Some((k.clone(), v.as_u64()?)))
-                    .collect();
-                let is_final = w["final"].as_bool().unwrap_or(false);
-                self.windows.insert(start.millis(), (is_final, traffic));
+                }
+                _ => continue,
             }
+            self.windows = self.data.as_ref().map(windows_of).unwrap_or_default();
         }
         true
+    }
+}
+
+/// Window start (ms) → (final, events per event type) of the overview's data.
+fn windows_of((_, data): &(u64, Value)) -> BTreeMap<i64, (bool, BTreeMap<String, u64>)> {
+    let mut windows = BTreeMap::new();
+    for w in data["windows"]
+        .as_object()
+        .into_iter()
+        .flat_map(|w| w.values())
+    {
+        let Some(start) = w["window_start"].as_str().and_then(EventTime::parse) else {
+            continue;
+        };
+        let traffic = w["traffic"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter_map(|(k, v)| Some((k.clone(), v.as_u64()?)))
+            .collect();
+        let is_final = w["final"].as_bool().unwrap_or(false);
+        windows.insert(start.millis(), (is_final, traffic));
+    }
+    windows
+}
+
+/// Merges a channel update into its data (JSON merge patch, RFC 7396): an
+/// object merges key by key, `null` removes a key, anything else replaces.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    match patch {
+        Value::Object(patch) => {
+            if !target.is_object() {
+                *target = Value::Object(Default::default());
+            }
+            if let Some(object) = target.as_object_mut() {
+                for (key, value) in patch {
+                    if value.is_null() {
+                        object.remove(key);
+                    } else {
+                        merge_patch(object.entry(key.clone()).or_insert(Value::Null), value);
+                    }
+                }
+            }
+        }
+        other => *target = other.clone(),
     }
 }

@@ -1,18 +1,27 @@
-//! Live channels with sequence numbers: `trending:1m|5m|15m`, `engagement`
-//! and `alerts`.
+//! Live channels with sequence numbers: `overview`, `trending:1m|5m|15m`,
+//! `engagement`, `campaigns`, `campaign:<id>` and `alerts`.
 //!
 //! A [`Channel`] is a name, a snapshot of its state, and how an update
-//! changes that state (returning only the keys that changed). The [`Hub`]
-//! keeps one state per channel, fed once per update by the task that
-//! follows the served database, and publishes each change once, already
-//! serialised, to every subscriber: `{"type":"update","channel":..,
-//! "seq":N,"data":{changed keys}}`. `seq` goes up by one per change of the
-//! channel; a subscription takes the snapshot and its `seq` under the same
-//! lock that publishing takes, so updates follow it without a gap.
+//! changes that state (returning only what changed, as a JSON merge patch,
+//! RFC 7396). The [`Hub`] keeps one state per channel, fed once per update
+//! by the task that follows the served database, and publishes each change
+//! once, already serialised, to every subscriber: `{"type":"update",
+//! "channel":..,"seq":N,"data":{patch}}`. `seq` goes up by one per change of
+//! the channel; a subscription takes the snapshot and its `seq` under the
+//! same lock that publishing takes, so updates follow it without a gap.
+//!
+//! Channel data holds no `null`: a patch's `null` removes a key, so a value
+//! the REST API answers as `null` (a ratio whose divisor is 0) is left out,
+//! and the data a client merges equals the snapshot a later subscriber gets.
 //!
 //! A new channel is one type implementing [`Channel`] and a line in
-//! [`Hub::channels`].
+//! [`Hub::channels`]. A channel may head a family of channels made on first
+//! subscription ([`Channel::child`]: `campaigns` makes `campaign:<id>`);
+//! those are dropped again when nobody follows them.
 
+mod campaigns;
+
+use std::any::Any;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -22,6 +31,7 @@ use tokio::sync::broadcast;
 
 use crate::auth::Permission;
 use crate::json_number;
+use crate::overview::{Overview, OverviewChannel};
 
 /// Messages a channel keeps for a subscriber that is behind; one further
 /// behind starts over from a snapshot.
@@ -37,8 +47,27 @@ pub(crate) trait Channel: Send {
     }
     /// The whole state.
     fn snapshot(&self) -> Value;
-    /// Applies an update; the changed keys and their new values, if any.
+    /// Applies an update; the merge patch of what changed, if anything did.
     fn apply(&mut self, update: &Update) -> Option<Map<String, Value>>;
+    /// The channel `name` of the family this one heads, starting from this
+    /// one's state; `None` if `name` is not of its family.
+    fn child(&self, _name: &str) -> Option<Box<dyn Channel>> {
+        None
+    }
+    /// For reading a channel's own state ([`Hub::overview`]).
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// What channels that show more than live updates start from when the hub
+/// starts over: what the served database holds.
+#[derive(Debug, Default)]
+pub(crate) struct Seed {
+    /// The overview's stored windows, one update each.
+    pub overview: Vec<Update>,
+    /// The UTC day (its midnight) the campaign totals are of, and its
+    /// stored `ads` counts of the real-time tier so far, keyed by
+    /// `[campaign_id, country, device]` and minute.
+    pub ads: Option<(EventTime, crate::pipelines::Rows)>,
 }
 
 /// A change on its way to subscribers.
@@ -46,12 +75,54 @@ pub(crate) trait Channel: Send {
 pub(crate) struct Published {
     pub seq: u64,
     pub text: String,
+    /// The newest ingest time among the events of the update it comes
+    /// from; 0 for a snapshot.
+    pub received_at: EventTime,
 }
 
 struct Entry {
     channel: Box<dyn Channel>,
     seq: u64,
     sender: broadcast::Sender<Arc<Published>>,
+    /// Made on subscription by another channel; dropped when unfollowed.
+    child: bool,
+}
+
+impl Entry {
+    fn new(channel: Box<dyn Channel>, child: bool) -> Entry {
+        let (sender, _) = broadcast::channel(BACKLOG);
+        Entry {
+            channel,
+            seq: 0,
+            sender,
+            child,
+        }
+    }
+
+    fn snapshot_message(&self) -> String {
+        json!({
+            "type": "snapshot",
+            "channel": self.channel.name(),
+            "seq": self.seq,
+            "data": self.channel.snapshot(),
+        })
+        .to_string()
+    }
+
+    /// Takes `channel` as the state from now on; subscribers get its
+    /// snapshot under the next `seq` unless it shows the same data.
+    fn replace(&mut self, channel: Box<dyn Channel>) {
+        let unchanged = channel.snapshot() == self.channel.snapshot();
+        self.channel = channel;
+        if !unchanged {
+            self.seq += 1;
+            let _ = self.sender.send(Arc::new(Published {
+                seq: self.seq,
+                text: self.snapshot_message(),
+                received_at: EventTime(0),
+            }));
+        }
+    }
 }
 
 /// A subscription's start: the snapshot message and where updates follow.
@@ -59,6 +130,15 @@ pub(crate) struct Subscribed {
     pub snapshot: String,
     pub seq: u64,
     pub updates: broadcast::Receiver<Arc<Published>>,
+}
+
+/// Why a subscription was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// No such channel.
+    Unknown,
+    /// The role lacks the permission the channel needs.
+    Forbidden(Permission),
 }
 
 /// Every channel's state.
@@ -74,32 +154,34 @@ impl std::fmt::Debug for Hub {
 
 impl Default for Hub {
     fn default() -> Hub {
-        let entries = Hub::channels()
+        Hub::new(&Seed::default())
+    }
+}
+
+impl Hub {
+    /// Every channel, from `seed`.
+    pub fn new(seed: &Seed) -> Hub {
+        let entries = Hub::channels(seed)
             .into_iter()
-            .map(|channel| {
-                let (sender, _) = broadcast::channel(BACKLOG);
-                let entry = Entry {
-                    channel,
-                    seq: 0,
-                    sender,
-                };
-                (entry.channel.name(), entry)
-            })
+            .map(|channel| (channel.name(), Entry::new(channel, false)))
             .collect();
         Hub {
             entries: Mutex::new(entries),
         }
     }
-}
 
-impl Hub {
-    /// The channels, empty.
-    fn channels() -> Vec<Box<dyn Channel>> {
+    /// The channels (not their children), from `seed`.
+    fn channels(seed: &Seed) -> Vec<Box<dyn Channel>> {
         let mut channels: Vec<Box<dyn Channel>> = crate::pipelines::TRENDING_WINDOWS
             .iter()
             .map(|w| Box::new(Trending::new(w)) as Box<dyn Channel>)
             .collect();
+        channels.push(Box::new(OverviewChannel::seeded(&seed.overview)));
         channels.push(Box::new(Engagement::default()));
+        channels.push(Box::new(match &seed.ads {
+            Some((day, rows)) => campaigns::Campaigns::seeded(*day, rows),
+            None => campaigns::Campaigns::default(),
+        }));
         channels.push(Box::new(Alerts));
         channels
     }
@@ -109,14 +191,27 @@ impl Hub {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Whether `name` is one of these channels.
-    pub fn permission(&self, name: &str) -> Option<Permission> {
-        self.lock().get(name).map(|e| e.channel.permission())
+    /// A channel of the family one of `entries` heads.
+    fn child(entries: &BTreeMap<String, Entry>, name: &str) -> Option<Box<dyn Channel>> {
+        entries
+            .values()
+            .filter(|e| !e.child)
+            .find_map(|e| e.channel.child(name))
+    }
+
+    /// Whether `name` is a channel (or one that a subscription would make).
+    pub fn knows(&self, name: &str) -> bool {
+        let entries = self.lock();
+        entries.contains_key(name) || Hub::child(&entries, name).is_some()
     }
 
     /// Applies `update` to every channel and publishes what changed.
     pub fn publish(&self, update: &Update) {
-        for (name, entry) in self.lock().iter_mut() {
+        let mut entries = self.lock();
+        // Children nobody follows any more; a new subscription makes them
+        // again from their family's state.
+        entries.retain(|_, e| !e.child || e.sender.receiver_count() > 0);
+        for (name, entry) in entries.iter_mut() {
             if let Some(changed) = entry.channel.apply(update) {
                 entry.seq += 1;
                 let text = json!({
@@ -129,52 +224,122 @@ impl Hub {
                 let _ = entry.sender.send(Arc::new(Published {
                     seq: entry.seq,
                     text,
+                    received_at: update.newest_received_at,
                 }));
             }
         }
     }
 
-    /// Starts every channel over empty (another database is served); the
-    /// sequence numbers go on, and subscribers get a snapshot through a
-    /// `reset` of the updates they follow.
-    pub fn reset(&self) {
+    /// Starts every channel over from `seed` (another database is served,
+    /// or updates were missed). The sequence numbers go on, and subscribers
+    /// of a channel whose data this changes get its new snapshot through
+    /// the updates they follow.
+    pub fn reset(&self, seed: &Seed) {
         let mut entries = self.lock();
-        for channel in Hub::channels() {
+        for channel in Hub::channels(seed) {
             if let Some(entry) = entries.get_mut(&channel.name()) {
-                entry.channel = channel;
-                entry.seq += 1;
-                let text = json!({
-                    "type": "snapshot",
-                    "channel": entry.channel.name(),
-                    "seq": entry.seq,
-                    "data": entry.channel.snapshot(),
-                })
-                .to_string();
-                let _ = entry.sender.send(Arc::new(Published {
-                    seq: entry.seq,
-                    text,
-                }));
+                entry.replace(channel);
+            }
+        }
+        let children: Vec<String> = entries
+            .iter()
+            .filter(|(_, e)| e.child)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in children {
+            match Hub::child(&entries, &name) {
+                Some(channel) => {
+                    if let Some(entry) = entries.get_mut(&name) {
+                        entry.replace(channel);
+                    }
+                }
+                None => {
+                    entries.remove(&name);
+                }
             }
         }
     }
 
-    /// Subscribes to `name`.
-    pub fn subscribe(&self, name: &str) -> Option<Subscribed> {
-        let entries = self.lock();
-        let entry = entries.get(name)?;
-        let snapshot = json!({
-            "type": "snapshot",
-            "channel": name,
-            "seq": entry.seq,
-            "data": entry.channel.snapshot(),
-        })
-        .to_string();
-        Some(Subscribed {
-            snapshot,
+    /// Subscribes to `name` if `allowed` grants what it needs, making it if
+    /// it is a child not made yet.
+    pub fn subscribe(
+        &self,
+        name: &str,
+        allowed: impl Fn(Permission) -> bool,
+    ) -> Result<Subscribed, Refused> {
+        let mut entries = self.lock();
+        if !entries.contains_key(name) {
+            let channel = Hub::child(&entries, name).ok_or(Refused::Unknown)?;
+            if !allowed(channel.permission()) {
+                return Err(Refused::Forbidden(channel.permission()));
+            }
+            entries.insert(name.to_string(), Entry::new(channel, true));
+        }
+        let entry = entries.get(name).ok_or(Refused::Unknown)?;
+        let needs = entry.channel.permission();
+        if !allowed(needs) {
+            return Err(Refused::Forbidden(needs));
+        }
+        Ok(Subscribed {
+            snapshot: entry.snapshot_message(),
             seq: entry.seq,
             updates: entry.sender.subscribe(),
         })
     }
+
+    /// A copy of the overview channel's windows.
+    pub fn overview(&self) -> Overview {
+        self.lock()
+            .get("overview")
+            .and_then(|e| e.channel.as_any().downcast_ref::<OverviewChannel>())
+            .map(|c| c.0.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// The JSON merge patch (RFC 7396) that turns `before` into `after`, if they
+/// differ: objects compared key by key, a key `after` lacks as `null`, any
+/// other value whole.
+pub(crate) fn diff(before: &Value, after: &Value) -> Option<Value> {
+    match (before, after) {
+        (Value::Object(old), Value::Object(new)) => {
+            let mut patch = Map::new();
+            for (key, value) in new {
+                let change = match old.get(key) {
+                    Some(was) => diff(was, value),
+                    None => Some(value.clone()),
+                };
+                if let Some(change) = change {
+                    patch.insert(key.clone(), change);
+                }
+            }
+            for key in old.keys().filter(|k| !new.contains_key(*k)) {
+                patch.insert(key.clone(), Value::Null);
+            }
+            (!patch.is_empty()).then_some(Value::Object(patch))
+        }
+        _ if before == after => None,
+        _ => Some(after.clone()),
+    }
+}
+
+/// [`diff`] of two channel states, as a patch's top level.
+fn changed(before: &Map<String, Value>, after: &Map<String, Value>) -> Option<Map<String, Value>> {
+    match diff(
+        &Value::Object(before.clone()),
+        &Value::Object(after.clone()),
+    )? {
+        Value::Object(patch) => Some(patch),
+        _ => None,
+    }
+}
+
+/// Fields as JSON numbers, leaving out values that have none (non-finite).
+fn numbers<'a>(fields: impl Iterator<Item = (&'a str, f64)>) -> Map<String, Value> {
+    fields
+        .map(|(k, v)| (k.to_string(), json_number(v)))
+        .filter(|(_, v)| !v.is_null())
+        .collect()
 }
 
 /// `trending:<window>`: the top tags of the newest window of that size, as
@@ -206,13 +371,11 @@ impl Trending {
     fn state(&self) -> Map<String, Value> {
         let mut state = Map::new();
         state.insert("window".into(), json!(self.window));
-        state.insert("start".into(), json!(self.start.map(|s| s.to_rfc3339())));
-        state.insert(
-            "end".into(),
-            json!(self
-                .start
-                .map(|s| EventTime(s.millis() + self.length_ms).to_rfc3339())),
-        );
+        if let Some(start) = self.start {
+            state.insert("start".into(), json!(start.to_rfc3339()));
+            let end = EventTime(start.millis() + self.length_ms);
+            state.insert("end".into(), json!(end.to_rfc3339()));
+        }
         state.insert("final".into(), json!(self.is_final));
         state.insert("tags".into(), Value::Array(self.tags.clone()));
         state
@@ -242,12 +405,11 @@ impl Channel for Trending {
                 let rank = p.field("rank")?.as_f64() as i64;
                 let mut row = Map::new();
                 row.insert("tag".into(), json!(p.tag("tag")?));
-                for field in ["rank", "score", "users", "events"] {
-                    let v = p
-                        .field(field)
-                        .map_or(Value::Null, |v| json_number(v.as_f64()));
-                    row.insert(field.into(), v);
-                }
+                row.extend(numbers(
+                    ["rank", "score", "users", "events"]
+                        .into_iter()
+                        .filter_map(|field| Some((field, p.field(field)?.as_f64()))),
+                ));
                 Some((rank, Value::Object(row)))
             })
             .collect();
@@ -260,21 +422,18 @@ impl Channel for Trending {
         self.start = Some(update.window_start);
         self.is_final = update.is_final;
         self.tags = rows.into_iter().map(|(_, row)| row).collect();
-        changed(&before, self.state())
+        changed(&before, &self.state())
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
     }
 }
 
-/// The keys of `after` whose values differ from `before`'s.
-fn changed(before: &Map<String, Value>, after: Map<String, Value>) -> Option<Map<String, Value>> {
-    let diff: Map<String, Value> = after
-        .into_iter()
-        .filter(|(k, v)| before.get(k) != Some(v))
-        .collect();
-    (!diff.is_empty()).then_some(diff)
-}
-
-/// `engagement`: the newest minute's engagement per country and segment,
-/// keyed `"<country>/<segment>"`, plus `"minute"` and `"final"`.
+/// `engagement`: the newest minute's engagement per country and segment:
+/// `{"minute","final","groups":{"<country>/<segment>":{fields}}}`. A new
+/// minute replaces every group; within a minute an update changes the
+/// groups it carries.
 #[derive(Default)]
 struct Engagement {
     minute: Option<EventTime>,
@@ -285,7 +444,9 @@ struct Engagement {
 impl Engagement {
     fn state(&self) -> Map<String, Value> {
         let mut state = Map::new();
-        state.insert("minute".into(), json!(self.minute.map(|m| m.to_rfc3339())));
+        if let Some(minute) = self.minute {
+            state.insert("minute".into(), json!(minute.to_rfc3339()));
+        }
         state.insert("final".into(), json!(self.is_final));
         state.insert(
             "groups".into(),
@@ -315,11 +476,17 @@ impl Channel for Engagement {
         if points.is_empty() || self.minute.is_some_and(|m| update.window_start < m) {
             return None;
         }
+        let mut patch = Map::new();
         let new_minute = self.minute != Some(update.window_start);
-        if new_minute {
-            self.by_group.clear();
+        // Only the groups this update touches are compared, except when a
+        // new minute drops the old minute's groups.
+        let old = if new_minute {
             self.minute = Some(update.window_start);
-        }
+            patch.insert("minute".into(), json!(update.window_start.to_rfc3339()));
+            std::mem::take(&mut self.by_group)
+        } else {
+            BTreeMap::new()
+        };
         let mut groups = Map::new();
         for p in points {
             let key = format!(
@@ -327,30 +494,38 @@ impl Channel for Engagement {
                 p.tag("country").unwrap_or("unknown"),
                 p.tag("segment").unwrap_or("unknown")
             );
-            let fields: Value = p
-                .fields
-                .iter()
-                .map(|(k, v)| (k.clone(), json_number(v.as_f64())))
-                .collect::<Map<String, Value>>()
-                .into();
-            if self.by_group.get(&key) != Some(&fields) {
-                groups.insert(key.clone(), fields.clone());
-                self.by_group.insert(key, fields);
+            let fields = Value::Object(numbers(
+                p.fields.iter().map(|(k, v)| (k.as_str(), v.as_f64())),
+            ));
+            let previous = if new_minute {
+                old.get(&key)
+            } else {
+                self.by_group.get(&key)
+            };
+            let change = match previous {
+                Some(was) => diff(was, &fields),
+                None => Some(fields.clone()),
+            };
+            if let Some(change) = change {
+                groups.insert(key.clone(), change);
             }
+            self.by_group.insert(key, fields);
         }
-        let final_changed = self.is_final != update.is_final;
-        self.is_final = update.is_final;
-        if new_minute {
-            return Some(self.state());
+        for key in old.keys().filter(|k| !self.by_group.contains_key(*k)) {
+            groups.insert(key.clone(), Value::Null);
         }
-        let mut diff = Map::new();
-        if final_changed {
-            diff.insert("final".into(), json!(self.is_final));
+        if self.is_final != update.is_final {
+            self.is_final = update.is_final;
+            patch.insert("final".into(), json!(self.is_final));
         }
         if !groups.is_empty() {
-            diff.insert("groups".into(), Value::Object(groups));
+            patch.insert("groups".into(), Value::Object(groups));
         }
-        (!diff.is_empty()).then_some(diff)
+        (!patch.is_empty()).then_some(patch)
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
     }
 }
 
@@ -368,6 +543,10 @@ impl Channel for Alerts {
 
     fn apply(&mut self, _: &Update) -> Option<Map<String, Value>> {
         None
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
     }
 }
 
@@ -403,7 +582,7 @@ mod tests {
     #[test]
     fn trending_follows_the_newest_window_and_numbers_its_changes() {
         let hub = Hub::default();
-        let mut sub = hub.subscribe("trending:5m").unwrap();
+        let mut sub = hub.subscribe("trending:5m", |_| true).unwrap();
         assert_eq!(sub.seq, 0);
         let snapshot: Value = serde_json::from_str(&sub.snapshot).unwrap();
         assert_eq!(snapshot["data"]["tags"], json!([]));
@@ -456,12 +635,48 @@ mod tests {
         assert!(sub.updates.try_recv().is_err());
 
         // A late subscriber's snapshot carries the state and the seq so far.
-        let late = hub.subscribe("trending:5m").unwrap();
+        let late = hub.subscribe("trending:5m", |_| true).unwrap();
         assert_eq!(late.seq, 2);
         let snapshot: Value = serde_json::from_str(&late.snapshot).unwrap();
         assert_eq!(snapshot["data"]["tags"][0]["tag"], "a");
         assert_eq!(snapshot["data"]["final"], true);
-        assert!(hub.subscribe("trending:2m").is_none());
-        assert_eq!(hub.permission("alerts"), Some(Permission::ReadMetrics));
+        assert_eq!(
+            hub.subscribe("trending:2m", |_| true).err(),
+            Some(Refused::Unknown)
+        );
+        assert_eq!(
+            hub.subscribe("alerts", |p| p != Permission::ReadMetrics)
+                .err(),
+            Some(Refused::Forbidden(Permission::ReadMetrics))
+        );
+    }
+
+    #[test]
+    fn patches_merge_into_the_next_state() {
+        let before = json!({"a": 1, "o": {"x": 1, "y": [1]}, "gone": true});
+        let after = json!({"a": 1, "o": {"x": 2, "y": [1]}, "new": "n"});
+        assert_eq!(
+            diff(&before, &after),
+            Some(json!({"o": {"x": 2}, "new": "n", "gone": null}))
+        );
+        assert_eq!(diff(&after, &after), None);
+    }
+
+    #[test]
+    fn children_are_made_on_subscription_and_dropped_when_unfollowed() {
+        let hub = Hub::default();
+        assert!(hub.knows("campaign:c1"));
+        assert!(!hub.knows("campaign:"));
+        let sub = hub.subscribe("campaign:c1", |_| true).unwrap();
+        let snapshot: Value = serde_json::from_str(&sub.snapshot).unwrap();
+        assert_eq!(snapshot["data"]["campaign_id"], "c1");
+        assert!(hub.lock().contains_key("campaign:c1"));
+        drop(sub);
+        hub.publish(&update(0, false, Vec::new()));
+        assert!(!hub.lock().contains_key("campaign:c1"));
+        // A switch to a database with the same (empty) data says nothing.
+        let mut overview = hub.subscribe("overview", |_| true).unwrap();
+        hub.reset(&Seed::default());
+        assert!(overview.updates.try_recv().is_err());
     }
 }

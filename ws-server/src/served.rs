@@ -1,15 +1,17 @@
-//! Which updates reach the overview: the live processor's while the live
-//! database is served, a promoted database's otherwise.
+//! Which updates reach the live channels: the live processor's while the
+//! live database is served, a promoted database's otherwise.
 //!
 //! `tidemark promote` switches the [`ServingStore`](crate::ServingStore).
-//! On every switch the hot cache is rebuilt from the newly served database
-//! and its generation goes up, so WebSocket sessions send their clients a
+//! On start and on every switch the hub starts over from the served
+//! database ([`Seed`]: the overview's newest hour, today's campaign
+//! totals), and subscribers of every channel whose data that changes get a
 //! fresh snapshot. While a promoted database is served, its last hour is
-//! read every [`POLL`] and windows that changed go out as updates; the live
-//! processor's updates describe the live database and are held back.
+//! read every [`POLL`] and overview windows that changed go out as updates;
+//! the live processor's updates describe the live database and are held
+//! back.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tidemark_model::{EventTime, FieldValue, Point, Tier, Update};
@@ -17,40 +19,35 @@ use tidemark_tsdb_writer::{Aggregate, MetricQuery, Store, StoreError};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{broadcast, watch};
 
-use crate::live::{lock, Overview, OVERVIEW_WINDOWS};
+use crate::channels::{Hub, Seed};
+use crate::overview::OVERVIEW_WINDOWS;
+use crate::pipelines::{fetch, start_of_day, ADS_COUNTS, ADS_TAGS};
 
 /// How often a promoted database is read for changed windows.
 pub const POLL: Duration = Duration::from_secs(1);
 
 const WINDOW: Duration = Duration::from_secs(60);
 
-/// An update on its way to sessions, with the generation of the hot cache
-/// it belongs to (updates of an older generation are dropped).
-pub(crate) type Served = (u64, Update);
+const DAY: Duration = Duration::from_secs(24 * 3600);
 
 /// The database served now, shared by the handlers and [`follow_serving`].
 pub(crate) type Serving = watch::Sender<(String, Arc<dyn Store>)>;
 
-/// What live updates feed: the overview's hot cache and the other channels.
-pub(crate) struct LiveCaches {
-    pub overview: Arc<Mutex<Overview>>,
-    pub hub: Arc<crate::channels::Hub>,
-}
-
-/// Feeds the hot cache and `served` from the live updates or the served
-/// database (see the module documentation) until the serving store is gone.
+/// Feeds `hub` from the served database and the live updates (see the
+/// module documentation) until the serving store is gone.
 pub(crate) async fn follow_serving(
     mut serving: watch::Receiver<(String, Arc<dyn Store>)>,
     live_database: Arc<RwLock<String>>,
     mut live: broadcast::Receiver<Update>,
-    served: broadcast::Sender<Served>,
-    caches: LiveCaches,
-    generation: watch::Sender<u64>,
+    hub: Arc<Hub>,
     dropped: prometheus::IntCounter,
 ) {
-    let LiveCaches { overview: hot, hub } = caches;
-    let mut promoted: Option<Arc<dyn Store>> = None;
-    let mut last: BTreeMap<EventTime, Update> = BTreeMap::new();
+    let is_live = |name: &str| *live_database.read().unwrap_or_else(|e| e.into_inner()) == name;
+    // Live updates wait in `live` meanwhile: nothing is missed, and a
+    // minute both stored and updated replaces itself.
+    let (name, store) = serving.borrow_and_update().clone();
+    let mut last = reseed(&hub, &name, store.as_ref()).await;
+    let mut promoted: Option<Arc<dyn Store>> = (!is_live(&name)).then_some(store);
     let mut live_open = true;
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -61,44 +58,24 @@ pub(crate) async fn follow_serving(
                     return;
                 }
                 let (name, store) = serving.borrow_and_update().clone();
-                let is_live = *live_database.read().unwrap_or_else(|e| e.into_inner()) == name;
-                // The newly served database's newest hour may lie anywhere
-                // in the tier's retention (a replay of old history).
-                let anchor = newest(&lock(&hot)).unwrap_or_else(EventTime::now);
-                last = match stored_windows(store.as_ref(), anchor, Tier::Rt.retention()).await {
-                    Ok(windows) => windows,
-                    Err(e) => {
-                        tracing::warn!(error = %e, database = %name, "Cannot read the overview of the served database");
-                        BTreeMap::new()
-                    }
-                };
-                {
-                    let mut overview = lock(&hot);
-                    *overview = Overview::default();
-                    for u in last.values() {
-                        overview.apply(u);
-                    }
-                }
-                generation.send_modify(|g| *g += 1);
-                // The other channels follow live updates only: they start
-                // over, and fill again while the live database is served.
-                hub.reset();
-                promoted = (!is_live).then_some(store);
+                last = reseed(&hub, &name, store.as_ref()).await;
+                promoted = (!is_live(&name)).then_some(store);
             }
             update = live.recv(), if live_open => match update {
                 Ok(update) => {
                     if promoted.is_none() {
                         hub.publish(&update);
-                        lock(&hot).apply(&update);
-                        let _ = served.send((*generation.borrow(), update));
                     }
                 }
                 Err(RecvError::Lagged(n)) => {
-                    // Sessions cannot have these either: they start over from
-                    // the hot cache, which later updates complete.
-                    tracing::warn!(skipped = n, "The overview fell behind the updates channel");
+                    tracing::warn!(skipped = n, "The live channels fell behind the updates channel");
                     dropped.inc_by(n);
-                    generation.send_modify(|g| *g += 1);
+                    // A missed final minute would be missing from today's
+                    // totals for good: start over from what is stored.
+                    if promoted.is_none() {
+                        let (name, store) = serving.borrow().clone();
+                        last = reseed(&hub, &name, store.as_ref()).await;
+                    }
                 }
                 Err(RecvError::Closed) => live_open = false,
             },
@@ -112,11 +89,9 @@ pub(crate) async fn follow_serving(
                         continue;
                     }
                 };
-                let current = *generation.borrow();
                 for (start, update) in &windows {
                     if last.get(start).map(|u| &u.points) != Some(&update.points) {
-                        lock(&hot).apply(update);
-                        let _ = served.send((current, update.clone()));
+                        hub.publish(update);
                     }
                 }
                 last = windows;
@@ -125,8 +100,42 @@ pub(crate) async fn follow_serving(
     }
 }
 
-fn newest(overview: &Overview) -> Option<EventTime> {
-    overview.windows().map(|(start, _)| start).last()
+/// Starts the hub over from `store` (served as `name`) and gives the
+/// overview windows it read.
+async fn reseed(hub: &Hub, name: &str, store: &dyn Store) -> BTreeMap<EventTime, Update> {
+    // The served database's newest hour may lie anywhere in the tier's
+    // retention (a replay of old history).
+    let anchor = hub.overview().newest().unwrap_or_else(EventTime::now);
+    let windows = match stored_windows(store, anchor, Tier::Rt.retention()).await {
+        Ok(windows) => windows,
+        Err(e) => {
+            tracing::warn!(error = %e, database = %name, "Cannot read the overview of the served database");
+            BTreeMap::new()
+        }
+    };
+    let day = start_of_day(EventTime::now());
+    let ads = match fetch(
+        store,
+        "ads",
+        Tier::Rt,
+        (day, day.plus(DAY)),
+        &[],
+        &ADS_TAGS,
+        &ADS_COUNTS,
+    )
+    .await
+    {
+        Ok(rows) => Some((day, rows)),
+        Err(e) => {
+            tracing::warn!(error = %e, database = %name, "Cannot read today's campaign totals of the served database");
+            None
+        }
+    };
+    hub.reset(&Seed {
+        overview: windows.values().cloned().collect(),
+        ads,
+    });
+    windows
 }
 
 /// The newest hour of the overview's windows in `store`, looking from

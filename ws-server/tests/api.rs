@@ -43,7 +43,9 @@ fn analyst() -> Option<Principal> {
     })
 }
 
-/// Keeps points in a list and answers queries by scanning it (sum only).
+/// Keeps points in a list and answers queries by scanning it (sum only). A
+/// point written again (same measurement, tier, tags and time) replaces the
+/// one before, as in the real stores.
 #[derive(Debug, Default)]
 struct MemStore {
     points: Mutex<Vec<Point>>,
@@ -58,7 +60,14 @@ impl Store for MemStore {
     }
 
     async fn write(&self, points: &[Point]) -> Result<(), StoreError> {
-        self.points.lock().unwrap().extend_from_slice(points);
+        let mut stored = self.points.lock().unwrap();
+        for p in points {
+            stored.retain(|q| {
+                (&q.measurement, q.tier, &q.tags, q.time)
+                    != (&p.measurement, p.tier, &p.tags, p.time)
+            });
+            stored.push(p.clone());
+        }
         Ok(())
     }
 
@@ -341,22 +350,23 @@ async fn dashboard_is_served_with_index_fallback() {
 }
 
 fn update(minute: i64, is_final: bool, points: Vec<Point>) -> Update {
+    update_at(EventTime(T0 + minute * 60_000), is_final, points)
+}
+
+fn update_at(window_start: EventTime, is_final: bool, points: Vec<Point>) -> Update {
     Update {
-        window_start: EventTime(T0 + minute * 60_000),
+        window_start,
         is_final,
         newest_received_at: EventTime::now(),
         points,
     }
 }
 
+type ClientTx = futures::channel::mpsc::Sender<String>;
+type ClientRx = futures::channel::mpsc::Receiver<String>;
+
 /// A session over channels: what the client sends, what it receives.
-fn channel_session(
-    state: &Arc<ServerState>,
-) -> (
-    futures::channel::mpsc::Sender<String>,
-    futures::channel::mpsc::Receiver<String>,
-    tokio::task::JoinHandle<()>,
-) {
+fn channel_session(state: &Arc<ServerState>) -> (ClientTx, ClientRx, tokio::task::JoinHandle<()>) {
     let (client_tx, server_rx) = futures::channel::mpsc::channel::<String>(8);
     let (server_tx, client_rx) = futures::channel::mpsc::channel::<String>(8);
     let session = tokio::spawn({
@@ -369,7 +379,7 @@ fn channel_session(
 }
 
 /// The next message a channel session sent, within 5 s.
-async fn recv(rx: &mut futures::channel::mpsc::Receiver<String>) -> Value {
+async fn recv(rx: &mut ClientRx) -> Value {
     let msg = tokio::time::timeout(Duration::from_secs(5), rx.next())
         .await
         .expect("a message in time")
@@ -377,41 +387,163 @@ async fn recv(rx: &mut futures::channel::mpsc::Receiver<String>) -> Value {
     serde_json::from_str(&msg).unwrap()
 }
 
-/// The session over channels: subscribe, snapshot, updates, errors, lag.
+/// Sends `{"op": op, "channel": channel}`.
+async fn op(tx: &mut ClientTx, op: &str, channel: &str) {
+    tx.send(json!({"op": op, "channel": channel}).to_string())
+        .await
+        .unwrap();
+}
+
+/// A client's copy of each channel it follows: the `seq` it has and the
+/// data, its snapshot with every update since merged in.
+type Copies = BTreeMap<String, (u64, Value)>;
+
+/// Merges an update's data into a channel's data as a client does: a JSON
+/// merge patch (RFC 7396).
+fn merge(target: &mut Value, patch: &Value) {
+    match patch {
+        Value::Object(patch) => {
+            if !target.is_object() {
+                *target = json!({});
+            }
+            let object = target.as_object_mut().unwrap();
+            for (key, value) in patch {
+                if value.is_null() {
+                    object.remove(key);
+                } else {
+                    merge(object.entry(key.clone()).or_insert(Value::Null), value);
+                }
+            }
+        }
+        other => *target = other.clone(),
+    }
+}
+
+/// `value` without its `null`s: channel data leaves out what a REST answer
+/// has as `null`.
+fn without_nulls(value: &Value) -> Value {
+    match value {
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k.clone(), without_nulls(v)))
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.iter().map(without_nulls).collect()),
+        other => other.clone(),
+    }
+}
+
+/// Applies a channel message to `copies`: a snapshot replaces the copy; an
+/// update must be numbered one after the copy's `seq`, and is merged in.
+fn apply(copies: &mut Copies, msg: &Value) {
+    let (Some(channel), Some(seq)) = (msg["channel"].as_str(), msg["seq"].as_u64()) else {
+        panic!("not a channel message: {msg}");
+    };
+    match msg["type"].as_str() {
+        Some("snapshot") => {
+            copies.insert(channel.to_string(), (seq, msg["data"].clone()));
+        }
+        Some("update") => {
+            let (last, data) = copies
+                .get_mut(channel)
+                .unwrap_or_else(|| panic!("an update before its snapshot: {msg}"));
+            assert_eq!(seq, *last + 1, "gapless: {msg}");
+            *last = seq;
+            merge(data, &msg["data"]);
+        }
+        _ => panic!("not a channel message: {msg}"),
+    }
+}
+
+/// Reads channel messages into `copies` until `done` holds for them (each
+/// message within 5 s); gives the messages read.
+async fn follow_until(
+    rx: &mut ClientRx,
+    copies: &mut Copies,
+    done: impl Fn(&Copies) -> bool,
+) -> Vec<Value> {
+    let mut read = Vec::new();
+    while !done(copies) {
+        let msg = recv(rx).await;
+        apply(copies, &msg);
+        read.push(msg);
+    }
+    read
+}
+
+/// Subscribes to `channel` and reads until its snapshot came.
+async fn subscribe(tx: &mut ClientTx, rx: &mut ClientRx, copies: &mut Copies, channel: &str) {
+    copies.remove(channel);
+    op(tx, "subscribe", channel).await;
+    follow_until(rx, copies, |c| c.contains_key(channel)).await;
+}
+
+/// Unsubscribes from `channel`, then (since a session handles its client's
+/// messages in order) makes sure by a round trip that the session has
+/// handled it.
+async fn unsubscribe(tx: &mut ClientTx, rx: &mut ClientRx, copies: &mut Copies, channel: &str) {
+    op(tx, "unsubscribe", channel).await;
+    copies.remove(channel);
+    subscribe(tx, rx, copies, "alerts").await;
+    assert_eq!(copies["alerts"].1, json!({"alerts": []}));
+}
+
+/// Reads until `done`, and checks that `quiet` said nothing meanwhile.
+async fn follow_without(
+    rx: &mut ClientRx,
+    copies: &mut Copies,
+    quiet: &str,
+    done: impl Fn(&Copies) -> bool,
+) {
+    for msg in follow_until(rx, copies, done).await {
+        assert_ne!(msg["channel"], quiet, "unsubscribed: {msg}");
+    }
+}
+
+/// The windows of overview data, oldest first.
+fn windows(data: &Value) -> Vec<Value> {
+    data["windows"]
+        .as_object()
+        .map(|w| w.values().cloned().collect())
+        .unwrap_or_default()
+}
+
+/// Bad messages and unknown channels get an error, and the socket stays
+/// open; the overview: a snapshot, then each changed window whole.
 #[tokio::test]
-async fn session_sends_snapshot_updates_and_coalesces_when_lagging() {
-    let store = Arc::new(MemStore::default());
-    let (updates, _) = broadcast::channel(2);
-    let registry = prometheus::Registry::new();
-    let (access, _access_dir) = test_access();
-    let state = Arc::new(ServerState::new(
-        store,
-        updates.clone(),
-        registry.clone(),
-        None,
-        access,
-    ));
-    let (mut client_tx, mut client_rx, session) = channel_session(&state);
+async fn session_answers_errors_and_sends_overview_windows_whole() {
+    let f = fixture().await;
+    let (mut client_tx, mut client_rx, session) = channel_session(&f.state);
 
     client_tx.send(r#"{"op":"dance"}"#.into()).await.unwrap();
-    assert_eq!(recv(&mut client_rx).await["type"], "error");
-    client_tx
-        .send(r#"{"op":"subscribe","channel":"weather"}"#.into())
-        .await
-        .unwrap();
-    assert_eq!(recv(&mut client_rx).await["type"], "error");
+    assert_eq!(recv(&mut client_rx).await["code"], "unknown_op");
+    for channel in ["weather", "campaign:", "trending:2m"] {
+        op(&mut client_tx, "subscribe", channel).await;
+        let error = recv(&mut client_rx).await;
+        assert_eq!(
+            (error["type"].as_str(), error["code"].as_str()),
+            (Some("error"), Some("unknown_channel")),
+            "{channel}: {error}"
+        );
+        assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    op(&mut client_tx, "unsubscribe", "weather").await;
+    assert_eq!(recv(&mut client_rx).await["code"], "unknown_channel");
     client_tx.send("not json".into()).await.unwrap();
-    assert_eq!(recv(&mut client_rx).await["type"], "error");
+    assert_eq!(recv(&mut client_rx).await["code"], "bad_message");
 
-    client_tx
-        .send(r#"{"op":"subscribe","channel":"overview"}"#.into())
-        .await
-        .unwrap();
+    // Still open: subscriptions work.
+    op(&mut client_tx, "subscribe", "overview").await;
     let snapshot = recv(&mut client_rx).await;
-    assert_eq!(snapshot["type"], "snapshot");
-    assert_eq!(snapshot["windows"], json!([]));
+    assert_eq!(
+        (snapshot["type"].as_str(), snapshot["channel"].as_str()),
+        (Some("snapshot"), Some("overview"))
+    );
+    assert_eq!(snapshot["data"], json!({"windows": {}}));
+    let seq = snapshot["seq"].as_u64().unwrap();
 
-    updates
+    f.updates
         .send(update(
             0,
             false,
@@ -423,23 +555,52 @@ async fn session_sends_snapshot_updates_and_coalesces_when_lagging() {
         ))
         .unwrap();
     let msg = recv(&mut client_rx).await;
-    assert_eq!(msg["type"], "update");
-    assert_eq!(msg["channel"], "overview");
     assert_eq!(
-        msg["windows"],
-        json!([{"window_start": "2026-11-23T08:00:00Z", "final": false,
-                "traffic": {"like": 5}, "active_users": 0}])
+        (msg["type"].as_str(), msg["seq"].as_u64()),
+        (Some("update"), Some(seq + 1))
     );
-    // Active users arrive separately and do not wipe the traffic counts.
-    updates.send(update(0, true, vec![users(0, 3)])).unwrap();
+    assert_eq!(
+        msg["data"],
+        json!({"windows": {"2026-11-23T08:00:00Z": {"window_start": "2026-11-23T08:00:00Z",
+            "final": false, "traffic": {"like": 5}, "active_users": 0}}})
+    );
+    // Active users arrive separately and do not wipe the traffic counts;
+    // the window comes whole.
+    f.updates.send(update(0, true, vec![users(0, 3)])).unwrap();
     let msg = recv(&mut client_rx).await;
-    assert_eq!(msg["windows"][0]["traffic"], json!({"like": 5}));
-    assert_eq!(msg["windows"][0]["active_users"], 3);
-    assert_eq!(msg["windows"][0]["final"], true);
+    let window = &msg["data"]["windows"]["2026-11-23T08:00:00Z"];
+    assert_eq!(window["traffic"], json!({"like": 5}));
+    assert_eq!(window["active_users"], 3);
+    assert_eq!(window["final"], true);
 
-    // More updates than the channel holds, with no chance for the session to
-    // run in between (single-threaded runtime): it must coalesce.
-    for minute in 1..=4 {
+    drop(client_tx);
+    session.await.unwrap();
+}
+
+/// A session more than a channel's backlog behind gets one snapshot of the
+/// newest values instead of what it missed, and goes on from there.
+#[tokio::test]
+async fn a_session_that_falls_behind_gets_a_snapshot_of_the_newest_values() {
+    let store = Arc::new(MemStore::default());
+    let (updates, _) = broadcast::channel(4096);
+    let registry = prometheus::Registry::new();
+    let (access, _access_dir) = test_access();
+    let state = Arc::new(ServerState::new(
+        store,
+        updates.clone(),
+        registry.clone(),
+        None,
+        access,
+    ));
+    let (mut client_tx, mut client_rx, session) = channel_session(&state);
+    let mut copies = Copies::new();
+    subscribe(&mut client_tx, &mut client_rx, &mut copies, "overview").await;
+
+    // Far more changes than the backlog (256) while the client reads
+    // nothing: the session can pass on only what its 8-message socket
+    // holds, and falls behind.
+    const CHANGES: i64 = 1000;
+    for minute in 0..CHANGES {
         updates
             .send(update(
                 minute,
@@ -448,21 +609,17 @@ async fn session_sends_snapshot_updates_and_coalesces_when_lagging() {
             ))
             .unwrap();
     }
-    let msg = recv(&mut client_rx).await;
-    assert_eq!(msg["type"], "snapshot");
-    // Nothing is lost: the newest window arrives in the snapshot or right after it.
-    let mut msg = msg;
-    loop {
-        let newest = msg["windows"].as_array().and_then(|w| w.last()).cloned();
-        if newest.is_some_and(|w| w["window_start"] == "2026-11-23T08:04:00Z") {
-            assert_eq!(
-                msg["windows"].as_array().unwrap().last().unwrap()["traffic"],
-                json!({"view": 4})
-            );
-            break;
-        }
-        msg = recv(&mut client_rx).await;
-    }
+    let newest = EventTime(T0 + (CHANGES - 1) * 60_000).to_rfc3339();
+    let read = follow_until(&mut client_rx, &mut copies, |c| {
+        c["overview"].1["windows"][&newest]["traffic"]["view"] == CHANGES - 1
+    })
+    .await;
+    assert!(
+        read.iter().any(|m| m["type"] == "snapshot"),
+        "coalesced into a snapshot"
+    );
+    assert!(read.len() < CHANGES as usize, "{} messages", read.len());
+    assert_eq!(windows(&copies["overview"].1).len(), 60);
     assert!(metric_value(&registry, "tidemark_ws_messages_dropped_total") >= 1.0);
     assert_eq!(metric_value(&registry, "tidemark_ws_clients"), 1.0);
 
@@ -486,7 +643,7 @@ fn metric_value(registry: &prometheus::Registry, name: &str) -> f64 {
 #[tokio::test]
 async fn websocket_subscribe_gets_snapshot_then_update() {
     let f = fixture().await;
-    // Seed the hot cache and wait until the cache task has applied it.
+    // Seed the overview and wait until the channel task has applied it.
     f.updates
         .send(update(
             0,
@@ -544,9 +701,11 @@ async fn websocket_subscribe_gets_snapshot_then_update() {
     let snapshot = recv(&mut ws).await;
     assert_eq!(snapshot["type"], "snapshot");
     assert_eq!(
-        snapshot["windows"],
-        json!([{"window_start": "2026-11-23T08:00:00Z", "final": true,
-                "traffic": {"like": 9}, "active_users": 2}])
+        windows(&snapshot["data"]),
+        vec![
+            json!({"window_start": "2026-11-23T08:00:00Z", "final": true,
+                "traffic": {"like": 9}, "active_users": 2})
+        ]
     );
 
     f.updates
@@ -558,8 +717,10 @@ async fn websocket_subscribe_gets_snapshot_then_update() {
         .unwrap();
     let msg = recv(&mut ws).await;
     assert_eq!(msg["type"], "update");
-    assert_eq!(msg["windows"][0]["window_start"], "2026-11-23T08:01:00Z");
-    assert_eq!(msg["windows"][0]["traffic"], json!({"share": 1}));
+    assert_eq!(msg["seq"], snapshot["seq"].as_u64().unwrap() + 1);
+    let window = &msg["data"]["windows"]["2026-11-23T08:01:00Z"];
+    assert_eq!(window["window_start"], "2026-11-23T08:01:00Z");
+    assert_eq!(window["traffic"], json!({"share": 1}));
 
     let (_, metrics) = get(&f.state, "/metrics").await;
     let text = String::from_utf8(metrics).unwrap();
@@ -614,16 +775,13 @@ async fn switching_the_served_database_resends_the_overview_from_it() {
         json!({"window_start": at(minute).to_rfc3339(), "final": true,
                "traffic": traffic, "active_users": 0})
     };
-    client_tx
-        .send(r#"{"op":"subscribe","channel":"overview"}"#.into())
-        .await
-        .unwrap();
-    assert_eq!(recv(&mut client_rx).await["windows"], json!([]));
+    op(&mut client_tx, "subscribe", "overview").await;
+    assert!(windows(&recv(&mut client_rx).await["data"]).is_empty());
 
     state.serving().switch("v2", promoted.clone());
     let msg = recv(&mut client_rx).await;
     assert_eq!(msg["type"], "snapshot");
-    assert_eq!(msg["windows"], json!([window(0, json!({"like": 7}))]));
+    assert_eq!(windows(&msg["data"]), vec![window(0, json!({"like": 7}))]);
     // The live processor's updates describe the live database: held back.
     let live_update = Update {
         window_start: at(1),
@@ -636,7 +794,7 @@ async fn switching_the_served_database_resends_the_overview_from_it() {
     promoted.write(&[point(2, "share", 2)]).await.unwrap();
     let msg = recv(&mut client_rx).await;
     assert_eq!(msg["type"], "update");
-    assert_eq!(msg["windows"], json!([window(2, json!({"share": 2}))]));
+    assert_eq!(windows(&msg["data"]), vec![window(2, json!({"share": 2}))]);
     // A client connecting now starts from the promoted database too.
     let overview: Vec<EventTime> = state.overview().windows().map(|(t, _)| t).collect();
     assert_eq!(overview, vec![at(0), at(2)]);
@@ -645,11 +803,11 @@ async fn switching_the_served_database_resends_the_overview_from_it() {
     state.serving().switch("tidemark", live.clone());
     let msg = recv(&mut client_rx).await;
     assert_eq!(msg["type"], "snapshot");
-    assert_eq!(msg["windows"], json!([]));
+    assert!(windows(&msg["data"]).is_empty());
     updates.send(live_update).unwrap();
     let msg = recv(&mut client_rx).await;
     assert_eq!(msg["type"], "update");
-    assert_eq!(msg["windows"][0]["traffic"], json!({"view": 3}));
+    assert_eq!(windows(&msg["data"])[0]["traffic"], json!({"view": 3}));
 
     drop(client_tx);
     session.await.unwrap();
@@ -706,13 +864,12 @@ async fn trending_channel_numbers_its_changes_and_ends_equal_to_rest() {
         let msg = recv(&mut client_rx).await;
         assert_eq!(msg["type"], "update", "{msg}");
         assert_eq!(msg["seq"], seq, "gapless: {msg}");
-        for (key, value) in msg["data"].as_object().unwrap() {
-            state[key] = value.clone();
-        }
+        merge(&mut state, &msg["data"]);
     }
     assert_eq!(state["final"], true);
     let (status, rest) = get_json(&f.state, &format!("/api/v1/trending?window=5m&at={T0}")).await;
     assert_eq!(status, StatusCode::OK);
+    let rest = without_nulls(&rest);
     for key in ["window", "start", "end", "final", "tags"] {
         assert_eq!(
             state[key], rest[key],
@@ -763,6 +920,601 @@ async fn trending_channel_numbers_its_changes_and_ends_equal_to_rest() {
         .await
         .unwrap();
     assert_eq!(recv(&mut client_rx).await["code"], "unknown_channel");
+}
+
+/// The overview channel ends equal to the REST answers for a final window,
+/// and is quiet once unsubscribed.
+#[tokio::test]
+async fn overview_channel_ends_equal_to_rest() {
+    let f = fixture().await;
+    let (mut tx, mut rx, _session) = channel_session(&f.state);
+    let mut copies = Copies::new();
+    subscribe(&mut tx, &mut rx, &mut copies, "overview").await;
+    let start = EventTime(T0).to_rfc3339();
+
+    f.updates
+        .send(update(
+            0,
+            false,
+            vec![traffic(Tier::Rt, 0, "like", "DE", 3), users(0, 1)],
+        ))
+        .unwrap();
+    // What the fixture's store holds for the minute, now final.
+    let last = vec![
+        traffic(Tier::Rt, 0, "like", "DE", 40),
+        traffic(Tier::Rt, 0, "like", "FR", 2),
+        traffic(Tier::Rt, 0, "view", "DE", 100),
+        users(0, 5),
+    ];
+    f.store.write(&last).await.unwrap();
+    f.updates.send(update(0, true, last)).unwrap();
+    follow_until(&mut rx, &mut copies, |c| {
+        c["overview"].1["windows"][&start]["final"] == true
+    })
+    .await;
+
+    let window = &copies["overview"].1["windows"][&start];
+    let range = format!("from={T0}&to={}", T0 + 60_000);
+    let (_, rest) = get_json(
+        &f.state,
+        &format!("/api/v1/metrics?name=traffic&field=events&step=1m&group_by=event_type&{range}"),
+    )
+    .await;
+    let rest_traffic: serde_json::Map<String, Value> = rest["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let kind = s["tags"]["event_type"].as_str().unwrap().to_string();
+            (kind, s["points"][0]["v"].clone())
+        })
+        .collect();
+    assert_eq!(window["traffic"], Value::Object(rest_traffic));
+    let (_, rest) = get_json(
+        &f.state,
+        &format!("/api/v1/metrics?name=active_users&field=users&step=1m&{range}"),
+    )
+    .await;
+    assert_eq!(window["active_users"], rest["series"][0]["points"][0]["v"]);
+    assert_eq!(window["window_start"], start);
+
+    // Unsubscribed: quiet, while another channel goes on.
+    unsubscribe(&mut tx, &mut rx, &mut copies, "overview").await;
+    subscribe(&mut tx, &mut rx, &mut copies, "trending:1m").await;
+    f.updates
+        .send(update(
+            1,
+            false,
+            vec![
+                traffic(Tier::Rt, 1, "like", "DE", 1),
+                trending_point(1, "1m", "y", 1, 1),
+            ],
+        ))
+        .unwrap();
+    follow_without(&mut rx, &mut copies, "overview", |c| {
+        c["trending:1m"].1["tags"][0]["tag"] == "y"
+    })
+    .await;
+}
+
+#[allow(clippy::too_many_arguments)]
+fn engagement_point(
+    minute: i64,
+    country: &str,
+    segment: &str,
+    started: i64,
+    ended: i64,
+    active: i64,
+    score: i64,
+    averages: Option<(f64, f64)>,
+) -> Point {
+    let mut fields = vec![
+        ("sessions_started".into(), FieldValue::Int(started)),
+        ("sessions_ended".into(), FieldValue::Int(ended)),
+        ("active_sessions".into(), FieldValue::Int(active)),
+        ("engagement_score".into(), FieldValue::Int(score)),
+    ];
+    // As the processor writes them: only when sessions ended.
+    if let Some((seconds, events)) = averages {
+        fields.push(("avg_session_seconds".into(), FieldValue::Float(seconds)));
+        fields.push(("events_per_session".into(), FieldValue::Float(events)));
+    }
+    Point::new(
+        "engagement",
+        Tier::Rt,
+        EventTime(T0 + minute * 60_000),
+        vec![
+            ("country".into(), country.into()),
+            ("segment".into(), segment.into()),
+        ],
+        fields,
+    )
+}
+
+/// The engagement channel ends equal to the REST answer for a final
+/// minute; a new minute replaces every group; unsubscribing quiets it.
+#[tokio::test]
+async fn engagement_channel_ends_equal_to_rest() {
+    let f = fixture().await;
+    let (mut tx, mut rx, _session) = channel_session(&f.state);
+    let mut copies = Copies::new();
+    subscribe(&mut tx, &mut rx, &mut copies, "engagement").await;
+    assert_eq!(
+        copies["engagement"].1,
+        json!({"final": false, "groups": {}})
+    );
+
+    f.updates
+        .send(update(
+            0,
+            false,
+            vec![
+                engagement_point(0, "US", "new", 2, 0, 2, 10, None),
+                engagement_point(0, "DE", "loyal", 1, 0, 1, 3, None),
+            ],
+        ))
+        .unwrap();
+    // One segment per country, so REST's answer by country is the group's.
+    let last = vec![
+        engagement_point(0, "US", "new", 3, 2, 3, 25, Some((95.5, 7.5))),
+        engagement_point(0, "DE", "loyal", 1, 0, 1, 4, None),
+    ];
+    f.store.write(&last).await.unwrap();
+    f.updates.send(update(0, true, last)).unwrap();
+    follow_until(&mut rx, &mut copies, |c| c["engagement"].1["final"] == true).await;
+
+    let data = &copies["engagement"].1;
+    assert_eq!(data["minute"], EventTime(T0).to_rfc3339());
+    let (status, rest) = get_json(
+        &f.state,
+        &format!(
+            "/api/v1/engagement?from={T0}&to={}&step=1m&group_by=country",
+            T0 + 60_000
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{rest}");
+    let segment = |country: &str| if country == "US" { "new" } else { "loyal" };
+    let mut groups = serde_json::Map::new();
+    for series in rest["series"].as_array().unwrap() {
+        let country = series["tags"]["country"].as_str().unwrap();
+        let mut fields = without_nulls(&series["points"][0]);
+        fields.as_object_mut().unwrap().remove("t");
+        groups.insert(format!("{country}/{}", segment(country)), fields);
+    }
+    assert_eq!(data["groups"], Value::Object(groups));
+
+    // The next minute's groups replace the last minute's.
+    f.updates
+        .send(update(
+            1,
+            false,
+            vec![engagement_point(1, "FR", "new", 1, 0, 1, 1, None)],
+        ))
+        .unwrap();
+    follow_until(&mut rx, &mut copies, |c| {
+        c["engagement"].1["minute"] == EventTime(T0 + 60_000).to_rfc3339()
+    })
+    .await;
+    let groups: Vec<&String> = copies["engagement"].1["groups"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .collect();
+    assert_eq!(groups, ["FR/new"]);
+    assert_eq!(copies["engagement"].1["final"], false);
+
+    unsubscribe(&mut tx, &mut rx, &mut copies, "engagement").await;
+    subscribe(&mut tx, &mut rx, &mut copies, "trending:1m").await;
+    f.updates
+        .send(update(
+            2,
+            false,
+            vec![
+                engagement_point(2, "FR", "new", 1, 0, 1, 1, None),
+                trending_point(2, "1m", "y", 1, 1),
+            ],
+        ))
+        .unwrap();
+    follow_without(&mut rx, &mut copies, "engagement", |c| {
+        c["trending:1m"].1["tags"][0]["tag"] == "y"
+    })
+    .await;
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+/// Midnight (UTC) of today: campaign totals are today's.
+fn today() -> EventTime {
+    EventTime::now().floor(Duration::from_millis(DAY_MS as u64))
+}
+
+/// An `ads` point: `[impressions, clicks, conversions]`, spend and revenue.
+fn ad(
+    time: EventTime,
+    campaign: &str,
+    (country, device): (&str, &str),
+    [impressions, clicks, conversions]: [i64; 3],
+    spend: f64,
+    revenue: f64,
+) -> Point {
+    let mut fields = vec![
+        ("impressions".into(), FieldValue::Int(impressions)),
+        ("clicks".into(), FieldValue::Int(clicks)),
+        ("clicks_unattributed".into(), FieldValue::Int(0)),
+        ("conversions".into(), FieldValue::Int(conversions)),
+        ("spend".into(), FieldValue::Float(spend)),
+        ("revenue".into(), FieldValue::Float(revenue)),
+    ];
+    // Stored as the processor stores it; summed ratios mean nothing, and the
+    // server computes them from the summed counts.
+    if impressions > 0 {
+        let ctr = clicks as f64 / impressions as f64;
+        fields.push(("ctr".into(), FieldValue::Float(ctr)));
+    }
+    Point::new(
+        "ads",
+        Tier::Rt,
+        time,
+        vec![
+            ("campaign_id".into(), campaign.into()),
+            ("country".into(), country.into()),
+            ("device".into(), device.into()),
+        ],
+        fields,
+    )
+}
+
+/// Writes the daily-tier `ads` points of today from the stored minutes, as
+/// the processor does.
+async fn write_daily(store: &MemStore) {
+    let day = today();
+    let mut sums: BTreeMap<Vec<(String, String)>, BTreeMap<String, f64>> = BTreeMap::new();
+    for p in store.points.lock().unwrap().iter() {
+        if p.measurement == "ads" && p.tier == Tier::Rt && p.time >= day {
+            let fields = sums.entry(p.tags.clone()).or_default();
+            for (k, v) in &p.fields {
+                *fields.entry(k.clone()).or_default() += v.as_f64();
+            }
+        }
+    }
+    let daily: Vec<Point> = sums
+        .into_iter()
+        .map(|(tags, fields)| {
+            let fields = fields
+                .into_iter()
+                .map(|(k, v)| (k, FieldValue::Float(v)))
+                .collect();
+            Point::new("ads", Tier::Daily, day, tags, fields)
+        })
+        .collect();
+    store.write(&daily).await.unwrap();
+}
+
+/// `GET /api/v1/campaigns` over `[from, to)`: fields by campaign, without
+/// `null`s.
+async fn rest_campaigns(state: &Arc<ServerState>, from: EventTime, to: EventTime) -> Value {
+    let uri = format!("/api/v1/campaigns?from={}&to={}", from.0, to.0);
+    let (status, body) = get_json(state, &uri).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let mut campaigns = serde_json::Map::new();
+    for c in body["campaigns"].as_array().unwrap() {
+        let mut fields = without_nulls(c);
+        let id = fields
+            .as_object_mut()
+            .unwrap()
+            .remove("campaign_id")
+            .unwrap();
+        campaigns.insert(id.as_str().unwrap().to_string(), fields);
+    }
+    Value::Object(campaigns)
+}
+
+/// `GET /api/v1/campaigns/{id}` over one step: `{"total","by_device",
+/// "by_country"}`, without `null`s.
+async fn rest_campaign(state: &Arc<ServerState>, id: &str, from: EventTime, step: &str) -> Value {
+    let to = EventTime(from.0 + if step == "1d" { DAY_MS } else { 60_000 });
+    let mut split = serde_json::Map::new();
+    for (key, group) in [
+        ("total", ""),
+        ("by_device", "device"),
+        ("by_country", "country"),
+    ] {
+        let uri = format!(
+            "/api/v1/campaigns/{id}?from={}&to={}&step={step}&group_by={group}",
+            from.0, to.0
+        );
+        let (status, body) = get_json(state, &uri).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let mut groups = serde_json::Map::new();
+        for series in body["series"].as_array().unwrap() {
+            let points = series["points"].as_array().unwrap();
+            assert_eq!(points.len(), 1, "one step: {body}");
+            let mut fields = without_nulls(&points[0]);
+            fields.as_object_mut().unwrap().remove("t");
+            match series["tags"][group].as_str() {
+                Some(value) => groups.insert(value.to_string(), fields),
+                None => split.insert(key.to_string(), fields),
+            };
+        }
+        if !group.is_empty() {
+            split.insert(key.to_string(), Value::Object(groups));
+        }
+    }
+    Value::Object(split)
+}
+
+/// `campaigns` and `campaign:<id>`: the newest minute and today's totals,
+/// ending equal to the REST answers once the minutes are final; a late
+/// correction replaces the minute it corrects; an id not seen yet starts
+/// empty and fills; unsubscribing quiets a channel.
+#[tokio::test]
+async fn campaign_channels_end_equal_to_rest_for_today_and_the_minute() {
+    let f = fixture().await;
+    let (mut tx, mut rx, _session) = channel_session(&f.state);
+    let day = today();
+    let at = |minute: i64| EventTime(day.0 + minute * 60_000);
+    let mut copies = Copies::new();
+    subscribe(&mut tx, &mut rx, &mut copies, "campaigns").await;
+    subscribe(&mut tx, &mut rx, &mut copies, "campaign:c1").await;
+    let c1 = &copies["campaign:c1"].1;
+    assert_eq!(c1["campaign_id"], "c1");
+    assert!(
+        c1.get("today").is_none() && c1.get("current").is_none(),
+        "{c1}"
+    );
+
+    let de_ios = ("DE", "ios");
+    let fr_web = ("FR", "web");
+    f.updates
+        .send(update_at(
+            at(1),
+            false,
+            vec![ad(at(1), "c1", de_ios, [4, 1, 0], 1.0, 0.0)],
+        ))
+        .unwrap();
+    let first = vec![
+        ad(at(1), "c1", de_ios, [8, 2, 1], 2.0, 5.0),
+        ad(at(1), "c1", fr_web, [4, 0, 0], 1.0, 0.0),
+        ad(at(1), "c2", de_ios, [2, 1, 0], 0.5, 0.0),
+    ];
+    f.store.write(&first).await.unwrap();
+    f.updates
+        .send(update_at(at(1), true, first.clone()))
+        .unwrap();
+    // A late event corrects the minute: the window comes again, whole.
+    let corrected = vec![
+        ad(at(1), "c1", de_ios, [12, 3, 1], 3.0, 5.0),
+        first[1].clone(),
+        first[2].clone(),
+    ];
+    f.store.write(&corrected).await.unwrap();
+    f.updates.send(update_at(at(1), true, corrected)).unwrap();
+    f.updates
+        .send(update_at(
+            at(2),
+            false,
+            vec![ad(at(2), "c1", ("DE", "android"), [2, 0, 0], 0.25, 0.0)],
+        ))
+        .unwrap();
+    let second = vec![ad(at(2), "c1", ("DE", "android"), [4, 1, 1], 0.5, 2.0)];
+    f.store.write(&second).await.unwrap();
+    write_daily(&f.store).await;
+    f.updates.send(update_at(at(2), true, second)).unwrap();
+    let minute = at(2).to_rfc3339();
+    follow_until(&mut rx, &mut copies, |c| {
+        ["campaigns", "campaign:c1"]
+            .iter()
+            .all(|name| c[*name].1["minute"] == minute && c[*name].1["final"] == true)
+    })
+    .await;
+
+    let all = &copies["campaigns"].1;
+    assert_eq!(all["day"], day.to_rfc3339());
+    let today_rest = rest_campaigns(&f.state, day, EventTime(day.0 + DAY_MS)).await;
+    let minute_rest = rest_campaigns(&f.state, at(2), at(3)).await;
+    for (id, entry) in all["campaigns"].as_object().unwrap() {
+        assert_eq!(entry["today"], today_rest[id], "{id} today");
+        match minute_rest.get(id) {
+            Some(fields) => assert_eq!(&entry["current"], fields, "{id} now"),
+            None => assert!(entry.get("current").is_none(), "{id}: {entry}"),
+        }
+    }
+    assert_eq!(all["campaigns"].as_object().unwrap().len(), 2);
+    // The corrected minute replaced its first version: 12 + 4 + 4.
+    assert_eq!(all["campaigns"]["c1"]["today"]["impressions"], 20);
+    let c1 = &copies["campaign:c1"].1;
+    assert_eq!(c1["today"], rest_campaign(&f.state, "c1", day, "1d").await);
+    assert_eq!(
+        c1["current"],
+        rest_campaign(&f.state, "c1", at(2), "1m").await
+    );
+    assert_eq!(c1["today"]["by_device"]["ios"]["impressions"], 12);
+
+    // What the client merged is what a new subscriber gets.
+    let merged = copies["campaigns"].1.clone();
+    subscribe(&mut tx, &mut rx, &mut copies, "campaigns").await;
+    assert_eq!(copies["campaigns"].1, merged);
+
+    // Unsubscribed from c1: quiet, while `campaigns` goes on.
+    unsubscribe(&mut tx, &mut rx, &mut copies, "campaign:c1").await;
+    f.updates
+        .send(update_at(
+            at(3),
+            false,
+            vec![ad(at(3), "c1", de_ios, [1, 0, 0], 0.25, 0.0)],
+        ))
+        .unwrap();
+    let minute = at(3).to_rfc3339();
+    follow_without(&mut rx, &mut copies, "campaign:c1", |c| {
+        c["campaigns"].1["minute"] == minute
+    })
+    .await;
+}
+
+/// Today's campaign totals are read from the store when the server starts
+/// and when another database is served, so a restart mid-day shows them.
+#[tokio::test]
+async fn campaign_totals_of_today_are_seeded_from_the_store() {
+    let day = today();
+    let at = |minute: i64| EventTime(day.0 + minute * 60_000);
+    let store = Arc::new(MemStore::default());
+    let mut hourly = ad(day, "c1", ("DE", "ios"), [5000, 0, 0], 9.0, 0.0);
+    hourly.tier = Tier::Hourly;
+    store
+        .write(&[
+            ad(at(1), "c1", ("DE", "ios"), [10, 2, 1], 2.5, 10.0),
+            ad(at(2), "c1", ("US", "web"), [6, 1, 0], 1.5, 0.0),
+            ad(at(2), "c2", ("US", "web"), [4, 0, 0], 1.0, 0.0),
+            // Yesterday's, and another tier's: not in today's totals.
+            ad(
+                EventTime(day.0 - 60_000),
+                "c1",
+                ("DE", "ios"),
+                [1000, 0, 0],
+                9.0,
+                0.0,
+            ),
+            hourly,
+        ])
+        .await
+        .unwrap();
+    let (updates, _) = broadcast::channel(16);
+    let (access, _access_dir) = test_access();
+    let state = Arc::new(ServerState::new(
+        store.clone(),
+        updates.clone(),
+        prometheus::Registry::new(),
+        None,
+        access,
+    ));
+    let (mut tx, mut rx, _session) = channel_session(&state);
+    let mut copies = Copies::new();
+    subscribe(&mut tx, &mut rx, &mut copies, "campaigns").await;
+    subscribe(&mut tx, &mut rx, &mut copies, "campaign:c1").await;
+    // Subscribed before the store was read, a client gets the seeded
+    // snapshot as the channel's next change.
+    follow_until(&mut rx, &mut copies, |c| {
+        c["campaigns"].1.get("day").is_some() && c["campaign:c1"].1.get("today").is_some()
+    })
+    .await;
+    let all = &copies["campaigns"].1;
+    let rest = rest_campaigns(&state, day, EventTime(day.0 + DAY_MS)).await;
+    let today: serde_json::Map<String, Value> = all["campaigns"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(id, entry)| (id.clone(), entry["today"].clone()))
+        .collect();
+    assert_eq!(Value::Object(today), rest);
+    assert_eq!(all["campaigns"]["c1"]["today"]["impressions"], 16);
+    // The newest stored minute is the current one, and final.
+    assert_eq!(
+        (all["minute"].as_str(), all["final"].as_bool()),
+        (Some(at(2).to_rfc3339().as_str()), Some(true))
+    );
+    assert_eq!(
+        copies["campaign:c1"].1["today"]["by_country"]["US"]["impressions"],
+        6
+    );
+
+    // A live minute the store also holds replaces the seeded one.
+    let corrected = ad(at(2), "c1", ("US", "web"), [7, 1, 0], 1.75, 0.0);
+    store.write(std::slice::from_ref(&corrected)).await.unwrap();
+    updates
+        .send(update_at(
+            at(2),
+            true,
+            vec![
+                corrected,
+                ad(at(2), "c2", ("US", "web"), [4, 0, 0], 1.0, 0.0),
+            ],
+        ))
+        .unwrap();
+    follow_until(&mut rx, &mut copies, |c| {
+        c["campaigns"].1["campaigns"]["c1"]["today"]["impressions"] == 17
+    })
+    .await;
+    let rest = rest_campaigns(&state, day, EventTime(day.0 + DAY_MS)).await;
+    assert_eq!(
+        copies["campaigns"].1["campaigns"]["c1"]["today"],
+        rest["c1"]
+    );
+
+    // `tidemark promote`: the other database's totals, as a snapshot.
+    let other = Arc::new(MemStore::default());
+    other
+        .write(&[ad(at(5), "c3", ("FR", "android"), [3, 3, 1], 0.75, 4.0)])
+        .await
+        .unwrap();
+    state.serving().switch("v2", other);
+    let read = follow_until(&mut rx, &mut copies, |c| {
+        c["campaigns"].1["campaigns"].get("c3").is_some()
+            && c["campaign:c1"].1.get("today").is_none()
+    })
+    .await;
+    assert!(read.iter().all(|m| m["type"] == "snapshot"), "{read:?}");
+    let rest = rest_campaigns(&state, day, EventTime(day.0 + DAY_MS)).await;
+    let ids: Vec<&String> = copies["campaigns"].1["campaigns"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .collect();
+    assert_eq!(ids, ["c3"]);
+    assert_eq!(
+        copies["campaigns"].1["campaigns"]["c3"]["today"],
+        rest["c3"]
+    );
+}
+
+/// Updates the channel task missed (it fell behind the updates channel)
+/// cannot be missing from today's totals: it starts over from the store.
+#[tokio::test]
+async fn missed_live_updates_start_the_channels_over_from_the_store() {
+    let day = today();
+    let at = |minute: i64| EventTime(day.0 + minute * 60_000);
+    let store = Arc::new(MemStore::default());
+    let (updates, _) = broadcast::channel(2);
+    let registry = prometheus::Registry::new();
+    let (access, _access_dir) = test_access();
+    let state = Arc::new(ServerState::new(
+        store.clone(),
+        updates.clone(),
+        registry.clone(),
+        None,
+        access,
+    ));
+    let (mut tx, mut rx, _session) = channel_session(&state);
+    let mut copies = Copies::new();
+    subscribe(&mut tx, &mut rx, &mut copies, "campaigns").await;
+    follow_until(&mut rx, &mut copies, |c| {
+        c["campaigns"].1.get("day").is_some()
+    })
+    .await;
+
+    // Four final minutes at once into a channel that holds two.
+    for minute in 1..=4 {
+        let points = vec![ad(
+            at(minute),
+            "c1",
+            ("DE", "ios"),
+            [minute, 0, 0],
+            0.25,
+            0.0,
+        )];
+        store.write(&points).await.unwrap();
+        updates.send(update_at(at(minute), true, points)).unwrap();
+    }
+    follow_until(&mut rx, &mut copies, |c| {
+        c["campaigns"].1["campaigns"]["c1"]["today"]["impressions"] == 1 + 2 + 3 + 4
+    })
+    .await;
+    let rest = rest_campaigns(&state, day, EventTime(day.0 + DAY_MS)).await;
+    assert_eq!(
+        copies["campaigns"].1["campaigns"]["c1"]["today"],
+        rest["c1"]
+    );
+    assert!(metric_value(&registry, "tidemark_ws_messages_dropped_total") >= 2.0);
 }
 
 /// A client that stops reading is dropped after 10 s with close code 4008,

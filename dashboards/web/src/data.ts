@@ -15,7 +15,7 @@ export interface MinuteWindow {
   activeUsers: number;
 }
 
-/** A window as the server sends it on the overview channel. */
+/** A window as the overview channel holds it (docs/api.md). */
 export interface WireWindow {
   window_start: string;
   final: boolean;
@@ -23,10 +23,56 @@ export interface WireWindow {
   active_users: number;
 }
 
+/** The overview channel's data: the last hour's windows by start. */
+export interface OverviewData {
+  windows: Record<string, WireWindow>;
+}
+
+export type Json = null | boolean | number | string | Json[] | { [key: string]: Json };
+
+/**
+ * A channel message. `data` is the channel's whole data in a snapshot and
+ * what changed in an update (a JSON merge patch: see `mergePatch`); `seq`
+ * goes up by one per change.
+ */
 export type ServerMessage =
-  | { type: 'snapshot'; channel: string; windows: WireWindow[] }
-  | { type: 'update'; channel: string; windows: WireWindow[] }
+  | { type: 'snapshot'; channel: string; seq: number; data: Json }
+  | { type: 'update'; channel: string; seq: number; data: Json }
+  | { type: 'authenticated'; role: string | null }
   | { type: 'error'; code: string; message: string };
+
+function isObject(v: Json | undefined): v is { [key: string]: Json } {
+  return typeof v === 'object' && v !== null && !Array.isArray(v);
+}
+
+/**
+ * Applies an update's data to a channel's data (JSON merge patch, RFC 7396):
+ * objects merge key by key, `null` removes a key, anything else replaces.
+ * Returns a new value; `target` is left as it was.
+ */
+export function mergePatch(target: Json, patch: Json): Json {
+  if (!isObject(patch)) return patch;
+  const out: { [key: string]: Json } = isObject(target) ? { ...target } : {};
+  for (const [key, value] of Object.entries(patch)) {
+    if (value === null) delete out[key];
+    else out[key] = mergePatch(out[key] ?? null, value);
+  }
+  return out;
+}
+
+/** The window starts an overview update names. */
+export function windowKeys(patch: Json): string[] {
+  return isObject(patch) && isObject(patch.windows) ? Object.keys(patch.windows) : [];
+}
+
+/** The windows of overview data that `keys` names (all when omitted). */
+export function overviewWindows(data: Json, keys?: string[]): WireWindow[] {
+  const windows = isObject(data) && isObject(data.windows) ? data.windows : {};
+  return (keys ?? Object.keys(windows))
+    .map((k) => windows[k])
+    .filter(isObject)
+    .map((w) => w as unknown as WireWindow);
+}
 
 export type Windows = Map<number, MinuteWindow>;
 

@@ -1,6 +1,13 @@
 import { useEffect, useRef, useState } from 'react';
 import { currentSession } from './auth';
-import type { ServerMessage, WireWindow } from './data';
+import {
+  mergePatch,
+  overviewWindows,
+  windowKeys,
+  type Json,
+  type ServerMessage,
+  type WireWindow,
+} from './data';
 
 export type Status =
   | { kind: 'connecting' }
@@ -15,10 +22,14 @@ function wsUrl(): string {
   return `${proto}//${window.location.host}/ws`;
 }
 
+const SUBSCRIBE = JSON.stringify({ op: 'subscribe', channel: 'overview' });
+
 /**
  * Keeps a WebSocket subscribed to the overview channel, reconnecting with
  * exponential backoff (and jitter, so many dashboards do not reconnect in step).
- * Snapshots and updates both carry whole windows, so `onWindows` merges either
+ * The channel's data is kept here: a snapshot replaces it, an update is merged
+ * in; a gap in `seq` subscribes again for a new snapshot. `onWindows` gets the
+ * windows a message changed, each whole, so it merges snapshots and updates
  * the same way.
  */
 export function useOverview(onWindows: (windows: WireWindow[]) => void): Status {
@@ -40,10 +51,12 @@ export function useOverview(onWindows: (windows: WireWindow[]) => void): Status 
       const token = currentSession()?.accessToken;
       const ws = new WebSocket(wsUrl(), token ? ['tidemark', `bearer.${token}`] : ['tidemark']);
       socket = ws;
+      // The overview channel's data and the `seq` it is at; none until a snapshot.
+      let channel: { seq: number; data: Json } | null = null;
       ws.onopen = () => {
         backoff = MIN_BACKOFF_MS;
         setStatus({ kind: 'live' });
-        ws.send(JSON.stringify({ op: 'subscribe', channel: 'overview' }));
+        ws.send(SUBSCRIBE);
       };
       ws.onmessage = (event) => {
         let msg: ServerMessage;
@@ -52,8 +65,19 @@ export function useOverview(onWindows: (windows: WireWindow[]) => void): Status 
         } catch {
           return;
         }
-        if (msg.type === 'snapshot' || msg.type === 'update') {
-          handler.current(msg.windows);
+        if (msg.type === 'snapshot' && msg.channel === 'overview') {
+          channel = { seq: msg.seq, data: msg.data };
+          handler.current(overviewWindows(channel.data));
+        } else if (msg.type === 'update' && msg.channel === 'overview') {
+          if (channel === null || msg.seq !== channel.seq + 1) {
+            // Missed a change: start over from a new snapshot.
+            channel = null;
+            ws.send(SUBSCRIBE);
+            return;
+          }
+          channel = { seq: msg.seq, data: mergePatch(channel.data, msg.data) };
+          // A window that aged out (null in the update) is left to the page's own trimming.
+          handler.current(overviewWindows(channel.data, windowKeys(msg.data)));
         } else if (msg.type === 'error') {
           console.warn('tidemark:', msg.code, msg.message);
         }
