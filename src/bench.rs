@@ -43,6 +43,14 @@ pub enum Stage {
     /// log, one partition after another, without decoding (events loaded
     /// first, untimed): the log's own read ceiling under `process`.
     Read,
+    /// WebSocket fan-out: `--clients` loopback clients subscribed to
+    /// `overview`, publish-to-last-client latency of `--updates` updates and
+    /// the server's memory per connection (the server in a child process).
+    Fanout,
+    /// Read latency over `--days` of 1-minute traffic in SQLite: 24 h at
+    /// 1 m by event type (metrics route and SQL), and the newest hour from
+    /// the hot cache.
+    Query,
 }
 
 #[derive(Debug, Args)]
@@ -112,9 +120,34 @@ pub struct BenchArgs {
     /// instead of in one driver.
     #[arg(long)]
     pub sharded: bool,
+    /// `fanout`: WebSocket clients subscribed to `overview`.
+    #[arg(long, default_value_t = 20_000)]
+    pub clients: usize,
+    /// `fanout`: updates published, one at a time.
+    #[arg(long, default_value_t = 200)]
+    pub updates: usize,
+    /// `fanout`: time from one update's publishing to the next's.
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub update_interval: Duration,
+    /// `fanout`: closed windows in the overview before clients connect
+    /// (60 = the full hour a running server holds).
+    #[arg(long, default_value_t = 60)]
+    pub warm_windows: usize,
+    /// `query`: days of 1-minute data loaded into the store.
+    #[arg(long, default_value_t = 7)]
+    pub days: u64,
+    /// `query`: times each read is measured.
+    #[arg(long, default_value_t = 50)]
+    pub runs: usize,
+    /// `fanout`: be the server under test (the bench starts itself so).
+    #[arg(long, hide = true)]
+    pub fanout_server: bool,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.stage == Stage::Fanout && args.fanout_server {
+        return crate::bench_fanout::serve_child(&args).await;
+    }
     let summary = match args.stage {
         Stage::Log => bench_log(&args).await?,
         Stage::Pipeline => bench_pipeline(&args).await?,
@@ -122,12 +155,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Stage::Latency => bench_latency(&args).await?,
         Stage::Process => bench_process(&args).await?,
         Stage::Read => bench_read(&args).await?,
+        Stage::Fanout => crate::bench_fanout::run(&args).await?,
+        Stage::Query => crate::bench_query::run(&args).await?,
     };
     println!("{summary}");
     Ok(())
 }
 
-fn summary(stage: &str, events: u64, seconds: f64, extra: Value) -> Value {
+pub(crate) fn summary(stage: &str, events: u64, seconds: f64, extra: Value) -> Value {
     let mut out = json!({
         "bench": stage,
         "events": events,

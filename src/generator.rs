@@ -10,10 +10,11 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use tidemark_model::EventTime;
 
-const DEVICES: [&str; 3] = ["ios", "android", "web"];
-const COUNTRIES: [&str; 10] = ["US", "BR", "IN", "DE", "JP", "KZ", "GB", "FR", "MX", "ID"];
+pub const DEVICES: [&str; 3] = ["ios", "android", "web"];
+pub const COUNTRIES: [&str; 10] = ["US", "BR", "IN", "DE", "JP", "KZ", "GB", "FR", "MX", "ID"];
 const PAGES: [&str; 5] = ["/home", "/feed", "/profile", "/search", "/settings"];
-const MIX: [(&str, u32); 10] = [
+/// Event types and their weights in the generated mix.
+pub const MIX: [(&str, u32); 10] = [
     ("view", 40),
     ("like", 16),
     ("comment", 5),

@@ -182,6 +182,23 @@ pub trait JsonApi {
                 .expect("JSON answer")
         }
     }
+
+    /// POST a JSON body to an API path: the status and the JSON answer.
+    fn post_json(
+        &self,
+        path: &str,
+        body: &Value,
+    ) -> impl std::future::Future<Output = (u16, Value)> {
+        let request = reqwest::Client::new()
+            .post(format!("{}{}", self.base(), path))
+            .bearer_auth(self.token())
+            .json(body);
+        async move {
+            let reply = request.send().await.expect("API reachable");
+            let status = reply.status().as_u16();
+            (status, reply.json().await.expect("JSON answer"))
+        }
+    }
 }
 
 impl JsonApi for Tidemark {

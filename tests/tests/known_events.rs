@@ -3,7 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use tidemark_tests::{InfluxServer, KnownEvents, Tidemark};
+use serde_json::json;
+use tidemark_tests::{InfluxServer, JsonApi, KnownEvents, Tidemark};
 
 /// The campaign routes count every known ad impression of the three minutes,
 /// in total and per minute and device; no clicks, so a CTR of 0 and no CVR.
@@ -61,6 +62,45 @@ async fn assert_campaigns(t: &Tidemark, known: &KnownEvents) {
     assert_eq!(trending["tags"], serde_json::json!([]), "{trending}");
 }
 
+/// Ad-hoc SQL answers the same exact numbers whichever store serves: every
+/// traffic point of the three minutes, and the impressions in total.
+async fn assert_queries(t: &Tidemark, known: &KnownEvents) {
+    let (from, to) = (known.base, known.base + 3 * 60_000);
+    let sql = format!(
+        "SELECT time, event_type, country, device, events FROM traffic \
+         WHERE time >= {from} AND time < {to} ORDER BY time, event_type, country, device"
+    );
+    let (status, answer) = t.post_json("/api/v1/query", &json!({ "sql": sql })).await;
+    assert_eq!(status, 200, "{answer}");
+    let mut seen = BTreeMap::new();
+    for row in answer["rows"].as_array().expect("rows") {
+        let text = |i: usize| row[i].as_str().expect("a tag").to_string();
+        seen.insert(
+            (row[0].as_i64().expect("a time"), text(1), text(2), text(3)),
+            row[4].as_u64().expect("a count"),
+        );
+    }
+    assert_eq!(seen, known.traffic, "{answer}");
+    assert_eq!(answer["truncated"], json!(false));
+
+    let impressions: u64 = known
+        .traffic
+        .iter()
+        .filter(|((_, kind, _, _), _)| kind == "ad_impression")
+        .map(|(_, n)| n)
+        .sum();
+    let rfc3339 = |ms: i64| tidemark_model::EventTime(ms).to_rfc3339();
+    let sql = format!(
+        "SELECT campaign_id, sum(impressions), sum(clicks) FROM ads \
+         WHERE time >= '{}' AND time < '{}' GROUP BY campaign_id",
+        rfc3339(from),
+        rfc3339(to)
+    );
+    let (status, answer) = t.post_json("/api/v1/query", &json!({ "sql": sql })).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["rows"], json!([["c1", impressions, 0]]), "{answer}");
+}
+
 async fn post_all(t: &Tidemark, known: &KnownEvents) {
     let mut rejected = 0;
     for batch in &known.batches {
@@ -82,6 +122,7 @@ async fn exact_counts_from_the_embedded_store() {
     post_all(&t, &known).await;
     known.assert_results(&t).await;
     assert_campaigns(&t, &known).await;
+    assert_queries(&t, &known).await;
     let health = t.get_json("/api/v1/health").await;
     assert_eq!(health["store"], "sqlite");
 }
@@ -99,6 +140,7 @@ async fn exact_counts_from_influxdb() {
     post_all(&t, &known).await;
     known.assert_results(&t).await;
     assert_campaigns(&t, &known).await;
+    assert_queries(&t, &known).await;
     let health = t.get_json("/api/v1/health").await;
     assert_eq!(health["store"], "influxdb");
 }

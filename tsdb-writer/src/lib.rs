@@ -75,6 +75,94 @@ pub struct Series {
     pub points: Vec<(EventTime, f64)>,
 }
 
+/// Answers a [`MetricQuery`] from points read one by one, as the store
+/// does in SQL: filter by tags, group by tags, combine per time.
+#[derive(Debug)]
+pub struct Aggregator<'q> {
+    query: &'q MetricQuery,
+    /// The group-by tags in name order, so series sort as their tag maps do.
+    group_by: Vec<&'q str>,
+    groups: BTreeMap<Vec<String>, BTreeMap<EventTime, Acc>>,
+}
+
+/// Per group, per time: running sum, count and maximum.
+#[derive(Debug, Clone, Copy)]
+struct Acc {
+    sum: f64,
+    count: u64,
+    max: f64,
+}
+
+impl<'q> Aggregator<'q> {
+    pub fn new(query: &'q MetricQuery) -> Aggregator<'q> {
+        let mut group_by: Vec<&str> = query.group_by.iter().map(String::as_str).collect();
+        group_by.sort_unstable();
+        group_by.dedup();
+        Aggregator {
+            query,
+            group_by,
+            groups: BTreeMap::new(),
+        }
+    }
+
+    /// Whether a point with these tags passes the query's filters. Like
+    /// InfluxDB, a missing tag compares and groups as the empty string.
+    pub fn selects<'a>(&self, tag: impl Fn(&str) -> Option<&'a str>) -> bool {
+        self.query
+            .filters
+            .iter()
+            .all(|(k, v)| tag(k).unwrap_or("") == v)
+    }
+
+    /// Adds a selected point's value of the query's field.
+    pub fn add<'a>(&mut self, time: EventTime, tag: impl Fn(&str) -> Option<&'a str>, value: f64) {
+        let key: Vec<String> = self
+            .group_by
+            .iter()
+            .map(|k| tag(k).unwrap_or("").to_string())
+            .collect();
+        let acc = self
+            .groups
+            .entry(key)
+            .or_default()
+            .entry(time)
+            .or_insert(Acc {
+                sum: 0.0,
+                count: 0,
+                max: f64::NEG_INFINITY,
+            });
+        acc.sum += value;
+        acc.count += 1;
+        acc.max = acc.max.max(value);
+    }
+
+    /// The series, sorted by tags.
+    pub fn finish(self) -> Vec<Series> {
+        let Aggregator {
+            query,
+            group_by,
+            groups,
+        } = self;
+        groups
+            .into_iter()
+            .map(|(values, times)| Series {
+                tags: group_by.iter().map(|k| k.to_string()).zip(values).collect(),
+                points: times
+                    .into_iter()
+                    .map(|(t, acc)| {
+                        let v = match query.aggregate {
+                            Aggregate::Sum => acc.sum,
+                            Aggregate::Mean => acc.sum / acc.count as f64,
+                            Aggregate::Max => acc.max,
+                        };
+                        (t, v)
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
 /// A time-series store with the retention tiers `rt`, `hourly` and `daily`.
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug + 'static {

@@ -15,7 +15,7 @@ use rusqlite::{params, Connection};
 use serde_json::{Map, Value};
 use tidemark_model::{EventTime, FieldValue, Point, Tier};
 
-use crate::{Aggregate, MetricQuery, Series, Store, StoreError};
+use crate::{Aggregator, MetricQuery, Series, Store, StoreError};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS points (
@@ -260,25 +260,16 @@ impl Store for SqliteStore {
     }
 }
 
-/// Per group, per time: running sum, count and maximum.
-#[derive(Debug, Clone, Copy)]
-struct Acc {
-    sum: f64,
-    count: u64,
-    max: f64,
-}
-
 fn aggregate_rows(
     query: &MetricQuery,
     rows: Vec<(i64, String, String)>,
 ) -> Result<Vec<Series>, StoreError> {
-    let mut groups: BTreeMap<BTreeMap<String, String>, BTreeMap<i64, Acc>> = BTreeMap::new();
+    let mut aggregator = Aggregator::new(query);
     for (time, tags, fields) in rows {
         let tags: BTreeMap<String, String> = serde_json::from_str(&tags)
             .map_err(|e| StoreError::Io(format!("corrupt tags in store: {e}")))?;
-        // Like InfluxDB, a missing tag compares and groups as the empty string.
-        let tag = |k: &str| tags.get(k).map(String::as_str).unwrap_or("");
-        if !query.filters.iter().all(|(k, v)| tag(k) == v) {
+        let tag = |k: &str| tags.get(k).map(String::as_str);
+        if !aggregator.selects(tag) {
             continue;
         }
         let fields: Map<String, Value> = serde_json::from_str(&fields)
@@ -286,35 +277,7 @@ fn aggregate_rows(
         let Some(value) = fields.get(&query.field).and_then(Value::as_f64) else {
             continue;
         };
-        let key: BTreeMap<String, String> = query
-            .group_by
-            .iter()
-            .map(|k| (k.clone(), tag(k).to_string()))
-            .collect();
-        let acc = groups.entry(key).or_default().entry(time).or_insert(Acc {
-            sum: 0.0,
-            count: 0,
-            max: f64::NEG_INFINITY,
-        });
-        acc.sum += value;
-        acc.count += 1;
-        acc.max = acc.max.max(value);
+        aggregator.add(EventTime(time), tag, value);
     }
-    Ok(groups
-        .into_iter()
-        .map(|(tags, times)| Series {
-            tags,
-            points: times
-                .into_iter()
-                .map(|(t, acc)| {
-                    let v = match query.aggregate {
-                        Aggregate::Sum => acc.sum,
-                        Aggregate::Mean => acc.sum / acc.count as f64,
-                        Aggregate::Max => acc.max,
-                    };
-                    (EventTime(t), v)
-                })
-                .collect(),
-        })
-        .collect())
+    Ok(aggregator.finish())
 }

@@ -2,15 +2,17 @@
 //! dashboard and `/metrics`, at the end of the data flow.
 //!
 //! [`ServerState`] holds the store, the live updates channel, the Prometheus
-//! registry, the hot cache of the overview channel, the other live channels
-//! (`channels`) and access (`auth`, `audit`); [`router`] exposes them over
+//! registry, the live channels (`channels`, fed by `served`; the overview's
+//! data in `overview`) and access (`auth`, `audit`); [`router`] exposes them over
 //! HTTP from one route table (`routes`) and [`serve`] runs the router until
 //! shutdown.
 
 pub mod audit;
 pub mod auth;
 mod channels;
+pub mod hot;
 mod live;
+mod overview;
 mod pipelines;
 pub mod query;
 mod rest;
@@ -19,7 +21,7 @@ mod served;
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
@@ -34,7 +36,8 @@ use tower_http::services::{ServeDir, ServeFile};
 pub use auth::{Access, AccessConfig, AccessError, Permission, Principal, Role};
 pub use routes::Route;
 
-pub use live::{run_session, Overview, OverviewWindow, OVERVIEW_WINDOWS};
+pub use live::run_session;
+pub use overview::{Overview, OverviewWindow, OVERVIEW_WINDOWS};
 
 /// Errors of the serving layer, each answered with its status and
 /// `{"error": "<message>", "code": "<machine code>"}`.
@@ -244,25 +247,22 @@ pub struct ServerState {
     pub(crate) store: ServingStore,
     /// The database the live processor writes (see [`ServerState::set_live_database`]).
     live_database: Arc<RwLock<String>>,
-    /// What sessions follow (see [`served`]).
-    pub(crate) served: broadcast::Sender<served::Served>,
-    /// The hot cache's generation: it goes up when the served database changes.
-    pub(crate) generation: watch::Receiver<u64>,
     pub(crate) registry: Registry,
     pub(crate) web_dir: Option<PathBuf>,
-    pub(crate) hot: Arc<Mutex<Overview>>,
-    /// The channels other than the overview.
+    /// The live channels, the overview among them.
     pub(crate) hub: Arc<channels::Hub>,
     pub(crate) metrics: ServerMetrics,
     pub(crate) access: Access,
     /// Turns of ad-hoc queries (see [`query::CONCURRENT_QUERIES`]).
     pub(crate) query_turns: tokio::sync::Semaphore,
+    /// The live database's newest hour (see [`hot`]).
+    hot_points: Arc<hot::HotPoints>,
 }
 
 impl ServerState {
     /// Builds the state serving `store` as the live database, registers the
-    /// server metrics in `registry` and starts the hot-cache task that
-    /// follows `updates` (call inside a Tokio runtime; the task ends with the
+    /// server metrics in `registry` and starts the task that feeds the
+    /// live channels from the served database and `updates` (call inside a Tokio runtime; the task ends with the
     /// state). `access` checks every protected route's credential.
     pub fn new(
         store: Arc<dyn Store>,
@@ -272,44 +272,36 @@ impl ServerState {
         access: Access,
     ) -> ServerState {
         let metrics = ServerMetrics::new(&registry);
-        let hot = Arc::new(Mutex::new(Overview::default()));
         let hub = Arc::new(channels::Hub::default());
         let live_database = Arc::new(RwLock::new(
             tidemark_tsdb_writer::DEFAULT_DATABASE.to_string(),
         ));
         let (current, serving) =
             watch::channel((tidemark_tsdb_writer::DEFAULT_DATABASE.to_string(), store));
-        let (served, _) = broadcast::channel(1024);
-        let (generation_tx, generation) = watch::channel(0);
+        let hot_points = Arc::new(hot::HotPoints::default());
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
+                handle.spawn(Arc::clone(&hot_points).follow(updates.subscribe()));
                 handle.spawn(served::follow_serving(
                     serving,
                     live_database.clone(),
                     updates.subscribe(),
-                    served.clone(),
-                    served::LiveCaches {
-                        overview: Arc::clone(&hot),
-                        hub: Arc::clone(&hub),
-                    },
-                    generation_tx,
+                    Arc::clone(&hub),
                     metrics.ws_dropped.clone(),
                 ));
             }
-            Err(_) => tracing::warn!("no Tokio runtime: the overview hot cache stays empty"),
+            Err(_) => tracing::warn!("no Tokio runtime: the live channels stay empty"),
         }
         ServerState {
             store: ServingStore { current },
             live_database,
-            served,
-            generation,
             registry,
             web_dir,
-            hot,
             hub,
             metrics,
             access,
             query_turns: tokio::sync::Semaphore::new(query::CONCURRENT_QUERIES),
+            hot_points,
         }
     }
 
@@ -326,13 +318,38 @@ impl ServerState {
             .clone()
     }
 
+    /// The store reads are answered from: the served database, its newest
+    /// hour from memory while it is the live one (see [`hot`]).
+    pub fn reader(&self) -> Arc<dyn Store> {
+        let store = self.store.get();
+        if self.store.name() == self.live_database() {
+            Arc::new(hot::HotStore {
+                hot: Arc::clone(&self.hot_points),
+                store,
+            })
+        } else {
+            store
+        }
+    }
+
+    /// Whether the hot cache answers reads of `measurement` in `tier`
+    /// from `from` on (while the live database is served).
+    pub fn hot_covers(
+        &self,
+        tier: tidemark_model::Tier,
+        measurement: &str,
+        from: tidemark_model::EventTime,
+    ) -> bool {
+        self.hot_points.covers(tier, measurement, from)
+    }
+
     /// The database the REST API answers from (see [`ServingStore`]).
     pub fn serving(&self) -> &ServingStore {
         &self.store
     }
 
     /// Names the database the live processor writes (by default
-    /// `tidemark`): while it is served, live updates feed the overview;
+    /// `tidemark`): while it is served, live updates feed the channels;
     /// while another one is, that database does (see [`served`]). The live
     /// store, if served, is served under the new name from now on.
     pub fn set_live_database(&self, name: &str) {
@@ -348,9 +365,9 @@ impl ServerState {
         }
     }
 
-    /// A copy of the overview hot cache.
+    /// A copy of the overview channel's windows.
     pub fn overview(&self) -> Overview {
-        live::lock(&self.hot).clone()
+        self.hub.overview()
     }
 }
 

@@ -36,7 +36,7 @@ const HOUR: Duration = Duration::from_secs(3600);
 
 const TRENDING_FIELDS: [&str; 4] = ["rank", "score", "users", "events"];
 
-const ADS_COUNTS: [&str; 6] = [
+pub(crate) const ADS_COUNTS: [&str; 6] = [
     "impressions",
     "clicks",
     "clicks_unattributed",
@@ -44,7 +44,7 @@ const ADS_COUNTS: [&str; 6] = [
     "spend",
     "revenue",
 ];
-const ADS_TAGS: [&str; 3] = ["campaign_id", "country", "device"];
+pub(crate) const ADS_TAGS: [&str; 3] = ["campaign_id", "country", "device"];
 
 const ENGAGEMENT_FIELDS: [&str; 6] = [
     "sessions_started",
@@ -57,14 +57,14 @@ const ENGAGEMENT_FIELDS: [&str; 6] = [
 const ENGAGEMENT_TAGS: [&str; 2] = ["country", "segment"];
 
 /// Field values by field, of one tag combination at one time.
-type Fields = BTreeMap<&'static str, f64>;
+pub(crate) type Fields = BTreeMap<&'static str, f64>;
 
 /// Values by (the tags' values in the order asked, time).
-type Rows = BTreeMap<(Vec<String>, EventTime), Fields>;
+pub(crate) type Rows = BTreeMap<(Vec<String>, EventTime), Fields>;
 
 /// Reads `fields` of `measurement`, one query per field (at once), grouped
 /// by `tags`, so each row is one stored point.
-async fn fetch(
+pub(crate) async fn fetch(
     store: &dyn Store,
     measurement: &str,
     tier: Tier,
@@ -224,7 +224,7 @@ pub(crate) async fn trending(
         )));
     }
     let started = Instant::now();
-    let store = state.store.get();
+    let store = state.reader();
     let start = match time_param("at", p.at.as_deref())? {
         Some(at) => Some(at.floor(MINUTE)),
         None => newest_trending(store.as_ref(), window).await?,
@@ -316,7 +316,7 @@ pub(crate) async fn trending_tag(
         EventTime::now(),
     )?;
     let started = Instant::now();
-    let store = state.store.get();
+    let store = state.reader();
     let rows = fetch(
         store.as_ref(),
         "trending",
@@ -357,7 +357,7 @@ fn tier_holding(from: EventTime, tiers: &[Tier]) -> Tier {
 }
 
 /// Campaign totals: the summed counts and the ratios of the sums.
-fn ads_fields(sums: &Fields) -> Map<String, Value> {
+pub(crate) fn ads_fields(sums: &Fields) -> Map<String, Value> {
     let get = |f: &str| sums.get(f).copied().unwrap_or(0.0);
     let mut out = Map::new();
     for field in ADS_COUNTS {
@@ -370,13 +370,13 @@ fn ads_fields(sums: &Fields) -> Map<String, Value> {
     out
 }
 
-fn add_into(sums: &mut Fields, fields: &Fields) {
+pub(crate) fn add_into(sums: &mut Fields, fields: &Fields) {
     for (field, v) in fields {
         *sums.entry(field).or_default() += v;
     }
 }
 
-fn start_of_day(t: EventTime) -> EventTime {
+pub(crate) fn start_of_day(t: EventTime) -> EventTime {
     t.floor(24 * HOUR)
 }
 
@@ -396,7 +396,7 @@ pub(crate) async fn campaigns(
     }
     let tier = tier_holding(from, &ADS_TIERS);
     let started = Instant::now();
-    let store = state.store.get();
+    let store = state.reader();
     let rows = fetch(
         store.as_ref(),
         "ads",
@@ -436,7 +436,7 @@ pub(crate) async fn campaign(
     let group = group_param(p.group_by.as_deref(), &["device", "country"])?;
     let span = range(p.from.as_deref(), p.to.as_deref(), HOUR, EventTime::now())?;
     let started = Instant::now();
-    let store = state.store.get();
+    let store = state.reader();
     let rows = fetch(
         store.as_ref(),
         "ads",
@@ -502,7 +502,7 @@ pub(crate) async fn engagement(
     let group = group_param(p.group_by.as_deref(), &["segment", "country"])?;
     let span = range(p.from.as_deref(), p.to.as_deref(), HOUR, EventTime::now())?;
     let started = Instant::now();
-    let store = state.store.get();
+    let store = state.reader();
     let mut rows = fetch(
         store.as_ref(),
         "engagement",

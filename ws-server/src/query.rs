@@ -761,7 +761,7 @@ async fn answer(state: &ServerState, body: &QueryRequest) -> Result<Answer, Serv
         .map_err(|_| QueryError::Timeout(timeout))?
         .map_err(|_| ServerError::Internal("query turns closed".into()))?;
     let left = deadline.saturating_duration_since(Instant::now());
-    run(state.store.get(), plan, limit, left)
+    run(state.reader(), plan, limit, left)
         .await
         .map_err(|e| match e {
             ServerError::Query(QueryError::Timeout(_)) => QueryError::Timeout(timeout).into(),

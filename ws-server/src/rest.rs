@@ -32,7 +32,7 @@ pub(crate) async fn metrics_query(
         Err(e) => return e.into_response(),
     };
     let started = Instant::now();
-    let store = state.store.get();
+    let store = state.reader();
     let result = store.query(&query).await;
     state
         .metrics
