@@ -10,7 +10,7 @@ pub mod influx;
 pub mod sqlite;
 pub mod writer;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use async_trait::async_trait;
 use tidemark_model::{EventTime, Point, Tier};
@@ -82,8 +82,17 @@ pub struct Aggregator<'q> {
     query: &'q MetricQuery,
     /// The group-by tags in name order, so series sort as their tag maps do.
     group_by: Vec<&'q str>,
-    groups: BTreeMap<Vec<String>, BTreeMap<EventTime, Acc>>,
+    index: HashMap<Vec<String>, GroupId>,
+    groups: Vec<Group>,
 }
+
+/// One series being combined: its tag values and its values in time order.
+type Group = (Vec<String>, Vec<(EventTime, Acc)>);
+
+/// One series of an [`Aggregator`]'s answer, for adding many values
+/// without looking their tags up again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupId(usize);
 
 /// Per group, per time: running sum, count and maximum.
 #[derive(Debug, Clone, Copy)]
@@ -91,6 +100,22 @@ struct Acc {
     sum: f64,
     count: u64,
     max: f64,
+}
+
+impl Acc {
+    fn of(value: f64) -> Acc {
+        Acc {
+            sum: value,
+            count: 1,
+            max: value,
+        }
+    }
+
+    fn add(&mut self, value: f64) {
+        self.sum += value;
+        self.count += 1;
+        self.max = self.max.max(value);
+    }
 }
 
 impl<'q> Aggregator<'q> {
@@ -101,7 +126,8 @@ impl<'q> Aggregator<'q> {
         Aggregator {
             query,
             group_by,
-            groups: BTreeMap::new(),
+            index: HashMap::new(),
+            groups: Vec::new(),
         }
     }
 
@@ -114,26 +140,42 @@ impl<'q> Aggregator<'q> {
             .all(|(k, v)| tag(k).unwrap_or("") == v)
     }
 
-    /// Adds a selected point's value of the query's field.
-    pub fn add<'a>(&mut self, time: EventTime, tag: impl Fn(&str) -> Option<&'a str>, value: f64) {
+    /// The series that points with these tags go to.
+    pub fn group<'a>(&mut self, tag: impl Fn(&str) -> Option<&'a str>) -> GroupId {
         let key: Vec<String> = self
             .group_by
             .iter()
             .map(|k| tag(k).unwrap_or("").to_string())
             .collect();
-        let acc = self
-            .groups
-            .entry(key)
-            .or_default()
-            .entry(time)
-            .or_insert(Acc {
-                sum: 0.0,
-                count: 0,
-                max: f64::NEG_INFINITY,
-            });
-        acc.sum += value;
-        acc.count += 1;
-        acc.max = acc.max.max(value);
+        if let Some(&id) = self.index.get(&key) {
+            return id;
+        }
+        let id = GroupId(self.groups.len());
+        self.groups.push((key.clone(), Vec::new()));
+        self.index.insert(key, id);
+        id
+    }
+
+    /// Adds a selected point's value of the query's field.
+    pub fn add<'a>(&mut self, time: EventTime, tag: impl Fn(&str) -> Option<&'a str>, value: f64) {
+        let group = self.group(tag);
+        self.add_to(group, time, value);
+    }
+
+    /// Adds a value to a series. Cheapest when times come in order, as
+    /// stores return them.
+    pub fn add_to(&mut self, group: GroupId, time: EventTime, value: f64) {
+        let times = &mut self.groups[group.0].1;
+        match times.last_mut() {
+            Some((last, acc)) if *last == time => acc.add(value),
+            Some((last, _)) if *last > time => {
+                match times.binary_search_by_key(&time, |(t, _)| *t) {
+                    Ok(i) => times[i].1.add(value),
+                    Err(i) => times.insert(i, (time, Acc::of(value))),
+                }
+            }
+            _ => times.push((time, Acc::of(value))),
+        }
     }
 
     /// The series, sorted by tags.
@@ -141,8 +183,10 @@ impl<'q> Aggregator<'q> {
         let Aggregator {
             query,
             group_by,
-            groups,
+            mut groups,
+            ..
         } = self;
+        groups.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         groups
             .into_iter()
             .map(|(values, times)| Series {

@@ -179,3 +179,100 @@ async fn lists_points_as_written() {
         ]
     );
 }
+
+#[tokio::test]
+async fn a_store_of_one_row_per_point_is_converted_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("points.db");
+    {
+        // The layout of earlier versions, as they left it.
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE points (tier TEXT NOT NULL, measurement TEXT NOT NULL, \
+               series TEXT NOT NULL, time INTEGER NOT NULL, tags TEXT NOT NULL, \
+               fields TEXT NOT NULL, PRIMARY KEY (tier, measurement, series, time)) WITHOUT ROWID;
+             INSERT INTO points VALUES
+               ('rt', 'traffic', 'traffic,country=de,device=ios', 0,
+                '{\"country\":\"de\",\"device\":\"ios\"}', '{\"events\":1,\"ratio\":0.5}'),
+               ('rt', 'traffic', 'traffic,country=fr,device=ios', 0,
+                '{\"country\":\"fr\",\"device\":\"ios\"}', '{\"events\":4,\"ratio\":1.0}'),
+               ('rt', 'traffic', 'traffic,country=fr,device=ios', 60000,
+                '{\"country\":\"fr\",\"device\":\"ios\"}', '{\"events\":8,\"ratio\":0.0}'),
+               ('hourly', 'traffic', 'traffic,country=de,device=ios', 0,
+                '{\"country\":\"de\",\"device\":\"ios\"}', '{\"events\":100,\"ratio\":9.0}');",
+        )
+        .unwrap();
+    }
+    let store = SqliteStore::open(&path).unwrap();
+    let mut got = store
+        .points(Tier::Rt, "traffic", EventTime(0), EventTime(600_000))
+        .await
+        .unwrap();
+    got.sort_by_key(|p| (p.time, p.series_key()));
+    assert_eq!(
+        got,
+        vec![
+            point(Tier::Rt, "de", "ios", 0, 1, 0.5),
+            point(Tier::Rt, "fr", "ios", 0, 4, 1.0),
+            point(Tier::Rt, "fr", "ios", 60_000, 8, 0.0),
+        ]
+    );
+    let mut hourly = query("events", Aggregate::Sum);
+    hourly.tier = Tier::Hourly;
+    assert_eq!(
+        store.query(&hourly).await.unwrap()[0].points,
+        vec![(EventTime(0), 100.0)]
+    );
+    drop(store);
+    // Converted once: the old table is gone and reopening keeps the points.
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let old: i64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE name = 'points'",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap();
+    assert_eq!(old, 0);
+    drop(conn);
+    let store = SqliteStore::open(&path).unwrap();
+    let got = store.query(&query("events", Aggregate::Sum)).await.unwrap();
+    assert_eq!(
+        got[0].points,
+        vec![(EventTime(0), 5.0), (EventTime(60_000), 8.0)]
+    );
+}
+
+#[tokio::test]
+async fn a_reader_sees_series_another_handle_added_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("points.db");
+    let writer = SqliteStore::open(&path).unwrap();
+    let reader = SqliteStore::open(&path).unwrap();
+    writer
+        .write(&[point(Tier::Rt, "de", "ios", 0, 3, 0.5)])
+        .await
+        .unwrap();
+    let mut q = query("events", Aggregate::Sum);
+    q.group_by = vec!["country".into()];
+    assert_eq!(reader.query(&q).await.unwrap().len(), 1);
+    // A series the reader's handle has never seen, in a block it has read.
+    writer
+        .write(&[point(Tier::Rt, "fr", "ios", 0, 4, 0.5)])
+        .await
+        .unwrap();
+    let got = reader.query(&q).await.unwrap();
+    assert_eq!(
+        got,
+        vec![
+            Series {
+                tags: tags(&[("country", "de")]),
+                points: vec![(EventTime(0), 3.0)]
+            },
+            Series {
+                tags: tags(&[("country", "fr")]),
+                points: vec![(EventTime(0), 4.0)]
+            },
+        ]
+    );
+}

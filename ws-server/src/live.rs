@@ -33,6 +33,11 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a slow client's close frame may take.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A client only sends small control messages, so its read buffer can be
+/// small; the WebSocket library's default (128 KiB, allocated up front)
+/// would make it most of a connection's memory.
+const READ_BUFFER_BYTES: usize = 4 * 1024;
+
 #[derive(Debug, Deserialize)]
 struct ClientMessage {
     op: String,
@@ -300,6 +305,9 @@ pub(crate) async fn ws_upgrade(
     };
     upgrade
         .protocols([PROTOCOL])
+        .read_buffer_size(READ_BUFFER_BYTES)
+        // Every message is flushed as it is sent; nothing waits to batch.
+        .write_buffer_size(0)
         .on_upgrade(move |socket| async move {
             let (sink, stream) = socket.split();
             let sink = sink.with(|text: String| {
