@@ -133,6 +133,34 @@ fn users(minute: i64, n: i64) -> Point {
     )
 }
 
+/// A server over `store` that follows live updates from a channel holding
+/// `backlog` of them.
+struct Served {
+    updates: broadcast::Sender<Update>,
+    registry: prometheus::Registry,
+    state: Arc<ServerState>,
+    _access_dir: tempfile::TempDir,
+}
+
+fn served(store: Arc<MemStore>, backlog: usize) -> Served {
+    let (updates, _) = broadcast::channel(backlog);
+    let registry = prometheus::Registry::new();
+    let (access, access_dir) = test_access();
+    let state = Arc::new(ServerState::new(
+        store,
+        updates.clone(),
+        registry.clone(),
+        None,
+        access,
+    ));
+    Served {
+        updates,
+        registry,
+        state,
+        _access_dir: access_dir,
+    }
+}
+
 struct Fixture {
     store: Arc<MemStore>,
     updates: broadcast::Sender<Update>,
@@ -153,22 +181,18 @@ async fn fixture() -> Fixture {
         ])
         .await
         .unwrap();
-    let (updates, _) = broadcast::channel(16);
-    let registry = prometheus::Registry::new();
-    let (access, access_dir) = test_access();
-    let state = Arc::new(ServerState::new(
-        store.clone(),
-        updates.clone(),
-        registry.clone(),
-        None,
-        access,
-    ));
+    let Served {
+        updates,
+        registry,
+        state,
+        _access_dir,
+    } = served(store.clone(), 16);
     Fixture {
         store,
         updates,
         registry,
         state,
-        _access_dir: access_dir,
+        _access_dir,
     }
 }
 
@@ -582,16 +606,12 @@ async fn session_answers_errors_and_sends_overview_windows_whole() {
 #[tokio::test]
 async fn a_session_that_falls_behind_gets_a_snapshot_of_the_newest_values() {
     let store = Arc::new(MemStore::default());
-    let (updates, _) = broadcast::channel(4096);
-    let registry = prometheus::Registry::new();
-    let (access, _access_dir) = test_access();
-    let state = Arc::new(ServerState::new(
-        store,
-        updates.clone(),
-        registry.clone(),
-        None,
-        access,
-    ));
+    let Served {
+        updates,
+        registry,
+        state,
+        _access_dir,
+    } = served(store, 4096);
     let (mut client_tx, mut client_rx, session) = channel_session(&state);
     let mut copies = Copies::new();
     subscribe(&mut client_tx, &mut client_rx, &mut copies, "overview").await;
@@ -761,15 +781,12 @@ async fn switching_the_served_database_resends_the_overview_from_it() {
         )
     };
     promoted.write(&[point(0, "like", 7)]).await.unwrap();
-    let (updates, _) = broadcast::channel(16);
-    let (access, _access_dir) = test_access();
-    let state = Arc::new(ServerState::new(
-        live.clone(),
-        updates.clone(),
-        prometheus::Registry::new(),
-        None,
-        access,
-    ));
+    let Served {
+        updates,
+        state,
+        _access_dir,
+        ..
+    } = served(live.clone(), 16);
     let (mut client_tx, mut client_rx, session) = channel_session(&state);
     let window = |minute: i64, traffic: Value| {
         json!({"window_start": at(minute).to_rfc3339(), "final": true,
@@ -1379,15 +1396,12 @@ async fn campaign_totals_of_today_are_seeded_from_the_store() {
         ])
         .await
         .unwrap();
-    let (updates, _) = broadcast::channel(16);
-    let (access, _access_dir) = test_access();
-    let state = Arc::new(ServerState::new(
-        store.clone(),
-        updates.clone(),
-        prometheus::Registry::new(),
-        None,
-        access,
-    ));
+    let Served {
+        updates,
+        state,
+        _access_dir,
+        ..
+    } = served(store.clone(), 16);
     let (mut tx, mut rx, _session) = channel_session(&state);
     let mut copies = Copies::new();
     subscribe(&mut tx, &mut rx, &mut copies, "campaigns").await;
@@ -1474,16 +1488,12 @@ async fn missed_live_updates_start_the_channels_over_from_the_store() {
     let day = today();
     let at = |minute: i64| EventTime(day.0 + minute * 60_000);
     let store = Arc::new(MemStore::default());
-    let (updates, _) = broadcast::channel(2);
-    let registry = prometheus::Registry::new();
-    let (access, _access_dir) = test_access();
-    let state = Arc::new(ServerState::new(
-        store.clone(),
-        updates.clone(),
-        registry.clone(),
-        None,
-        access,
-    ));
+    let Served {
+        updates,
+        registry,
+        state,
+        _access_dir,
+    } = served(store.clone(), 2);
     let (mut tx, mut rx, _session) = channel_session(&state);
     let mut copies = Copies::new();
     subscribe(&mut tx, &mut rx, &mut copies, "campaigns").await;
@@ -1523,16 +1533,12 @@ async fn missed_live_updates_start_the_channels_over_from_the_store() {
 async fn a_client_that_stops_reading_is_closed_as_slow_and_others_never_wait() {
     use tokio_tungstenite::tungstenite::Message;
     let store = Arc::new(MemStore::default());
-    let (updates, _) = broadcast::channel(8192);
-    let registry = prometheus::Registry::new();
-    let (access, _access_dir) = test_access();
-    let state = Arc::new(ServerState::new(
-        store,
-        updates.clone(),
-        registry.clone(),
-        None,
-        access,
-    ));
+    let Served {
+        updates,
+        registry,
+        state,
+        _access_dir,
+    } = served(store, 8192);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
