@@ -348,11 +348,16 @@ async fn bench_pipeline(args: &BenchArgs) -> anyhow::Result<Value> {
     ))
 }
 
-/// CPU time the process used so far, user plus system, in seconds (Linux
-/// `/proc/self/stat`, in clock ticks of 1/100 s): on a busy machine the CPU a
-/// run took is steadier than its wall time.
+/// CPU time the process used so far, user plus system, in seconds: on a
+/// busy machine the CPU a run took is steadier than its wall time.
 fn process_cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    cpu_seconds(std::process::id())
+}
+
+/// CPU time process `pid` used so far, user plus system, in seconds (Linux
+/// `/proc/<pid>/stat`, in clock ticks of 1/100 s).
+pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name, which is in parentheses and may hold spaces.
     let rest = stat.rsplit_once(')')?.1;
     let mut fields = rest.split_whitespace().skip(11);

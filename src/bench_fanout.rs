@@ -31,7 +31,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
-use crate::bench::BenchArgs;
+use crate::bench::{cpu_seconds, BenchArgs};
 
 /// The traffic type whose event count is the update's number.
 const MARKER: &str = "fanout_seq";
@@ -49,21 +49,6 @@ const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
 const SPARE_FILES: u64 = 64;
 
 const WINDOW: Duration = Duration::from_secs(60);
-
-/// The event types of the overview's windows, with their share of traffic
-/// (the generator's mix), so messages are the size a real window's are.
-const TRAFFIC: [(&str, i64); 10] = [
-    ("view", 40),
-    ("like", 16),
-    ("comment", 5),
-    ("share", 3),
-    ("post_created", 3),
-    ("page_view", 14),
-    ("login", 1),
-    ("ad_impression", 15),
-    ("ad_click", 2),
-    ("ad_conversion", 1),
-];
 
 /// The child's half: serves WebSocket clients on loopback and publishes an
 /// update for each `publish <n>` line on stdin, answering with when it did.
@@ -155,9 +140,10 @@ fn window_update(start: EventTime, is_final: bool, scale: u64, marker: Option<u6
             vec![("events".to_string(), FieldValue::Int(events))],
         )
     };
-    let mut points: Vec<Point> = TRAFFIC
+    // The generator's mix, so messages are the size a real window's are.
+    let mut points: Vec<Point> = crate::generator::MIX
         .iter()
-        .map(|(kind, share)| traffic(kind, share * 50 * scale as i64))
+        .map(|&(kind, share)| traffic(kind, i64::from(share) * 50 * scale as i64))
         .collect();
     if let Some(seq) = marker {
         points.push(traffic(MARKER, seq as i64));
@@ -519,17 +505,6 @@ fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
         .and_then(|v| v.parse::<u64>().ok())
         .with_context(|| format!("no VmRSS in {path}"))?;
     Ok(kib * 1024)
-}
-
-/// CPU time process `pid` used so far, user plus system, in seconds (Linux
-/// `/proc/<pid>/stat`, in clock ticks of 1/100 s).
-fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
-    let user: u64 = fields.next()?.parse().ok()?;
-    let system: u64 = fields.next()?.parse().ok()?;
-    Some((user + system) as f64 / 100.0)
 }
 
 /// Raises this process's open-file limit to at least `need` and returns it:
