@@ -25,6 +25,7 @@ use std::any::Any;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use axum::extract::ws::Utf8Bytes;
 use serde_json::{json, Map, Value};
 use tidemark_model::{EventTime, Tier, Update};
 use tokio::sync::broadcast;
@@ -74,7 +75,8 @@ pub(crate) struct Seed {
 #[derive(Debug)]
 pub(crate) struct Published {
     pub seq: u64,
-    pub text: String,
+    /// Shared by every subscriber's send: cloning it copies no bytes.
+    pub text: Utf8Bytes,
     /// The newest ingest time among the events of the update it comes
     /// from; 0 for a snapshot.
     pub received_at: EventTime,
@@ -118,7 +120,7 @@ impl Entry {
             self.seq += 1;
             let _ = self.sender.send(Arc::new(Published {
                 seq: self.seq,
-                text: self.snapshot_message(),
+                text: self.snapshot_message().into(),
                 received_at: EventTime(0),
             }));
         }
@@ -223,7 +225,7 @@ impl Hub {
                 .to_string();
                 let _ = entry.sender.send(Arc::new(Published {
                     seq: entry.seq,
-                    text,
+                    text: text.into(),
                     received_at: update.newest_received_at,
                 }));
             }

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, WebSocketUpgrade};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocketUpgrade};
 use axum::extract::State;
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse as _, Response};
@@ -60,7 +60,7 @@ const BEARER_PROTOCOL_PREFIX: &str = "bearer.";
 enum Event {
     Client(Option<String>),
     /// A change of one of the channels subscribed to.
-    Channel(String, Result<Arc<Published>, RecvError>),
+    Channel(Arc<str>, Result<Arc<Published>, RecvError>),
 }
 
 /// How a session ended.
@@ -94,10 +94,20 @@ impl ChannelSubscription {
     }
 }
 
+/// The channels a session follows, by name. The name is shared so that
+/// naming the channel of each change costs no allocation.
+type Subscriptions = BTreeMap<Arc<str>, ChannelSubscription>;
+
 /// The next change of any channel subscribed to; never, with none.
 async fn next_published(
-    subscriptions: &mut BTreeMap<String, ChannelSubscription>,
-) -> (String, Result<Arc<Published>, RecvError>) {
+    subscriptions: &mut Subscriptions,
+) -> (Arc<str>, Result<Arc<Published>, RecvError>) {
+    if subscriptions.len() == 1 {
+        // Most sessions follow one channel: wait on it without the boxed
+        // futures a selection over several needs.
+        let (name, sub) = subscriptions.iter_mut().next().expect("one subscription");
+        return (name.clone(), sub.updates.recv().await);
+    }
     if subscriptions.is_empty() {
         return future::pending().await;
     }
@@ -105,6 +115,20 @@ async fn next_published(
         .iter_mut()
         .map(|(name, sub)| Box::pin(async move { (name.clone(), sub.updates.recv().await) }));
     future::select_all(receives).await.0
+}
+
+/// Sends `text`, giving up after [`SEND_TIMEOUT`]; `None` on timeout. The
+/// timer is only armed when the socket does not take the message at once,
+/// which spares a timer per message to every client that keeps up.
+async fn send_in_time<Si: Sink<Utf8Bytes> + Unpin>(
+    sink: &mut Si,
+    text: Utf8Bytes,
+) -> Option<Result<(), Si::Error>> {
+    let mut send = sink.send(text);
+    match futures::poll!(&mut send) {
+        std::task::Poll::Ready(sent) => Some(sent),
+        std::task::Poll::Pending => tokio::time::timeout(SEND_TIMEOUT, send).await.ok(),
+    }
 }
 
 struct ClientGauge(prometheus::IntGauge);
@@ -127,23 +151,23 @@ pub async fn run_session<Si, St>(
     mut incoming: St,
 ) -> (Si, SessionEnd)
 where
-    Si: Sink<String> + Unpin,
+    Si: Sink<Utf8Bytes> + Unpin,
     St: Stream<Item = String> + Unpin,
 {
     state.metrics.ws_clients.inc();
     let _gauge = ClientGauge(state.metrics.ws_clients.clone());
-    let mut channels: BTreeMap<String, ChannelSubscription> = BTreeMap::new();
+    let mut channels = Subscriptions::new();
     let end = loop {
         let event = tokio::select! {
             msg = incoming.next() => Event::Client(msg),
             (name, change) = next_published(&mut channels) => Event::Channel(name, change),
         };
         // What to send, and the ingest time of the events it carries.
-        let reply: Option<(String, EventTime)> = match event {
+        let reply: Option<(Utf8Bytes, EventTime)> = match event {
             Event::Client(None) => break SessionEnd::ClientLeft,
             Event::Client(Some(text)) => {
                 client_message(&state, &mut principal, &mut channels, &text)
-                    .map(|text| (text, EventTime(0)))
+                    .map(|text| (text.into(), EventTime(0)))
             }
             Event::Channel(name, Ok(change)) => match channels.get_mut(&name) {
                 // Already in the snapshot the client has.
@@ -161,7 +185,7 @@ where
                     Ok(sub) => {
                         let (sub, snapshot) = ChannelSubscription::start(sub);
                         channels.insert(name, sub);
-                        Some((snapshot, EventTime(0)))
+                        Some((snapshot.into(), EventTime(0)))
                     }
                     Err(_) => {
                         channels.remove(&name);
@@ -175,10 +199,10 @@ where
             }
         };
         if let Some((text, received_at)) = reply {
-            match tokio::time::timeout(SEND_TIMEOUT, sink.send(text)).await {
-                Ok(Ok(())) => observe_latency(&state, received_at),
-                Ok(Err(_)) => break SessionEnd::ClientLeft,
-                Err(_) => {
+            match send_in_time(&mut sink, text).await {
+                Some(Ok(())) => observe_latency(&state, received_at),
+                Some(Err(_)) => break SessionEnd::ClientLeft,
+                None => {
                     tracing::info!("disconnecting a WebSocket client that stopped reading");
                     break SessionEnd::Slow;
                 }
@@ -192,7 +216,7 @@ where
 fn client_message(
     state: &ServerState,
     principal: &mut Option<Principal>,
-    channels: &mut BTreeMap<String, ChannelSubscription>,
+    channels: &mut Subscriptions,
     text: &str,
 ) -> Option<String> {
     let msg = match serde_json::from_str::<ClientMessage>(text) {
@@ -246,7 +270,7 @@ fn client_message(
             match state.hub.subscribe(name, |needs| p.allows(needs)) {
                 Ok(sub) => {
                     let (sub, snapshot) = ChannelSubscription::start(sub);
-                    channels.insert(name.to_string(), sub);
+                    channels.insert(name.into(), sub);
                     Some(snapshot)
                 }
                 Err(Refused::Forbidden(needs)) => Some(forbidden(p, needs, name)),
@@ -310,9 +334,8 @@ pub(crate) async fn ws_upgrade(
         .write_buffer_size(0)
         .on_upgrade(move |socket| async move {
             let (sink, stream) = socket.split();
-            let sink = sink.with(|text: String| {
-                future::ready(Ok::<_, axum::Error>(Message::Text(text.into())))
-            });
+            let sink = sink
+                .with(|text: Utf8Bytes| future::ready(Ok::<_, axum::Error>(Message::Text(text))));
             let stream = stream
                 .take_while(|m| {
                     future::ready(matches!(m, Ok(m) if !matches!(m, Message::Close(_))))

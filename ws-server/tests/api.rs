@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
+use axum::extract::ws::Utf8Bytes;
 use axum::http::{Request, StatusCode};
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -396,7 +397,10 @@ fn channel_session(state: &Arc<ServerState>) -> (ClientTx, ClientRx, tokio::task
     let session = tokio::spawn({
         let state = state.clone();
         async move {
-            run_session(state, analyst(), server_tx, server_rx).await;
+            let server_tx = server_tx.with(|text: Utf8Bytes| {
+                futures::future::ready(Ok::<_, futures::channel::mpsc::SendError>(text.to_string()))
+            });
+            let _ = run_session(state, analyst(), server_tx, server_rx).await;
         }
     });
     (client_tx, client_rx, session)
