@@ -334,7 +334,7 @@ async fn broker_down_ingest_answers_503_and_loses_nothing_it_acknowledged() {
         .await
         .expect("log connects");
     let mut stored = BTreeSet::new();
-    for t in [topic::USER_EVENTS, topic::CONTENT_EVENTS, topic::AD_EVENTS] {
+    for t in topic::INPUT_TOPICS {
         for p in 0..log.partition_count(t).await.unwrap() {
             let end = log.end_offset(t, p).await.unwrap();
             let mut offset = log.start_offset(t, p).await.unwrap();
