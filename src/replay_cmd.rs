@@ -13,7 +13,7 @@ use tidemark_log::Log;
 use tidemark_model::EventTime;
 use tidemark_processor::driver::DriverConfig;
 use tidemark_processor::engagement::ActionWeights;
-use tidemark_processor::PipelineSet;
+use tidemark_processor::{PipelineConfigs, Registry};
 use tidemark_replay::archive::{archive_topic, ArchiveLog, Stitched};
 use tidemark_replay::verify::counts;
 use tidemark_replay::{run_replay, ReplayError, ReplayOptions, Source, StoreTarget};
@@ -201,11 +201,13 @@ async fn kafka_source(_args: &ReplayArgs) -> anyhow::Result<Source> {
 /// as one JSON line, on stdout.
 pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
     let lateness = DriverConfig::default().allowed_lateness;
-    let mut pipelines = PipelineSet::named(&args.pipelines, lateness)
-        .map_err(|e| anyhow::anyhow!(ReplayError::Invalid(e)))?;
+    let mut configs = PipelineConfigs::default();
     if let Some(weights) = args.engagement_weights {
-        pipelines.engagement.weights = weights;
+        configs.engagement.weights = weights;
     }
+    let pipelines = Registry::builtin(&configs)
+        .select(&args.pipelines, lateness)
+        .map_err(|e| anyhow::anyhow!(ReplayError::Invalid(e.to_string())))?;
     if args.to <= args.from {
         anyhow::bail!(
             "--to ({}) must be after --from ({})",

@@ -57,6 +57,7 @@ use xxhash_rust::xxh3::xxh3_128;
 use smallvec::smallvec;
 
 use crate::partial::{from_micros, row_key, to_micros, Partial, WindowId};
+use crate::registry::{Measurement, PipelineSpec, StateReach};
 use crate::{Finisher, Pipeline, ProcessorError};
 
 /// The tiers of the window sets, by [`WindowId::kind`].
@@ -953,6 +954,42 @@ impl Pipeline for AdsPipeline {
         Ok(())
     }
 }
+/// The ads pipeline in the [registry](crate::registry), with its settings.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AdsSpec(pub AdsConfig);
+
+impl PipelineSpec for AdsSpec {
+    fn name(&self) -> &'static str {
+        AdsPipeline::NAME
+    }
+
+    fn measurements(&self) -> &'static [Measurement] {
+        &[Measurement {
+            name: MEASUREMENT,
+            tiers: &TIERS,
+        }]
+    }
+
+    /// A conversion's click, and that click's impression.
+    fn reach(&self) -> StateReach {
+        StateReach {
+            back: self.0.attribution_window + self.0.conversion_window,
+            ahead: Duration::ZERO,
+        }
+    }
+
+    fn stage1(&self, allowed_lateness: Duration) -> Box<dyn Pipeline> {
+        Box::new(AdsPipeline::new(AdsConfig {
+            allowed_lateness,
+            ..self.0
+        }))
+    }
+
+    fn stage2(&self, _allowed_lateness: Duration) -> Box<dyn Finisher> {
+        Box::new(AdsFinisher)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -54,6 +54,7 @@ use tidemark_model::{Country, Event, EventTime, EventType, FieldValue, Point, Ti
 use smallvec::smallvec;
 
 use crate::partial::{row_key, Partial, WindowId};
+use crate::registry::{Measurement, PipelineSpec, StateReach};
 use crate::traffic::DEFAULT_ALLOWED_LATENESS;
 use crate::{Finisher, Pipeline, ProcessorError};
 
@@ -1194,6 +1195,49 @@ impl Pipeline for EngagementPipeline {
         self.totals.windows = windows;
         self.totals.last_wm = state.last_wm.0;
         Ok(())
+    }
+}
+
+/// The engagement pipeline in the [registry](crate::registry), with its settings.
+#[derive(Debug, Clone, Default)]
+pub struct EngagementSpec(pub EngagementConfig);
+
+impl EngagementSpec {
+    fn config(&self, allowed_lateness: Duration) -> EngagementConfig {
+        EngagementConfig {
+            allowed_lateness,
+            ..self.0.clone()
+        }
+    }
+}
+
+impl PipelineSpec for EngagementSpec {
+    fn name(&self) -> &'static str {
+        EngagementPipeline::NAME
+    }
+
+    fn measurements(&self) -> &'static [Measurement] {
+        &[Measurement {
+            name: "engagement",
+            tiers: &[Tier::Rt, Tier::Hourly],
+        }]
+    }
+
+    /// A session may have started a gap before a window, and its end lands
+    /// a gap after its last event.
+    fn reach(&self) -> StateReach {
+        StateReach {
+            back: self.0.session_gap,
+            ahead: self.0.session_gap,
+        }
+    }
+
+    fn stage1(&self, allowed_lateness: Duration) -> Box<dyn Pipeline> {
+        Box::new(EngagementPipeline::new(self.config(allowed_lateness)))
+    }
+
+    fn stage2(&self, allowed_lateness: Duration) -> Box<dyn Finisher> {
+        Box::new(EngagementFinisher::new(self.config(allowed_lateness)))
     }
 }
 

@@ -7,7 +7,8 @@
 //! [`Partial`] aggregates per window. Stage 2 ([`Combiner`]): merges the
 //! workers' partials once every worker's watermark passed a window and lets
 //! each pipeline's [`Finisher`] turn the merge into [`Point`]s (top-K,
-//! ratios). [`runner`] joins them with one thread per worker; the async
+//! ratios). Each pipeline describes itself once, to the [`registry`].
+//! [`runner`] joins the stages with one thread per worker; the async
 //! [`driver`] wraps that for live runs with the store, live updates and
 //! checkpoints. The same code runs live, in crash recovery and in replay.
 
@@ -19,6 +20,7 @@ pub mod driver;
 pub mod engagement;
 pub mod hll;
 pub mod partial;
+pub mod registry;
 pub mod runner;
 pub mod shards;
 #[cfg(test)]
@@ -39,115 +41,13 @@ pub use driver::{run_driver, BoxFuture, DriverConfig, EventCodec, PointSink, Pro
 pub use engagement::{EngagementConfig, EngagementPipeline};
 pub use hll::Hll;
 pub use partial::{Partial, WindowId};
+pub use registry::{
+    Measurement, PipelineConfigs, PipelineSet, PipelineSpec, Registry, StateReach, UnknownPipeline,
+};
 pub use traffic::TrafficPipeline;
 pub use trending::{TrendingConfig, TrendingPipeline};
 pub use watermark::PartitionWatermarks;
 pub use worker::{Outcome, Worker};
-
-/// Names of every pipeline, in the order they run.
-pub const PIPELINE_NAMES: [&str; 4] = ["traffic", "engagement", "trending", "ads"];
-
-/// Which pipelines run and how they are configured. Builds both stages:
-/// one stage-1 set per worker and the combiner's finishers, in the same order.
-#[derive(Debug, Clone)]
-pub struct PipelineSet {
-    /// Pipelines to run, in [`PIPELINE_NAMES`] order.
-    pub names: Vec<&'static str>,
-    /// How long a fired window still accepts events; must match
-    /// [`DriverConfig::allowed_lateness`].
-    pub allowed_lateness: Duration,
-    pub engagement: EngagementConfig,
-    pub trending: TrendingConfig,
-    pub ads: AdsConfig,
-}
-
-impl Default for PipelineSet {
-    fn default() -> Self {
-        PipelineSet::all(traffic::DEFAULT_ALLOWED_LATENESS)
-    }
-}
-
-impl PipelineSet {
-    /// Every pipeline, with default settings and the given lateness.
-    pub fn all(allowed_lateness: Duration) -> Self {
-        PipelineSet {
-            names: PIPELINE_NAMES.to_vec(),
-            allowed_lateness,
-            engagement: EngagementConfig::default(),
-            trending: TrendingConfig::default(),
-            ads: AdsConfig::default(),
-        }
-    }
-
-    /// The named pipelines (see [`PIPELINE_NAMES`]), in their canonical order.
-    pub fn named<S: AsRef<str>>(names: &[S], allowed_lateness: Duration) -> Result<Self, String> {
-        for n in names {
-            if !PIPELINE_NAMES.contains(&n.as_ref()) {
-                return Err(format!(
-                    "unknown pipeline `{}` (known: {})",
-                    n.as_ref(),
-                    PIPELINE_NAMES.join(", ")
-                ));
-            }
-        }
-        let mut set = PipelineSet::all(allowed_lateness);
-        set.names
-            .retain(|known| names.iter().any(|n| n.as_ref() == *known));
-        Ok(set)
-    }
-
-    /// A fresh set of stage-1 pipelines (one per worker).
-    pub fn stage1(&self) -> Vec<Box<dyn Pipeline>> {
-        let lateness = self.allowed_lateness;
-        self.names
-            .iter()
-            .map(|name| -> Box<dyn Pipeline> {
-                match *name {
-                    "engagement" => Box::new(EngagementPipeline::new(EngagementConfig {
-                        allowed_lateness: lateness,
-                        ..self.engagement.clone()
-                    })),
-                    "trending" => Box::new(TrendingPipeline::new(TrendingConfig {
-                        allowed_lateness: lateness,
-                        ..self.trending.clone()
-                    })),
-                    "ads" => Box::new(AdsPipeline::new(AdsConfig {
-                        allowed_lateness: lateness,
-                        ..self.ads
-                    })),
-                    _ => Box::new(TrafficPipeline::new(lateness)),
-                }
-            })
-            .collect()
-    }
-
-    /// The combiner's finishers, in the same order as [`PipelineSet::stage1`].
-    pub fn stage2(&self) -> Vec<Box<dyn Finisher>> {
-        let lateness = self.allowed_lateness;
-        self.names
-            .iter()
-            .map(|name| -> Box<dyn Finisher> {
-                match *name {
-                    "engagement" => {
-                        Box::new(engagement::EngagementFinisher::new(EngagementConfig {
-                            allowed_lateness: lateness,
-                            ..self.engagement.clone()
-                        }))
-                    }
-                    "trending" => Box::new(trending::TrendingFinisher::new(TrendingConfig {
-                        allowed_lateness: lateness,
-                        ..self.trending.clone()
-                    })),
-                    "ads" => Box::new(ads::AdsFinisher::new(AdsConfig {
-                        allowed_lateness: lateness,
-                        ..self.ads
-                    })),
-                    _ => Box::new(traffic::TrafficFinisher),
-                }
-            })
-            .collect()
-    }
-}
 
 /// Stage 1 of a pipeline: a stateful, deterministic computation over the
 /// events of the partitions one worker owns, in event time. It emits

@@ -14,6 +14,7 @@ use crate::hll::Hll;
 use smallvec::smallvec;
 
 use crate::partial::{row_key, Partial, WindowId};
+use crate::registry::{Measurement, PipelineSpec, StateReach};
 use crate::{Finisher, Pipeline, ProcessorError};
 
 /// The tiers of the window sets, by [`WindowId::kind`].
@@ -370,6 +371,41 @@ impl Pipeline for TrafficPipeline {
         }
         *self = fresh;
         Ok(())
+    }
+}
+
+/// The traffic pipeline in the [registry](crate::registry).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TrafficSpec;
+
+impl PipelineSpec for TrafficSpec {
+    fn name(&self) -> &'static str {
+        TrafficPipeline::NAME
+    }
+
+    fn measurements(&self) -> &'static [Measurement] {
+        &[
+            Measurement {
+                name: "traffic",
+                tiers: &TIERS,
+            },
+            Measurement {
+                name: "active_users",
+                tiers: &TIERS,
+            },
+        ]
+    }
+
+    fn reach(&self) -> StateReach {
+        StateReach::default()
+    }
+
+    fn stage1(&self, allowed_lateness: Duration) -> Box<dyn Pipeline> {
+        Box::new(TrafficPipeline::new(allowed_lateness))
+    }
+
+    fn stage2(&self, _allowed_lateness: Duration) -> Box<dyn Finisher> {
+        Box::new(TrafficFinisher)
     }
 }
 

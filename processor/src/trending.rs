@@ -105,6 +105,7 @@ use tidemark_model::{Event, EventTime, FieldValue, Point, Tier, Watermark};
 use smallvec::smallvec;
 
 use crate::partial::{row_key, Partial, RowKey, Values, WindowId};
+use crate::registry::{Measurement, PipelineSpec, StateReach};
 use crate::{Finisher, Pipeline, ProcessorError};
 
 /// Baselines below this are forgotten, bounding the baseline maps.
@@ -1390,6 +1391,54 @@ impl Finisher for TrendingFinisher {
             })
             .collect();
         Ok(())
+    }
+}
+
+/// Baselines decay by half per slide; after this many slides a baseline
+/// started from nothing equals one built from the whole history to the last
+/// bit of an `f64`.
+const BASELINE_WARM_UP_SLIDES: u32 = 60;
+
+/// The trending pipeline in the [registry](crate::registry), with its settings.
+#[derive(Debug, Clone, Default)]
+pub struct TrendingSpec(pub TrendingConfig);
+
+impl TrendingSpec {
+    fn config(&self, allowed_lateness: Duration) -> TrendingConfig {
+        TrendingConfig {
+            allowed_lateness,
+            ..self.0.clone()
+        }
+    }
+}
+
+impl PipelineSpec for TrendingSpec {
+    fn name(&self) -> &'static str {
+        TrendingPipeline::NAME
+    }
+
+    fn measurements(&self) -> &'static [Measurement] {
+        &[Measurement {
+            name: "trending",
+            tiers: &[Tier::Rt],
+        }]
+    }
+
+    /// The longest window, and the slides its baseline needs to warm up.
+    fn reach(&self) -> StateReach {
+        let longest = self.0.sizes.iter().max().copied().unwrap_or_default();
+        StateReach {
+            back: longest + self.0.slide * BASELINE_WARM_UP_SLIDES,
+            ahead: Duration::ZERO,
+        }
+    }
+
+    fn stage1(&self, allowed_lateness: Duration) -> Box<dyn Pipeline> {
+        Box::new(TrendingPipeline::new(self.config(allowed_lateness)))
+    }
+
+    fn stage2(&self, allowed_lateness: Duration) -> Box<dyn Finisher> {
+        Box::new(TrendingFinisher::new(self.config(allowed_lateness)))
     }
 }
 

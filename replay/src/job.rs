@@ -19,7 +19,7 @@ use tidemark_tsdb_writer::Store;
 use crate::run::{self, Progress, ReadFn, ReplaySummary};
 use crate::target::{check_name, default_database_name, StoreTarget};
 use crate::verify::{self, Difference};
-use crate::{measurements_of, plan, Reach, ReplayError};
+use crate::{plan, Reach, ReplayError};
 
 /// Points per store write.
 const WRITE_CHUNK: usize = 5_000;
@@ -213,9 +213,9 @@ pub async fn run_replay(opts: ReplayOptions, source: Source) -> Result<ReplayRep
     let plan = plan(source.log(), &config.topics, opts.from, opts.to, reach).await?;
     let measurements: Vec<&str> = opts
         .pipelines
-        .names
+        .measurements()
         .iter()
-        .flat_map(|n| measurements_of(n).iter().copied())
+        .map(|m| m.name)
         .collect();
     let reference = if opts.verify {
         // In place, the reference is what the target held before this run.

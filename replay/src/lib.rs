@@ -91,14 +91,3 @@ impl ReplayError {
         }
     }
 }
-
-/// The measurements a pipeline writes.
-pub fn measurements_of(pipeline: &str) -> &'static [&'static str] {
-    match pipeline {
-        "traffic" => &["traffic", "active_users"],
-        "engagement" => &["engagement"],
-        "trending" => &["trending"],
-        "ads" => &["ads"],
-        _ => &[],
-    }
-}

@@ -23,11 +23,6 @@ use tidemark_processor::PipelineSet;
 
 use crate::ReplayError;
 
-/// Trending baselines decay by half per slide; after this many slides a
-/// baseline started from nothing equals one built from the whole history
-/// to the last bit of an `f64`.
-const BASELINE_WARM_UP_SLIDES: u32 = 60;
-
 /// How far before `T1` and after `T2` a replay reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reach {
@@ -38,35 +33,19 @@ pub struct Reach {
 impl Reach {
     /// The reach of the selected pipelines under `config`'s watermark rules.
     ///
-    /// Back: the dedup horizon; engagement's session gap; trending's longest
-    /// window plus the baseline warm-up; ads' attribution plus conversion
-    /// windows. Forward: engagement's session gap (a session's end lands in
-    /// the window of its last event once the gap passed). Both add the
-    /// out-of-orderness and the allowed lateness, the event-time distance
-    /// within which a record's place in the log and its time disagree.
+    /// Back: the dedup horizon and the longest state any pipeline keeps
+    /// ([`PipelineSpec::reach`](tidemark_processor::PipelineSpec::reach):
+    /// a session gap, a trending window and its baseline warm-up, an ad
+    /// attribution). Forward: the longest time a window may still change
+    /// after its end. Both add the out-of-orderness and the allowed
+    /// lateness, the event-time distance within which a record's place in
+    /// the log and its time disagree.
     pub fn of(set: &PipelineSet, config: &DriverConfig) -> Reach {
         let slack = config.out_of_orderness + set.allowed_lateness + Duration::from_secs(60);
-        let mut back = config.dedup_horizon;
-        let mut ahead = Duration::ZERO;
-        for name in &set.names {
-            match *name {
-                "engagement" => {
-                    back = back.max(set.engagement.session_gap);
-                    ahead = ahead.max(set.engagement.session_gap);
-                }
-                "trending" => {
-                    let longest = set.trending.sizes.iter().max().copied().unwrap_or_default();
-                    back = back.max(longest + set.trending.slide * BASELINE_WARM_UP_SLIDES);
-                }
-                "ads" => {
-                    back = back.max(set.ads.attribution_window + set.ads.conversion_window);
-                }
-                _ => {}
-            }
-        }
+        let state = set.reach();
         Reach {
-            lookback: back + slack,
-            lookahead: ahead + slack,
+            lookback: state.back.max(config.dedup_horizon) + slack,
+            lookahead: state.ahead + slack,
         }
     }
 }

@@ -1,0 +1,272 @@
+//! The pipelines tidemark knows, each describing itself in one place.
+//!
+//! A pipeline is a [`PipelineSpec`]: its name, the measurements (and tiers)
+//! it writes, how far its state reaches in event time, and builders for its
+//! two stages. Live runs, sharded runs, replay and `--verify` only ever go
+//! through the spec, so registering a spec is all it takes to run a new
+//! pipeline everywhere. [`Registry::builtin`] lists the four built-in ones;
+//! [`Registry::with`] adds another (a test's, say).
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tidemark_model::Tier;
+
+use crate::ads::{AdsConfig, AdsSpec};
+use crate::engagement::{EngagementConfig, EngagementSpec};
+use crate::traffic::{TrafficSpec, DEFAULT_ALLOWED_LATENESS};
+use crate::trending::{TrendingConfig, TrendingSpec};
+use crate::{Finisher, Pipeline};
+
+/// A measurement a pipeline writes, and the tiers it writes it in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Measurement {
+    pub name: &'static str,
+    pub tiers: &'static [Tier],
+}
+
+/// How far a pipeline's state reaches in event time, beyond the watermark
+/// rules every pipeline shares (dedup, out-of-orderness, lateness).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StateReach {
+    /// How far before a window's start its result may depend on events
+    /// (a session's start, an attributed impression, a trending baseline).
+    pub back: Duration,
+    /// How long after a window's end its result may still change (a
+    /// session closing a gap later).
+    pub ahead: Duration,
+}
+
+impl StateReach {
+    /// The reach covering both.
+    pub fn max(self, other: StateReach) -> StateReach {
+        StateReach {
+            back: self.back.max(other.back),
+            ahead: self.ahead.max(other.ahead),
+        }
+    }
+}
+
+/// A pipeline as the rest of the system sees it.
+pub trait PipelineSpec: Send + Sync + fmt::Debug {
+    /// A short stable name, used in flags and checkpoints; the same as its
+    /// stage 1's [`Pipeline::name`].
+    fn name(&self) -> &'static str;
+
+    /// What it writes.
+    fn measurements(&self) -> &'static [Measurement];
+
+    /// How far its state reaches, for replay's plan.
+    fn reach(&self) -> StateReach;
+
+    /// A fresh stage 1, for one worker.
+    fn stage1(&self, allowed_lateness: Duration) -> Box<dyn Pipeline>;
+
+    /// A fresh stage 2, for the combiner.
+    fn stage2(&self, allowed_lateness: Duration) -> Box<dyn Finisher>;
+}
+
+/// Settings of the built-in pipelines.
+#[derive(Debug, Clone, Default)]
+pub struct PipelineConfigs {
+    pub engagement: EngagementConfig,
+    pub trending: TrendingConfig,
+    pub ads: AdsConfig,
+}
+
+/// A name that is no registered pipeline.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown pipeline `{name}` (known: {})", known.join(", "))]
+pub struct UnknownPipeline {
+    pub name: String,
+    pub known: Vec<&'static str>,
+}
+
+/// The pipelines that can run, in the order they run.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    specs: Vec<Arc<dyn PipelineSpec>>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry::builtin(&PipelineConfigs::default())
+    }
+}
+
+impl Registry {
+    /// The built-in pipelines: traffic, engagement, trending and ads.
+    pub fn builtin(configs: &PipelineConfigs) -> Registry {
+        Registry {
+            specs: vec![
+                Arc::new(TrafficSpec),
+                Arc::new(EngagementSpec(configs.engagement.clone())),
+                Arc::new(TrendingSpec(configs.trending.clone())),
+                Arc::new(AdsSpec(configs.ads)),
+            ],
+        }
+    }
+
+    /// Registers `spec` after the others; a spec of the same name is replaced.
+    pub fn with(mut self, spec: Arc<dyn PipelineSpec>) -> Registry {
+        match self.specs.iter().position(|s| s.name() == spec.name()) {
+            Some(i) => self.specs[i] = spec,
+            None => self.specs.push(spec),
+        }
+        self
+    }
+
+    /// The registered names, in order.
+    pub fn names(&self) -> Vec<&'static str> {
+        self.specs.iter().map(|s| s.name()).collect()
+    }
+
+    /// Every registered pipeline.
+    pub fn all(&self, allowed_lateness: Duration) -> PipelineSet {
+        PipelineSet {
+            specs: self.specs.clone(),
+            allowed_lateness,
+        }
+    }
+
+    /// The named pipelines, in registration order.
+    pub fn select<S: AsRef<str>>(
+        &self,
+        names: &[S],
+        allowed_lateness: Duration,
+    ) -> Result<PipelineSet, UnknownPipeline> {
+        if let Some(unknown) = names
+            .iter()
+            .find(|n| !self.specs.iter().any(|s| s.name() == n.as_ref()))
+        {
+            return Err(UnknownPipeline {
+                name: unknown.as_ref().to_string(),
+                known: self.names(),
+            });
+        }
+        let specs = self
+            .specs
+            .iter()
+            .filter(|s| names.iter().any(|n| n.as_ref() == s.name()))
+            .cloned()
+            .collect();
+        Ok(PipelineSet {
+            specs,
+            allowed_lateness,
+        })
+    }
+}
+
+/// Which pipelines run, with the lateness their windows share. Builds both
+/// stages: one stage-1 set per worker and the combiner's finishers, in the
+/// same order.
+#[derive(Debug, Clone)]
+pub struct PipelineSet {
+    specs: Vec<Arc<dyn PipelineSpec>>,
+    /// How long a fired window still accepts events; must match
+    /// [`DriverConfig::allowed_lateness`](crate::DriverConfig::allowed_lateness).
+    pub allowed_lateness: Duration,
+}
+
+impl Default for PipelineSet {
+    fn default() -> Self {
+        PipelineSet::all(DEFAULT_ALLOWED_LATENESS)
+    }
+}
+
+impl PipelineSet {
+    /// Every built-in pipeline, with default settings and the given lateness.
+    pub fn all(allowed_lateness: Duration) -> Self {
+        Registry::default().all(allowed_lateness)
+    }
+
+    /// The named built-in pipelines, with default settings.
+    pub fn named<S: AsRef<str>>(
+        names: &[S],
+        allowed_lateness: Duration,
+    ) -> Result<Self, UnknownPipeline> {
+        Registry::default().select(names, allowed_lateness)
+    }
+
+    /// The pipelines' names, in the order they run.
+    pub fn names(&self) -> Vec<&'static str> {
+        self.specs.iter().map(|s| s.name()).collect()
+    }
+
+    /// Every measurement the pipelines write.
+    pub fn measurements(&self) -> Vec<Measurement> {
+        self.specs
+            .iter()
+            .flat_map(|s| s.measurements().iter().copied())
+            .collect()
+    }
+
+    /// The longest reach of any of the pipelines.
+    pub fn reach(&self) -> StateReach {
+        self.specs
+            .iter()
+            .fold(StateReach::default(), |r, s| r.max(s.reach()))
+    }
+
+    /// A fresh set of stage-1 pipelines (one per worker).
+    pub fn stage1(&self) -> Vec<Box<dyn Pipeline>> {
+        self.specs
+            .iter()
+            .map(|s| s.stage1(self.allowed_lateness))
+            .collect()
+    }
+
+    /// The combiner's finishers, in the same order as [`PipelineSet::stage1`].
+    pub fn stage2(&self) -> Vec<Box<dyn Finisher>> {
+        self.specs
+            .iter()
+            .map(|s| s.stage2(self.allowed_lateness))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unknown_name_lists_the_known_ones() {
+        let err = PipelineSet::named(&["traffic", "tides"], DEFAULT_ALLOWED_LATENESS)
+            .expect_err("unknown");
+        assert_eq!(
+            err.to_string(),
+            "unknown pipeline `tides` (known: traffic, engagement, trending, ads)"
+        );
+    }
+
+    #[test]
+    fn selection_keeps_registration_order_and_each_stage_matches_its_spec() {
+        let set = PipelineSet::named(&["ads", "traffic"], DEFAULT_ALLOWED_LATENESS).unwrap();
+        assert_eq!(set.names(), ["traffic", "ads"]);
+        let stage1: Vec<&str> = set.stage1().iter().map(|p| p.name()).collect();
+        assert_eq!(stage1, set.names());
+        assert_eq!(set.stage2().len(), 2);
+        let measurements: Vec<&str> = set.measurements().iter().map(|m| m.name).collect();
+        assert_eq!(measurements, ["traffic", "active_users", "ads"]);
+    }
+
+    #[test]
+    fn the_reach_is_the_longest_of_the_selected_pipelines() {
+        let lateness = DEFAULT_ALLOWED_LATENESS;
+        let traffic = PipelineSet::named(&["traffic"], lateness).unwrap();
+        assert_eq!(traffic.reach(), StateReach::default());
+        let configs = PipelineConfigs::default();
+        let gap = configs.engagement.session_gap;
+        let with_sessions = PipelineSet::named(&["traffic", "engagement"], lateness).unwrap();
+        assert_eq!(
+            with_sessions.reach(),
+            StateReach {
+                back: gap,
+                ahead: gap
+            }
+        );
+        let ads = configs.ads.attribution_window + configs.ads.conversion_window;
+        assert_eq!(PipelineSet::all(lateness).reach().back, ads);
+    }
+}
