@@ -129,6 +129,27 @@ pub enum Device {
 }
 
 impl Device {
+    /// Every device class, in the order of [`Device::code`].
+    pub const ALL: [Device; 5] = [
+        Device::Ios,
+        Device::Android,
+        Device::Web,
+        Device::Other,
+        Device::Unknown,
+    ];
+
+    /// A small stable number (the wire encoding's, and the pipelines' keys).
+    #[inline]
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+
+    /// The device of [`Device::code`] `code`, if any.
+    #[inline]
+    pub fn from_code(code: u8) -> Option<Device> {
+        Device::ALL.get(code as usize).copied()
+    }
+
     /// The tag value: `ios`, `android`, `web`, `other` or `unknown`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -977,6 +998,15 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn device_codes_round_trip() {
+        for (code, device) in Device::ALL.into_iter().enumerate() {
+            assert_eq!(device.code() as usize, code);
+            assert_eq!(Device::from_code(code as u8), Some(device));
+        }
+        assert_eq!(Device::from_code(5), None);
+    }
     use crate::test_support;
 
     const NOW: EventTime = EventTime(1_795_420_800_000);

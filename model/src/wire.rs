@@ -57,16 +57,6 @@ fn type_code(t: &EventType) -> u8 {
     t.built_in_code().unwrap_or(CUSTOM_CODE)
 }
 
-fn device_code(d: Device) -> u8 {
-    match d {
-        Device::Ios => 0,
-        Device::Android => 1,
-        Device::Web => 2,
-        Device::Other => 3,
-        Device::Unknown => 4,
-    }
-}
-
 fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
@@ -96,7 +86,7 @@ pub fn encode(ev: &Event, out: &mut Vec<u8>) {
     out.extend_from_slice(&ev.timestamp.0.to_le_bytes());
     out.extend_from_slice(&ev.received_at.0.to_le_bytes());
     put_varint(out, u64::from(ev.schema_version));
-    out.push(device_code(ev.device));
+    out.push(ev.device.code());
     out.extend_from_slice(&ev.country.0);
 
     let flags = [
@@ -280,14 +270,7 @@ pub fn decode_into(buf: &[u8], ev: &mut Event) -> Result<(), WireError> {
     ev.received_at = EventTime(r.i64()?);
     ev.schema_version = u32::try_from(r.varint()?)
         .map_err(|_| WireError::Corrupt("schema_version out of range"))?;
-    ev.device = match r.u8()? {
-        0 => Device::Ios,
-        1 => Device::Android,
-        2 => Device::Web,
-        3 => Device::Other,
-        4 => Device::Unknown,
-        _ => return Err(WireError::Corrupt("unknown device code")),
-    };
+    ev.device = Device::from_code(r.u8()?).ok_or(WireError::Corrupt("unknown device code"))?;
     let country = Country(r.array()?);
     if country != Country::UNKNOWN && !country.0.iter().all(u8::is_ascii_uppercase) {
         return Err(WireError::Corrupt("country is not two upper-case letters"));

@@ -58,6 +58,7 @@ use smallvec::smallvec;
 
 use crate::partial::{from_micros, row_key, to_micros, Partial, WindowId};
 use crate::registry::{Measurement, PipelineSpec, StateReach};
+use crate::window::{millis, Slot, Tumbling};
 use crate::{Finisher, Pipeline, ProcessorError};
 
 /// The tiers of the window sets, by [`WindowId::kind`].
@@ -97,28 +98,6 @@ impl Default for AdsConfig {
             conversion_window: Duration::from_secs(24 * 3600),
             allowed_lateness: crate::traffic::DEFAULT_ALLOWED_LATENESS,
         }
-    }
-}
-
-fn millis(d: Duration) -> i64 {
-    d.as_millis().min(i64::MAX as u128) as i64
-}
-
-const DEVICES: [Device; 5] = [
-    Device::Ios,
-    Device::Android,
-    Device::Web,
-    Device::Other,
-    Device::Unknown,
-];
-
-fn device_index(d: Device) -> u8 {
-    match d {
-        Device::Ios => 0,
-        Device::Android => 1,
-        Device::Web => 2,
-        Device::Other => 3,
-        Device::Unknown => 4,
     }
 }
 
@@ -204,19 +183,8 @@ struct Agg {
     revenue_micros: i64,
 }
 
-#[derive(Debug, Clone, Default)]
-struct Window {
-    aggs: FxHashMap<AggKey, Agg>,
-    fired: bool,
-    /// Changed since it last fired.
-    dirty: bool,
-}
-
-#[derive(Debug, Clone)]
-struct WindowSet {
-    size_ms: i64,
-    windows: BTreeMap<i64, Window>,
-}
+/// One window's aggregates.
+type Aggs = FxHashMap<AggKey, Agg>;
 
 /// One impression or attributed click of an impression id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -361,7 +329,7 @@ type PendingKey = (i64, Kind, u64);
 /// not zero, `ctr`, `cvr`, `cpa`, `roas` (Float), at the window start.
 #[derive(Debug, Clone)]
 pub struct AdsPipeline {
-    sets: [WindowSet; 3],
+    sets: [Tumbling<Aggs>; 3],
     attribution_ms: i64,
     conversion_ms: i64,
     lateness_ms: i64,
@@ -420,12 +388,8 @@ impl AdsPipeline {
     pub const NAME: &'static str = "ads";
 
     pub fn new(config: AdsConfig) -> Self {
-        let set = |size_ms| WindowSet {
-            size_ms,
-            windows: BTreeMap::new(),
-        };
         AdsPipeline {
-            sets: [set(60_000), set(3_600_000), set(86_400_000)],
+            sets: std::array::from_fn(|kind| Tumbling::new(kind, TIERS[kind])),
             attribution_ms: millis(config.attribution_window),
             conversion_ms: millis(config.conversion_window),
             lateness_ms: millis(config.allowed_lateness),
@@ -458,7 +422,7 @@ impl AdsPipeline {
 
     /// Number of windows held (open or fired but still accepting late events).
     pub fn open_windows(&self) -> usize {
-        self.sets.iter().map(|s| s.windows.len()).sum()
+        self.sets.iter().map(Tumbling::len).sum()
     }
 
     /// Adds to the aggregates of every tier's window holding `ts`, unless that
@@ -467,14 +431,8 @@ impl AdsPipeline {
     fn count(&mut self, wm: i64, ts: i64, key: AggKey, f: impl Fn(&mut Agg)) {
         let horizon = wm.saturating_sub(self.lateness_ms);
         for set in &mut self.sets {
-            let start = ts.saturating_sub(ts.rem_euclid(set.size_ms));
-            if start.saturating_add(set.size_ms) <= horizon {
-                continue;
-            }
-            let w = set.windows.entry(start).or_default();
-            f(w.aggs.entry(key).or_default());
-            if w.fired {
-                w.dirty = true;
+            if let Some(aggs) = set.change_at(ts, horizon) {
+                f(aggs.entry(key).or_default());
             }
         }
     }
@@ -484,7 +442,7 @@ impl AdsPipeline {
         let wm = self.last_wm.0;
         let campaign = self.campaigns.intern_opt(ev.campaign_id.as_deref());
         let cost = to_micros(finite_or_zero(ev.cost));
-        let key = agg_key(campaign, device_index(ev.device), ev.country.0);
+        let key = agg_key(campaign, ev.device.code(), ev.country.0);
         self.count(wm, ts, key, |a| {
             a.impressions += 1;
             a.spend_micros = a.spend_micros.saturating_add(cost);
@@ -600,22 +558,12 @@ impl AdsPipeline {
         });
     }
 
-    fn partial(
-        campaigns: &Campaigns,
-        kind: usize,
-        set: &WindowSet,
-        start: i64,
-        w: &Window,
-    ) -> Partial {
-        let rows = w
-            .aggs
+    fn partial(campaigns: &Campaigns, window: WindowId, aggs: &Aggs) -> Partial {
+        let rows = aggs
             .iter()
             .map(|(&key, a)| {
                 let (campaign, device, country) = split_agg_key(key);
-                let device = DEVICES
-                    .get(device as usize)
-                    .copied()
-                    .unwrap_or(Device::Unknown);
+                let device = Device::from_code(device).unwrap_or(Device::Unknown);
                 (
                     row_key([
                         campaigns.name(campaign),
@@ -633,12 +581,6 @@ impl AdsPipeline {
                 )
             })
             .collect();
-        let window = WindowId {
-            end: start.saturating_add(set.size_ms),
-            pipeline: 0,
-            kind: kind as u8,
-            start,
-        };
         Partial::new(window, rows, None)
     }
 }
@@ -725,7 +667,7 @@ impl Pipeline for AdsPipeline {
         let p = Pending {
             impression: ev.impression_id.as_deref().map(imp_key),
             campaign: ev.campaign_id.as_deref().map(|c| self.campaigns.intern(c)),
-            device: device_index(ev.device),
+            device: ev.device.code(),
             country: ev.country.0,
             revenue_micros: to_micros(finite_or_zero(ev.revenue)),
         };
@@ -756,35 +698,17 @@ impl Pipeline for AdsPipeline {
         self.last_wm = EventTime(wm);
         let lateness = self.lateness_ms;
         let campaigns = &self.campaigns;
-        for (kind, set) in self.sets.iter_mut().enumerate() {
-            for (&start, w) in &set.windows {
-                if start.saturating_add(set.size_ms) > wm {
-                    break;
-                }
-                if !w.fired || w.dirty {
-                    out.push(Self::partial(campaigns, kind, set, start, w));
-                }
-            }
-            let size = set.size_ms;
-            set.windows.retain(|&start, w| {
-                let end = start.saturating_add(size);
-                if end <= wm {
-                    w.fired = true;
-                    w.dirty = false;
-                }
-                end.saturating_add(lateness) > wm
+        for set in &mut self.sets {
+            set.fire(wm, lateness, |id, aggs| {
+                out.push(Self::partial(campaigns, id, aggs))
             });
         }
         self.evict(wm);
     }
 
     fn early(&self, out: &mut Vec<Partial>) {
-        let set = &self.sets[0];
-        for (&start, w) in &set.windows {
-            if !w.fired {
-                out.push(Self::partial(&self.campaigns, 0, set, start, w));
-            }
-        }
+        // Early results are per minute only: the dashboard's live funnel.
+        self.sets[0].early(|id, aggs| out.push(Self::partial(&self.campaigns, id, aggs)));
     }
 
     fn snapshot(&self) -> Vec<u8> {
@@ -796,8 +720,8 @@ impl Pipeline for AdsPipeline {
             }
         };
         for set in &self.sets {
-            for w in set.windows.values() {
-                w.aggs.keys().for_each(|&k| mark(split_agg_key(k).0));
+            for (_, w) in set.iter() {
+                w.state.keys().for_each(|&k| mark(split_agg_key(k).0));
             }
         }
         for touches in self.impressions.values().chain(self.clicks.values()) {
@@ -828,9 +752,9 @@ impl Pipeline for AdsPipeline {
         };
         let mut windows = Vec::new();
         for (i, set) in self.sets.iter().enumerate() {
-            for (&start, w) in &set.windows {
+            for (start, w) in set.iter() {
                 let mut rows: Vec<(u32, u8, [u8; 2], Agg)> = w
-                    .aggs
+                    .state
                     .iter()
                     .map(|(&k, a)| {
                         let (c, device, country) = split_agg_key(k);
@@ -901,7 +825,14 @@ impl Pipeline for AdsPipeline {
                 .sets
                 .get_mut(i as usize)
                 .ok_or_else(|| corrupt(format!("window set {i}")))?;
-            set.windows.insert(start, Window { aggs, fired, dirty });
+            set.insert(
+                start,
+                Slot {
+                    state: aggs,
+                    fired,
+                    dirty,
+                },
+            );
         }
         let joins = [
             (
@@ -1547,7 +1478,7 @@ mod tests {
                 let campaign = format!("c{}", (u + j) % 4);
                 let base = Event {
                     user_id: format!("user{u}"),
-                    device: DEVICES[(u % 3) as usize],
+                    device: Device::ALL[(u % 3) as usize],
                     country: Country(if u % 2 == 0 { *b"DE" } else { *b"US" }),
                     ..ad(EventType::AdImpression, &id, &campaign, t)
                 };
@@ -1751,7 +1682,7 @@ mod tests {
                 timestamp: EventTime(t),
                 campaign_id: Some(format!("campaign-{}", i % 500)),
                 impression_id: Some(imp),
-                device: DEVICES[i % 4],
+                device: Device::ALL[i % 4],
                 country: Country(*COUNTRIES[i % 8]),
                 cost: Some(0.0125),
                 ..Event::default()

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use tidemark_model::{EventTime, Point, Watermark};
 
 use crate::partial::{Partial, WindowId};
+use crate::window::millis;
 use crate::{Finisher, ProcessorError};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -169,7 +170,6 @@ impl Combiner {
     /// A combiner for `workers` stage-1 workers; `finishers` in pipeline order.
     pub fn new(finishers: Vec<Box<dyn Finisher>>, workers: usize, lateness: Duration) -> Self {
         let workers = workers.max(1);
-        let millis = |d: Duration| d.as_millis().min(i64::MAX as u128) as i64;
         let horizons_ms = finishers
             .iter()
             .map(|f| millis(f.horizon().unwrap_or(lateness).max(lateness)))

@@ -56,11 +56,16 @@ use smallvec::smallvec;
 use crate::partial::{row_key, Partial, WindowId};
 use crate::registry::{Measurement, PipelineSpec, StateReach};
 use crate::traffic::DEFAULT_ALLOWED_LATENESS;
+use crate::window::{millis, Slot, Tumbling};
 use crate::{Finisher, Pipeline, ProcessorError};
 
 const MINUTE_MS: i64 = 60_000;
 const HOUR_MS: i64 = 3_600_000;
 const TIERS: [(Tier, i64); 2] = [(Tier::Rt, MINUTE_MS), (Tier::Hourly, HOUR_MS)];
+
+fn new_windows() -> [Tumbling<Aggs>; 2] {
+    std::array::from_fn(|kind| Tumbling::new(kind, TIERS[kind].0))
+}
 const UNKNOWN: &str = "unknown";
 
 /// The score each action adds to its window; other event types add nothing.
@@ -116,10 +121,6 @@ impl Default for EngagementConfig {
             weights: ActionWeights::default(),
         }
     }
-}
-
-fn millis(d: Duration) -> i64 {
-    d.as_millis().min(i64::MAX as u128) as i64
 }
 
 fn floor(ts: i64, size: i64) -> i64 {
@@ -495,19 +496,14 @@ impl Agg {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct Window {
-    aggs: BTreeMap<TagKey, Agg>,
-    fired: bool,
-    /// Changed since it last fired.
-    dirty: bool,
-}
+/// One window's totals per tag set.
+type Aggs = BTreeMap<TagKey, Agg>;
 
 /// The windows of both tiers and what decides which may still change.
 #[derive(Debug, Clone)]
 struct Totals {
-    /// One map per entry of [`TIERS`]: window start -> window.
-    windows: [BTreeMap<i64, Window>; 2],
+    /// One per entry of [`TIERS`].
+    windows: [Tumbling<Aggs>; 2],
     gap_ms: i64,
     lateness_ms: i64,
     last_wm: i64,
@@ -523,29 +519,28 @@ impl Totals {
             .saturating_add(self.gap_ms)
             .saturating_add(self.lateness_ms)
             > self.last_wm
-            || self.windows[tier].contains_key(&start)
+            || self.windows[tier].contains(start)
     }
 
     /// Adds `sign` times `delta` to the totals of `tags` in the window of
     /// `tier` starting at `start`, if that window is kept.
     fn touch(&mut self, tier: usize, start: i64, tags: TagKey, delta: &Agg, sign: i64) {
-        let w = match self.windows[tier].get_mut(&start) {
+        let w = match self.windows[tier].get_mut(start) {
             Some(w) => w,
             None => {
                 if !self.kept(tier, start) {
                     return;
                 }
-                self.windows[tier].entry(start).or_default()
+                self.windows[tier].entry(start)
             }
         };
-        if w.fired {
-            w.dirty = true;
-        }
-        let agg = w.aggs.entry(tags).or_default();
+        let fired = w.fired;
+        let aggs = w.change();
+        let agg = aggs.entry(tags).or_default();
         agg.add(delta, sign);
         // A tag set that lost all its sessions before firing was never seen.
-        if !w.fired && *agg == Agg::default() {
-            w.aggs.remove(&tags);
+        if !fired && *agg == Agg::default() {
+            aggs.remove(&tags);
         }
     }
 
@@ -714,7 +709,7 @@ struct EngagementState {
     segments: Vec<Box<str>>,
     profiles: Vec<(String, Vec<Profile>)>,
     sessions: Vec<(String, Vec<Session>)>,
-    windows: Vec<(u8, i64, Window)>,
+    windows: Vec<(u8, i64, Slot<Aggs>)>,
     last_wm: Watermark,
 }
 
@@ -735,7 +730,7 @@ impl EngagementPipeline {
             due: DueQueue::default(),
             segments: Segments::default(),
             totals: Totals {
-                windows: [BTreeMap::new(), BTreeMap::new()],
+                windows: new_windows(),
                 // A zero gap would make every event its own never-joining session.
                 gap_ms: millis(config.session_gap).max(1),
                 lateness_ms: millis(config.allowed_lateness),
@@ -751,7 +746,7 @@ impl EngagementPipeline {
 
     /// Windows held (open, or fired but still correctable).
     pub fn held_windows(&self) -> usize {
-        self.totals.windows.iter().map(BTreeMap::len).sum()
+        self.totals.windows.iter().map(Tumbling::len).sum()
     }
 
     fn on_profile(&mut self, ev: &Event) {
@@ -955,14 +950,12 @@ impl EngagementPipeline {
         }
     }
 
-    fn partial(&self, kind: usize, start: i64, w: &Window) -> Partial {
-        let size = TIERS.get(kind).map_or(MINUTE_MS, |t| t.1);
-        let rows = w
-            .aggs
+    fn partial(segments: &Segments, window: WindowId, aggs: &Aggs) -> Partial {
+        let rows = aggs
             .iter()
             .map(|(&(country, segment), a)| {
                 (
-                    row_key([Country(country).as_str(), self.segments.name(segment)]),
+                    row_key([Country(country).as_str(), segments.name(segment)]),
                     smallvec![
                         a.started,
                         a.ended,
@@ -974,12 +967,6 @@ impl EngagementPipeline {
                 )
             })
             .collect();
-        let window = WindowId {
-            end: start.saturating_add(size),
-            pipeline: 0,
-            kind: kind as u8,
-            start,
-        };
         Partial::new(window, rows, None)
     }
 }
@@ -1077,33 +1064,17 @@ impl Pipeline for EngagementPipeline {
         self.sweep();
         let wm = self.totals.last_wm;
         let keep = self.totals.gap_ms.saturating_add(self.totals.lateness_ms);
-        for (i, &(_, size)) in TIERS.iter().enumerate() {
-            for (&start, w) in &self.totals.windows[i] {
-                if start.saturating_add(size) > wm {
-                    break;
-                }
-                if !w.fired || w.dirty {
-                    out.push(self.partial(i, start, w));
-                }
-            }
-            self.totals.windows[i].retain(|&start, w| {
-                let end = start.saturating_add(size);
-                if end <= wm {
-                    w.fired = true;
-                    w.dirty = false;
-                }
-                end.saturating_add(keep) > wm
+        let segments = &self.segments;
+        for set in &mut self.totals.windows {
+            set.fire(wm, keep, |id, aggs| {
+                out.push(Self::partial(segments, id, aggs))
             });
         }
     }
 
     fn early(&self, out: &mut Vec<Partial>) {
-        for (i, windows) in self.totals.windows.iter().enumerate() {
-            for (&start, w) in windows {
-                if !w.fired {
-                    out.push(self.partial(i, start, w));
-                }
-            }
+        for set in &self.totals.windows {
+            set.early(|id, aggs| out.push(Self::partial(&self.segments, id, aggs)));
         }
     }
 
@@ -1129,10 +1100,7 @@ impl Pipeline for EngagementPipeline {
                 .windows
                 .iter()
                 .enumerate()
-                .flat_map(|(i, ws)| {
-                    ws.iter()
-                        .map(move |(&start, w)| (i as u8, start, w.clone()))
-                })
+                .flat_map(|(i, ws)| ws.iter().map(move |(start, w)| (i as u8, start, w.clone())))
                 .collect(),
             last_wm: EventTime(self.totals.last_wm),
         };
@@ -1147,12 +1115,12 @@ impl Pipeline for EngagementPipeline {
             bincode::deserialize(state).map_err(|e| corrupt(e.to_string()))?;
         let segments = Segments::from_names(state.segments).map_err(corrupt)?;
         let known = |id: SegmentId| (id as usize) < segments.len();
-        let mut windows: [BTreeMap<i64, Window>; 2] = [BTreeMap::new(), BTreeMap::new()];
+        let mut windows = new_windows();
         for (i, start, w) in state.windows {
             let set = windows
                 .get_mut(i as usize)
                 .ok_or_else(|| corrupt(format!("window set {i}")))?;
-            if !w.aggs.keys().all(|&(_, seg)| known(seg)) {
+            if !w.state.keys().all(|&(_, seg)| known(seg)) {
                 return Err(corrupt(format!("unknown segment in window {start}")));
             }
             set.insert(start, w);
@@ -1248,6 +1216,13 @@ mod tests {
     use crate::solo::Solo;
 
     const GAP: i64 = 30 * 60_000;
+
+    #[test]
+    fn session_arithmetic_uses_the_window_sizes_of_the_tiers() {
+        for (kind, (tier, size)) in TIERS.into_iter().enumerate() {
+            assert_eq!(new_windows()[kind].size_ms(), size, "{tier:?}");
+        }
+    }
 
     fn solo(cfg: EngagementConfig) -> Solo<EngagementPipeline> {
         Solo::new(

@@ -28,6 +28,7 @@ mod solo;
 pub mod traffic;
 pub mod trending;
 pub mod watermark;
+pub mod window;
 pub mod worker;
 
 use std::time::Duration;

@@ -1,7 +1,6 @@
 //! The traffic pipeline: events per minute and per hour by country, device and
 //! event type, and distinct active users per window (HyperLogLog).
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rustc_hash::FxHashMap;
@@ -15,6 +14,7 @@ use smallvec::smallvec;
 
 use crate::partial::{row_key, Partial, WindowId};
 use crate::registry::{Measurement, PipelineSpec, StateReach};
+use crate::window::{millis, Slot, Tumbling};
 use crate::{Finisher, Pipeline, ProcessorError};
 
 /// The tiers of the window sets, by [`WindowId::kind`].
@@ -29,31 +29,12 @@ const MAX_CUSTOM_TYPES: usize = 1024;
 const OVERFLOW_CUSTOM: &str = "custom.other";
 const BUILT_IN: usize = EventType::BUILT_IN.len();
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Window {
+/// One window's counts.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Counts {
     /// Compact key (see [`pack`]) -> event count.
     counts: FxHashMap<u64, i64>,
     users: Hll,
-    fired: bool,
-    /// Changed since it last fired.
-    dirty: bool,
-}
-
-impl Window {
-    fn new() -> Self {
-        Window {
-            counts: FxHashMap::default(),
-            users: Hll::new(),
-            fired: false,
-            dirty: false,
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-struct WindowSet {
-    size_ms: i64,
-    windows: BTreeMap<i64, Window>,
 }
 
 /// Custom event type names seen, interned to small indices.
@@ -109,39 +90,21 @@ fn type_index(t: &EventType, interner: &mut Interner) -> u16 {
     }
 }
 
-const DEVICES: [Device; 5] = [
-    Device::Ios,
-    Device::Android,
-    Device::Web,
-    Device::Other,
-    Device::Unknown,
-];
-
-fn device_index(d: Device) -> u64 {
-    match d {
-        Device::Ios => 0,
-        Device::Android => 1,
-        Device::Web => 2,
-        Device::Other => 3,
-        Device::Unknown => 4,
-    }
-}
-
 /// Packs (event type, country, device) into one integer key.
 #[inline]
 fn pack(type_idx: u16, country: Country, device: Device) -> u64 {
     ((type_idx as u64) << 32)
         | ((country.0[0] as u64) << 24)
         | ((country.0[1] as u64) << 16)
-        | device_index(device)
+        | u64::from(device.code())
 }
 
 fn unpack(key: u64) -> (u16, Country, Device) {
     let type_idx = (key >> 32) as u16;
     let country = Country([(key >> 24) as u8, (key >> 16) as u8]);
-    let device = DEVICES
-        .get((key & 0xffff) as usize)
-        .copied()
+    let device = u8::try_from(key & 0xffff)
+        .ok()
+        .and_then(Device::from_code)
         .unwrap_or(Device::Unknown);
     (type_idx, country, device)
 }
@@ -152,7 +115,7 @@ fn unpack(key: u64) -> (u16, Country, Device) {
 /// and `active_users` (no tags; field `users`), at the window start.
 #[derive(Debug, Clone)]
 pub struct TrafficPipeline {
-    sets: [WindowSet; 3],
+    sets: [Tumbling<Counts>; 3],
     interner: Interner,
     allowed_lateness_ms: i64,
     last_wm: Watermark,
@@ -160,7 +123,7 @@ pub struct TrafficPipeline {
 
 #[derive(Serialize, Deserialize)]
 struct TrafficState {
-    windows: Vec<(u8, i64, Window)>,
+    windows: Vec<(u8, i64, Slot<Counts>)>,
     custom_types: Vec<String>,
     last_wm: Watermark,
 }
@@ -177,53 +140,30 @@ impl TrafficPipeline {
     /// A pipeline whose fired windows accept late events for `allowed_lateness`.
     pub fn new(allowed_lateness: Duration) -> Self {
         TrafficPipeline {
-            sets: [
-                WindowSet {
-                    size_ms: 60_000,
-                    windows: BTreeMap::new(),
-                },
-                WindowSet {
-                    size_ms: 3_600_000,
-                    windows: BTreeMap::new(),
-                },
-                WindowSet {
-                    size_ms: 86_400_000,
-                    windows: BTreeMap::new(),
-                },
-            ],
+            sets: std::array::from_fn(|kind| Tumbling::new(kind, TIERS[kind])),
             interner: Interner::default(),
-            allowed_lateness_ms: allowed_lateness.as_millis().min(i64::MAX as u128) as i64,
+            allowed_lateness_ms: millis(allowed_lateness),
             last_wm: EventTime::MIN,
         }
     }
 
     /// Number of windows held (open or fired but still accepting late events).
     pub fn open_windows(&self) -> usize {
-        self.sets.iter().map(|s| s.windows.len()).sum()
+        self.sets.iter().map(Tumbling::len).sum()
     }
 
-    fn partial(&self, kind: usize, set: &WindowSet, start: i64, w: &Window) -> Partial {
+    fn partial(interner: &Interner, window: WindowId, w: &Counts) -> Partial {
         let rows = w
             .counts
             .iter()
             .map(|(&key, &n)| {
                 let (type_idx, country, device) = unpack(key);
                 (
-                    row_key([
-                        country.as_str(),
-                        device.as_str(),
-                        self.interner.name(type_idx),
-                    ]),
+                    row_key([country.as_str(), device.as_str(), interner.name(type_idx)]),
                     smallvec![n],
                 )
             })
             .collect();
-        let window = WindowId {
-            end: start.saturating_add(set.size_ms),
-            pipeline: 0,
-            kind: kind as u8,
-            start,
-        };
         Partial::new(window, rows, Some(w.users.clone()))
     }
 }
@@ -285,17 +225,9 @@ impl Pipeline for TrafficPipeline {
         );
         let horizon = self.last_wm.0.saturating_sub(self.allowed_lateness_ms);
         for set in &mut self.sets {
-            let start = ts.saturating_sub(ts.rem_euclid(set.size_ms));
-            // The window was already dropped: the driver filters such events,
-            // this keeps a stray one from overwriting a complete result.
-            if start.saturating_add(set.size_ms) <= horizon {
-                continue;
-            }
-            let w = set.windows.entry(start).or_insert_with(Window::new);
-            *w.counts.entry(key).or_insert(0) += 1;
-            w.users.insert(user);
-            if w.fired {
-                w.dirty = true;
+            if let Some(w) = set.change_at(ts, horizon) {
+                *w.counts.entry(key).or_insert(0) += 1;
+                w.users.insert(user);
             }
         }
     }
@@ -304,36 +236,17 @@ impl Pipeline for TrafficPipeline {
         self.last_wm = self.last_wm.max(wm);
         let wm = self.last_wm.0;
         let lateness = self.allowed_lateness_ms;
-        for i in 0..self.sets.len() {
-            let set = &self.sets[i];
-            for (&start, w) in &set.windows {
-                if start.saturating_add(set.size_ms) > wm {
-                    break;
-                }
-                if !w.fired || w.dirty {
-                    out.push(self.partial(i, set, start, w));
-                }
-            }
-            let set = &mut self.sets[i];
-            let size = set.size_ms;
-            set.windows.retain(|&start, w| {
-                let end = start.saturating_add(size);
-                if end <= wm {
-                    w.fired = true;
-                    w.dirty = false;
-                }
-                end.saturating_add(lateness) > wm
+        let interner = &self.interner;
+        for set in &mut self.sets {
+            set.fire(wm, lateness, |id, w| {
+                out.push(Self::partial(interner, id, w))
             });
         }
     }
 
     fn early(&self, out: &mut Vec<Partial>) {
-        for (i, set) in self.sets.iter().enumerate() {
-            for (&start, w) in &set.windows {
-                if !w.fired {
-                    out.push(self.partial(i, set, start, w));
-                }
-            }
+        for set in &self.sets {
+            set.early(|id, w| out.push(Self::partial(&self.interner, id, w)));
         }
     }
 
@@ -343,11 +256,7 @@ impl Pipeline for TrafficPipeline {
                 .sets
                 .iter()
                 .enumerate()
-                .flat_map(|(i, s)| {
-                    s.windows
-                        .iter()
-                        .map(move |(&start, w)| (i as u8, start, w.clone()))
-                })
+                .flat_map(|(i, s)| s.iter().map(move |(start, w)| (i as u8, start, w.clone())))
                 .collect(),
             custom_types: self.interner.names.iter().map(|n| n.to_string()).collect(),
             last_wm: self.last_wm,
@@ -367,7 +276,7 @@ impl Pipeline for TrafficPipeline {
             let set = fresh.sets.get_mut(i as usize).ok_or_else(|| {
                 ProcessorError::CorruptCheckpoint(format!("traffic state: window set {i}"))
             })?;
-            set.windows.insert(start, w);
+            set.insert(start, w);
         }
         *self = fresh;
         Ok(())

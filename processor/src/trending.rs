@@ -106,6 +106,7 @@ use smallvec::smallvec;
 
 use crate::partial::{row_key, Partial, RowKey, Values, WindowId};
 use crate::registry::{Measurement, PipelineSpec, StateReach};
+use crate::window::millis;
 use crate::{Finisher, Pipeline, ProcessorError};
 
 /// Baselines below this are forgotten, bounding the baseline maps.
@@ -144,10 +145,6 @@ impl Default for TrendingConfig {
             max_tags_per_window: 100_000,
         }
     }
-}
-
-fn millis(d: Duration) -> i64 {
-    d.as_millis().min(i64::MAX as u128) as i64
 }
 
 fn label(ms: i64) -> String {

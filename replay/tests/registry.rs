@@ -14,6 +14,7 @@ use tidemark_model::{
 };
 use tidemark_processor::driver::{run_driver, BoxFuture, DriverConfig, PointSink};
 use tidemark_processor::partial::row_key;
+use tidemark_processor::window::{millis, Slot, Tumbling};
 use tidemark_processor::{
     Finisher, Measurement, Partial, Pipeline, PipelineSpec, ProcessorError, ProcessorMetrics,
     Registry, StateReach, WindowId,
@@ -53,8 +54,8 @@ impl PipelineSpec for LikesSpec {
     fn stage1(&self, allowed_lateness: Duration) -> Box<dyn Pipeline> {
         Box::new(Likes {
             weight: self.weight,
-            lateness_ms: allowed_lateness.as_millis() as i64,
-            windows: BTreeMap::new(),
+            lateness_ms: millis(allowed_lateness),
+            minutes: Tumbling::new(0, Tier::Rt),
         })
     }
 
@@ -63,34 +64,21 @@ impl PipelineSpec for LikesSpec {
     }
 }
 
-#[derive(Debug, Default)]
-struct Window {
-    by_country: BTreeMap<String, i64>,
-    fired: bool,
-    dirty: bool,
-}
+/// Likes per country, in one minute.
+type ByCountry = BTreeMap<String, i64>;
 
 struct Likes {
     weight: i64,
     lateness_ms: i64,
-    windows: BTreeMap<i64, Window>,
+    minutes: Tumbling<ByCountry>,
 }
 
-impl Likes {
-    fn partial(start: i64, w: &Window) -> Partial {
-        let rows = w
-            .by_country
-            .iter()
-            .map(|(c, &n)| (row_key([c.as_str()]), [n].into_iter().collect()))
-            .collect();
-        let window = WindowId {
-            end: start + MINUTE,
-            pipeline: 0,
-            kind: 0,
-            start,
-        };
-        Partial::new(window, rows, None)
-    }
+fn partial(id: WindowId, by_country: &ByCountry) -> Partial {
+    let rows = by_country
+        .iter()
+        .map(|(c, &n)| (row_key([c.as_str()]), [n].into_iter().collect()))
+        .collect();
+    Partial::new(id, rows, None)
 }
 
 impl Pipeline for Likes {
@@ -102,58 +90,36 @@ impl Pipeline for Likes {
         if ev.event_type != EventType::Like {
             return;
         }
-        let start = ev.timestamp.0 - ev.timestamp.0.rem_euclid(MINUTE);
-        let w = self.windows.entry(start).or_default();
-        *w.by_country
-            .entry(ev.country.as_str().to_string())
-            .or_default() += self.weight;
-        w.dirty |= w.fired;
+        // The worker drops events older than the lateness allows.
+        if let Some(by_country) = self.minutes.change_at(ev.timestamp.0, i64::MIN) {
+            *by_country
+                .entry(ev.country.as_str().to_string())
+                .or_default() += self.weight;
+        }
     }
 
     fn on_watermark(&mut self, wm: Watermark, out: &mut Vec<Partial>) {
-        for (&start, w) in self.windows.iter_mut() {
-            if start + MINUTE > wm.0 {
-                break;
-            }
-            if !w.fired || w.dirty {
-                out.push(Likes::partial(start, w));
-                (w.fired, w.dirty) = (true, false);
-            }
-        }
-        let lateness = self.lateness_ms;
-        self.windows
-            .retain(|&start, _| start + MINUTE + lateness > wm.0);
+        let keep = self.lateness_ms;
+        self.minutes
+            .fire(wm.0, keep, |id, w| out.push(partial(id, w)));
     }
 
     fn early(&self, out: &mut Vec<Partial>) {
-        for (&start, w) in self.windows.iter().filter(|(_, w)| !w.fired) {
-            out.push(Likes::partial(start, w));
-        }
+        self.minutes.early(|id, w| out.push(partial(id, w)));
     }
 
     fn snapshot(&self) -> Vec<u8> {
-        let state: Vec<(i64, &BTreeMap<String, i64>, bool)> = self
-            .windows
-            .iter()
-            .map(|(&s, w)| (s, &w.by_country, w.fired))
-            .collect();
+        let state: Vec<(i64, &Slot<ByCountry>)> = self.minutes.iter().collect();
         serde_json::to_vec(&state).expect("likes state serialises")
     }
 
     fn restore(&mut self, state: &[u8]) -> Result<(), ProcessorError> {
-        let state: Vec<(i64, BTreeMap<String, i64>, bool)> = serde_json::from_slice(state)
+        let state: Vec<(i64, Slot<ByCountry>)> = serde_json::from_slice(state)
             .map_err(|e| ProcessorError::CorruptCheckpoint(e.to_string()))?;
-        self.windows = state
-            .into_iter()
-            .map(|(start, by_country, fired)| {
-                let w = Window {
-                    by_country,
-                    fired,
-                    dirty: false,
-                };
-                (start, w)
-            })
-            .collect();
+        self.minutes = Tumbling::new(0, Tier::Rt);
+        for (start, slot) in state {
+            self.minutes.insert(start, slot);
+        }
         Ok(())
     }
 }
