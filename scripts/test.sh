@@ -2,7 +2,7 @@
 # Runs every check and test: formatting, lints, unit and property tests, the
 # end-to-end tests against real InfluxDB and Kafka (tansu), and the browser
 # test of the dashboard. The first run on a fresh machine installs and builds
-# everything (see README); later runs reuse it.
+# everything (see docs/operations.md); later runs reuse it.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$ROOT"

@@ -38,7 +38,7 @@ pub struct IngestArgs {
     pub api_keys: Vec<String>,
     #[command(flatten)]
     pub kafka: KafkaArgs,
-    /// TOML file with defaults for these flags (see the README).
+    /// TOML file with defaults for these flags (see docs/operations.md).
     #[arg(long, env = "TIDEMARK_CONFIG")]
     pub config: Option<PathBuf>,
 }

@@ -104,7 +104,7 @@ pub struct ProcessArgs {
     pub kafka: KafkaArgs,
     #[command(flatten)]
     pub influx: InfluxArgs,
-    /// TOML file with defaults for these flags (see the README).
+    /// TOML file with defaults for these flags (see docs/operations.md).
     #[arg(long, env = "TIDEMARK_CONFIG")]
     pub config: Option<PathBuf>,
 }

@@ -48,7 +48,7 @@ pub struct ServeArgs {
     /// names the database to serve; without it `--influx-db` is served.
     #[arg(long, env = "TIDEMARK_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// TOML file with defaults for these flags (see the README).
+    /// TOML file with defaults for these flags (see docs/operations.md).
     #[arg(long, env = "TIDEMARK_CONFIG")]
     pub config: Option<PathBuf>,
     /// Ingest keys: recognised so that one used on a read route gets 403.
