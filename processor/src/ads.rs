@@ -711,7 +711,7 @@ impl Pipeline for AdsPipeline {
         self.sets[0].early(|id, aggs| out.push(Self::partial(&self.campaigns, id, aggs)));
     }
 
-    fn snapshot(&self) -> Vec<u8> {
+    fn snapshot(&self) -> Result<Vec<u8>, ProcessorError> {
         // Number the campaigns still referenced in name order.
         let mut used = vec![false; self.campaigns.names.len()];
         let mut mark = |c: u32| {
@@ -791,8 +791,7 @@ impl Pipeline for AdsPipeline {
             seq: self.seq,
             last_wm: self.last_wm,
         };
-        // Serialising plain data into a Vec cannot fail.
-        bincode::serialize(&state).unwrap_or_default()
+        bincode::serialize(&state).map_err(|e| ProcessorError::Snapshot(format!("ads state: {e}")))
     }
 
     fn restore(&mut self, state: &[u8]) -> Result<(), ProcessorError> {
@@ -1344,12 +1343,12 @@ mod tests {
             for e in events(order) {
                 p.on_event(&e);
             }
-            snaps.push(p.snapshot());
+            snaps.push(p.snapshot().unwrap());
         }
         assert_eq!(snaps[0], snaps[1]);
         let mut restored = AdsPipeline::default();
         restored.restore(&snaps[0]).unwrap();
-        assert_eq!(restored.snapshot(), snaps[0]);
+        assert_eq!(restored.snapshot().unwrap(), snaps[0]);
         assert_eq!(restored.join_state_len(), 4);
     }
 
@@ -1595,7 +1594,7 @@ mod tests {
             p.on_watermark(wm, &mut partials);
             for mut partial in partials.drain(..) {
                 partial.window.pipeline = 0;
-                combiner.on_partial(w, partial);
+                combiner.on_partial(w, partial).unwrap();
             }
             combiner.on_watermark(w, wm, out);
         }

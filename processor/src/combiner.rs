@@ -218,11 +218,9 @@ impl Combiner {
     }
 
     /// Takes a worker's partial of a window it fired (or corrected).
-    pub fn on_partial(&mut self, worker: usize, partial: Partial) {
+    pub fn on_partial(&mut self, worker: usize, partial: Partial) -> Result<(), ProcessorError> {
         let id = partial.window;
-        if worker >= self.workers || usize::from(id.pipeline) >= self.windows.len() {
-            return;
-        }
+        self.check_source(worker, id.pipeline)?;
         let closed_long_ago = self.close_at(&id).saturating_add(self.grace_ms) <= self.last_wm.0;
         let windows = &mut self.windows[usize::from(id.pipeline)];
         if closed_long_ago && !windows.contains_key(&id) {
@@ -232,7 +230,7 @@ impl Combiner {
                 pipeline = id.pipeline,
                 "Dropping a partial for a window already closed"
             );
-            return;
+            return Ok(());
         }
         let workers = self.workers;
         let slot = windows.entry(id).or_insert_with(|| Slot::new(workers));
@@ -241,29 +239,49 @@ impl Combiner {
         if slot.fired {
             slot.dirty = true;
         }
+        Ok(())
+    }
+
+    /// A partial of a worker or pipeline this combiner does not have would
+    /// be merged into nothing: the deployment disagrees on its shape.
+    fn check_source(&self, worker: usize, pipeline: u8) -> Result<(), ProcessorError> {
+        if worker < self.workers && usize::from(pipeline) < self.windows.len() {
+            return Ok(());
+        }
+        Err(ProcessorError::StrayPartial {
+            worker,
+            pipeline,
+            workers: self.workers,
+            pipelines: self.windows.len(),
+        })
     }
 
     /// Replaces a worker's early partials (its open windows).
-    pub fn on_early(&mut self, worker: usize, partials: Vec<Partial>) {
+    pub fn on_early(
+        &mut self,
+        worker: usize,
+        partials: Vec<Partial>,
+    ) -> Result<(), ProcessorError> {
+        for p in &partials {
+            self.check_source(worker, p.window.pipeline)?;
+        }
         if worker >= self.workers {
-            return;
+            return Ok(());
         }
         for slot in self.windows.iter_mut().flat_map(BTreeMap::values_mut) {
             slot.early[worker] = None;
         }
         let (workers, horizon) = (self.workers, self.last_wm.0);
         for p in partials {
-            let Some(windows) = self.windows.get_mut(usize::from(p.window.pipeline)) else {
-                continue;
-            };
             if p.window.end <= horizon {
                 continue;
             }
-            let slot = windows
+            let slot = self.windows[usize::from(p.window.pipeline)]
                 .entry(p.window)
                 .or_insert_with(|| Slot::new(workers));
             slot.early[worker] = Some(p);
         }
+        Ok(())
     }
 
     /// Marks whether every partition of a worker is idle (processing time
@@ -392,7 +410,7 @@ impl Combiner {
     }
 
     /// The stage-2 state, for a checkpoint.
-    pub fn snapshot(&self) -> Vec<u8> {
+    pub fn snapshot(&self) -> Result<Vec<u8>, ProcessorError> {
         let state = CombinerState {
             workers: self.workers,
             worker_wm: self.worker_wm.clone(),
@@ -404,11 +422,11 @@ impl Combiner {
                 .filter(|(_, s)| s.parts.iter().any(Option::is_some))
                 .map(|(id, s)| (*id, s.clone()))
                 .collect(),
-            finishers: self.finishers.iter().map(|f| f.snapshot()).collect(),
+            finishers: (self.finishers.iter().map(|f| f.snapshot())).collect::<Result<_, _>>()?,
             late_partials: self.late_partials,
         };
-        // Serialising plain data into a Vec cannot fail.
-        bincode::serialize(&state).unwrap_or_default()
+        bincode::serialize(&state)
+            .map_err(|e| ProcessorError::Snapshot(format!("combiner state: {e}")))
     }
 
     /// Restores a state taken by [`Combiner::snapshot`] with the same number of workers.
@@ -439,5 +457,157 @@ impl Combiner {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use smallvec::smallvec;
+    use tidemark_model::{FieldValue, Tier};
+
+    use super::*;
+    use crate::partial::row_key;
+
+    const MIN: i64 = 60_000;
+
+    /// One point per window: the sum of its one row.
+    struct Sum;
+
+    impl Finisher for Sum {
+        fn finish(&self, merged: &Partial, out: &mut Vec<Point>) {
+            let total = merged.rows.iter().map(|(_, v)| v[0]).sum();
+            out.push(Point::new(
+                "sum",
+                Tier::Rt,
+                EventTime(merged.window.start),
+                Vec::new(),
+                vec![("n".to_string(), FieldValue::Int(total))],
+            ));
+        }
+    }
+
+    fn window(start: i64) -> WindowId {
+        WindowId {
+            end: start + MIN,
+            pipeline: 0,
+            kind: 0,
+            start,
+        }
+    }
+
+    fn partial(start: i64, n: i64) -> Partial {
+        Partial::new(window(start), vec![(row_key(["all"]), smallvec![n])], None)
+    }
+
+    fn combiner(workers: usize) -> Combiner {
+        Combiner::new(vec![Box::new(Sum)], workers, Duration::from_secs(60))
+    }
+
+    fn sums(points: &[Point]) -> Vec<(i64, i64)> {
+        points
+            .iter()
+            .map(|p| match p.field("n") {
+                Some(FieldValue::Int(n)) => (p.time.0, n),
+                other => panic!("not a count: {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_window_fires_once_every_worker_passed_its_end_with_the_merge_of_all() {
+        let mut c = combiner(2);
+        let mut out = Vec::new();
+        c.on_partial(0, partial(0, 3)).unwrap();
+        c.on_watermark(0, EventTime(MIN), &mut out);
+        assert!(out.is_empty(), "worker 1 has not passed the end");
+        c.on_partial(1, partial(0, 4)).unwrap();
+        c.on_watermark(1, EventTime(MIN), &mut out);
+        assert_eq!(sums(&out), [(0, 7)]);
+        assert_eq!(c.watermark(), EventTime(MIN));
+    }
+
+    #[test]
+    fn a_correction_within_the_lateness_fires_the_window_again_and_a_later_one_is_dropped() {
+        let mut c = combiner(1);
+        let mut out = Vec::new();
+        c.on_partial(0, partial(0, 3)).unwrap();
+        c.on_watermark(0, EventTime(MIN), &mut out);
+        c.on_partial(0, partial(0, 5)).unwrap();
+        c.on_watermark(0, EventTime(MIN + 1), &mut out);
+        assert_eq!(sums(&out), [(0, 3), (0, 5)]);
+
+        out.clear();
+        c.on_watermark(0, EventTime(3 * MIN), &mut out);
+        assert_eq!(c.held_windows(), 0, "closed after the lateness");
+        c.on_partial(0, partial(0, 9)).unwrap();
+        c.on_watermark(0, EventTime(3 * MIN + 1), &mut out);
+        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(c.late_partials(), 1);
+    }
+
+    #[test]
+    fn an_idle_worker_does_not_hold_the_target_back() {
+        let mut c = combiner(2);
+        let mut out = Vec::new();
+        c.on_watermark(0, EventTime(5 * MIN), &mut out);
+        assert_eq!(c.target(), EventTime::MIN, "worker 1 has said nothing");
+        c.set_idle(1, true);
+        assert_eq!(c.target(), EventTime(5 * MIN));
+    }
+
+    #[test]
+    fn early_results_merge_final_and_early_partials_of_unfired_windows() {
+        let mut c = combiner(2);
+        let mut out = Vec::new();
+        c.on_partial(0, partial(0, 2)).unwrap();
+        c.on_early(1, vec![partial(0, 1), partial(MIN, 6)]).unwrap();
+        c.early(&mut out);
+        assert_eq!(sums(&out), [(0, 3), (MIN, 6)]);
+
+        // A new early set replaces the worker's previous one.
+        out.clear();
+        c.on_early(1, vec![partial(MIN, 8)]).unwrap();
+        c.early(&mut out);
+        assert_eq!(sums(&out), [(0, 2), (MIN, 8)]);
+    }
+
+    #[test]
+    fn a_partial_of_a_worker_or_pipeline_it_does_not_run_is_an_error() {
+        let mut c = combiner(2);
+        let stray = c.on_partial(2, partial(0, 1)).unwrap_err();
+        assert!(matches!(
+            stray,
+            ProcessorError::StrayPartial {
+                worker: 2,
+                workers: 2,
+                ..
+            }
+        ));
+        let mut other = partial(0, 1);
+        other.window.pipeline = 1;
+        assert!(c.on_partial(0, other.clone()).is_err());
+        assert!(c.on_early(0, vec![other]).is_err());
+        assert!(!stray.is_retryable());
+        assert_eq!(c.held_windows(), 0, "nothing was merged");
+    }
+
+    #[test]
+    fn a_restored_combiner_fires_what_the_original_would() {
+        let mut original = combiner(2);
+        let mut out = Vec::new();
+        original.on_partial(0, partial(0, 3)).unwrap();
+        original.on_watermark(0, EventTime(MIN), &mut out);
+        let mut restored = combiner(2);
+        restored.restore(&original.snapshot().unwrap()).unwrap();
+
+        let mut a = Vec::new();
+        let mut b = Vec::new();
+        for (c, out) in [(&mut original, &mut a), (&mut restored, &mut b)] {
+            c.on_partial(1, partial(0, 4)).unwrap();
+            c.on_watermark(1, EventTime(MIN), out);
+        }
+        assert_eq!(sums(&a), [(0, 7)]);
+        assert_eq!(a, b);
+        assert!(restored.restore(b"garbage").is_err());
     }
 }

@@ -272,6 +272,7 @@ async fn send_points(
 }
 
 /// What a live worker thread tells the driver.
+#[derive(Debug)]
 pub(crate) enum FromWorker {
     Progress {
         worker: usize,
@@ -539,7 +540,7 @@ impl Combining {
                 self.newest_received_at = self.newest_received_at.max(newest_received_at);
                 let mut out = Vec::new();
                 for p in partials {
-                    self.combiner.on_partial(worker, p);
+                    self.combiner.on_partial(worker, p)?;
                 }
                 self.combiner.set_idle(worker, idle);
                 self.combiner.on_watermark(worker, wm, &mut out);
@@ -570,7 +571,7 @@ impl Combining {
                 partials,
                 offsets,
             } => {
-                self.combiner.on_early(worker, partials);
+                self.combiner.on_early(worker, partials)?;
                 self.lag.update(worker, offsets);
                 Ok(Flow::Continue)
             }
@@ -626,10 +627,13 @@ impl Combining {
             }
         }
         let complete = received == commands.len();
-        let cp = complete.then(|| ProcessorCheckpoint {
-            workers: barriers.into_iter().flatten().collect(),
-            combiner: self.combiner.snapshot(),
-        });
+        let cp = match complete {
+            true => Some(ProcessorCheckpoint {
+                workers: barriers.into_iter().flatten().collect(),
+                combiner: self.combiner.snapshot()?,
+            }),
+            false => None,
+        };
         let saved = write_checkpoint(
             config.checkpoint_dir.clone(),
             cp,
@@ -800,7 +804,13 @@ impl LiveWorker {
     fn obey(&mut self, command: ToWorker) -> bool {
         match command {
             ToWorker::Checkpoint => {
-                let checkpoint = self.engine.checkpoint(self.next_offsets());
+                let checkpoint = match self.engine.checkpoint(self.next_offsets()) {
+                    Ok(checkpoint) => checkpoint,
+                    Err(e) => {
+                        let _ = self.tx.blocking_send(FromWorker::Failed(e));
+                        return false;
+                    }
+                };
                 if self
                     .tx
                     .blocking_send(FromWorker::Barrier {

@@ -1078,7 +1078,7 @@ impl Pipeline for EngagementPipeline {
         }
     }
 
-    fn snapshot(&self) -> Vec<u8> {
+    fn snapshot(&self) -> Result<Vec<u8>, ProcessorError> {
         let mut profiles: Vec<(String, Vec<Profile>)> = self
             .profiles
             .iter()
@@ -1104,8 +1104,8 @@ impl Pipeline for EngagementPipeline {
                 .collect(),
             last_wm: EventTime(self.totals.last_wm),
         };
-        // Serialising plain data into a Vec cannot fail.
-        bincode::serialize(&state).unwrap_or_default()
+        bincode::serialize(&state)
+            .map_err(|e| ProcessorError::Snapshot(format!("engagement state: {e}")))
     }
 
     fn restore(&mut self, state: &[u8]) -> Result<(), ProcessorError> {
@@ -1596,7 +1596,7 @@ mod tests {
             p.on_watermark(EventTime(wm), &mut partials);
             for mut part in partials.drain(..) {
                 part.window.pipeline = 0;
-                combiner.on_partial(w, part);
+                combiner.on_partial(w, part).unwrap();
             }
             combiner.on_watermark(w, EventTime(wm), out);
         };

@@ -50,10 +50,7 @@ pub(crate) fn check_worker_count(taken_with: usize, runs: usize) -> Result<(), P
     if taken_with == runs {
         return Ok(());
     }
-    Err(ProcessorError::CorruptCheckpoint(format!(
-        "the checkpoint was taken with {taken_with} workers, this processor runs {runs}; \
-         restart with the same worker count or rebuild with replay"
-    )))
+    Err(ProcessorError::WorkerCount { taken_with, runs })
 }
 
 /// What a whole processor checkpoints: every worker and the combiner.
@@ -97,6 +94,10 @@ impl Counts {
         self.too_late += o.too_late;
     }
 }
+
+/// Why in-process stages cannot send a combiner a stray partial: both
+/// are built from one pipeline set with one worker count.
+pub(crate) const SAME_SHAPE: &str = "workers and combiner are built from one pipeline set";
 
 /// Both stages on the calling thread.
 #[derive(Debug)]
@@ -149,7 +150,9 @@ impl Stages {
     /// Offers one event read from `topic`/`partition`.
     pub fn process(&mut self, topic: &str, partition: u32, ev: &Event) -> Outcome {
         let (w, slot) = self.register(topic, partition);
-        self.workers[w].process(slot, ev)
+        self.workers[w]
+            .process(slot, ev)
+            .expect("the partition was registered above")
     }
 
     /// Offers a run of one partition's events; see [`Worker::process_batch`].
@@ -161,13 +164,9 @@ impl Stages {
         outcomes: &mut Vec<Outcome>,
     ) {
         let (w, slot) = self.register(topic, partition);
-        self.workers[w].process_batch(slot, events, outcomes);
-    }
-
-    /// Offers one event to an already registered (worker, slot).
-    #[inline]
-    pub fn process_slot(&mut self, worker: usize, slot: usize, ev: &Event) -> Outcome {
-        self.workers[worker].process(slot, ev)
+        self.workers[w]
+            .process_batch(slot, events, outcomes)
+            .expect("the partition was registered above");
     }
 
     /// Records read progress of a registered partition.
@@ -183,7 +182,7 @@ impl Stages {
             self.workers[w].observe_global(target);
             let wm = self.workers[w].advance(now, &mut self.partials);
             for p in self.partials.drain(..) {
-                self.combiner.on_partial(w, p);
+                self.combiner.on_partial(w, p).expect(SAME_SHAPE);
             }
             let idle = self.workers[w].is_idle(now);
             self.combiner.set_idle(w, idle);
@@ -197,7 +196,7 @@ impl Stages {
         for w in 0..self.workers.len() {
             self.workers[w].finish(&mut self.partials);
             for p in self.partials.drain(..) {
-                self.combiner.on_partial(w, p);
+                self.combiner.on_partial(w, p).expect(SAME_SHAPE);
             }
         }
         self.combiner.finish(out);
@@ -208,7 +207,8 @@ impl Stages {
         for w in 0..self.workers.len() {
             self.workers[w].early(&mut self.partials);
             self.combiner
-                .on_early(w, std::mem::take(&mut self.partials));
+                .on_early(w, std::mem::take(&mut self.partials))
+                .expect(SAME_SHAPE);
         }
         self.combiner.early(out);
     }
@@ -223,7 +223,10 @@ impl Stages {
     }
 
     /// The whole state, with the next offset of every partition.
-    pub fn checkpoint(&self, offsets: &BTreeMap<(String, u32), u64>) -> ProcessorCheckpoint {
+    pub fn checkpoint(
+        &self,
+        offsets: &BTreeMap<(String, u32), u64>,
+    ) -> Result<ProcessorCheckpoint, ProcessorError> {
         let mut per_worker: Vec<BTreeMap<(String, u32), u64>> =
             vec![BTreeMap::new(); self.workers.len()];
         for (key, &(w, _)) in &self.slots {
@@ -231,15 +234,12 @@ impl Stages {
                 per_worker[w].insert(key.clone(), o);
             }
         }
-        ProcessorCheckpoint {
-            workers: self
-                .workers
-                .iter()
-                .zip(per_worker)
+        Ok(ProcessorCheckpoint {
+            workers: (self.workers.iter().zip(per_worker))
                 .map(|(w, o)| w.checkpoint(o))
-                .collect(),
-            combiner: self.combiner.snapshot(),
-        }
+                .collect::<Result<_, _>>()?,
+            combiner: self.combiner.snapshot()?,
+        })
     }
 
     /// Restores a checkpoint taken with the same worker count (register the
@@ -404,7 +404,7 @@ where
                 wm,
             } => {
                 for p in partials {
-                    combiner.on_partial(worker, p);
+                    combiner.on_partial(worker, p)?;
                 }
                 combiner.on_watermark(worker, wm, &mut out);
             }
@@ -418,7 +418,7 @@ where
             } => {
                 summary.state_bytes += state_bytes;
                 for p in partials {
-                    combiner.on_partial(worker, p);
+                    combiner.on_partial(worker, p)?;
                 }
                 combiner.on_watermark(worker, tidemark_model::EventTime::MAX, &mut out);
                 summary.counts.merge(counts);
@@ -489,7 +489,9 @@ impl EventRun {
         }
         let events = &self.events[..self.len];
         self.outcomes.clear();
-        worker.process_batch(slot, events, &mut self.outcomes);
+        worker
+            .process_batch(slot, events, &mut self.outcomes)
+            .expect("read loops offer the slots their worker registered");
         for (ev, &o) in events.iter().zip(&self.outcomes) {
             if o == Outcome::TooLate {
                 too_late.push(ev.clone());
@@ -579,7 +581,9 @@ where
         }
     }
     let state_bytes = if measure_state {
-        bincode::serialized_size(&worker.checkpoint(BTreeMap::new())).unwrap_or(0)
+        (worker.checkpoint(BTreeMap::new()).ok())
+            .and_then(|cp| bincode::serialized_size(&cp).ok())
+            .unwrap_or(0)
     } else {
         0
     };
@@ -593,4 +597,114 @@ where
         state_bytes,
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::registry::{Measurement, PipelineSpec, StateReach};
+    use crate::traffic::TrafficFinisher;
+    use crate::{Finisher, Partial, Pipeline, Registry};
+
+    /// A pipeline whose state cannot be encoded.
+    #[derive(Debug)]
+    struct Unencodable;
+
+    impl Pipeline for Unencodable {
+        fn name(&self) -> &'static str {
+            "unencodable"
+        }
+        fn on_event(&mut self, _ev: &Event) {}
+        fn on_watermark(&mut self, _wm: Watermark, _out: &mut Vec<Partial>) {}
+        fn early(&self, _out: &mut Vec<Partial>) {}
+        fn snapshot(&self) -> Result<Vec<u8>, ProcessorError> {
+            Err(ProcessorError::Snapshot(
+                "unencodable state: a map key is not a string".into(),
+            ))
+        }
+        fn restore(&mut self, _state: &[u8]) -> Result<(), ProcessorError> {
+            Ok(())
+        }
+    }
+
+    impl PipelineSpec for Unencodable {
+        fn name(&self) -> &'static str {
+            "unencodable"
+        }
+        fn measurements(&self) -> &'static [Measurement] {
+            &[]
+        }
+        fn reach(&self) -> StateReach {
+            StateReach::default()
+        }
+        fn stage1(&self, _allowed_lateness: Duration) -> Box<dyn Pipeline> {
+            Box::new(Unencodable)
+        }
+        fn stage2(&self, _allowed_lateness: Duration) -> Box<dyn Finisher> {
+            Box::new(TrafficFinisher)
+        }
+    }
+
+    #[test]
+    fn a_state_that_cannot_be_encoded_fails_the_checkpoint() {
+        let config = DriverConfig::default();
+        let set = Registry::default()
+            .with(Arc::new(Unencodable))
+            .all(config.allowed_lateness);
+        let stages = Stages::new(&config, &set, 1);
+        let err = stages.checkpoint(&BTreeMap::new()).unwrap_err();
+        assert!(matches!(err, ProcessorError::Snapshot(_)), "{err}");
+        assert!(!err.is_retryable());
+    }
+
+    #[test]
+    fn a_checkpoint_of_another_worker_count_is_its_own_error() {
+        let config = DriverConfig::default();
+        let set = PipelineSet::all(config.allowed_lateness);
+        let taken = Stages::new(&config, &set, 2)
+            .checkpoint(&BTreeMap::new())
+            .unwrap();
+        let err = Stages::new(&config, &set, 1).restore(&taken).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ProcessorError::WorkerCount {
+                    taken_with: 2,
+                    runs: 1
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("same worker count"), "{err}");
+    }
+
+    #[test]
+    fn an_event_of_a_partition_never_registered_is_an_error_not_a_late_event() {
+        let config = DriverConfig::default();
+        let set = PipelineSet::all(config.allowed_lateness);
+        let mut worker = Worker::new(&config, set.stage1());
+        let ev = Event {
+            event_id: "e1".into(),
+            event_type: tidemark_model::EventType::PageView,
+            user_id: "u1".into(),
+            timestamp: tidemark_model::EventTime(1_000),
+            ..Event::default()
+        };
+        assert!(matches!(
+            worker.process(0, &ev),
+            Err(ProcessorError::UnknownSlot(0))
+        ));
+        let mut outcomes = Vec::new();
+        let err = worker
+            .process_batch(3, std::slice::from_ref(&ev), &mut outcomes)
+            .unwrap_err();
+        assert!(matches!(err, ProcessorError::UnknownSlot(3)), "{err}");
+        assert!(outcomes.is_empty());
+
+        let slot = worker.register("user-events", 0);
+        assert_eq!(worker.process(slot, &ev).unwrap(), Outcome::Accepted);
+    }
 }

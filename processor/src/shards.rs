@@ -602,10 +602,12 @@ pub async fn run_combiner(
     let mut published = EventTime::MIN;
 
     let mut backoff = Duration::from_millis(100);
-    let save = |driver: &Combining, read_offsets: &BTreeMap<u32, u64>| CombinerCheckpoint {
-        shards: count,
-        combiner: driver.combiner.snapshot(),
-        read_offsets: read_offsets.clone(),
+    let save = |driver: &Combining, read_offsets: &BTreeMap<u32, u64>| {
+        Ok::<_, ProcessorError>(CombinerCheckpoint {
+            shards: count,
+            combiner: driver.combiner.snapshot()?,
+            read_offsets: read_offsets.clone(),
+        })
     };
     // The timers are looked at between reads rather than raced against
     // them: a read they cut short is thrown away and done again, and one
@@ -618,7 +620,7 @@ pub async fn run_combiner(
             next_early = Instant::now() + config.early_interval;
         }
         if Instant::now() >= next_checkpoint {
-            let cp = save(&driver, &read_offsets);
+            let cp = save(&driver, &read_offsets)?;
             write_checkpoint(
                 Some(combiner_dir.clone()),
                 Some(cp),
@@ -682,7 +684,7 @@ pub async fn run_combiner(
                     );
                 }
                 let before = driver.combiner.watermark();
-                let Some(msg) = to_driver(message, &mut shard_states) else {
+                let Some(msg) = to_driver(message, &mut shard_states)? else {
                     continue;
                 };
                 if let Flow::Abandon = driver.handle(msg, &cancel).await? {
@@ -711,7 +713,7 @@ pub async fn run_combiner(
     }
     // A last checkpoint; a store that stays down skips it (the next owner
     // replays the reports instead).
-    let cp = save(&driver, &read_offsets);
+    let cp = save(&driver, &read_offsets)?;
     let flushed = tokio::time::timeout(
         STOP_WAIT,
         write_checkpoint(
@@ -768,12 +770,21 @@ struct ShardState {
     idle: bool,
 }
 
-/// Turns a report into what the in-process driver's combiner handles.
-fn to_driver(message: ShardMessage, shards: &mut [ShardState]) -> Option<FromWorker> {
+/// Turns a report into what the in-process driver's combiner handles, or
+/// `None` while an early set is still arriving. A report of a shard beyond
+/// the count means the deployment disagrees on it, and skipping it would
+/// leave that shard's windows out.
+fn to_driver(
+    message: ShardMessage,
+    shards: &mut [ShardState],
+) -> Result<Option<FromWorker>, ProcessorError> {
     let worker = message.shard as usize;
+    let count = shards.len();
     let Some(state) = shards.get_mut(worker) else {
-        tracing::warn!(shard = worker, "Skipping a report of an unknown shard");
-        return None;
+        return Err(ProcessorError::Setup(format!(
+            "the partials topic has a report of shard {worker}, but the combiner runs \
+             {count} shards; start every instance with the same --workers"
+        )));
     };
     let report = |partials, wm, idle, newest_received_at| FromWorker::Progress {
         worker,
@@ -787,7 +798,7 @@ fn to_driver(message: ShardMessage, shards: &mut [ShardState]) -> Option<FromWor
         offsets: NextOffsets::new(),
         catching_up: false,
     };
-    match message.body {
+    Ok(match message.body {
         ShardBody::Partials(partials) => {
             Some(report(partials, EventTime::MIN, state.idle, EventTime::MIN))
         }
@@ -808,9 +819,13 @@ fn to_driver(message: ShardMessage, shards: &mut [ShardState]) -> Option<FromWor
             if first {
                 state.early = Some(Vec::new());
             }
-            state.early.as_mut()?.extend(partials);
+            // The rest of a set whose start was before the checkpoint.
+            let Some(early) = state.early.as_mut() else {
+                return Ok(None);
+            };
+            early.extend(partials);
             if !last {
-                return None;
+                return Ok(None);
             }
             Some(FromWorker::Early {
                 worker,
@@ -818,5 +833,188 @@ fn to_driver(message: ShardMessage, shards: &mut [ShardState]) -> Option<FromWor
                 offsets: NextOffsets::new(),
             })
         }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use smallvec::smallvec;
+    use tidemark_log::segment::{SegmentLog, SegmentLogConfig};
+
+    use super::*;
+    use crate::partial::{row_key, WindowId};
+
+    fn partial(start: i64, rows: usize) -> Partial {
+        let window = WindowId {
+            end: start + 60_000,
+            pipeline: 0,
+            kind: 0,
+            start,
+        };
+        let rows = (0..rows)
+            .map(|i| (row_key([&format!("group-{i:06}")]), smallvec![i as i64]))
+            .collect();
+        Partial::new(window, rows, None)
+    }
+
+    fn message(shard: u32, body: ShardBody) -> ShardMessage {
+        ShardMessage {
+            shard,
+            offsets: NextOffsets::new(),
+            body,
+        }
+    }
+
+    fn early(partials: Vec<Partial>, first: bool, last: bool) -> ShardBody {
+        ShardBody::Early {
+            partials,
+            first,
+            last,
+        }
+    }
+
+    #[test]
+    fn every_shard_key_lands_in_its_own_partition() {
+        for partitions in [1, 3, 4] {
+            for shard in 0..8 {
+                let key = shard_key(shard, partitions);
+                assert_eq!(
+                    partition_for_key(key.as_bytes(), partitions),
+                    shard as u32 % partitions,
+                    "shard {shard} of {partitions} partitions"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn chunks_stay_under_the_message_limit_and_keep_every_partial_in_order() {
+        // About 20 KB each: a few dozen fill a message.
+        let partials: Vec<Partial> = (0..100).map(|i| partial(i * 60_000, 1_000)).collect();
+        let groups = chunks(partials.clone());
+        assert!(groups.len() > 1, "one message cannot hold them");
+        for group in &groups {
+            let size: u64 = group
+                .iter()
+                .map(|p| bincode::serialized_size(p).unwrap())
+                .sum();
+            assert!(size <= MAX_MESSAGE_BYTES, "{size} bytes");
+        }
+        assert_eq!(groups.concat(), partials);
+
+        let huge = partial(0, 40_000);
+        assert!(bincode::serialized_size(&huge).unwrap() > MAX_MESSAGE_BYTES);
+        assert_eq!(chunks(vec![huge.clone(), partial(1, 1)]).len(), 2);
+        assert_eq!(chunks(Vec::new()), vec![Vec::<Partial>::new()]);
+    }
+
+    #[test]
+    fn an_early_set_reaches_the_combiner_whole_once_its_last_message_arrives() {
+        let mut shards = vec![ShardState::default(); 2];
+        let first = to_driver(
+            message(1, early(vec![partial(0, 1)], true, false)),
+            &mut shards,
+        );
+        assert!(first.unwrap().is_none());
+        let last = to_driver(
+            message(1, early(vec![partial(60_000, 1)], false, true)),
+            &mut shards,
+        );
+        match last.unwrap() {
+            Some(FromWorker::Early {
+                worker, partials, ..
+            }) => {
+                assert_eq!(worker, 1);
+                assert_eq!(partials, vec![partial(0, 1), partial(60_000, 1)]);
+            }
+            other => panic!("expected an early set, got {other:?}"),
+        }
+        // The tail of a set whose start came before a restart is not a set.
+        let tail = to_driver(
+            message(0, early(vec![partial(0, 1)], false, true)),
+            &mut shards,
+        );
+        assert!(tail.unwrap().is_none());
+    }
+
+    #[test]
+    fn progress_carries_idleness_into_later_partials() {
+        let mut shards = vec![ShardState::default(); 1];
+        let progress = ShardBody::Progress {
+            partials: Vec::new(),
+            wm: EventTime(5),
+            idle: true,
+            newest_received_at: EventTime(4),
+        };
+        to_driver(message(0, progress), &mut shards).unwrap();
+        match to_driver(
+            message(0, ShardBody::Partials(vec![partial(0, 1)])),
+            &mut shards,
+        ) {
+            Ok(Some(FromWorker::Progress { idle, wm, .. })) => {
+                assert!(idle);
+                assert_eq!(
+                    wm,
+                    EventTime::MIN,
+                    "only a progress report moves the watermark"
+                );
+            }
+            other => panic!("expected progress, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_report_of_a_shard_beyond_the_count_is_an_error() {
+        let mut shards = vec![ShardState::default(); 2];
+        let err = to_driver(message(2, ShardBody::Partials(Vec::new())), &mut shards).unwrap_err();
+        assert!(err.to_string().contains("shard 2"), "{err}");
+        assert!(!err.is_retryable());
+    }
+
+    #[tokio::test]
+    async fn the_target_watermark_survives_in_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(read_target(dir.path()), EventTime::MIN);
+        write_target(dir.path(), EventTime(42)).await.unwrap();
+        assert_eq!(read_target(dir.path()), EventTime(42));
+    }
+
+    #[tokio::test]
+    async fn a_restarted_shard_finds_its_last_progress_report_among_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = SegmentLog::open(dir.path(), SegmentLogConfig::default()).unwrap();
+        let topic = "partials";
+        log.ensure_topic(topic, 1).await.unwrap();
+        assert_eq!(last_reported(&log, topic, 0).await.unwrap(), None);
+
+        let offsets = |at: u64| NextOffsets::from([(("events".to_string(), 0), at)]);
+        let progress = |shard: u32, at: u64| ShardMessage {
+            shard,
+            offsets: offsets(at),
+            body: ShardBody::Progress {
+                partials: Vec::new(),
+                wm: EventTime::MIN,
+                idle: false,
+                newest_received_at: EventTime::MIN,
+            },
+        };
+        let mut records = vec![encode("k", &progress(0, 7)).unwrap()];
+        // More than one read batch of other shards' reports and partials after it.
+        for i in 0..READ_BATCH as u64 + 20 {
+            records.push(encode("k", &progress(1, i)).unwrap());
+        }
+        let mut partials = progress(0, 99);
+        partials.body = ShardBody::Partials(Vec::new());
+        records.push(encode("k", &partials).unwrap());
+        log.append(topic, records).await.unwrap();
+
+        assert_eq!(
+            last_reported(&log, topic, 0).await.unwrap(),
+            Some(offsets(7))
+        );
+        assert_eq!(
+            last_reported(&log, topic, 1).await.unwrap(),
+            Some(offsets(READ_BATCH as u64 + 19))
+        );
     }
 }

@@ -33,7 +33,9 @@ impl<P: Pipeline> Solo<P> {
     pub(crate) fn on_watermark(&mut self, wm: Watermark, out: &mut Vec<Point>) {
         self.pipeline.on_watermark(wm, &mut self.partials);
         for p in self.partials.drain(..) {
-            self.combiner.on_partial(0, p);
+            self.combiner
+                .on_partial(0, p)
+                .expect(crate::runner::SAME_SHAPE);
         }
         self.combiner.on_watermark(0, wm, out);
     }
@@ -41,12 +43,17 @@ impl<P: Pipeline> Solo<P> {
     pub(crate) fn early(&mut self, out: &mut Vec<Point>) {
         self.pipeline.early(&mut self.partials);
         self.combiner
-            .on_early(0, std::mem::take(&mut self.partials));
+            .on_early(0, std::mem::take(&mut self.partials))
+            .expect(crate::runner::SAME_SHAPE);
         self.combiner.early(out);
     }
 
     pub(crate) fn snapshot(&self) -> (Vec<u8>, Vec<u8>) {
-        (self.pipeline.snapshot(), self.combiner.snapshot())
+        let pipeline = self.pipeline.snapshot().expect("pipeline snapshot");
+        (
+            pipeline,
+            self.combiner.snapshot().expect("combiner snapshot"),
+        )
     }
 
     pub(crate) fn restore(&mut self, state: &(Vec<u8>, Vec<u8>)) -> Result<(), ProcessorError> {

@@ -250,7 +250,7 @@ impl Pipeline for TrafficPipeline {
         }
     }
 
-    fn snapshot(&self) -> Vec<u8> {
+    fn snapshot(&self) -> Result<Vec<u8>, ProcessorError> {
         let state = TrafficState {
             windows: self
                 .sets
@@ -261,8 +261,8 @@ impl Pipeline for TrafficPipeline {
             custom_types: self.interner.names.iter().map(|n| n.to_string()).collect(),
             last_wm: self.last_wm,
         };
-        // Serialising plain data into a Vec cannot fail.
-        bincode::serialize(&state).unwrap_or_default()
+        bincode::serialize(&state)
+            .map_err(|e| ProcessorError::Snapshot(format!("traffic state: {e}")))
     }
 
     fn restore(&mut self, state: &[u8]) -> Result<(), ProcessorError> {

@@ -1036,7 +1036,7 @@ impl Pipeline for TrendingPipeline {
         self.emit(&windows, out);
     }
 
-    fn snapshot(&self) -> Vec<u8> {
+    fn snapshot(&self) -> Result<Vec<u8>, ProcessorError> {
         self.counting.borrow_mut().flush(&self.geo, self.base);
         let counting = self.counting.borrow();
         // Users per (slice, tag id), from the pairs' masks.
@@ -1091,8 +1091,8 @@ impl Pipeline for TrendingPipeline {
             last_wm: self.last_wm,
             dropped: self.dropped,
         };
-        // Serialising plain data into a Vec cannot fail.
-        bincode::serialize(&state).unwrap_or_default()
+        bincode::serialize(&state)
+            .map_err(|e| ProcessorError::Snapshot(format!("trending state: {e}")))
     }
 
     fn restore(&mut self, state: &[u8]) -> Result<(), ProcessorError> {
@@ -1341,7 +1341,7 @@ impl Finisher for TrendingFinisher {
         }
     }
 
-    fn snapshot(&self) -> Vec<u8> {
+    fn snapshot(&self) -> Result<Vec<u8>, ProcessorError> {
         let state = FinisherState {
             history: self
                 .history
@@ -1357,8 +1357,8 @@ impl Finisher for TrendingFinisher {
                 })
                 .collect(),
         };
-        // Serialising plain data into a Vec cannot fail.
-        bincode::serialize(&state).unwrap_or_default()
+        bincode::serialize(&state)
+            .map_err(|e| ProcessorError::Snapshot(format!("trending finisher state: {e}")))
     }
 
     fn restore(&mut self, state: &[u8]) -> Result<(), ProcessorError> {
@@ -1787,8 +1787,8 @@ mod tests {
             allowed_lateness: Duration::from_secs(180),
             ..TrendingConfig::default()
         });
-        g.restore(&f.snapshot()).unwrap();
-        assert_eq!(g.snapshot(), f.snapshot());
+        g.restore(&f.snapshot().unwrap()).unwrap();
+        assert_eq!(g.snapshot().unwrap(), f.snapshot().unwrap());
         assert!(g.restore(b"garbage").is_err());
         // An unknown window size is ignored.
         let mut out = Vec::new();
@@ -1994,7 +1994,7 @@ mod tests {
                 for (w, p) in workers.iter_mut().enumerate() {
                     p.on_watermark(wm, &mut parts);
                     for part in parts.drain(..) {
-                        combiner.on_partial(w, part);
+                        combiner.on_partial(w, part).unwrap();
                     }
                     combiner.on_watermark(w, wm, out);
                 }
@@ -2186,7 +2186,7 @@ mod tests {
                 reference.on_watermark(wm.0);
             }
             if rng.below(50) == 0 {
-                let snapshot = restored.snapshot();
+                let snapshot = restored.snapshot().unwrap();
                 restored = make();
                 restored.restore(&snapshot).unwrap();
             }

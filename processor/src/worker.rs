@@ -89,27 +89,40 @@ impl Worker {
     /// lateness (or than the worker's watermark minus it, which only differs
     /// after a partition came back from idle and whose windows are gone).
     #[inline]
-    pub fn process(&mut self, slot: usize, ev: &Event) -> Outcome {
+    pub fn process(&mut self, slot: usize, ev: &Event) -> Result<Outcome, ProcessorError> {
+        self.check_slot(slot)?;
         let outcome = self.admit(slot, ev, PartitionDedup::hash(&ev.event_id));
         if outcome == Outcome::Accepted {
             for p in &mut self.pipelines {
                 p.on_event(ev);
             }
         }
-        outcome
+        Ok(outcome)
+    }
+
+    fn check_slot(&self, slot: usize) -> Result<(), ProcessorError> {
+        if slot < self.dedup.len() {
+            Ok(())
+        } else {
+            Err(ProcessorError::UnknownSlot(slot))
+        }
     }
 
     /// Offers a run of events read in order from the partition in `slot`,
     /// with the same outcomes (pushed to `outcomes`) and effects as
     /// [`Worker::process`] on each in turn. Lateness and dedup are decided
     /// event by event first; the pipelines then see the accepted run at once.
-    pub fn process_batch(&mut self, slot: usize, events: &[Event], outcomes: &mut Vec<Outcome>) {
+    pub fn process_batch(
+        &mut self,
+        slot: usize,
+        events: &[Event],
+        outcomes: &mut Vec<Outcome>,
+    ) -> Result<(), ProcessorError> {
+        self.check_slot(slot)?;
         let mut hashes = std::mem::take(&mut self.id_hashes);
         hashes.clear();
         hashes.extend(events.iter().map(|ev| PartitionDedup::hash(&ev.event_id)));
-        if let Some(dedup) = self.dedup.get(slot) {
-            dedup.warm(&hashes);
-        }
+        self.dedup[slot].warm(&hashes);
         let mut accepted = Vec::with_capacity(events.len());
         for (ev, &h) in events.iter().zip(&hashes) {
             let outcome = self.admit(slot, ev, h);
@@ -122,16 +135,15 @@ impl Worker {
         for p in &mut self.pipelines {
             p.on_events(&accepted);
         }
+        Ok(())
     }
 
     /// Decides dedup and lateness for one event and, when it is accepted,
-    /// records its time; the pipelines are the caller's to feed.
+    /// records its time; the pipelines are the caller's to feed. The slot
+    /// is checked by the caller.
     #[inline]
     fn admit(&mut self, slot: usize, ev: &Event, id_hash: u64) -> Outcome {
-        let Some(dedup) = self.dedup.get_mut(slot) else {
-            return Outcome::TooLate;
-        };
-        if !dedup.check_and_insert_hash(id_hash, ev.timestamp) {
+        if !self.dedup[slot].check_and_insert_hash(id_hash, ev.timestamp) {
             return Outcome::Duplicate;
         }
         let wm = self.wms.partition_watermark(slot).max(self.last_combined);
@@ -218,21 +230,23 @@ impl Worker {
     }
 
     /// The state to checkpoint, with the given next offsets.
-    pub fn checkpoint(&self, offsets: BTreeMap<(String, u32), u64>) -> Checkpoint {
+    pub fn checkpoint(
+        &self,
+        offsets: BTreeMap<(String, u32), u64>,
+    ) -> Result<Checkpoint, ProcessorError> {
         let dedup = (0..self.wms.len())
             .filter_map(|slot| Some((self.wms.key(slot)?.clone(), self.dedup.get(slot)?.clone())))
             .collect();
-        Checkpoint {
+        let pipelines = (self.pipelines.iter())
+            .map(|p| Ok((p.name().to_string(), p.snapshot()?)))
+            .collect::<Result<_, ProcessorError>>()?;
+        Ok(Checkpoint {
             offsets,
             watermarks: self.wms.state(),
             dedup,
             last_watermark: self.last_combined,
-            pipelines: self
-                .pipelines
-                .iter()
-                .map(|p| (p.name().to_string(), p.snapshot()))
-                .collect(),
-        }
+            pipelines,
+        })
     }
 
     /// Restores state from a checkpoint into registered partitions and the pipelines.

@@ -278,7 +278,7 @@ fn run(
                 .map(|(((t, p), _), &o)| ((t.to_string(), *p), o as u64))
                 .collect();
             let dir = tempfile::tempdir().unwrap();
-            checkpoint::save(dir.path(), &s.checkpoint(&offsets)).unwrap();
+            checkpoint::save(dir.path(), &s.checkpoint(&offsets).unwrap()).unwrap();
             let cp: ProcessorCheckpoint = checkpoint::load(dir.path()).unwrap().unwrap();
             s = stages(workers);
             s.restore(&cp).unwrap();

@@ -108,9 +108,9 @@ impl Pipeline for Likes {
         self.minutes.early(|id, w| out.push(partial(id, w)));
     }
 
-    fn snapshot(&self) -> Vec<u8> {
+    fn snapshot(&self) -> Result<Vec<u8>, ProcessorError> {
         let state: Vec<(i64, &Slot<ByCountry>)> = self.minutes.iter().collect();
-        serde_json::to_vec(&state).expect("likes state serialises")
+        serde_json::to_vec(&state).map_err(|e| ProcessorError::Snapshot(e.to_string()))
     }
 
     fn restore(&mut self, state: &[u8]) -> Result<(), ProcessorError> {
