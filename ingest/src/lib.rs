@@ -9,7 +9,6 @@ mod dedup;
 mod error;
 mod metrics;
 
-use std::borrow::Cow;
 use std::io::Read;
 use std::ops::Range;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -27,14 +26,11 @@ use rustc_hash::FxHashSet;
 use serde::Serialize;
 use serde_json::value::RawValue;
 use tidemark_log::{Log, LogError, Record};
-use tidemark_model::{topic, wire, Event, EventTime, Limits};
+use tidemark_model::{topic, wire, DeadLetter, Event, EventTime, Limits};
 
 pub use dedup::Dedup;
 pub use error::IngestError;
 pub use metrics::IngestMetrics;
-
-/// Longest prefix of a rejected event's text kept in its dead letter.
-const DEAD_LETTER_RAW_BYTES: usize = 4 * 1024;
 
 /// Settings of the collector.
 #[derive(Debug, Clone)]
@@ -126,13 +122,6 @@ struct Rejection {
     index: usize,
     reason: &'static str,
     error: String,
-}
-
-#[derive(Serialize)]
-struct DeadLetter<'a> {
-    reason: &'static str,
-    error: String,
-    raw: Cow<'a, str>,
 }
 
 async fn post_events(
@@ -245,12 +234,7 @@ async fn ingest(
         let key_start = buf.len();
         buf.extend_from_slice(index.to_string().as_bytes());
         let value_start = buf.len();
-        let raw = items[*index];
-        let letter = DeadLetter {
-            reason: e.reason(),
-            error: e.to_string(),
-            raw: String::from_utf8_lossy(&raw[..raw.len().min(DEAD_LETTER_RAW_BYTES)]),
-        };
+        let letter = DeadLetter::refused(e, items[*index]);
         if serde_json::to_writer(&mut buf, &letter).is_err() {
             // Serialising plain strings into a Vec cannot fail; drop the letter if it ever does.
             buf.truncate(key_start);

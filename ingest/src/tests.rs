@@ -325,7 +325,7 @@ async fn dead_letter_raw_is_truncated() {
     let letter: Value = serde_json::from_slice(&dead[0].value).unwrap();
     let raw = letter["raw"].as_str().unwrap();
     assert!(
-        raw.len() <= DEAD_LETTER_RAW_BYTES + 3,
+        raw.len() <= tidemark_model::dead_letter::RAW_LIMIT_BYTES + 3,
         "raw kept {} bytes",
         raw.len()
     );

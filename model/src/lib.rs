@@ -5,6 +5,7 @@
 //! into [`Point`]s ([`point`]) stamped with [`EventTime`] ([`time`]); the store and
 //! the live updates channel carry points onwards.
 
+pub mod dead_letter;
 pub mod event;
 pub mod point;
 pub mod time;
@@ -15,6 +16,7 @@ pub mod wire;
 #[cfg(test)]
 mod test_support;
 
+pub use dead_letter::DeadLetter;
 pub use event::{Country, Device, Event, EventError, EventType, Limits};
 pub use point::{FieldValue, Point, Tier};
 pub use time::{EventTime, Watermark};

@@ -18,7 +18,7 @@ use prometheus::{Gauge, Histogram, HistogramOpts, IntCounter, IntGaugeVec, Opts,
 use tidemark_log::{Log, LogError, Record};
 use tidemark_model::topic::{default_partitions, DEAD_LETTER};
 use tidemark_model::wire::{self, WireError};
-use tidemark_model::{Event, EventTime, Point, Tier, Update, Watermark};
+use tidemark_model::{DeadLetter, Event, EventTime, Point, Tier, Update, Watermark};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
@@ -932,10 +932,7 @@ impl LiveWorker {
                 .drain(..)
                 .map(|ev| Record {
                     key: Bytes::copy_from_slice(ev.user_id.as_bytes()),
-                    value: Bytes::from(format!(
-                        r#"{{"reason":"too_late","event":{}}}"#,
-                        (codec.to_json)(&ev)
-                    )),
+                    value: Bytes::from(DeadLetter::too_late((codec.to_json)(&ev)).to_json()),
                     timestamp: ev.timestamp,
                 })
                 .collect();

@@ -300,7 +300,7 @@ async fn processes_checkpoints_and_resumes_after_restart() {
     assert!(metrics.windows_fired.get() >= 3);
     assert_eq!(
         log.values(DEAD_LETTER),
-        vec![r#"{"reason":"too_late","event":{"event_id":"a4"}}"#.to_string()]
+        vec![r#"{"reason":"too_late","error":"event is too late for its window","stage":"processor","raw":"{\"event_id\":\"a4\"}"}"#.to_string()]
     );
     assert!(*sink.flushes.lock().unwrap() >= 1);
     let cp: ProcessorCheckpoint = checkpoint::load(dir.path())

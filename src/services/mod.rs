@@ -21,8 +21,6 @@ pub use kafka::{KafkaArgs, MeteredLog, TopicArgs};
 
 use std::sync::Arc;
 
-use axum::http::{header, StatusCode};
-use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use prometheus::Registry;
@@ -97,7 +95,7 @@ pub fn service_router(registry: Registry, probe: HealthProbe) -> Router {
             "/metrics",
             get(move || {
                 let registry = registry.clone();
-                async move { prometheus_text(&registry) }
+                async move { tidemark_ws_server::prometheus_text(&registry) }
             }),
         )
 }
@@ -111,18 +109,4 @@ pub async fn bench_log(brokers: &str) -> anyhow::Result<Arc<dyn tidemark_log::Lo
     let log = tidemark_log::kafka::KafkaLog::connect(config).await?;
     log.provision(&kafka::all_topics(log.config())).await?;
     Ok(Arc::new(log))
-}
-
-fn prometheus_text(registry: &Registry) -> Response {
-    use prometheus::Encoder as _;
-    let encoder = prometheus::TextEncoder::new();
-    let mut out = Vec::new();
-    match encoder.encode(&registry.gather(), &mut out) {
-        Ok(()) => (
-            [(header::CONTENT_TYPE, encoder.format_type().to_string())],
-            out,
-        )
-            .into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
-    }
 }

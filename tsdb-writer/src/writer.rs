@@ -24,7 +24,7 @@ pub const BATCHES_TOTAL: &str = "tidemark_writer_batches_total";
 pub const POINTS_TOTAL: &str = "tidemark_writer_points_total";
 pub const RETRIES_TOTAL: &str = "tidemark_writer_retries_total";
 pub const FAILURES_TOTAL: &str = "tidemark_writer_failures_total";
-pub const BATCH_SIZE: &str = "tidemark_writer_batch_size";
+pub const BATCH_POINTS: &str = "tidemark_writer_batch_points";
 pub const BATCH_LATENCY_SECONDS: &str = "tidemark_writer_batch_latency_seconds";
 
 /// Tuning of the batching writer.
@@ -79,7 +79,7 @@ impl WriterMetrics {
             "Batches dropped because the store rejected them.",
         )?;
         let batch_size = Histogram::with_opts(
-            HistogramOpts::new(BATCH_SIZE, "Points per written batch.")
+            HistogramOpts::new(BATCH_POINTS, "Points per written batch.")
                 .buckets(prometheus::exponential_buckets(1.0, 4.0, 8)?),
         )?;
         let batch_latency = Histogram::with_opts(HistogramOpts::new(

@@ -178,13 +178,13 @@ impl ServerMetrics {
             )
             .expect("static counter options are valid"),
             query_seconds: Histogram::with_opts(
-                HistogramOpts::new("tidemark_query_seconds", "Latency of REST metric queries.")
+                HistogramOpts::new("tidemark_serve_query_seconds", "Latency of REST metric queries.")
                     .buckets(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
             )
             .expect("static histogram options are valid"),
             event_to_update_seconds: Histogram::with_opts(
                 HistogramOpts::new(
-                    "tidemark_event_to_update_seconds",
+                    "tidemark_serve_event_to_update_seconds",
                     "Time from ingest receiving an event to a live update carrying it being pushed.",
                 )
                 .buckets(vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0]),
@@ -522,7 +522,7 @@ pub fn router_and_routes(state: Arc<ServerState>) -> (Router, Vec<Route>) {
                 "Prometheus metrics",
                 &[],
             ),
-            prometheus_text,
+            metrics_page,
         )
         .add(
             route(Get, "/api/v1/users", Some(ManageUsers), "The users", &[]),
@@ -656,13 +656,18 @@ async fn health(axum::extract::State(state): axum::extract::State<Arc<ServerStat
         .into_response()
 }
 
-async fn prometheus_text(
+async fn metrics_page(
     axum::extract::State(state): axum::extract::State<Arc<ServerState>>,
 ) -> Response {
+    prometheus_text(&state.registry)
+}
+
+/// `registry` in Prometheus' text format: the `/metrics` page of every service.
+pub fn prometheus_text(registry: &prometheus::Registry) -> Response {
     use prometheus::Encoder as _;
     let encoder = prometheus::TextEncoder::new();
     let mut out = Vec::new();
-    match encoder.encode(&state.registry.gather(), &mut out) {
+    match encoder.encode(&registry.gather(), &mut out) {
         Ok(()) => (
             [(header::CONTENT_TYPE, encoder.format_type().to_string())],
             out,

@@ -333,7 +333,10 @@ async fn prometheus_endpoint_renders_the_registry() {
     let text = String::from_utf8(body).unwrap();
     assert!(text.contains("tidemark_other_total 3"), "{text}");
     assert!(text.contains("tidemark_ws_clients 0"), "{text}");
-    assert!(text.contains("tidemark_query_seconds_count 1"), "{text}");
+    assert!(
+        text.contains("tidemark_serve_query_seconds_count 1"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -750,7 +753,7 @@ async fn websocket_subscribe_gets_snapshot_then_update() {
     let text = String::from_utf8(metrics).unwrap();
     assert!(text.contains("tidemark_ws_clients 1"), "{text}");
     assert!(
-        text.contains("tidemark_event_to_update_seconds_count 1"),
+        text.contains("tidemark_serve_event_to_update_seconds_count 1"),
         "{text}"
     );
 
