@@ -49,13 +49,13 @@ use std::time::Duration;
 
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
+use smallvec::{smallvec, SmallVec};
 use tidemark_model::{
     Country, Device, Event, EventTime, EventType, FieldValue, Point, Tier, Watermark,
 };
 use xxhash_rust::xxh3::xxh3_128;
 
-use smallvec::smallvec;
-
+use crate::intern::Names;
 use crate::partial::{from_micros, row_key, to_micros, Partial, WindowId};
 use crate::registry::{Measurement, PipelineSpec, StateReach};
 use crate::window::{millis, Slot, Tumbling};
@@ -133,34 +133,17 @@ fn imp_key(id: &str) -> ImpKey {
 
 /// Campaign ids interned to numbers; number 0 is [`UNKNOWN_CAMPAIGN`].
 #[derive(Debug, Clone)]
-struct Campaigns {
-    ids: FxHashMap<Box<str>, u32>,
-    names: Vec<Box<str>>,
-}
+struct Campaigns(Names);
 
 impl Default for Campaigns {
     fn default() -> Self {
-        let mut c = Campaigns {
-            ids: FxHashMap::default(),
-            names: Vec::new(),
-        };
-        c.intern(UNKNOWN_CAMPAIGN);
-        c
+        Campaigns(Names::with_unknown(UNKNOWN_CAMPAIGN))
     }
 }
 
 impl Campaigns {
     fn intern(&mut self, name: &str) -> u32 {
-        if let Some(&id) = self.ids.get(name) {
-            return id;
-        }
-        // Beyond 2³² distinct campaigns, further ones count as unknown.
-        let Ok(id) = u32::try_from(self.names.len()) else {
-            return UNKNOWN_CAMPAIGN_ID;
-        };
-        self.names.push(name.into());
-        self.ids.insert(name.into(), id);
-        id
+        self.0.intern(name)
     }
 
     fn intern_opt(&mut self, name: Option<&str>) -> u32 {
@@ -168,7 +151,11 @@ impl Campaigns {
     }
 
     fn name(&self, id: u32) -> &str {
-        self.names.get(id as usize).map_or(UNKNOWN_CAMPAIGN, |n| n)
+        self.0.name(id)
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
     }
 }
 
@@ -194,48 +181,34 @@ struct Touch {
 }
 
 /// The impressions (or clicks) of one impression id, ascending by time and
-/// with distinct times; nearly always one, which needs no allocation.
+/// with distinct times; nearly always one, which is kept inline.
 #[derive(Debug, Clone)]
-enum Touches {
-    One(Touch),
-    /// Two or more.
-    Many(Vec<Touch>),
-}
+struct Touches(SmallVec<[Touch; 1]>);
 
 impl Touches {
+    fn one(t: Touch) -> Self {
+        Touches(smallvec![t])
+    }
+
     fn as_slice(&self) -> &[Touch] {
-        match self {
-            Touches::One(t) => std::slice::from_ref(t),
-            Touches::Many(v) => v,
-        }
+        &self.0
     }
 
     /// Adds `t`, keeping the newest `cap` (at least 2). A repeat of a time
     /// already held is ignored. Whether `t` was added.
     fn add(&mut self, t: Touch, cap: usize) -> bool {
-        match self {
-            Touches::One(o) if o.time == t.time => false,
-            Touches::One(o) => {
-                let o = *o;
-                *self = Touches::Many(if o.time < t.time {
-                    vec![o, t]
-                } else {
-                    vec![t, o]
-                });
+        let held = &mut self.0;
+        match held.binary_search_by_key(&t.time, |x| x.time) {
+            Ok(_) => false,
+            // Older than every one of a full set: it would go first.
+            Err(0) if held.len() >= cap.max(2) => false,
+            Err(pos) => {
+                held.insert(pos, t);
+                if held.len() > cap.max(2) {
+                    held.remove(0);
+                }
                 true
             }
-            Touches::Many(v) => match v.binary_search_by_key(&t.time, |x| x.time) {
-                Ok(_) => false,
-                // Older than every one of a full set: it would go first.
-                Err(0) if v.len() >= cap => false,
-                Err(pos) => {
-                    v.insert(pos, t);
-                    if v.len() > cap {
-                        v.remove(0);
-                    }
-                    true
-                }
-            },
         }
     }
 
@@ -248,20 +221,11 @@ impl Touches {
 
     /// Drops the touches whose time is `expired`; whether none is left.
     fn evict(&mut self, expired: impl Fn(i64) -> bool) -> bool {
-        match self {
-            Touches::One(t) => expired(t.time),
-            Touches::Many(v) => {
-                v.retain(|t| !expired(t.time));
-                match v[..] {
-                    [] => true,
-                    [one] => {
-                        *self = Touches::One(one);
-                        false
-                    }
-                    _ => false,
-                }
-            }
+        self.0.retain(|t| !expired(t.time));
+        if self.0.spilled() && self.0.len() <= 1 {
+            self.0.shrink_to_fit();
         }
+        self.0.is_empty()
     }
 }
 
@@ -460,7 +424,7 @@ impl AdsPipeline {
         let added = match self.impressions.entry(id) {
             Entry::Occupied(mut e) => e.get_mut().add(touch, MAX_IMPRESSIONS_PER_ID),
             Entry::Vacant(e) => {
-                e.insert(Touches::One(touch));
+                e.insert(Touches::one(touch));
                 true
             }
         };
@@ -535,7 +499,7 @@ impl AdsPipeline {
             Entry::Occupied(mut e) => e.get_mut().add(touch, MAX_CLICKS_PER_IMPRESSION),
             Entry::Vacant(_) if expired => false,
             Entry::Vacant(e) => {
-                e.insert(Touches::One(touch));
+                e.insert(Touches::one(touch));
                 true
             }
         };
@@ -713,7 +677,7 @@ impl Pipeline for AdsPipeline {
 
     fn snapshot(&self) -> Result<Vec<u8>, ProcessorError> {
         // Number the campaigns still referenced in name order.
-        let mut used = vec![false; self.campaigns.names.len()];
+        let mut used = vec![false; self.campaigns.len()];
         let mut mark = |c: u32| {
             if let Some(u) = used.get_mut(c as usize) {
                 *u = true;
@@ -730,11 +694,11 @@ impl Pipeline for AdsPipeline {
         for p in self.pending.values() {
             p.campaign.into_iter().for_each(&mut mark);
         }
-        let mut live: Vec<u32> = (0..self.campaigns.names.len() as u32)
+        let mut live: Vec<u32> = (0..self.campaigns.len() as u32)
             .filter(|&c| used[c as usize])
             .collect();
         live.sort_unstable_by(|&a, &b| self.campaigns.name(a).cmp(self.campaigns.name(b)));
-        let mut number = vec![0u32; self.campaigns.names.len()];
+        let mut number = vec![0u32; self.campaigns.len()];
         for (n, &c) in live.iter().enumerate() {
             number[c as usize] = n as u32;
         }
@@ -852,7 +816,7 @@ impl Pipeline for AdsPipeline {
                     let added = match &mut touches {
                         Some(t) => t.add(touch, usize::MAX),
                         None => {
-                            touches = Some(Touches::One(touch));
+                            touches = Some(Touches::one(touch));
                             true
                         }
                     };

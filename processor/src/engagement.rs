@@ -49,10 +49,10 @@ use std::time::Duration;
 
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
+use smallvec::{smallvec, SmallVec};
 use tidemark_model::{Country, Event, EventTime, EventType, FieldValue, Point, Tier, Watermark};
 
-use smallvec::smallvec;
-
+use crate::intern::Names;
 use crate::partial::{row_key, Partial, WindowId};
 use crate::registry::{Measurement, PipelineSpec, StateReach};
 use crate::traffic::DEFAULT_ALLOWED_LATENESS;
@@ -225,19 +225,11 @@ const UNKNOWN_SEGMENT: SegmentId = 0;
 /// Segment names, interned so tags are small and `Copy`. Only grows; the
 /// names are those of the profiles kept, which are kept for good.
 #[derive(Debug, Clone)]
-struct Segments {
-    names: Vec<Box<str>>,
-    ids: FxHashMap<Box<str>, SegmentId>,
-}
+struct Segments(Names);
 
 impl Default for Segments {
     fn default() -> Self {
-        let mut ids = FxHashMap::default();
-        ids.insert(UNKNOWN.into(), UNKNOWN_SEGMENT);
-        Segments {
-            names: vec![UNKNOWN.into()],
-            ids,
-        }
+        Segments(Names::with_unknown(UNKNOWN))
     }
 }
 
@@ -247,36 +239,22 @@ impl Segments {
         if names.first().map(|n| &**n) != Some(UNKNOWN) {
             return Err(format!("segment {UNKNOWN_SEGMENT} is not `{UNKNOWN}`"));
         }
-        let mut ids = FxHashMap::default();
-        for (i, name) in names.iter().enumerate() {
-            let id = SegmentId::try_from(i).map_err(|_| "too many segments".to_string())?;
-            if ids.insert(name.clone(), id).is_some() {
-                return Err(format!("segment `{name}` appears twice"));
-            }
-        }
-        Ok(Segments { names, ids })
+        let template = Segments::default();
+        Names::from_names(names, &template.0)
+            .map(Segments)
+            .map_err(|e| format!("segment {e}"))
     }
 
     fn id(&mut self, name: Option<&str>) -> SegmentId {
-        let name = name.unwrap_or(UNKNOWN);
-        if let Some(&id) = self.ids.get(name) {
-            return id;
-        }
-        // Past 4 billion distinct names, new ones count as `unknown`.
-        let Ok(id) = SegmentId::try_from(self.names.len()) else {
-            return UNKNOWN_SEGMENT;
-        };
-        self.names.push(name.into());
-        self.ids.insert(name.into(), id);
-        id
+        self.0.intern(name.unwrap_or(UNKNOWN))
     }
 
     fn name(&self, id: SegmentId) -> &str {
-        self.names.get(id as usize).map_or(UNKNOWN, |n| n)
+        self.0.name(id)
     }
 
     fn len(&self) -> usize {
-        self.names.len()
+        self.0.len()
     }
 }
 
@@ -336,99 +314,15 @@ struct Session {
 }
 
 /// A list that usually holds one item, kept inline then (no allocation, no
-/// pointer to follow): a user's sessions, a session's minutes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Few<T> {
-    One(T),
-    Many(Vec<T>),
-}
+/// pointer to follow): a user's sessions, a session's minutes, a user's
+/// profile updates.
+type Few<T> = SmallVec<[T; 1]>;
 
-impl<T> Default for Few<T> {
-    fn default() -> Self {
-        Few::Many(Vec::new())
-    }
-}
-
-impl<T> From<Vec<T>> for Few<T> {
-    fn from(mut list: Vec<T>) -> Self {
-        if list.len() == 1 {
-            if let Some(x) = list.pop() {
-                return Few::One(x);
-            }
-        }
-        Few::Many(list)
-    }
-}
-
-impl<T> std::ops::Deref for Few<T> {
-    type Target = [T];
-
-    fn deref(&self) -> &[T] {
-        match self {
-            Few::One(x) => std::slice::from_ref(x),
-            Few::Many(list) => list,
-        }
-    }
-}
-
-impl<T> std::ops::DerefMut for Few<T> {
-    fn deref_mut(&mut self) -> &mut [T] {
-        match self {
-            Few::One(x) => std::slice::from_mut(x),
-            Few::Many(list) => list,
-        }
-    }
-}
-
-impl<T: Serialize> Serialize for Few<T> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        // As a `Vec`.
-        (**self).serialize(serializer)
-    }
-}
-
-impl<'de, T: Deserialize<'de>> Deserialize<'de> for Few<T> {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        Ok(Vec::deserialize(deserializer)?.into())
-    }
-}
-
-impl<T> Few<T> {
-    /// Removes the items `lo..hi`, handing them to `f` in order.
-    fn drain_each(&mut self, lo: usize, hi: usize, f: impl FnMut(T)) {
-        match self {
-            Few::Many(list) => list.drain(lo..hi).for_each(f),
-            Few::One(_) if lo == 0 && hi > 0 => {
-                if let Few::One(x) = std::mem::take(self) {
-                    let mut f = f;
-                    f(x);
-                }
-            }
-            Few::One(_) => {}
-        }
-    }
-
-    fn insert(&mut self, i: usize, x: T) {
-        match self {
-            Few::Many(list) if list.is_empty() => *self = Few::One(x),
-            Few::Many(list) => list.insert(i, x),
-            Few::One(_) => {
-                if let Few::One(old) = std::mem::take(self) {
-                    *self = Few::Many(if i == 0 { vec![x, old] } else { vec![old, x] });
-                }
-            }
-        }
-    }
-
-    fn retain(&mut self, f: impl FnMut(&T) -> bool) {
-        if let Few::Many(list) = self {
-            list.retain(f);
-            if list.len() == 1 {
-                *self = std::mem::take(list).into();
-            }
-        } else if !self.iter().all(f) {
-            *self = Few::default();
-        }
+/// Drops a list's heap buffer once one item is left, as the list of nearly
+/// every user is.
+fn shrink<T>(list: &mut Few<T>) {
+    if list.spilled() && list.len() <= 1 {
+        list.shrink_to_fit();
     }
 }
 
@@ -590,7 +484,8 @@ impl Totals {
             .iter()
             .position(|&(m, _)| self.kept(1, floor(m, HOUR_MS)));
         if let Some(k) = first_kept {
-            s.minutes.drain_each(0, k, drop);
+            s.minutes.drain(..k);
+            shrink(&mut s.minutes);
         }
     }
 
@@ -769,12 +664,13 @@ impl EngagementPipeline {
                 history.insert(i, profile);
                 let in_effect = history.partition_point(|p| p.ts <= horizon);
                 if in_effect > 1 {
-                    history.drain_each(0, in_effect - 1, drop);
+                    history.drain(..in_effect - 1);
+                    shrink(history);
                 }
             }
             None => {
                 self.profiles
-                    .insert(CompactStr::new(&ev.user_id), Few::One(profile));
+                    .insert(CompactStr::new(&ev.user_id), smallvec![profile]);
             }
         }
         let Some(held) = self.sessions.get_mut(user) else {
@@ -822,7 +718,7 @@ impl EngagementPipeline {
         };
         let mut merged: Option<Session> = None;
         if let Some(Sessions { list, .. }) = held.as_deref_mut() {
-            list.drain_each(lo, hi, |s| {
+            list.drain(lo..hi).for_each(|s| {
                 totals.apply(&s, -1);
                 match &mut merged {
                     None => merged = Some(s),
@@ -860,7 +756,7 @@ impl EngagementPipeline {
                 first_country: ev.country.0,
                 last: ts,
                 events: 1,
-                minutes: Few::One((minute, score)),
+                minutes: smallvec![(minute, score)],
                 closed: false,
                 tags: (Country::UNKNOWN.0, UNKNOWN_SEGMENT),
             },
@@ -884,7 +780,7 @@ impl EngagementPipeline {
             None => {
                 let user = CompactStr::new(&ev.user_id);
                 self.due.push(at, user.clone());
-                let list = Few::One(merged);
+                let list = smallvec![merged];
                 let held = Sessions {
                     list,
                     scheduled: at,
@@ -937,6 +833,7 @@ impl EngagementPipeline {
             }
             held.list
                 .retain(|s| !s.closed || due(s, gap, lateness) > wm);
+            shrink(&mut held.list);
             // Later than `wm`: what is left is open or within its lateness.
             match held.list.iter().map(|s| due(s, gap, lateness)).min() {
                 Some(next) => {
@@ -1092,7 +989,7 @@ impl Pipeline for EngagementPipeline {
             .collect();
         sessions.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let state = EngagementState {
-            segments: self.segments.names.clone(),
+            segments: self.segments.0.names().to_vec(),
             profiles,
             sessions,
             windows: self
@@ -1139,7 +1036,7 @@ impl Pipeline for EngagementPipeline {
             .filter(|(_, list)| !list.is_empty())
             .map(|(k, mut list)| {
                 list.sort_unstable_by(|a, b| a.order().cmp(&b.order()));
-                (CompactStr::new(&k), Few::from(list))
+                (CompactStr::new(&k), list.into_iter().collect())
             })
             .collect();
         let (gap, lateness) = (self.totals.gap_ms, self.totals.lateness_ms);
@@ -1151,7 +1048,7 @@ impl Pipeline for EngagementPipeline {
             };
             let user = CompactStr::new(&user);
             self.due.push(at, user.clone());
-            let list = Few::from(list);
+            let list = list.into_iter().collect();
             self.sessions.insert(
                 user,
                 Sessions {

@@ -19,6 +19,7 @@ pub mod dedup;
 pub mod driver;
 pub mod engagement;
 pub mod hll;
+mod intern;
 pub mod partial;
 pub mod registry;
 pub mod runner;

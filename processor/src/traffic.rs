@@ -5,13 +5,13 @@ use std::time::Duration;
 
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
+use smallvec::smallvec;
 use tidemark_model::{
     Country, Device, Event, EventTime, EventType, FieldValue, Point, Tier, Watermark,
 };
 
 use crate::hll::Hll;
-use smallvec::smallvec;
-
+use crate::intern::Names;
 use crate::partial::{row_key, Partial, WindowId};
 use crate::registry::{Measurement, PipelineSpec, StateReach};
 use crate::window::{millis, Slot, Tumbling};
@@ -37,56 +37,35 @@ struct Counts {
     users: Hll,
 }
 
-/// Custom event type names seen, interned to small indices.
-#[derive(Debug, Clone, Default)]
-struct Interner {
-    names: Vec<Box<str>>,
-    index: FxHashMap<Box<str>, u16>,
+/// Event types as small indices: the built-in types first, then the custom
+/// names seen, at most [`MAX_CUSTOM_TYPES`] of them.
+#[derive(Debug, Clone)]
+struct EventTypes {
+    custom: Names,
 }
 
-impl Interner {
-    fn from_names(names: Vec<String>) -> Self {
-        let mut i = Interner::default();
-        for n in names {
-            i.intern(&n);
+impl Default for EventTypes {
+    fn default() -> Self {
+        EventTypes {
+            custom: Names::new(MAX_CUSTOM_TYPES, OVERFLOW_CUSTOM),
         }
-        i
     }
+}
 
-    fn intern(&mut self, name: &str) -> u16 {
-        if let Some(&i) = self.index.get(name) {
-            return i;
+impl EventTypes {
+    fn index(&mut self, t: &EventType) -> u16 {
+        match t {
+            EventType::Custom(name) => (BUILT_IN + self.custom.intern(name) as usize) as u16,
+            built_in => built_in.built_in_code().map_or(0, u16::from),
         }
-        let name = if self.names.len() >= MAX_CUSTOM_TYPES {
-            OVERFLOW_CUSTOM
-        } else {
-            name
-        };
-        if let Some(&i) = self.index.get(name) {
-            return i;
-        }
-        let i = (BUILT_IN + self.names.len()) as u16;
-        self.names.push(name.into());
-        self.index.insert(name.into(), i);
-        i
     }
 
     fn name(&self, idx: u16) -> &str {
         let idx = idx as usize;
-        if idx < BUILT_IN {
-            EventType::BUILT_IN[idx].as_str()
-        } else {
-            self.names
-                .get(idx - BUILT_IN)
-                .map_or(OVERFLOW_CUSTOM, |n| n)
+        match idx.checked_sub(BUILT_IN) {
+            None => EventType::BUILT_IN[idx].as_str(),
+            Some(custom) => self.custom.name(custom as u32),
         }
-    }
-}
-
-fn type_index(t: &EventType, interner: &mut Interner) -> u16 {
-    match t {
-        EventType::Custom(name) => interner.intern(name),
-        built_in => built_in.built_in_code().map_or(0, u16::from),
     }
 }
 
@@ -116,7 +95,7 @@ fn unpack(key: u64) -> (u16, Country, Device) {
 #[derive(Debug, Clone)]
 pub struct TrafficPipeline {
     sets: [Tumbling<Counts>; 3],
-    interner: Interner,
+    types: EventTypes,
     allowed_lateness_ms: i64,
     last_wm: Watermark,
 }
@@ -141,7 +120,7 @@ impl TrafficPipeline {
     pub fn new(allowed_lateness: Duration) -> Self {
         TrafficPipeline {
             sets: std::array::from_fn(|kind| Tumbling::new(kind, TIERS[kind])),
-            interner: Interner::default(),
+            types: EventTypes::default(),
             allowed_lateness_ms: millis(allowed_lateness),
             last_wm: EventTime::MIN,
         }
@@ -152,14 +131,14 @@ impl TrafficPipeline {
         self.sets.iter().map(Tumbling::len).sum()
     }
 
-    fn partial(interner: &Interner, window: WindowId, w: &Counts) -> Partial {
+    fn partial(types: &EventTypes, window: WindowId, w: &Counts) -> Partial {
         let rows = w
             .counts
             .iter()
             .map(|(&key, &n)| {
                 let (type_idx, country, device) = unpack(key);
                 (
-                    row_key([country.as_str(), device.as_str(), interner.name(type_idx)]),
+                    row_key([country.as_str(), device.as_str(), types.name(type_idx)]),
                     smallvec![n],
                 )
             })
@@ -218,11 +197,7 @@ impl Pipeline for TrafficPipeline {
     fn on_event(&mut self, ev: &Event) {
         let ts = ev.timestamp.0;
         let user = Hll::hash_user(&ev.user_id);
-        let key = pack(
-            type_index(&ev.event_type, &mut self.interner),
-            ev.country,
-            ev.device,
-        );
+        let key = pack(self.types.index(&ev.event_type), ev.country, ev.device);
         let horizon = self.last_wm.0.saturating_sub(self.allowed_lateness_ms);
         for set in &mut self.sets {
             if let Some(w) = set.change_at(ts, horizon) {
@@ -236,17 +211,15 @@ impl Pipeline for TrafficPipeline {
         self.last_wm = self.last_wm.max(wm);
         let wm = self.last_wm.0;
         let lateness = self.allowed_lateness_ms;
-        let interner = &self.interner;
+        let types = &self.types;
         for set in &mut self.sets {
-            set.fire(wm, lateness, |id, w| {
-                out.push(Self::partial(interner, id, w))
-            });
+            set.fire(wm, lateness, |id, w| out.push(Self::partial(types, id, w)));
         }
     }
 
     fn early(&self, out: &mut Vec<Partial>) {
         for set in &self.sets {
-            set.early(|id, w| out.push(Self::partial(&self.interner, id, w)));
+            set.early(|id, w| out.push(Self::partial(&self.types, id, w)));
         }
     }
 
@@ -258,7 +231,13 @@ impl Pipeline for TrafficPipeline {
                 .enumerate()
                 .flat_map(|(i, s)| s.iter().map(move |(start, w)| (i as u8, start, w.clone())))
                 .collect(),
-            custom_types: self.interner.names.iter().map(|n| n.to_string()).collect(),
+            custom_types: self
+                .types
+                .custom
+                .names()
+                .iter()
+                .map(|n| n.to_string())
+                .collect(),
             last_wm: self.last_wm,
         };
         bincode::serialize(&state)
@@ -270,7 +249,8 @@ impl Pipeline for TrafficPipeline {
             .map_err(|e| ProcessorError::CorruptCheckpoint(format!("traffic state: {e}")))?;
         let mut fresh =
             TrafficPipeline::new(Duration::from_millis(self.allowed_lateness_ms as u64));
-        fresh.interner = Interner::from_names(state.custom_types);
+        fresh.types.custom = Names::from_names(state.custom_types, &fresh.types.custom)
+            .map_err(|e| ProcessorError::CorruptCheckpoint(format!("traffic event types: {e}")))?;
         fresh.last_wm = state.last_wm;
         for (i, start, w) in state.windows {
             let set = fresh.sets.get_mut(i as usize).ok_or_else(|| {
