@@ -14,6 +14,8 @@ export TANSU_BIN
 
 step "test: formatting"
 cargo fmt --all -- --check
+step "test: no import circles between the files of processor/ and src/"
+python3 scripts/import-circles.py processor/src src
 # The Kafka log (feature `kafka` of tidemark-log) is built, linted and tested
 # against a real broker (tansu) and librdkafka's mock cluster.
 # `tidemark/kafka` adds `replay --source kafka`; `tidemark-tests/kafka` its

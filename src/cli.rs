@@ -4,10 +4,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use tokio_util::sync::CancellationToken;
 
 use crate::access::{self, AccessArgs, AuditCommand, TokenCommand, UserCommand};
 use crate::app::{self, RunConfig, StoreChoice};
+use crate::args::{shutdown_token, InfluxArgs};
 use crate::bench::{self, BenchArgs};
 use crate::generator::{self, GeneratorConfig, PostTarget};
 use crate::promote::{self, PromoteArgs};
@@ -86,21 +86,6 @@ pub struct RunArgs {
     pub early_interval: std::time::Duration,
     #[command(flatten)]
     pub access: AccessArgs,
-}
-
-/// InfluxDB connection; without `--influx-url` the embedded SQLite store is used.
-#[derive(Debug, Clone, Args)]
-pub struct InfluxArgs {
-    /// InfluxDB 1.x base URL, e.g. `http://127.0.0.1:8086`.
-    #[arg(long, env = "TIDEMARK_INFLUX_URL")]
-    pub influx_url: Option<String>,
-    /// Database holding the tiers.
-    #[arg(long, env = "TIDEMARK_INFLUX_DB", default_value = "tidemark")]
-    pub influx_db: String,
-    #[arg(long, env = "TIDEMARK_INFLUX_USER")]
-    pub influx_user: Option<String>,
-    #[arg(long, env = "TIDEMARK_INFLUX_PASSWORD", hide_env_values = true)]
-    pub influx_password: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -184,24 +169,6 @@ fn random_key() -> String {
     use rand::Rng as _;
     let bytes: [u8; 16] = rand::thread_rng().gen();
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Cancelled on Ctrl-C or SIGTERM.
-pub(crate) fn shutdown_token() -> CancellationToken {
-    let token = CancellationToken::new();
-    let trigger = token.clone();
-    tokio::spawn(async move {
-        let ctrl_c = tokio::signal::ctrl_c();
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler installs");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-        tracing::info!("Shutting down");
-        trigger.cancel();
-    });
-    token
 }
 
 pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {

@@ -5,9 +5,8 @@
 
 pub mod access;
 pub mod app;
+pub mod args;
 pub mod bench;
-pub mod bench_fanout;
-pub mod bench_query;
 pub mod cli;
 pub mod generator;
 pub mod promote;

@@ -21,7 +21,7 @@ use tidemark_tsdb_writer::Store;
 use tidemark_ws_server::ServerState;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::InfluxArgs;
+use crate::args::InfluxArgs;
 
 /// The file holding the served database.
 pub const SERVING_FILE: &str = "serving.json";

@@ -19,7 +19,7 @@ use tidemark_replay::verify::counts;
 use tidemark_replay::{run_replay, ReplayError, ReplayOptions, Source, StoreTarget};
 use tidemark_tsdb_writer::influx::InfluxConfig;
 
-use crate::cli::InfluxArgs;
+use crate::args::InfluxArgs;
 
 /// Where `replay` reads the log from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -287,7 +287,7 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
             source,
             &report.database,
             checkpoints,
-            crate::cli::shutdown_token(),
+            crate::args::shutdown_token(),
         )
         .await?;
     }

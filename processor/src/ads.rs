@@ -55,11 +55,12 @@ use tidemark_model::{
 };
 use xxhash_rust::xxh3::xxh3_128;
 
+use crate::error::ProcessorError;
 use crate::intern::Names;
 use crate::partial::{from_micros, row_key, to_micros, Partial, WindowId};
-use crate::registry::{Measurement, PipelineSpec, StateReach};
+use crate::pipeline::{Finisher, Pipeline};
+use crate::pipeline::{Measurement, PipelineSpec, StateReach};
 use crate::window::{millis, Slot, Tumbling};
-use crate::{Finisher, Pipeline, ProcessorError};
 
 /// The tiers of the window sets, by [`WindowId::kind`].
 const TIERS: [Tier; 3] = [Tier::Rt, Tier::Hourly, Tier::Daily];

@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 use tidemark_model::Watermark;
 
 use crate::dedup::PartitionDedup;
+use crate::error::ProcessorError;
 use crate::watermark::{PartitionKey, WatermarkState};
-use crate::ProcessorError;
 
 /// File name of the checkpoint inside its directory.
 pub const FILE_NAME: &str = "checkpoint.bin.zst";
@@ -31,7 +31,7 @@ pub struct Checkpoint {
     pub dedup: BTreeMap<PartitionKey, PartitionDedup>,
     /// The worker's watermark when the checkpoint was taken.
     pub last_watermark: Watermark,
-    /// (pipeline name, [`crate::Pipeline::snapshot`]).
+    /// (pipeline name, [`crate::pipeline::Pipeline::snapshot`]).
     pub pipelines: Vec<(String, Vec<u8>)>,
 }
 
@@ -69,6 +69,15 @@ pub fn load<T: serde::de::DeserializeOwned>(dir: &Path) -> Result<Option<T>, Pro
     let cp = bincode::deserialize(&raw)
         .map_err(|e| ProcessorError::CorruptCheckpoint(format!("decode: {e}")))?;
     Ok(Some(cp))
+}
+
+/// Refuses a checkpoint taken with another worker count: partitions, and so
+/// keyed state, would belong to other workers.
+pub(crate) fn check_worker_count(taken_with: usize, runs: usize) -> Result<(), ProcessorError> {
+    if taken_with == runs {
+        return Ok(());
+    }
+    Err(ProcessorError::WorkerCount { taken_with, runs })
 }
 
 #[cfg(test)]

@@ -17,9 +17,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tidemark_model::{EventTime, Point, Watermark};
 
+use crate::error::ProcessorError;
 use crate::partial::{Partial, WindowId};
+use crate::pipeline::Finisher;
 use crate::window::millis;
-use crate::{Finisher, ProcessorError};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Slot {
@@ -433,7 +434,7 @@ impl Combiner {
     pub fn restore(&mut self, state: &[u8]) -> Result<(), ProcessorError> {
         let state: CombinerState = bincode::deserialize(state)
             .map_err(|e| ProcessorError::CorruptCheckpoint(format!("combiner state: {e}")))?;
-        crate::runner::check_worker_count(state.workers, self.workers)?;
+        crate::checkpoint::check_worker_count(state.workers, self.workers)?;
         if state.finishers.len() != self.finishers.len() {
             return Err(ProcessorError::CorruptCheckpoint(format!(
                 "the checkpoint holds {} pipelines, this processor runs {}",

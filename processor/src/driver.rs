@@ -25,14 +25,13 @@ use tokio_util::sync::CancellationToken;
 use crate::checkpoint::{self, Checkpoint, NextOffsets};
 use crate::combiner::Combiner;
 use crate::dedup::DEFAULT_HORIZON;
+use crate::error::ProcessorError;
 use crate::partial::Partial;
-use crate::runner::{
-    check_worker_count, usable_workers, worker_of, Counts, EventRun, ProcessorCheckpoint,
-};
+use crate::registry::PipelineSet;
+use crate::runner::{usable_workers, worker_of, Counts, EventRun, ProcessorCheckpoint};
 use crate::traffic::DEFAULT_ALLOWED_LATENESS;
 use crate::watermark::{DEFAULT_IDLE_TIMEOUT, DEFAULT_OUT_OF_ORDERNESS};
-use crate::worker::Worker;
-use crate::{PipelineSet, ProcessorError};
+use crate::worker::{Worker, WorkerConfig};
 
 /// A boxed, sendable future (what [`PointSink`] methods return).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -83,6 +82,18 @@ pub struct DriverConfig {
     pub codec: EventCodec,
     /// Stage-1 workers (partition `p` goes to worker `p % workers`).
     pub workers: usize,
+}
+
+impl DriverConfig {
+    /// What the stage-1 core needs of these settings.
+    pub fn worker(&self) -> WorkerConfig {
+        WorkerConfig {
+            out_of_orderness: self.out_of_orderness,
+            allowed_lateness: self.allowed_lateness,
+            idle_timeout: self.idle_timeout,
+            dedup_horizon: self.dedup_horizon,
+        }
+    }
 }
 
 impl Default for DriverConfig {
@@ -348,7 +359,7 @@ pub async fn run_driver(
     }
     let workers = usable_workers(config.workers, counts.iter().copied().min().unwrap_or(1));
     let mut engines: Vec<Worker> = (0..workers)
-        .map(|_| Worker::new(&config, pipelines.stage1()))
+        .map(|_| Worker::new(&config.worker(), pipelines.stage1()))
         .collect();
     let mut parts: Vec<Vec<Part>> = (0..workers).map(|_| Vec::new()).collect();
     for (topic, &n) in config.topics.iter().zip(&counts) {
@@ -368,7 +379,7 @@ pub async fn run_driver(
     let mut combiner = Combiner::new(pipelines.stage2(), workers, pipelines.allowed_lateness);
     if let Some(dir) = &config.checkpoint_dir {
         if let Some(cp) = checkpoint::load::<ProcessorCheckpoint>(dir)? {
-            check_worker_count(cp.workers.len(), workers)?;
+            crate::checkpoint::check_worker_count(cp.workers.len(), workers)?;
             for ((engine, wc), ps) in engines.iter_mut().zip(&cp.workers).zip(&mut parts) {
                 engine.restore(wc)?;
                 for p in ps.iter_mut() {

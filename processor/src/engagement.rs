@@ -52,12 +52,13 @@ use serde::{Deserialize, Serialize};
 use smallvec::{smallvec, SmallVec};
 use tidemark_model::{Country, Event, EventTime, EventType, FieldValue, Point, Tier, Watermark};
 
+use crate::error::ProcessorError;
 use crate::intern::Names;
 use crate::partial::{row_key, Partial, WindowId};
-use crate::registry::{Measurement, PipelineSpec, StateReach};
+use crate::pipeline::{Finisher, Pipeline};
+use crate::pipeline::{Measurement, PipelineSpec, StateReach};
 use crate::traffic::DEFAULT_ALLOWED_LATENESS;
 use crate::window::{millis, Slot, Tumbling};
-use crate::{Finisher, Pipeline, ProcessorError};
 
 const MINUTE_MS: i64 = 60_000;
 const HOUR_MS: i64 = 3_600_000;

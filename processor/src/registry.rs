@@ -7,65 +7,14 @@
 //! pipeline everywhere. [`Registry::builtin`] lists the four built-in ones;
 //! [`Registry::with`] adds another (a test's, say).
 
-use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tidemark_model::Tier;
-
 use crate::ads::{AdsConfig, AdsSpec};
 use crate::engagement::{EngagementConfig, EngagementSpec};
+use crate::pipeline::{Finisher, Measurement, Pipeline, PipelineSpec, StateReach};
 use crate::traffic::{TrafficSpec, DEFAULT_ALLOWED_LATENESS};
 use crate::trending::{TrendingConfig, TrendingSpec};
-use crate::{Finisher, Pipeline};
-
-/// A measurement a pipeline writes, and the tiers it writes it in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Measurement {
-    pub name: &'static str,
-    pub tiers: &'static [Tier],
-}
-
-/// How far a pipeline's state reaches in event time, beyond the watermark
-/// rules every pipeline shares (dedup, out-of-orderness, lateness).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct StateReach {
-    /// How far before a window's start its result may depend on events
-    /// (a session's start, an attributed impression, a trending baseline).
-    pub back: Duration,
-    /// How long after a window's end its result may still change (a
-    /// session closing a gap later).
-    pub ahead: Duration,
-}
-
-impl StateReach {
-    /// The reach covering both.
-    pub fn max(self, other: StateReach) -> StateReach {
-        StateReach {
-            back: self.back.max(other.back),
-            ahead: self.ahead.max(other.ahead),
-        }
-    }
-}
-
-/// A pipeline as the rest of the system sees it.
-pub trait PipelineSpec: Send + Sync + fmt::Debug {
-    /// A short stable name, used in flags and checkpoints; the same as its
-    /// stage 1's [`Pipeline::name`].
-    fn name(&self) -> &'static str;
-
-    /// What it writes.
-    fn measurements(&self) -> &'static [Measurement];
-
-    /// How far its state reaches, for replay's plan.
-    fn reach(&self) -> StateReach;
-
-    /// A fresh stage 1, for one worker.
-    fn stage1(&self, allowed_lateness: Duration) -> Box<dyn Pipeline>;
-
-    /// A fresh stage 2, for the combiner.
-    fn stage2(&self, allowed_lateness: Duration) -> Box<dyn Finisher>;
-}
 
 /// Settings of the built-in pipelines.
 #[derive(Debug, Clone, Default)]

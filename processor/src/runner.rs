@@ -18,10 +18,10 @@ use tidemark_model::{Event, Point, Watermark};
 
 use crate::checkpoint::Checkpoint;
 use crate::combiner::Combiner;
-use crate::driver::DriverConfig;
+use crate::error::ProcessorError;
 use crate::partial::Partial;
-use crate::worker::{Outcome, Worker};
-use crate::{PipelineSet, ProcessorError};
+use crate::registry::PipelineSet;
+use crate::worker::{Outcome, Worker, WorkerConfig};
 
 /// The worker that owns partition `partition` of every topic.
 ///
@@ -42,15 +42,6 @@ pub fn usable_workers(wanted: usize, min_partitions: u32) -> usize {
         .rev()
         .find(|w| min_partitions / w * w == min_partitions)
         .unwrap_or(1)
-}
-
-/// Refuses a checkpoint taken with another worker count: partitions, and so
-/// keyed state, would belong to other workers.
-pub(crate) fn check_worker_count(taken_with: usize, runs: usize) -> Result<(), ProcessorError> {
-    if taken_with == runs {
-        return Ok(());
-    }
-    Err(ProcessorError::WorkerCount { taken_with, runs })
 }
 
 /// What a whole processor checkpoints: every worker and the combiner.
@@ -111,7 +102,7 @@ pub struct Stages {
 
 impl Stages {
     /// `workers` stage-1 workers running `set`, and the combiner.
-    pub fn new(config: &DriverConfig, set: &PipelineSet, workers: usize) -> Self {
+    pub fn new(config: &WorkerConfig, set: &PipelineSet, workers: usize) -> Self {
         let n = workers.max(1);
         Stages {
             workers: (0..n).map(|_| Worker::new(config, set.stage1())).collect(),
@@ -245,7 +236,7 @@ impl Stages {
     /// Restores a checkpoint taken with the same worker count (register the
     /// partitions first).
     pub fn restore(&mut self, cp: &ProcessorCheckpoint) -> Result<(), ProcessorError> {
-        check_worker_count(cp.workers.len(), self.workers.len())?;
+        crate::checkpoint::check_worker_count(cp.workers.len(), self.workers.len())?;
         for (w, c) in self.workers.iter_mut().zip(&cp.workers) {
             w.restore(c)?;
         }
@@ -345,7 +336,8 @@ enum Msg {
 /// window fires at the end.
 #[allow(clippy::too_many_arguments)]
 pub fn run_parallel<S, D, E>(
-    config: &DriverConfig,
+    config: &WorkerConfig,
+    max_batch: usize,
     set: &PipelineSet,
     workers: usize,
     measure_state: bool,
@@ -373,7 +365,6 @@ where
         let tx = tx.clone();
         let mut source = make_source();
         let mut worker = Worker::new(config, set.stage1());
-        let max_batch = config.max_batch;
         let spawned = std::thread::Builder::new()
             .name(format!("tidemark-worker-{w}"))
             .spawn(move || {
@@ -605,9 +596,11 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::registry::{Measurement, PipelineSpec, StateReach};
+    use crate::partial::Partial;
+    use crate::pipeline::{Finisher, Pipeline};
+    use crate::pipeline::{Measurement, PipelineSpec, StateReach};
+    use crate::registry::Registry;
     use crate::traffic::TrafficFinisher;
-    use crate::{Finisher, Partial, Pipeline, Registry};
 
     /// A pipeline whose state cannot be encoded.
     #[derive(Debug)]
@@ -650,7 +643,7 @@ mod tests {
 
     #[test]
     fn a_state_that_cannot_be_encoded_fails_the_checkpoint() {
-        let config = DriverConfig::default();
+        let config = WorkerConfig::default();
         let set = Registry::default()
             .with(Arc::new(Unencodable))
             .all(config.allowed_lateness);
@@ -662,7 +655,7 @@ mod tests {
 
     #[test]
     fn a_checkpoint_of_another_worker_count_is_its_own_error() {
-        let config = DriverConfig::default();
+        let config = WorkerConfig::default();
         let set = PipelineSet::all(config.allowed_lateness);
         let taken = Stages::new(&config, &set, 2)
             .checkpoint(&BTreeMap::new())
@@ -683,7 +676,7 @@ mod tests {
 
     #[test]
     fn an_event_of_a_partition_never_registered_is_an_error_not_a_late_event() {
-        let config = DriverConfig::default();
+        let config = WorkerConfig::default();
         let set = PipelineSet::all(config.allowed_lateness);
         let mut worker = Worker::new(&config, set.stage1());
         let ev = Event {

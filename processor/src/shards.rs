@@ -46,10 +46,11 @@ use crate::driver::{
     DriverConfig, Flow, FromWorker, LagProbe, LiveWorker, Part, PointSink, ProcessorMetrics,
     ToWorker,
 };
+use crate::error::ProcessorError;
 use crate::partial::Partial;
+use crate::registry::PipelineSet;
 use crate::runner::{usable_workers, worker_of, Counts};
 use crate::worker::Worker;
-use crate::{PipelineSet, ProcessorError};
 
 /// Largest encoded message: more partials go into several messages, well
 /// below Kafka's default 1 MB limit.
@@ -264,7 +265,7 @@ pub async fn run_shards(
                 "shard {shard} does not exist: there are {count}"
             )));
         }
-        let mut engine = Worker::new(&config, pipelines.stage1());
+        let mut engine = Worker::new(&config.worker(), pipelines.stage1());
         let mut parts = Vec::new();
         for topic in &config.topics {
             for partition in 0..log.partition_count(topic).await? {
@@ -281,7 +282,7 @@ pub async fn run_shards(
             }
         }
         if let Some(cp) = checkpoint::load::<ShardCheckpoint>(&shard_dir(&dir, shard))? {
-            crate::runner::check_worker_count(cp.shards, count)?;
+            crate::checkpoint::check_worker_count(cp.shards, count)?;
             engine.restore(&cp.worker)?;
             for p in &mut parts {
                 if let Some(&o) = cp.worker.offsets.get(&(p.topic.clone(), p.partition)) {
@@ -587,7 +588,7 @@ pub async fn run_combiner(
     }
     let combiner_dir = dir.join("combiner");
     if let Some(cp) = checkpoint::load::<CombinerCheckpoint>(&combiner_dir)? {
-        crate::runner::check_worker_count(cp.shards, count)?;
+        crate::checkpoint::check_worker_count(cp.shards, count)?;
         combiner.restore(&cp.combiner)?;
         for (p, o) in cp.read_offsets {
             if let Some(at) = read_offsets.get_mut(&p) {

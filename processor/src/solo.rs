@@ -7,8 +7,9 @@ use std::time::Duration;
 use tidemark_model::{Event, Point, Watermark};
 
 use crate::combiner::Combiner;
+use crate::error::ProcessorError;
 use crate::partial::Partial;
-use crate::{Finisher, Pipeline, ProcessorError};
+use crate::pipeline::{Finisher, Pipeline};
 
 /// A stage-1 pipeline feeding a one-worker combiner with its finisher.
 pub(crate) struct Solo<P> {

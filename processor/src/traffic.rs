@@ -10,18 +10,18 @@ use tidemark_model::{
     Country, Device, Event, EventTime, EventType, FieldValue, Point, Tier, Watermark,
 };
 
+use crate::error::ProcessorError;
 use crate::hll::Hll;
 use crate::intern::Names;
 use crate::partial::{row_key, Partial, WindowId};
-use crate::registry::{Measurement, PipelineSpec, StateReach};
+use crate::pipeline::{Finisher, Pipeline};
+use crate::pipeline::{Measurement, PipelineSpec, StateReach};
 use crate::window::{millis, Slot, Tumbling};
-use crate::{Finisher, Pipeline, ProcessorError};
 
 /// The tiers of the window sets, by [`WindowId::kind`].
 const TIERS: [Tier; 3] = [Tier::Rt, Tier::Hourly, Tier::Daily];
 
-/// Default allowed lateness: how long a fired window still accepts events.
-pub const DEFAULT_ALLOWED_LATENESS: Duration = Duration::from_secs(60);
+pub use crate::watermark::DEFAULT_ALLOWED_LATENESS;
 
 /// Distinct custom event types tracked; beyond this they share one key so a
 /// flood of made-up names cannot grow the state without bound.

@@ -104,10 +104,11 @@ use tidemark_model::{Event, EventTime, FieldValue, Point, Tier, Watermark};
 
 use smallvec::smallvec;
 
+use crate::error::ProcessorError;
 use crate::partial::{row_key, Partial, RowKey, Values, WindowId};
-use crate::registry::{Measurement, PipelineSpec, StateReach};
+use crate::pipeline::{Finisher, Pipeline};
+use crate::pipeline::{Measurement, PipelineSpec, StateReach};
 use crate::window::millis;
-use crate::{Finisher, Pipeline, ProcessorError};
 
 /// Baselines below this are forgotten, bounding the baseline maps.
 const MIN_BASELINE: f64 = 0.01;

@@ -12,6 +12,8 @@ use tidemark_model::{EventTime, Watermark};
 
 /// Default allowed out-of-orderness.
 pub const DEFAULT_OUT_OF_ORDERNESS: Duration = Duration::from_secs(5);
+/// Default allowed lateness: how long a fired window still accepts events.
+pub const DEFAULT_ALLOWED_LATENESS: Duration = Duration::from_secs(60);
 /// Default time after which a caught-up partition without events is idle.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 

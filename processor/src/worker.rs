@@ -13,10 +13,13 @@ use tidemark_model::{Event, EventTime, Watermark};
 
 use crate::checkpoint::Checkpoint;
 use crate::dedup::PartitionDedup;
-use crate::driver::DriverConfig;
+use crate::dedup::DEFAULT_HORIZON;
+use crate::error::ProcessorError;
 use crate::partial::Partial;
-use crate::watermark::PartitionWatermarks;
-use crate::{Pipeline, ProcessorError};
+use crate::pipeline::Pipeline;
+use crate::watermark::{
+    PartitionWatermarks, DEFAULT_ALLOWED_LATENESS, DEFAULT_IDLE_TIMEOUT, DEFAULT_OUT_OF_ORDERNESS,
+};
 
 /// What happened to one event offered to a [`Worker`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +27,31 @@ pub enum Outcome {
     Accepted,
     Duplicate,
     TooLate,
+}
+
+/// What the stage-1 core needs to know of the settings; every runtime's
+/// settings give one (`DriverConfig::worker`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerConfig {
+    /// How far behind the newest event a partition's watermark trails.
+    pub out_of_orderness: Duration,
+    /// Must match the lateness the pipelines were built with.
+    pub allowed_lateness: Duration,
+    /// Processing time without records after which a partition is idle.
+    pub idle_timeout: Duration,
+    /// Duplicates are detected within this event-time horizon (at least the lateness).
+    pub dedup_horizon: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            out_of_orderness: DEFAULT_OUT_OF_ORDERNESS,
+            allowed_lateness: DEFAULT_ALLOWED_LATENESS,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            dedup_horizon: DEFAULT_HORIZON,
+        }
+    }
 }
 
 /// The stage-1 core of one worker: dedup, lateness, watermarks and pipelines.
@@ -47,7 +75,7 @@ impl std::fmt::Debug for dyn Pipeline {
 }
 
 impl Worker {
-    pub fn new(config: &DriverConfig, pipelines: Vec<Box<dyn Pipeline>>) -> Self {
+    pub fn new(config: &WorkerConfig, pipelines: Vec<Box<dyn Pipeline>>) -> Self {
         Worker {
             wms: PartitionWatermarks::new(config.out_of_orderness, config.idle_timeout),
             dedup: Vec::new(),

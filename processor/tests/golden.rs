@@ -33,7 +33,7 @@ fn render(pipeline: &str) -> String {
     };
     let config = DriverConfig::default();
     let set = PipelineSet::named(&[pipeline], config.allowed_lateness).expect("known pipeline");
-    let mut stages = Stages::new(&config, &set, 1);
+    let mut stages = Stages::new(&config.worker(), &set, 1);
     let now = Instant::now();
     let mut text = String::new();
     let mut points = Vec::new();

@@ -30,7 +30,11 @@ fn ev(id: &str, user: &str, ts: i64) -> Event {
 
 fn stages(workers: usize) -> Stages {
     let config = DriverConfig::default();
-    let mut s = Stages::new(&config, &PipelineSet::all(config.allowed_lateness), workers);
+    let mut s = Stages::new(
+        &config.worker(),
+        &PipelineSet::all(config.allowed_lateness),
+        workers,
+    );
     for topic in &config.topics {
         for p in 0..PARTITIONS {
             s.register(topic, p);

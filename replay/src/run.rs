@@ -187,7 +187,8 @@ pub fn execute(
             .collect(),
     );
     let run = run_parallel(
-        &config,
+        &config.worker(),
+        config.max_batch,
         set,
         workers,
         false,

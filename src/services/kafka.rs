@@ -14,7 +14,7 @@ use tidemark_log::{Log, LogError, Position, Record, StoredRecord};
 use tidemark_model::{topic, EventTime};
 use tokio_util::sync::CancellationToken;
 
-use super::{PARTIALS_TOPIC, PROCESSOR_LEASE_TOPIC, UPDATES_TOPIC};
+use super::topics::{PARTIALS_TOPIC, PROCESSOR_LEASE_TOPIC, UPDATES_TOPIC};
 
 pub const PRODUCE_SECONDS: &str = "tidemark_kafka_produce_seconds";
 pub const PRODUCED_RECORDS_TOTAL: &str = "tidemark_kafka_produced_records_total";

@@ -16,8 +16,10 @@ pub mod ingest;
 mod kafka;
 pub mod process;
 pub mod serve;
+mod topics;
 
 pub use kafka::{KafkaArgs, MeteredLog, TopicArgs};
+pub use topics::{PARTIALS_TOPIC, PROCESSOR_LEASE_TOPIC, PROCESSOR_SHARDS_TOPIC, UPDATES_TOPIC};
 
 use std::sync::Arc;
 
@@ -25,19 +27,6 @@ use axum::routing::get;
 use axum::{Json, Router};
 use prometheus::Registry;
 use serde_json::Value;
-
-/// Topic of live updates, from `process` to every `serve`.
-pub const UPDATES_TOPIC: &str = "tidemark-updates";
-/// Topic of stage-1 partials on their way to the combiner, which may run in
-/// another `process` instance (see [`tidemark_processor::shards`]).
-pub const PARTIALS_TOPIC: &str = tidemark_model::topic::PARTIALS;
-/// One-partition topic whose consumer-group assignment decides which
-/// `process` instance runs the combiner.
-pub const PROCESSOR_LEASE_TOPIC: &str = "tidemark-processor-lease";
-/// Topic with one partition per stage-1 shard, whose consumer-group
-/// assignment spreads the shards over the `process` instances (created by
-/// `process` with `--workers` partitions).
-pub const PROCESSOR_SHARDS_TOPIC: &str = "tidemark-processor-shards";
 
 /// Binds a service's `--listen` address.
 pub async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
@@ -50,7 +39,7 @@ pub async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpL
 /// The InfluxDB store of `influx` with its tiers created, waiting for the
 /// server to come up; `service` names who needs it in the error.
 pub async fn open_influx(
-    influx: &crate::cli::InfluxArgs,
+    influx: &crate::args::InfluxArgs,
     service: &str,
     cancel: &tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<Arc<dyn tidemark_tsdb_writer::Store>> {

@@ -56,7 +56,7 @@ use super::{
     PROCESSOR_SHARDS_TOPIC, UPDATES_TOPIC,
 };
 use crate::app::WriterSink;
-use crate::cli::InfluxArgs;
+use crate::args::InfluxArgs;
 
 pub const ACTIVE: &str = "tidemark_processor_active";
 pub const SHARDS_OWNED: &str = "tidemark_processor_shards_owned";

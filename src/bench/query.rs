@@ -24,7 +24,8 @@ use tidemark_ws_server::{router, Access, AccessConfig, Role, ServerState};
 use tokio::sync::broadcast;
 use tower::ServiceExt as _;
 
-use crate::bench::{summary, BenchArgs};
+use super::args::BenchArgs;
+use super::report::summary;
 use crate::generator::{COUNTRIES, DEVICES, MIX};
 
 const MINUTE: Duration = Duration::from_secs(60);

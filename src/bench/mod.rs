@@ -2,13 +2,12 @@
 //! `events`, `seconds` and `events_per_sec` (and `p50_ms`, `p99_ms` for latency).
 
 use std::io::BufRead as _;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use bytes::Bytes;
-use clap::{Args, ValueEnum};
+
 use futures::{SinkExt as _, StreamExt as _};
 use serde_json::{json, Value};
 use tidemark_log::segment::SegmentLog;
@@ -24,129 +23,17 @@ use tokio_util::sync::CancellationToken;
 use crate::app::{self, RunConfig, StoreChoice};
 use crate::generator::{EventFactory, GeneratorConfig};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Stage {
-    /// Appends encoded events to the embedded log (durable, group fsync).
-    Log,
-    /// Reads the embedded log, decodes, and runs the pipelines (one thread per worker).
-    Pipeline,
-    /// HTTP ingest into a durable embedded log, from a local client.
-    Ingest,
-    /// Event-to-update latency: ingest receive to WebSocket push.
-    Latency,
-    /// The live processor (both stages, no checkpoints) from the log into
-    /// InfluxDB (`--influx-url`): the events are loaded first (untimed), the
-    /// clock stops once every one was processed and the store acknowledged
-    /// every fired window.
-    Process,
-    /// Reads every input partition from its start to its end through the
-    /// log, one partition after another, without decoding (events loaded
-    /// first, untimed): the log's own read ceiling under `process`.
-    Read,
-    /// WebSocket fan-out: `--clients` loopback clients subscribed to
-    /// `overview`, publish-to-last-client latency of `--updates` updates and
-    /// the server's memory per connection (the server in a child process).
-    Fanout,
-    /// Read latency over `--days` of 1-minute traffic in SQLite: 24 h at
-    /// 1 m by event type (metrics route and SQL), and the newest hour from
-    /// the hot cache.
-    Query,
-}
+mod args;
+mod fanout;
+mod query;
+mod report;
 
-#[derive(Debug, Args)]
-pub struct BenchArgs {
-    #[arg(value_enum)]
-    pub stage: Stage,
-    /// NDJSON event file to use instead of generated events.
-    #[arg(long)]
-    pub input: Option<PathBuf>,
-    /// Number of generated events (without `--input`).
-    #[arg(long, default_value_t = 1_000_000)]
-    pub events: usize,
-    /// Records per append (log) or events per request (ingest, latency).
-    #[arg(long)]
-    pub batch: Option<usize>,
-    /// Concurrent appenders (log) or requests in flight (ingest).
-    #[arg(long, default_value_t = 8)]
-    pub concurrency: usize,
-    /// Offered load for `latency`, events per second.
-    #[arg(long, default_value_t = 20_000)]
-    pub rate: u64,
-    /// Pipelines for `pipeline`, comma-separated (default: all).
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "traffic,engagement,trending,ads"
-    )]
-    pub pipelines: Vec<String>,
-    /// Distinct users of generated events.
-    #[arg(long, default_value_t = 1_000_000)]
-    pub users: usize,
-    /// Generated events per second of event time.
-    #[arg(long, default_value_t = 5_000)]
-    pub event_rate: u64,
-    /// Also report the processor state's size after the last event
-    /// (`state_bytes`; measuring it serialises the state, so it is timed).
-    #[arg(long)]
-    pub state: bool,
-    /// `pipeline`: keep the embedded log in this folder, and when it already
-    /// holds one, run over it without loading anything (so a second run's
-    /// memory figures are the processor's alone).
-    #[arg(long)]
-    pub log_dir: Option<PathBuf>,
-    /// Stage-1 worker threads for `pipeline` (the combiner adds one).
-    #[arg(long, default_value_t = 2)]
-    pub threads: usize,
-    /// Duration of the `latency` run, seconds.
-    #[arg(long, default_value_t = 20)]
-    pub seconds: u64,
-    /// `latency`: the early-results interval of the system measured
-    /// (`run`'s default).
-    #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
-    pub early_interval: Duration,
-    /// `ingest`, `process`: run over Kafka at these brokers instead of the
-    /// embedded log (topics are provisioned; use a fresh cluster per run, as
-    /// `process` reads every partition from its start).
-    #[arg(long)]
-    pub kafka_brokers: Option<String>,
-    /// `process`: the InfluxDB 1.x server the points go to.
-    #[arg(long)]
-    pub influx_url: Option<String>,
-    /// `process`: the database the points go to.
-    #[arg(long, default_value = "tidemark_bench")]
-    pub influx_db: String,
-    /// `process`: run the stages as `tidemark process` does, `--threads`
-    /// shards reporting through the partials topic to a separate combiner,
-    /// instead of in one driver.
-    #[arg(long)]
-    pub sharded: bool,
-    /// `fanout`: WebSocket clients subscribed to `overview`.
-    #[arg(long, default_value_t = 20_000)]
-    pub clients: usize,
-    /// `fanout`: updates published, one at a time.
-    #[arg(long, default_value_t = 200)]
-    pub updates: usize,
-    /// `fanout`: time from one update's publishing to the next's.
-    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
-    pub update_interval: Duration,
-    /// `fanout`: closed windows in the overview before clients connect
-    /// (60 = the full hour a running server holds).
-    #[arg(long, default_value_t = 60)]
-    pub warm_windows: usize,
-    /// `query`: days of 1-minute data loaded into the store.
-    #[arg(long, default_value_t = 7)]
-    pub days: u64,
-    /// `query`: times each read is measured.
-    #[arg(long, default_value_t = 50)]
-    pub runs: usize,
-    /// `fanout`: be the server under test (the bench starts itself so).
-    #[arg(long, hide = true)]
-    pub fanout_server: bool,
-}
+pub use args::{BenchArgs, Stage};
+use report::{cpu_seconds, summary};
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.stage == Stage::Fanout && args.fanout_server {
-        return crate::bench_fanout::serve_child(&args).await;
+        return fanout::serve_child(&args).await;
     }
     let summary = match args.stage {
         Stage::Log => bench_log(&args).await?,
@@ -155,24 +42,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Stage::Latency => bench_latency(&args).await?,
         Stage::Process => bench_process(&args).await?,
         Stage::Read => bench_read(&args).await?,
-        Stage::Fanout => crate::bench_fanout::run(&args).await?,
-        Stage::Query => crate::bench_query::run(&args).await?,
+        Stage::Fanout => fanout::run(&args).await?,
+        Stage::Query => query::run(&args).await?,
     };
     println!("{summary}");
     Ok(())
-}
-
-pub(crate) fn summary(stage: &str, events: u64, seconds: f64, extra: Value) -> Value {
-    let mut out = json!({
-        "bench": stage,
-        "events": events,
-        "seconds": (seconds * 1000.0).round() / 1000.0,
-        "events_per_sec": (events as f64 / seconds.max(1e-9)).round(),
-    });
-    if let (Some(out), Some(extra)) = (out.as_object_mut(), extra.as_object()) {
-        out.extend(extra.clone());
-    }
-    out
 }
 
 /// The benchmark's events as validated `Event`s: from `--input` or generated,
@@ -354,18 +228,6 @@ fn process_cpu_seconds() -> Option<f64> {
     cpu_seconds(std::process::id())
 }
 
-/// CPU time process `pid` used so far, user plus system, in seconds (Linux
-/// `/proc/<pid>/stat`, in clock ticks of 1/100 s).
-pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = stat.rsplit_once(')')?.1;
-    let mut fields = rest.split_whitespace().skip(11);
-    let user: u64 = fields.next()?.parse().ok()?;
-    let system: u64 = fields.next()?.parse().ok()?;
-    Some((user + system) as f64 / 100.0)
-}
-
 /// The process's peak resident memory (Linux `VmHWM`), if known.
 fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -426,7 +288,8 @@ fn pipelines_from_log(
     let workers = usable_workers(threads, min_partitions);
     let started = Instant::now();
     let summary = run_parallel(
-        &config,
+        &config.worker(),
+        config.max_batch,
         set,
         workers,
         measure_state,

@@ -31,7 +31,8 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
-use crate::bench::{cpu_seconds, BenchArgs};
+use super::args::BenchArgs;
+use super::report::cpu_seconds;
 
 /// The traffic type whose event count is the update's number.
 const MARKER: &str = "fanout_seq";
@@ -447,7 +448,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Value> {
         .collect();
     let delivered = message_ms.len() as u64;
     let per_connection = (rss_after as f64 - rss_before as f64) / subscribed as f64;
-    Ok(crate::bench::summary(
+    Ok(super::report::summary(
         "fanout",
         delivered,
         seconds,
