@@ -15,37 +15,23 @@ use tidemark_processor::driver::{
     run_driver, BoxFuture, DriverConfig, PointSink, ProcessorMetrics,
 };
 use tidemark_processor::ProcessorError;
-use tidemark_replay::StoreTarget;
-use tidemark_tsdb_writer::influx::{InfluxConfig, InfluxStore};
 use tidemark_tsdb_writer::sqlite::SqliteStore;
+use tidemark_tsdb_writer::target::sqlite_path;
 use tidemark_tsdb_writer::writer::{BatchingWriter, WriterConfig, WriterHandle, WriterMetrics};
 use tidemark_tsdb_writer::Store;
+use tidemark_tsdb_writer::StoreTarget;
 use tidemark_ws_server::ServerState;
 
-use crate::promote;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-
-/// Which store final points go to.
-#[derive(Debug, Clone)]
-pub enum StoreChoice {
-    /// The embedded SQLite store under the data folder.
-    Sqlite,
-    /// An InfluxDB 1.x server.
-    Influx {
-        url: String,
-        database: String,
-        username: Option<String>,
-        password: Option<String>,
-    },
-}
 
 /// Everything `run` needs.
 #[derive(Debug, Clone)]
 pub struct RunConfig {
     pub data_dir: PathBuf,
     pub api_keys: Vec<String>,
-    pub store: StoreChoice,
+    /// Where the live database and replays' databases live.
+    pub store: StoreTarget,
     pub web_dir: Option<PathBuf>,
     /// Stage-1 processor workers.
     pub workers: usize,
@@ -77,29 +63,17 @@ pub async fn open_log(data_dir: &std::path::Path) -> anyhow::Result<Arc<SegmentL
 /// Opens the configured store and creates its tiers, waiting for InfluxDB to come up.
 /// The embedded store is returned a second time, typed, for its retention pruning.
 pub async fn open_store(
-    config: &RunConfig,
+    target: &StoreTarget,
     cancel: &CancellationToken,
 ) -> anyhow::Result<(Arc<dyn Store>, Option<Arc<SqliteStore>>)> {
-    let (store, sqlite): (Arc<dyn Store>, _) = match &config.store {
-        StoreChoice::Sqlite => {
-            let sqlite = Arc::new(SqliteStore::open(config.data_dir.join("store.sqlite"))?);
+    let live = target.live_database();
+    let (store, sqlite): (Arc<dyn Store>, _) = match target {
+        StoreTarget::Sqlite { data_dir } => {
+            std::fs::create_dir_all(data_dir)?;
+            let sqlite = Arc::new(SqliteStore::open(sqlite_path(data_dir, live))?);
             (sqlite.clone(), Some(sqlite))
         }
-        StoreChoice::Influx {
-            url,
-            database,
-            username,
-            password,
-        } => {
-            let influx = InfluxStore::new(InfluxConfig {
-                url: url.clone(),
-                database: database.clone(),
-                username: username.clone(),
-                password: password.clone(),
-                timeout: Duration::from_secs(10),
-            })?;
-            (Arc::new(influx), None)
-        }
+        StoreTarget::Influx { .. } => (target.open(live)?, None),
     };
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -126,7 +100,7 @@ pub async fn run(
         .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
     let registry = prometheus::Registry::new();
     let log = open_log(&config.data_dir).await?;
-    let (store, sqlite) = open_store(&config, &cancel).await?;
+    let (store, sqlite) = open_store(&config.store, &cancel).await?;
 
     let (writer, writer_task) = BatchingWriter::spawn(
         store.clone(),
@@ -171,11 +145,11 @@ pub async fn run(
         config.web_dir.clone(),
         access,
     ));
-    let (target, live_database) = store_target(&config);
-    let live = (live_database, store.clone());
+    let target = config.store.clone();
+    let live = (target.live_database().to_string(), store.clone());
     server.set_live_database(&live.0);
-    promote::sync_serving(&config.data_dir, &target, &live, &server);
-    tokio::spawn(promote::follow_serving(
+    tidemark_ws_server::serving_file::sync_serving(&config.data_dir, &target, &live, &server);
+    tokio::spawn(tidemark_ws_server::serving_file::follow_serving(
         config.data_dir.clone(),
         target,
         live,
@@ -202,35 +176,6 @@ pub async fn run(
     housekeeping.abort();
     processed.context("processor failed")?;
     Ok(())
-}
-
-/// Where `run` keeps databases, and the name of the live one.
-fn store_target(config: &RunConfig) -> (StoreTarget, String) {
-    match &config.store {
-        StoreChoice::Sqlite => (
-            StoreTarget::Sqlite {
-                data_dir: config.data_dir.clone(),
-            },
-            tidemark_tsdb_writer::DEFAULT_DATABASE.to_string(),
-        ),
-        StoreChoice::Influx {
-            url,
-            database,
-            username,
-            password,
-        } => (
-            StoreTarget::Influx {
-                config: InfluxConfig {
-                    url: url.clone(),
-                    database: database.clone(),
-                    username: username.clone(),
-                    password: password.clone(),
-                    timeout: Duration::from_secs(10),
-                },
-            },
-            database.clone(),
-        ),
-    }
 }
 
 /// Retention of the log and the embedded store, once a minute.

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::access::{self, AccessArgs, AuditCommand, TokenCommand, UserCommand};
-use crate::app::{self, RunConfig, StoreChoice};
+use crate::app::{self, RunConfig};
 use crate::args::{shutdown_token, InfluxArgs};
 use crate::bench::{self, BenchArgs};
 use crate::generator::{self, GeneratorConfig, PostTarget};
@@ -133,15 +133,7 @@ pub fn init_tracing() {
 }
 
 fn run_config(args: RunArgs, fallback_key: impl FnOnce() -> String) -> RunConfig {
-    let store = match args.influx.influx_url {
-        Some(url) => StoreChoice::Influx {
-            url,
-            database: args.influx.influx_db,
-            username: args.influx.influx_user,
-            password: args.influx.influx_password,
-        },
-        None => StoreChoice::Sqlite,
-    };
+    let store = args.influx.target(&args.data_dir);
     let mut api_keys: Vec<String> = args
         .api_keys
         .into_iter()

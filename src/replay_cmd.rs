@@ -16,8 +16,7 @@ use tidemark_processor::engagement::ActionWeights;
 use tidemark_processor::{PipelineConfigs, Registry};
 use tidemark_replay::archive::{archive_topic, ArchiveLog, Stitched};
 use tidemark_replay::verify::counts;
-use tidemark_replay::{run_replay, ReplayError, ReplayOptions, Source, StoreTarget};
-use tidemark_tsdb_writer::influx::InfluxConfig;
+use tidemark_replay::{run_replay, ReplayError, ReplayOptions, Source};
 
 use crate::args::InfluxArgs;
 
@@ -129,30 +128,6 @@ fn parse_weights(text: &str) -> Result<ActionWeights, String> {
     Ok(w)
 }
 
-/// The store target and the live database's name from the flags.
-pub fn store_target(data_dir: &std::path::Path, influx: &InfluxArgs) -> (StoreTarget, String) {
-    match &influx.influx_url {
-        Some(url) => (
-            StoreTarget::Influx {
-                config: InfluxConfig {
-                    url: url.clone(),
-                    database: influx.influx_db.clone(),
-                    username: influx.influx_user.clone(),
-                    password: influx.influx_password.clone(),
-                    timeout: Duration::from_secs(30),
-                },
-            },
-            influx.influx_db.clone(),
-        ),
-        None => (
-            StoreTarget::Sqlite {
-                data_dir: data_dir.to_path_buf(),
-            },
-            tidemark_tsdb_writer::DEFAULT_DATABASE.to_string(),
-        ),
-    }
-}
-
 async fn open_source(args: &ReplayArgs) -> anyhow::Result<Source> {
     match args.source {
         SourceKind::Local => {
@@ -215,7 +190,8 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
             args.from.to_rfc3339()
         );
     }
-    let (store, live_database) = store_target(&args.data_dir, &args.influx);
+    let store = args.influx.target(&args.data_dir);
+    let live_database = store.live_database().to_string();
     let threads = args.threads.unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
     });

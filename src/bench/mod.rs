@@ -20,8 +20,10 @@ use tidemark_processor::runner::{
 use tidemark_processor::PipelineSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::{self, RunConfig, StoreChoice};
+use crate::app::{self, RunConfig};
 use crate::generator::{EventFactory, GeneratorConfig};
+use tidemark_tsdb_writer::influx::InfluxConfig;
+use tidemark_tsdb_writer::StoreTarget;
 
 mod args;
 mod fanout;
@@ -428,18 +430,19 @@ async fn bench_process(args: &BenchArgs) -> anyhow::Result<Value> {
     let config = RunConfig {
         data_dir: dir.path().to_path_buf(),
         api_keys: Vec::new(),
-        store: StoreChoice::Influx {
-            url,
-            database: args.influx_db.clone(),
-            username: None,
-            password: None,
+        store: StoreTarget::Influx {
+            config: InfluxConfig {
+                url,
+                database: args.influx_db.clone(),
+                ..InfluxConfig::default()
+            },
         },
         web_dir: None,
         workers: args.threads,
         early_interval: args.early_interval,
         access: Default::default(),
     };
-    let (store, _) = app::open_store(&config, &cancel).await?;
+    let (store, _) = app::open_store(&config.store, &cancel).await?;
     let registry = prometheus::Registry::new();
     let writer_metrics = WriterMetrics::new(&registry)?;
     let (writer, writer_task) =
@@ -626,7 +629,9 @@ async fn bench_latency(args: &BenchArgs) -> anyhow::Result<Value> {
     let config = RunConfig {
         data_dir: dir.path().to_path_buf(),
         api_keys: vec![key.clone()],
-        store: StoreChoice::Sqlite,
+        store: StoreTarget::Sqlite {
+            data_dir: dir.path().to_path_buf(),
+        },
         web_dir: None,
         workers: args.threads.max(1),
         early_interval: args.early_interval,

@@ -44,25 +44,12 @@ pub async fn open_influx(
     cancel: &tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<Arc<dyn tidemark_tsdb_writer::Store>> {
     use anyhow::Context as _;
-    let url = influx
+    influx
         .influx_url
-        .clone()
+        .as_ref()
         .with_context(|| format!("{service} needs --influx-url (TIDEMARK_INFLUX_URL)"))?;
-    let config = crate::app::RunConfig {
-        data_dir: std::path::PathBuf::new(),
-        api_keys: Vec::new(),
-        store: crate::app::StoreChoice::Influx {
-            url,
-            database: influx.influx_db.clone(),
-            username: influx.influx_user.clone(),
-            password: influx.influx_password.clone(),
-        },
-        web_dir: None,
-        workers: 1,
-        early_interval: tidemark_processor::driver::DriverConfig::default().early_interval,
-        access: Default::default(),
-    };
-    let (store, _) = crate::app::open_store(&config, cancel).await?;
+    let target = influx.target(std::path::Path::new(""));
+    let (store, _) = crate::app::open_store(&target, cancel).await?;
     Ok(store)
 }
 

@@ -136,15 +136,17 @@ pub async fn run(
     server.set_live_database(&live.0);
     if let Some(dir) = &args.data_dir {
         // `tidemark promote` switches every serve that shares the folder.
-        let (target, _) = crate::replay_cmd::store_target(dir, &args.influx);
-        crate::promote::sync_serving(dir, &target, &live, &server);
-        tasks.push(tokio::spawn(crate::promote::follow_serving(
-            dir.clone(),
-            target,
-            live,
-            server.clone(),
-            background.clone(),
-        )));
+        let target = args.influx.target(dir);
+        tidemark_ws_server::serving_file::sync_serving(dir, &target, &live, &server);
+        tasks.push(tokio::spawn(
+            tidemark_ws_server::serving_file::follow_serving(
+                dir.clone(),
+                target,
+                live,
+                server.clone(),
+                background.clone(),
+            ),
+        ));
     }
     let router = tidemark_ws_server::router(server);
     tracing::info!(listen = %listener.local_addr()?, "Serve is running");

@@ -86,6 +86,20 @@ impl InfluxStore {
         }
     }
 
+    /// The server's databases.
+    pub async fn databases(&self) -> Result<Vec<String>, StoreError> {
+        let result = self.select("SHOW DATABASES").await?;
+        if let Some(e) = result.error {
+            return Err(StoreError::Rejected(format!("SHOW DATABASES: {e}")));
+        }
+        Ok(result
+            .series
+            .iter()
+            .flat_map(|s| &s.values)
+            .filter_map(|row| row.first()?.as_str().map(str::to_string))
+            .collect())
+    }
+
     /// Runs one read-only InfluxQL statement (GET /query, times in ms).
     async fn select(&self, statement: &str) -> Result<QueryResult, StoreError> {
         let request = self

@@ -8,7 +8,10 @@
 
 pub mod influx;
 pub mod sqlite;
+pub mod target;
 pub mod writer;
+
+pub use target::StoreTarget;
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -30,6 +33,9 @@ pub enum StoreError {
     InvalidQuery(String),
     #[error("store I/O failed: {0}")]
     Io(String),
+    /// A database name that is not an identifier.
+    #[error("{0}")]
+    InvalidName(String),
 }
 
 impl StoreError {

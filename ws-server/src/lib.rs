@@ -18,6 +18,7 @@ pub mod query;
 mod rest;
 pub mod routes;
 mod served;
+pub mod serving_file;
 
 use std::future::Future;
 use std::path::PathBuf;
