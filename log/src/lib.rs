@@ -10,6 +10,7 @@
 
 #[cfg(feature = "kafka")]
 pub mod kafka;
+pub mod metered;
 pub mod segment;
 
 use async_trait::async_trait;

@@ -20,8 +20,9 @@ use tidemark_model::topic;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::kafka::{connect_and_provision, BrokerHealth, ProduceMetrics};
-use super::{service_router, KafkaArgs, MeteredLog};
+use super::kafka::{connect_and_provision, BrokerHealth};
+use super::{service_router, KafkaArgs};
+use tidemark_log::metered::{MeteredLog, ProduceMetrics};
 
 #[derive(Debug, Clone, Args)]
 pub struct IngestArgs {

@@ -1,24 +1,20 @@
 //! What the services share about Kafka: connection flags (passed through to
-//! librdkafka), topic provisioning, and the produce and broker metrics.
+//! librdkafka), topic provisioning and the broker metric.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use async_trait::async_trait;
 use clap::Args;
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{IntGauge, Registry};
 use tidemark_log::kafka::rdkafka::ClientConfig;
 use tidemark_log::kafka::{KafkaConfig, KafkaLog};
-use tidemark_log::{Log, LogError, Position, Record, StoredRecord};
-use tidemark_model::{topic, EventTime};
+use tidemark_log::Log;
+use tidemark_model::topic;
 use tokio_util::sync::CancellationToken;
 
 use super::topics::{PARTIALS_TOPIC, PROCESSOR_LEASE_TOPIC, UPDATES_TOPIC};
 
-pub const PRODUCE_SECONDS: &str = "tidemark_kafka_produce_seconds";
-pub const PRODUCED_RECORDS_TOTAL: &str = "tidemark_kafka_produced_records_total";
-pub const DELIVERY_FAILURES_TOTAL: &str = "tidemark_kafka_delivery_failures_total";
 pub const BROKER_UP: &str = "tidemark_kafka_broker_up";
 
 /// Connection to the Kafka cluster. Every librdkafka property can be set with
@@ -205,119 +201,6 @@ pub async fn connect_and_provision(
         .context("cannot provision the Kafka topics")?;
     tracing::info!(topics = topics.len(), "Kafka topics provisioned");
     Ok(Arc::new(log))
-}
-
-/// Produce metrics of a [`Log`]: latency, records and failed deliveries per topic.
-#[derive(Debug, Clone)]
-pub struct ProduceMetrics {
-    seconds: HistogramVec,
-    records: IntCounterVec,
-    failures: IntCounterVec,
-}
-
-impl ProduceMetrics {
-    pub fn new(registry: &Registry) -> anyhow::Result<ProduceMetrics> {
-        let seconds = HistogramVec::new(
-            HistogramOpts::new(
-                PRODUCE_SECONDS,
-                "Time until the brokers confirmed every record of one append.",
-            )
-            .buckets(vec![
-                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-            ]),
-            &["topic"],
-        )?;
-        let records = IntCounterVec::new(
-            Opts::new(PRODUCED_RECORDS_TOTAL, "Records the brokers confirmed."),
-            &["topic"],
-        )?;
-        let failures = IntCounterVec::new(
-            Opts::new(
-                DELIVERY_FAILURES_TOTAL,
-                "Records of appends that failed (not confirmed by the brokers).",
-            ),
-            &["topic"],
-        )?;
-        registry.register(Box::new(seconds.clone()))?;
-        registry.register(Box::new(records.clone()))?;
-        registry.register(Box::new(failures.clone()))?;
-        Ok(ProduceMetrics {
-            seconds,
-            records,
-            failures,
-        })
-    }
-}
-
-/// A [`Log`] that counts what it produces; reads pass straight through.
-/// [`KafkaLog`](tidemark_log::kafka::KafkaLog) itself bounds an append by
-/// `--produce-timeout`.
-#[derive(Debug)]
-pub struct MeteredLog {
-    inner: Arc<dyn Log>,
-    metrics: ProduceMetrics,
-}
-
-impl MeteredLog {
-    /// Counts `inner`'s appends into `metrics`.
-    pub fn new(inner: Arc<dyn Log>, metrics: ProduceMetrics) -> MeteredLog {
-        MeteredLog { inner, metrics }
-    }
-}
-
-#[async_trait]
-impl Log for MeteredLog {
-    async fn ensure_topic(&self, topic: &str, partitions: u32) -> Result<(), LogError> {
-        self.inner.ensure_topic(topic, partitions).await
-    }
-
-    async fn partition_count(&self, topic: &str) -> Result<u32, LogError> {
-        self.inner.partition_count(topic).await
-    }
-
-    async fn append(&self, topic: &str, records: Vec<Record>) -> Result<Vec<Position>, LogError> {
-        let n = records.len() as u64;
-        let started = Instant::now();
-        let result = self.inner.append(topic, records).await;
-        match &result {
-            Ok(_) => {
-                self.metrics
-                    .seconds
-                    .with_label_values(&[topic])
-                    .observe(started.elapsed().as_secs_f64());
-                self.metrics.records.with_label_values(&[topic]).inc_by(n);
-            }
-            Err(_) => self.metrics.failures.with_label_values(&[topic]).inc_by(n),
-        }
-        result
-    }
-
-    async fn read(
-        &self,
-        topic: &str,
-        partition: u32,
-        offset: u64,
-        max_records: usize,
-    ) -> Result<Vec<StoredRecord>, LogError> {
-        self.inner.read(topic, partition, offset, max_records).await
-    }
-
-    async fn offset_for_time(
-        &self,
-        topic: &str,
-        partition: u32,
-        time: EventTime,
-    ) -> Result<u64, LogError> {
-        self.inner.offset_for_time(topic, partition, time).await
-    }
-
-    async fn start_offset(&self, topic: &str, partition: u32) -> Result<u64, LogError> {
-        self.inner.start_offset(topic, partition).await
-    }
-
-    async fn end_offset(&self, topic: &str, partition: u32) -> Result<u64, LogError> {
-        self.inner.end_offset(topic, partition).await
-    }
 }
 
 /// Whether the brokers answered the last probe; shared with health handlers.

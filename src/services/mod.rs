@@ -18,7 +18,7 @@ pub mod process;
 pub mod serve;
 mod topics;
 
-pub use kafka::{KafkaArgs, MeteredLog, TopicArgs};
+pub use kafka::{KafkaArgs, TopicArgs};
 pub use topics::{PARTIALS_TOPIC, PROCESSOR_LEASE_TOPIC, PROCESSOR_SHARDS_TOPIC, UPDATES_TOPIC};
 
 use std::sync::Arc;

@@ -50,13 +50,14 @@ use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::kafka::{connect_and_provision, BrokerHealth, ProduceMetrics};
+use super::kafka::{connect_and_provision, BrokerHealth};
 use super::{
-    service_router, KafkaArgs, MeteredLog, PARTIALS_TOPIC, PROCESSOR_LEASE_TOPIC,
-    PROCESSOR_SHARDS_TOPIC, UPDATES_TOPIC,
+    service_router, KafkaArgs, PARTIALS_TOPIC, PROCESSOR_LEASE_TOPIC, PROCESSOR_SHARDS_TOPIC,
+    UPDATES_TOPIC,
 };
 use crate::app::WriterSink;
 use crate::args::InfluxArgs;
+use tidemark_log::metered::{MeteredLog, ProduceMetrics};
 
 pub const ACTIVE: &str = "tidemark_processor_active";
 pub const SHARDS_OWNED: &str = "tidemark_processor_shards_owned";
