@@ -76,9 +76,6 @@ const REVOKE_WAIT: Duration = Duration::from_secs(60);
 const ALIVE_DIR: &str = "alive";
 /// How old the alive time may get before a standby rejoins the group.
 const ALIVE_STALE: Duration = Duration::from_secs(12);
-/// Points of one measurement per update record at most, so a record stays
-/// well below the brokers' message size limit.
-const POINTS_PER_UPDATE: usize = 2_000;
 
 #[derive(Debug, Clone, Args)]
 pub struct ProcessArgs {
@@ -752,35 +749,15 @@ async fn publish_updates(
 
 fn update_records(updates: &[Update]) -> Vec<Record> {
     let now = EventTime::now();
-    let mut out = Vec::new();
-    for u in updates {
-        let mut by_measurement: std::collections::BTreeMap<&str, Vec<_>> = Default::default();
-        for p in &u.points {
-            by_measurement
-                .entry(p.measurement.as_str())
-                .or_default()
-                .push(p.clone());
-        }
-        for (_, points) in by_measurement {
-            for chunk in points.chunks(POINTS_PER_UPDATE) {
-                let part = Update {
-                    window_start: u.window_start,
-                    is_final: u.is_final,
-                    newest_received_at: u.newest_received_at,
-                    points: chunk.to_vec(),
-                };
-                let Ok(value) = serde_json::to_vec(&part) else {
-                    continue;
-                };
-                out.push(Record {
-                    key: Bytes::from(u.window_start.millis().to_string()),
-                    value: Bytes::from(value),
-                    timestamp: now,
-                });
-            }
-        }
-    }
-    out
+    updates
+        .iter()
+        .flat_map(Update::to_messages)
+        .map(|m| Record {
+            key: Bytes::from(m.key),
+            value: Bytes::from(m.value),
+            timestamp: now,
+        })
+        .collect()
 }
 
 /// Every 5 s: per-partition lag of the owned shards behind their last

@@ -219,7 +219,7 @@ async fn follow_partition(
         };
         for r in &records {
             offset = r.offset + 1;
-            match serde_json::from_slice::<Update>(&r.value) {
+            match Update::from_message(&r.value) {
                 Ok(u) => {
                     received.inc();
                     // No subscribers yet is fine.
