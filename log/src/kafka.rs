@@ -42,6 +42,7 @@ use tidemark_model::EventTime;
 
 use crate::{Log, LogError, Position, Record, StoredRecord};
 
+pub mod group;
 pub mod testing;
 
 /// The `rdkafka` this module is built on, for callers that need its types

@@ -24,7 +24,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,10 +32,8 @@ use bytes::Bytes;
 use clap::Args;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use serde_json::json;
-use tidemark_log::kafka::rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance,
-};
-use tidemark_log::kafka::rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tidemark_log::kafka::rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use tidemark_log::kafka::rdkafka::{Offset, TopicPartitionList};
 use tidemark_log::{Log, Record};
 use tidemark_model::{topic, EventTime, Update};
 use tidemark_processor::driver::{DriverConfig, ProcessorMetrics};
@@ -57,6 +54,7 @@ use super::{
 };
 use crate::app::WriterSink;
 use crate::args::InfluxArgs;
+use tidemark_log::kafka::group::{GroupEvent, Membership};
 use tidemark_log::metered::{MeteredLog, ProduceMetrics};
 
 pub const ACTIVE: &str = "tidemark_processor_active";
@@ -65,17 +63,10 @@ pub const REBALANCES_TOTAL: &str = "tidemark_processor_rebalances_total";
 pub const PARTITION_LAG: &str = "tidemark_processor_partition_lag_records";
 pub const UPDATES_DROPPED_TOTAL: &str = "tidemark_processor_updates_dropped_total";
 
-/// Session timeout of the groups: how long a dead instance keeps its
-/// partitions (Kafka's smallest default `group.min.session.timeout.ms`).
-const LEASE_SESSION_TIMEOUT: Duration = Duration::from_secs(6);
-/// Longest wait for the processor's final checkpoint before a revoked lease
-/// is handed on anyway.
-const REVOKE_WAIT: Duration = Duration::from_secs(60);
-/// Folder in `--data-dir` where holders write the time every second, so
-/// the others can tell a dead holder from a live one (see [`AliveFiles`]).
+/// Folder in `--data-dir` where group members write the time every second,
+/// so the others can tell a dead holder from a live one (see
+/// [`tidemark_log::kafka::group`]).
 const ALIVE_DIR: &str = "alive";
-/// How old the alive time may get before a standby rejoins the group.
-const ALIVE_STALE: Duration = Duration::from_secs(12);
 
 #[derive(Debug, Clone, Args)]
 pub struct ProcessArgs {
@@ -261,7 +252,7 @@ pub async fn run(
     let group = |role: &str| format!("{}-process{role}", args.kafka.kafka_client_id);
     let alive_dir = args.data_dir.join(ALIVE_DIR);
     let (shard_group, shard_events) = Membership::join(
-        &args.kafka,
+        args.kafka.client_config(&member_client_id()),
         PROCESSOR_SHARDS_TOPIC,
         shards,
         group("-shards"),
@@ -269,7 +260,7 @@ pub async fn run(
         &alive_dir,
     )?;
     let (lease, lease_events) = Membership::join(
-        &args.kafka,
+        args.kafka.client_config(&member_client_id()),
         PROCESSOR_LEASE_TOPIC,
         1,
         group(""),
@@ -310,16 +301,6 @@ async fn provision_shards(config: &DriverConfig, log: &dyn Log) -> anyhow::Resul
         config.workers
     );
     Ok(shards)
-}
-
-/// What a group membership tells the service.
-#[derive(Debug)]
-enum GroupEvent {
-    /// These partitions of the group's topic are now this instance's.
-    Assigned(Vec<u32>),
-    /// Give every partition up, then answer on the channel (they are handed
-    /// on then).
-    Revoked(std::sync::mpsc::SyncSender<()>),
 }
 
 /// What this instance runs: some shards, and maybe the combiner.
@@ -506,209 +487,15 @@ fn sharded(driver: DriverConfig) -> ShardedConfig {
     }
 }
 
-/// Membership in one consumer group over one topic, polled on its own
-/// thread (rebalance callbacks run there and may block until the roles
-/// checkpointed).
-struct Membership {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-struct GroupContext {
-    events: mpsc::UnboundedSender<GroupEvent>,
-    rebalances: IntCounterVec,
-    /// The partitions this member holds.
-    holding: Mutex<Vec<u32>>,
-    alive: AliveFiles,
-}
-
-impl ClientContext for GroupContext {}
-
-impl ConsumerContext for GroupContext {
-    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(tpl) = rebalance {
-            if tpl.count() == 0 {
-                return;
-            }
-            self.rebalances.with_label_values(&["revoke"]).inc();
-            let (done, wait) = std::sync::mpsc::sync_channel(1);
-            if self.events.send(GroupEvent::Revoked(done)).is_ok()
-                && wait.recv_timeout(REVOKE_WAIT).is_err()
-            {
-                tracing::warn!("The processor did not checkpoint in time; handing on anyway");
-            }
-            // Handed on in good order: nobody needs to wait for these to go stale.
-            if let Ok(mut holding) = self.holding.lock() {
-                for p in holding.drain(..) {
-                    self.alive.forget(p);
-                }
-            }
-        }
-    }
-
-    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(tpl) = rebalance {
-            if tpl.count() == 0 {
-                return;
-            }
-            self.rebalances.with_label_values(&["assign"]).inc();
-            let partitions: Vec<u32> = tpl
-                .elements()
-                .iter()
-                .map(|e| e.partition().max(0) as u32)
-                .collect();
-            for &p in &partitions {
-                self.alive.touch(p);
-            }
-            if let Ok(mut holding) = self.holding.lock() {
-                holding.clone_from(&partitions);
-            }
-            let _ = self.events.send(GroupEvent::Assigned(partitions));
-        }
-    }
-}
-
-/// One file per partition of a group's topic, in which its holder writes
-/// the time every second: some brokers (tansu) drop a dead member only when
-/// another one joins, so a member that sees a partition's time go stale
-/// joins again.
-#[derive(Debug, Clone)]
-struct AliveFiles {
-    dir: PathBuf,
-    topic: &'static str,
-}
-
-impl AliveFiles {
-    fn file(&self, partition: u32) -> PathBuf {
-        self.dir.join(format!("{}-{partition}", self.topic))
-    }
-
-    fn touch(&self, partition: u32) {
-        let now = EventTime::now().millis().to_string();
-        if let Err(e) = std::fs::write(self.file(partition), now) {
-            tracing::warn!(error = %e, "Cannot write an alive file");
-        }
-    }
-
-    fn forget(&self, partition: u32) {
-        let _ = std::fs::remove_file(self.file(partition));
-    }
-
-    /// Whether a holder's time of `partition` is older than [`ALIVE_STALE`]
-    /// (no file: nobody held it, or it was handed on in good order).
-    fn is_stale(&self, partition: u32) -> bool {
-        let Ok(text) = std::fs::read_to_string(self.file(partition)) else {
-            return false;
-        };
-        let Ok(written) = text.trim().parse::<i64>() else {
-            return false;
-        };
-        EventTime::now().millis().saturating_sub(written) > ALIVE_STALE.as_millis() as i64
-    }
-}
-
-impl Membership {
-    /// Joins `group` on `topic` (of `partitions` partitions).
-    fn join(
-        kafka: &KafkaArgs,
-        topic: &'static str,
-        partitions: u32,
-        group: String,
-        rebalances: IntCounterVec,
-        alive_dir: &std::path::Path,
-    ) -> anyhow::Result<(Membership, mpsc::UnboundedReceiver<GroupEvent>)> {
-        std::fs::create_dir_all(alive_dir)
-            .with_context(|| format!("cannot create {}", alive_dir.display()))?;
-        let (tx, rx) = mpsc::unbounded_channel();
-        // The range assignor gives the first partitions to the first member
-        // in member-id order, and brokers begin a member id with the client
-        // id: with the start time in it, the oldest instance keeps the
-        // lease when another one joins instead of handing it over.
-        let started = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis());
-        let mut config = kafka.client_config(&format!("process-{started:015}"));
-        config
-            .set("group.id", group)
-            .set(
-                "session.timeout.ms",
-                LEASE_SESSION_TIMEOUT.as_millis().to_string(),
-            )
-            .set("heartbeat.interval.ms", "1000")
-            .set("partition.assignment.strategy", "range")
-            .set("enable.auto.commit", "false")
-            .set("auto.offset.reset", "latest");
-        let alive = AliveFiles {
-            dir: alive_dir.to_path_buf(),
-            topic,
-        };
-        let consumer: BaseConsumer<GroupContext> = config
-            .create_with_context(GroupContext {
-                events: tx,
-                rebalances,
-                holding: Mutex::new(Vec::new()),
-                alive: alive.clone(),
-            })
-            .context("cannot create a group consumer")?;
-        consumer
-            .subscribe(&[topic])
-            .with_context(|| format!("cannot join the group of {topic}"))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopping = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("tidemark-{topic}"))
-            .spawn(move || {
-                let mut last_rejoin = std::time::Instant::now();
-                let mut last_touch = std::time::Instant::now();
-                while !stopping.load(Ordering::Acquire) {
-                    if let Some(Err(e)) = consumer.poll(Duration::from_millis(200)) {
-                        tracing::warn!(error = %e, topic, "Group consumer error");
-                    }
-                    let holding = consumer
-                        .context()
-                        .holding
-                        .lock()
-                        .map(|h| h.clone())
-                        .unwrap_or_default();
-                    if last_touch.elapsed() >= Duration::from_secs(1) {
-                        last_touch = std::time::Instant::now();
-                        for &p in &holding {
-                            alive.touch(p);
-                        }
-                    }
-                    let orphaned =
-                        (0..partitions).any(|p| !holding.contains(&p) && alive.is_stale(p));
-                    if orphaned && last_rejoin.elapsed() >= ALIVE_STALE {
-                        tracing::info!(topic, "A holder looks dead; rejoining the group");
-                        last_rejoin = std::time::Instant::now();
-                        consumer.unsubscribe();
-                        if let Err(e) = consumer.subscribe(&[topic]) {
-                            tracing::warn!(error = %e, topic, "Cannot rejoin the group");
-                        }
-                    }
-                }
-                // Leaving the group now hands the partitions on without
-                // waiting for the session timeout.
-                consumer.unsubscribe();
-                let _ = consumer.poll(Duration::from_millis(100));
-                drop(consumer);
-            })
-            .context("cannot start a group thread")?;
-        Ok((
-            Membership {
-                stop,
-                thread: Some(thread),
-            },
-            rx,
-        ))
-    }
-
-    async fn leave(mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(thread) = self.thread.take() {
-            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
-        }
-    }
+/// The client id of a group member: with the start time in it, as brokers
+/// begin a member id with the client id and the range assignor gives the
+/// first partitions to the first member id, the oldest instance keeps the
+/// lease when another one joins instead of handing it over.
+fn member_client_id() -> String {
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    format!("process-{started:015}")
 }
 
 /// Publishes live updates to [`UPDATES_TOPIC`] until the channel closes:
