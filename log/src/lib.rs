@@ -102,6 +102,20 @@ pub trait Log: Send + Sync + std::fmt::Debug + 'static {
         max_records: usize,
     ) -> Result<Vec<StoredRecord>, LogError>;
 
+    /// The same read on the calling thread, for a log whose reads are
+    /// synchronous underneath (the embedded one): a worker thread then
+    /// skips two hops through the async runtime per batch. `None` when the
+    /// read must be awaited.
+    fn read_now(
+        &self,
+        _topic: &str,
+        _partition: u32,
+        _offset: u64,
+        _max_records: usize,
+    ) -> Option<Result<Vec<StoredRecord>, LogError>> {
+        None
+    }
+
     /// The first offset whose record timestamp is at or after `time`
     /// (the end offset if there is none).
     async fn offset_for_time(

@@ -107,6 +107,16 @@ impl Log for MeteredLog {
         self.inner.read(topic, partition, offset, max_records).await
     }
 
+    fn read_now(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max_records: usize,
+    ) -> Option<Result<Vec<StoredRecord>, LogError>> {
+        self.inner.read_now(topic, partition, offset, max_records)
+    }
+
     async fn offset_for_time(
         &self,
         topic: &str,

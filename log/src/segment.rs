@@ -1254,6 +1254,16 @@ impl Log for SegmentLog {
         blocking(move || log.read_blocking(&topic, partition, offset, max_records)).await
     }
 
+    fn read_now(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max_records: usize,
+    ) -> Option<Result<Vec<StoredRecord>, LogError>> {
+        Some(self.read_blocking(topic, partition, offset, max_records))
+    }
+
     async fn offset_for_time(
         &self,
         topic: &str,

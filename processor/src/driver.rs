@@ -879,9 +879,13 @@ impl LiveWorker {
                     // without marking the partition idle, as before the restart.
                     continue;
                 }
-                let read =
-                    self.runtime
-                        .block_on(self.log.read(&p.topic, p.partition, p.offset, max));
+                let read = match self.log.read_now(&p.topic, p.partition, p.offset, max) {
+                    Some(read) => read,
+                    None => {
+                        self.runtime
+                            .block_on(self.log.read(&p.topic, p.partition, p.offset, max))
+                    }
+                };
                 let mut records = match read {
                     Ok(r) => {
                         backoff = Duration::from_millis(100);

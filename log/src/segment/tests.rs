@@ -597,3 +597,20 @@ fn a_read_only_reader_follows_later_appends_across_segment_rolls() {
         40
     );
 }
+
+#[tokio::test]
+async fn a_read_on_the_calling_thread_sees_what_an_awaited_read_sees() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = SegmentLog::open(dir.path(), config(512)).expect("open");
+    fill(&log, "t", 4, 25);
+    let now = log
+        .read_now("t", 0, 10, 30)
+        .expect("synchronous")
+        .expect("read");
+    assert_eq!(now, log.read("t", 0, 10, 30).await.expect("read"));
+    assert_eq!(now.len(), 30);
+    assert!(matches!(
+        log.read_now("missing", 0, 0, 1),
+        Some(Err(LogError::UnknownTopic(_)))
+    ));
+}
