@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use tidemark_ingest::{IngestConfig, IngestMetrics, IngestState};
+use tidemark_ingest::{CorsOrigins, IngestConfig, IngestMetrics, IngestState};
 use tidemark_log::segment::{SegmentLog, SegmentLogConfig};
 use tidemark_log::Log;
 use tidemark_model::{topic, EventTime, Point, Update};
@@ -45,6 +45,8 @@ pub enum StoreChoice {
 pub struct RunConfig {
     pub data_dir: PathBuf,
     pub api_keys: Vec<String>,
+    /// Foreign origins allowed to post to ingest (`--cors-origin`).
+    pub cors_origins: Vec<String>,
     pub store: StoreChoice,
     pub web_dir: Option<PathBuf>,
     /// Stage-1 processor workers.
@@ -155,6 +157,7 @@ pub async fn run(
     let ingest = IngestState::new(
         IngestConfig {
             api_keys: config.api_keys.clone(),
+            cors_origins: CorsOrigins::new(config.cors_origins.clone()),
             ..IngestConfig::default()
         },
         log.clone() as Arc<dyn Log>,

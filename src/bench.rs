@@ -565,6 +565,7 @@ async fn bench_process(args: &BenchArgs) -> anyhow::Result<Value> {
     let config = RunConfig {
         data_dir: dir.path().to_path_buf(),
         api_keys: Vec::new(),
+        cors_origins: Vec::new(),
         store: StoreChoice::Influx {
             url,
             database: args.influx_db.clone(),
@@ -763,6 +764,7 @@ async fn bench_latency(args: &BenchArgs) -> anyhow::Result<Value> {
     let config = RunConfig {
         data_dir: dir.path().to_path_buf(),
         api_keys: vec![key.clone()],
+        cors_origins: Vec::new(),
         store: StoreChoice::Sqlite,
         web_dir: None,
         workers: args.threads.max(1),

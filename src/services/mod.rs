@@ -64,6 +64,7 @@ pub async fn open_influx(
     let config = crate::app::RunConfig {
         data_dir: std::path::PathBuf::new(),
         api_keys: Vec::new(),
+        cors_origins: Vec::new(),
         store: crate::app::StoreChoice::Influx {
             url,
             database: influx.influx_db.clone(),
