@@ -174,6 +174,9 @@ pub async fn run(
         config.web_dir.clone(),
         access,
     ));
+    if let Some(key) = config.api_keys.first() {
+        server.set_dashboard_ingest_key(key.clone());
+    }
     let (target, live_database) = store_target(&config);
     let live = (live_database, store.clone());
     server.set_live_database(&live.0);

@@ -1,7 +1,7 @@
 // End-to-end browser test: starts `tidemark demo` on a free loopback port,
 // logs in with the admin it prints, and checks in headless Chromium that the
-// dashboard shows non-zero live counts within 30 s. Keeps screenshots in
-// artifacts/ (login.png, dashboard.png).
+// dashboard counts its own view with the SDK and shows non-zero live counts
+// within 30 s. Keeps screenshots in artifacts/ (login.png, dashboard.png).
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
@@ -85,9 +85,16 @@ test('demo dashboard shows live counts within 30 s', async (t) => {
   mkdirSync(join(root, 'artifacts'), { recursive: true });
   await page.screenshot({ path: join(root, 'artifacts', 'login.png') });
   await page.getByLabel('Password').fill(password);
+  // The dashboard counts its own view with the SDK, posting to its own origin.
+  const viewPosted = page.waitForResponse((r) => new URL(r.url()).pathname === '/v1/events', { timeout: 20_000 });
   await page.getByRole('button', { name: 'Log in' }).click();
   await waitFor('the dashboard', async () => (await page.getByTestId('signed-in-as').count()) > 0, 10_000);
   assert.match(await page.getByTestId('signed-in-as').innerText(), /demo \(admin\)/);
+  const posted = await viewPosted;
+  assert.equal(posted.status(), 202, await posted.text());
+  const view = JSON.parse(posted.request().postData().split('\n')[0]);
+  assert.equal(view.event_type, 'page_view');
+  assert.equal(view.user_id, 'dashboard:demo');
   const number = async (testId) => {
     const text = await page.getByTestId(testId).first().innerText();
     return Number(text.replace(/[^0-9.]/g, '')) || 0;
