@@ -6,39 +6,9 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { mkdtempSync, mkdirSync, rmSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
-import { join, resolve } from 'node:path';
-import { chromium } from 'playwright-core';
-
-const root = resolve(import.meta.dirname, '..', '..');
-const bin = process.env.TIDEMARK_BIN ?? join(root, 'target', 'release', 'tidemark');
-
-function freePort() {
-  return new Promise((ok, fail) => {
-    const srv = createServer();
-    srv.on('error', fail);
-    srv.listen(0, '127.0.0.1', () => {
-      const { port } = srv.address();
-      srv.close(() => ok(port));
-    });
-  });
-}
-
-async function waitFor(what, probe, timeoutMs) {
-  const deadline = Date.now() + timeoutMs;
-  let last;
-  while (Date.now() < deadline) {
-    try {
-      const value = await probe();
-      if (value) return value;
-    } catch (err) {
-      last = err;
-    }
-    await new Promise((r) => setTimeout(r, 100));
-  }
-  throw new Error(`timed out waiting for ${what}${last ? `: ${last}` : ''}`);
-}
+import { join } from 'node:path';
+import { bin, freePort, launchChromium, root, waitFor } from './harness.mjs';
 
 test('demo dashboard shows live counts within 30 s', async (t) => {
   const port = await freePort();
@@ -62,12 +32,7 @@ test('demo dashboard shows live counts within 30 s', async (t) => {
   const base = `http://127.0.0.1:${port}`;
   await waitFor('health', async () => (await fetch(`${base}/api/v1/health`)).ok, 30_000);
 
-  browser = await chromium.launch({
-    executablePath: '/usr/bin/chromium',
-    headless: true,
-    args: ['--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update',
-      '--disable-sync', '--no-first-run', '--disable-quic'],
-  });
+  browser = await launchChromium();
   const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
   const [, user, password] = await waitFor('the demo admin', async () =>
     printed.match(/Log in as (\S+) with password (\S+)/), 30_000);

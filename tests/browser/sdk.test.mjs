@@ -7,42 +7,13 @@ import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { createServer as createHttpServer } from 'node:http';
-import { createServer } from 'node:net';
+import { createServer } from 'node:http';
 import { tmpdir } from 'node:os';
-import { join, resolve } from 'node:path';
-import { chromium } from 'playwright-core';
+import { join } from 'node:path';
+import { bin, freePort, launchChromium, root, waitFor } from './harness.mjs';
 
-const root = resolve(import.meta.dirname, '..', '..');
-const bin = process.env.TIDEMARK_BIN ?? join(root, 'target', 'release', 'tidemark');
 const sdkBuild = join(root, 'sdk', 'js', 'dist', 'tidemark.iife.js');
 const KEY = 'sdk-test-key';
-
-function freePort() {
-  return new Promise((ok, fail) => {
-    const srv = createServer();
-    srv.on('error', fail);
-    srv.listen(0, '127.0.0.1', () => {
-      const { port } = srv.address();
-      srv.close(() => ok(port));
-    });
-  });
-}
-
-async function waitFor(what, probe, timeoutMs) {
-  const deadline = Date.now() + timeoutMs;
-  let last;
-  while (Date.now() < deadline) {
-    try {
-      const value = await probe();
-      if (value) return value;
-    } catch (err) {
-      last = err;
-    }
-    await new Promise((r) => setTimeout(r, 100));
-  }
-  throw new Error(`timed out waiting for ${what}${last ? `: ${last}` : ''}`);
-}
 
 let dataDir, ingestPort, pagePort, base, pageOrigin, token, server, pageServer, browser;
 /** Events each scenario's type should count, read back at the end. */
@@ -115,7 +86,7 @@ before(async () => {
   assert.ok(token, `no token in: ${created.stdout}${created.stderr}`);
 
   const script = readFileSync(sdkBuild);
-  pageServer = createHttpServer((req, res) => {
+  pageServer = createServer((req, res) => {
     const url = new URL(req.url, pageOrigin);
     if (url.pathname === '/tidemark.iife.js') {
       res.writeHead(200, { 'content-type': 'text/javascript' }).end(script);
@@ -135,12 +106,7 @@ before(async () => {
 
   server = startTidemark();
   await healthy();
-  browser = await chromium.launch({
-    executablePath: '/usr/bin/chromium',
-    headless: true,
-    args: ['--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update',
-      '--disable-sync', '--no-first-run', '--disable-quic'],
-  });
+  browser = await launchChromium();
 });
 
 after(async () => {

@@ -65,6 +65,9 @@ let tab = '';
 let mine: Rec[] = [];
 /** Events this page is sending or has beaconed: never picked for a batch again. */
 const busy = new Set<string>();
+/** Events beaconed but kept (the beacon may be lost): not beaconed again by the
+ * `pagehide` that follows `visibilitychange`, only sent again by a batch. */
+const beaconedKept = new Set<string>();
 let unsaved: Rec[] = [];
 let saving: Promise<void> = Promise.resolve();
 let sending: Promise<number> | undefined;
@@ -244,8 +247,8 @@ function send(): Promise<number> {
 }
 
 async function sendBatch(): Promise<number> {
-  if (stopped || !online() || !opts) return 0;
   await saving;
+  if (stopped || !online() || !opts) return 0;
   const batch = await exclusive(pick);
   if (!batch.length) return 0;
   batch.forEach((r) => busy.add(r.id));
@@ -268,7 +271,12 @@ async function sendBatch(): Promise<number> {
         : batch.map((_, index) => ({ index, reason: `http_${status}`, error: body.error || '' }));
     for (const r of rejected) {
       const rec = batch[r.index];
-      if (rec) opts.onReject?.(JSON.parse(rec.e), r.reason, r.error);
+      try {
+        if (rec) opts.onReject?.(JSON.parse(rec.e), r.reason, r.error);
+      } catch (err) {
+        // The app's callback failing must not make the batch look unsent.
+        console.error(err);
+      }
     }
     failures = retryAt = 0;
     await forget(batch);
@@ -314,10 +322,11 @@ async function pick(): Promise<Rec[]> {
   const claimed = orphans.filter((r) => !beaconed.has(r.id)).map((r) => ({ ...r, o: tab }));
   await s.put(claimed);
   await s.del([...beaconed]);
+  // Taken over: this page's to beacon too if it goes away.
+  mine.push(...claimed);
   // Ours: stored, or only in memory when storage failed.
   const byId = new Map(mine.map((r) => [r.id, r] as const));
   for (const r of all) if (!held || r.o == tab) byId.set(r.id, r);
-  for (const r of claimed) byId.set(r.id, r);
   queued = all.length - beaconed.size;
   const batch: Rec[] = [];
   let bytes = 0;
@@ -357,7 +366,7 @@ function hidden(): void {
 function beacon(): void {
   if (!opts || stopped) return;
   const trusted = online() && !failures;
-  const out = mine.filter((r) => !busy.has(r.id));
+  const out = mine.filter((r) => !busy.has(r.id) && !beaconedKept.has(r.id));
   let chunk: Rec[] = [];
   let bytes = 0;
   const sent: string[] = [];
@@ -371,7 +380,8 @@ function beacon(): void {
       // Some browsers throw instead of answering false.
     }
     if (!ok) void post(body).catch(() => {});
-    else if (trusted) sent.push(...chunk.map((r) => r.id));
+    if (ok && trusted) sent.push(...chunk.map((r) => r.id));
+    else chunk.forEach((r) => beaconedKept.add(r.id));
     chunk = [];
     bytes = 0;
   };

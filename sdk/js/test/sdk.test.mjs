@@ -211,6 +211,25 @@ test('on pagehide the unsent events are beaconed in chunks of at most 64 KB, onc
   assert.equal(page.requests.flatMap((r) => r.lines).length, fetched.length);
 });
 
+test('offline, a hidden then closed page beacons once and keeps its events for the next page', async (t) => {
+  const { page, sdk } = await started(t);
+  page.navigator.onLine = false;
+  for (let i = 0; i < 3; i++) sdk.track('custom.bye', { n: i });
+  await settle();
+  globalThis.document.visibilityState = 'hidden';
+  page.dispatch('visibilitychange');
+  page.dispatch('pagehide');
+  await settle();
+  assert.equal(page.beacons.length, 1, 'beaconed once, not again on pagehide');
+  assert.equal(sdk.stats().queued, 3, 'an untrusted beacon keeps the events');
+  await sdk.shutdown();
+  page.navigator.onLine = true;
+  const next = await loadSdk();
+  next.init({ url: URL_, key: 'k' });
+  await advance(3000);
+  assert.deepEqual(page.requests.flatMap((r) => r.lines.map((e) => e.n)), [0, 1, 2]);
+});
+
 test('a session ends after 30 minutes idle or 24 hours', async (t) => {
   const { page, sdk } = await started(t, { flushIntervalMs: 1000 });
   sdk.track('custom.a');
