@@ -194,11 +194,12 @@ export function stats(): Stats {
 }
 
 async function save(): Promise<void> {
-  const fresh = unsaved;
-  unsaved = [];
-  if (!fresh.length) return;
+  if (!unsaved.length) return;
   try {
     await exclusive(async () => {
+      // Taken under the lock: until then `pick` knows them as not stored yet.
+      const fresh = unsaved;
+      unsaved = [];
       const s = await store;
       await s.put(fresh);
       const all = await s.all();
@@ -324,9 +325,13 @@ async function pick(): Promise<Rec[]> {
   await s.del([...beaconed]);
   // Taken over: this page's to beacon too if it goes away.
   mine.push(...claimed);
-  // Ours: stored, or only in memory when storage failed.
-  const byId = new Map(mine.map((r) => [r.id, r] as const));
+  // Ours: stored as ours (another tab may have taken over one before this
+  // page's lock was granted), or only in memory when storage failed.
+  const stored = new Set(all.map((r) => r.id));
+  const memoryOnly = mine.filter((r) => !stored.has(r.id) && !unsaved.includes(r));
+  const byId = new Map(memoryOnly.map((r) => [r.id, r] as const));
   for (const r of all) if (!held || r.o == tab) byId.set(r.id, r);
+  for (const r of claimed) byId.set(r.id, r);
   queued = all.length - beaconed.size;
   const batch: Rec[] = [];
   let bytes = 0;
