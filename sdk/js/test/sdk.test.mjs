@@ -124,6 +124,30 @@ test('per-event rejections go to onReject once; the rest are done', async (t) =>
   assert.equal(page.requests.length, 1, 'rejected events are not retried');
 });
 
+test('a batch refused whole (400, 413) goes to onReject and is not retried, whatever onReject does', async (t) => {
+  const rejected = [];
+  t.mock.method(console, 'error', () => {});
+  const { page, sdk } = await started(t, {
+    onReject: (event, reason) => {
+      rejected.push([event.properties.n, reason]);
+      throw new Error('a failing callback');
+    },
+  }, {
+    answer: (n) => n == 1
+      ? new Response('{"accepted":0,"duplicates":0,"rejected":[{"index":0,"reason":"invalid_value","error":"bad"}]}', { status: 400 })
+      : new Response('{"error":"request body exceeds 5242880 bytes"}', { status: 413 }),
+  });
+  sdk.track('custom.a', { properties: { n: 0 } });
+  await sdk.flush();
+  sdk.track('custom.b', { properties: { n: 1 } });
+  sdk.track('custom.c', { properties: { n: 2 } });
+  await sdk.flush();
+  await advance(30_000, 1000);
+  assert.deepEqual(rejected, [[0, 'invalid_value'], [1, 'http_413'], [2, 'http_413']]);
+  assert.equal(page.requests.length, 2);
+  assert.equal(sdk.stats().queued, 0);
+});
+
 test('a 401 stops sending, reports it and keeps the events', async (t) => {
   const errors = [];
   t.mock.method(console, 'error', (m) => errors.push(m));
