@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Installs what the demo and the tests need, idempotently and quickly when present:
 # Debian's influxdb (real InfluxDB 1.x for tests) and chromium (browser tests),
-# the tansu broker (Kafka tests), the dashboard's npm packages (and its build),
-# playwright-core for the browser test. `--web-only` installs just what the
-# demo needs: the dashboard's packages and its build.
+# the tansu broker (Kafka tests), the dashboard's npm packages (and its build,
+# which bundles the JavaScript SDK's sources), the SDK's own build tools (and
+# its build, for its tests), playwright-core for the browser tests.
+# `--web-only` installs just what the demo needs: the dashboard's packages and
+# its build.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$ROOT"
@@ -36,6 +38,7 @@ npm_install() {
   fi
 }
 npm_install dashboards/web "React, Vite: the dashboard's build"
+$web_only || npm_install sdk/js "esbuild, TypeScript: the JavaScript SDK's build"
 $web_only || npm_install tests/browser "playwright-core: drives Chromium in the browser test"
 
 # tansu, a Kafka-compatible broker, for the Kafka log's tests: built once from
@@ -46,9 +49,14 @@ if ! $web_only && ! tansu_bin >/dev/null; then
   tansu_bin >/dev/null || { echo "setup: tansu was built but is not in $TIDEMARK_TOOLS/bin" >&2; exit 1; }
 fi
 
-# Build the dashboard when its sources are newer than the build.
+# Build the SDK and the dashboard when their sources are newer than the builds.
+if ! $web_only && { [ ! -f sdk/js/dist/tidemark.mjs ] || \
+   [ -n "$(find sdk/js/src sdk/js/build.mjs sdk/js/package-lock.json -newer sdk/js/dist/tidemark.mjs 2>/dev/null | head -1)" ]; }; then
+  step "setup: building the JavaScript SDK (sdk/js/dist)"
+  (cd sdk/js && npm run --silent build)
+fi
 if [ ! -f dashboards/web/dist/index.html ] || \
-   [ -n "$(find dashboards/web/src dashboards/web/index.html dashboards/web/package-lock.json -newer dashboards/web/dist/index.html 2>/dev/null | head -1)" ]; then
+   [ -n "$(find dashboards/web/src dashboards/web/index.html dashboards/web/package-lock.json sdk/js/src -newer dashboards/web/dist/index.html 2>/dev/null | head -1)" ]; then
   step "setup: building the dashboard (dashboards/web/dist, served by tidemark)"
   (cd dashboards/web && npm run --silent build)
 fi

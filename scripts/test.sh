@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every check and test: formatting, lints, unit and property tests, the
-# end-to-end tests against real InfluxDB and Kafka (tansu), and the browser
-# test of the dashboard. The first run on a fresh machine installs and builds
+# end-to-end tests against real InfluxDB and Kafka (tansu), the JavaScript
+# SDK's unit tests and size budget, and the browser tests of the dashboard
+# and the SDK. The first run on a fresh machine installs and builds
 # everything (see docs/operations.md); later runs reuse it.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
@@ -29,6 +30,9 @@ export TIDEMARK_BIN="$CARGO_TARGET_DIR/release/tidemark"
 step "test: cargo test (unit, property and end-to-end tests)"
 cargo test --workspace --all-targets --features "$FEATURES"
 
-step "test: browser test of the dashboard (Chromium)"
+step "test: JavaScript SDK: unit tests, and the core's size (at most 5 KB min+gzip)"
+(cd sdk/js && npm run --silent build -- --size && node --test --test-reporter=tap test/*.test.mjs)
+
+step "test: browser tests of the dashboard and the SDK (Chromium)"
 mkdir -p artifacts
-(cd tests/browser && node --test --test-reporter=tap dashboard.test.mjs)
+(cd tests/browser && node --test --test-reporter=tap dashboard.test.mjs sdk.test.mjs)

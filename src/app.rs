@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use tidemark_ingest::{IngestConfig, IngestMetrics, IngestState};
+use tidemark_ingest::{CorsOrigins, IngestConfig, IngestMetrics, IngestState};
 use tidemark_log::segment::{SegmentLog, SegmentLogConfig};
 use tidemark_log::Log;
 use tidemark_model::{topic, EventTime, Point, Update};
@@ -30,6 +30,8 @@ use tokio_util::sync::CancellationToken;
 pub struct RunConfig {
     pub data_dir: PathBuf,
     pub api_keys: Vec<String>,
+    /// Foreign origins allowed to post to ingest (`--cors-origin`).
+    pub cors_origins: Vec<String>,
     /// Where the live database and replays' databases live.
     pub store: StoreTarget,
     pub web_dir: Option<PathBuf>,
@@ -129,6 +131,7 @@ pub async fn run(
     let ingest = IngestState::new(
         IngestConfig {
             api_keys: config.api_keys.clone(),
+            cors_origins: CorsOrigins::new(config.cors_origins.clone()),
             ..IngestConfig::default()
         },
         log.clone() as Arc<dyn Log>,
@@ -145,6 +148,9 @@ pub async fn run(
         config.web_dir.clone(),
         access,
     ));
+    if let Some(key) = config.api_keys.first() {
+        server.set_dashboard_ingest_key(key.clone());
+    }
     let target = config.store.clone();
     let live = (target.live_database().to_string(), store.clone());
     server.set_live_database(&live.0);

@@ -69,6 +69,15 @@ pub struct RunArgs {
     /// API key accepted by ingest (repeatable).
     #[arg(long = "api-key", env = "TIDEMARK_API_KEYS", value_delimiter = ',')]
     pub api_keys: Vec<String>,
+    /// Foreign origin whose web pages may post events, e.g.
+    /// `https://app.example.com` (repeatable; `*` for any). The collector's
+    /// own origin always may.
+    #[arg(
+        long = "cors-origin",
+        env = "TIDEMARK_CORS_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub cors_origins: Vec<String>,
     #[command(flatten)]
     pub influx: InfluxArgs,
     /// Folder of the built web dashboard.
@@ -145,6 +154,7 @@ fn run_config(args: RunArgs, fallback_key: impl FnOnce() -> String) -> RunConfig
     RunConfig {
         data_dir: args.data_dir,
         api_keys,
+        cors_origins: args.cors_origins,
         store,
         web_dir: Some(args.web_dir),
         workers: args.workers,

@@ -11,6 +11,8 @@ use tidemark_log::LogError;
 pub enum IngestError {
     #[error("missing or invalid API key")]
     Unauthorized,
+    #[error("origin not allowed to post events (see --cors-origin)")]
+    OriginNotAllowed,
     #[error("request body exceeds {limit} bytes")]
     BodyTooLarge { limit: usize },
     #[error("invalid gzip body: {0}")]
@@ -40,6 +42,7 @@ impl IngestError {
     pub fn reason(&self) -> &'static str {
         match self {
             IngestError::Unauthorized => "unauthorized",
+            IngestError::OriginNotAllowed => "origin_not_allowed",
             IngestError::BodyTooLarge { .. } => "body_too_large",
             IngestError::InvalidGzip(_) => "invalid_gzip",
             IngestError::UnsupportedEncoding(_) => "unsupported_encoding",
@@ -54,6 +57,7 @@ impl IngestError {
     pub fn status(&self) -> StatusCode {
         match self {
             IngestError::Unauthorized => StatusCode::UNAUTHORIZED,
+            IngestError::OriginNotAllowed => StatusCode::FORBIDDEN,
             IngestError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             IngestError::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             IngestError::InvalidGzip(_)

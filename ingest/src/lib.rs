@@ -3,8 +3,11 @@
 //! `POST /v1/events` takes a JSON array or NDJSON (optionally gzip), checks the
 //! API key, validates and enriches each event, drops duplicates by `event_id`,
 //! and appends the accepted ones to the log; rejected ones go to the
-//! dead-letter topic with their reason.
+//! dead-letter topic with their reason. Web pages post to it too (the
+//! JavaScript SDK in `sdk/js`): from the origins `--cors-origin` allows, with
+//! the key as `?key=` where a header cannot be set (`sendBeacon`).
 
+mod cors;
 mod dedup;
 mod error;
 mod metrics;
@@ -16,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
@@ -28,6 +31,7 @@ use serde_json::value::RawValue;
 use tidemark_log::{Log, LogError, Record};
 use tidemark_model::{topic, wire, DeadLetter, Event, EventTime, Limits};
 
+pub use cors::CorsOrigins;
 pub use dedup::Dedup;
 pub use error::IngestError;
 pub use metrics::IngestMetrics;
@@ -35,8 +39,10 @@ pub use metrics::IngestMetrics;
 /// Settings of the collector.
 #[derive(Debug, Clone)]
 pub struct IngestConfig {
-    /// Accepted `Authorization: Bearer` keys.
+    /// Accepted keys, sent as `Authorization: Bearer <key>` or `?key=<key>`.
     pub api_keys: Vec<String>,
+    /// Foreign origins whose pages may post (the collector's own always may).
+    pub cors_origins: CorsOrigins,
     /// Validation limits applied to every event.
     pub limits: Limits,
     /// Largest request body, before and after gzip decompression.
@@ -51,6 +57,7 @@ impl Default for IngestConfig {
     fn default() -> Self {
         IngestConfig {
             api_keys: Vec::new(),
+            cors_origins: CorsOrigins::default(),
             limits: Limits::default(),
             max_body_bytes: 5 * 1024 * 1024,
             dedup_window: Duration::from_secs(10 * 60),
@@ -102,10 +109,10 @@ impl IngestState {
     }
 }
 
-/// The collector's routes: `POST /v1/events`.
+/// The collector's routes: `POST /v1/events` and its CORS preflight.
 pub fn router(state: Arc<IngestState>) -> Router {
     Router::new()
-        .route("/v1/events", post(post_events))
+        .route("/v1/events", post(post_events).options(preflight))
         .with_state(state)
 }
 
@@ -124,12 +131,26 @@ struct Rejection {
     error: String,
 }
 
+async fn preflight(State(state): State<Arc<IngestState>>, headers: HeaderMap) -> Response {
+    state
+        .config
+        .cors_origins
+        .preflight(&headers)
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
 async fn post_events(
     State(state): State<Arc<IngestState>>,
+    uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let response = match ingest(&state, &headers, body).await {
+    let origin = state.config.cors_origins.check(&headers);
+    let result = match origin {
+        cors::OriginCheck::Refused => Err(IngestError::OriginNotAllowed),
+        _ => ingest(&state, &uri, &headers, body).await,
+    };
+    let mut response = match result {
         Ok(response) => response,
         Err(e) => {
             if let IngestError::Log(err) = &e {
@@ -144,6 +165,9 @@ async fn post_events(
             e.into_response()
         }
     };
+    if let cors::OriginCheck::Allowed(origin) = origin {
+        cors::allow(response.headers_mut(), origin);
+    }
     state
         .metrics
         .requests
@@ -173,10 +197,11 @@ struct Pending {
 
 async fn ingest(
     state: &IngestState,
+    uri: &Uri,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, IngestError> {
-    if !authorized(headers, &state.config.api_keys) {
+    if !authorized(headers, uri.query(), &state.config.api_keys) {
         return Err(IngestError::Unauthorized);
     }
     let body = read_body(headers, body, state.config.max_body_bytes).await?;
@@ -335,23 +360,30 @@ async fn ingest(
     Ok((status, Json(summary)).into_response())
 }
 
-/// Whether the request carries `Authorization: Bearer <key>` with a configured key.
-fn authorized(headers: &HeaderMap, keys: &[String]) -> bool {
-    let Some(value) = headers.get(header::AUTHORIZATION) else {
-        return false;
-    };
-    let value = value.as_bytes();
-    let Some(token) = value
-        .get(..7)
-        .filter(|p| p.eq_ignore_ascii_case(b"bearer "))
-        .map(|_| value[7..].trim_ascii())
-    else {
-        return false;
-    };
+/// Whether the request carries a configured key, as `Authorization: Bearer
+/// <key>` or, for `sendBeacon`, which cannot set headers, as `?key=<key>`.
+fn authorized(headers: &HeaderMap, query: Option<&str>, keys: &[String]) -> bool {
+    let from_header = headers.get(header::AUTHORIZATION).and_then(|value| {
+        let value = value.as_bytes();
+        value
+            .get(..7)
+            .filter(|p| p.eq_ignore_ascii_case(b"bearer "))
+            .map(|_| value[7..].trim_ascii().to_vec())
+    });
+    let from_query = query.and_then(|q| {
+        form_urlencoded::parse(q.as_bytes())
+            .find(|(name, _)| name == "key")
+            .map(|(_, key)| key.into_owned().into_bytes())
+    });
     // Compare against every key without an early exit so timing does not leak a prefix.
-    keys.iter().fold(false, |found, key| {
-        found | constant_time_eq(token, key.as_bytes())
-    })
+    [from_header, from_query]
+        .into_iter()
+        .flatten()
+        .any(|token| {
+            keys.iter().fold(false, |found, key| {
+                found | constant_time_eq(&token, key.as_bytes())
+            })
+        })
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -407,6 +439,8 @@ fn gunzip(compressed: &[u8], limit: usize) -> Result<Bytes, IngestError> {
 
 /// Splits a body into the raw bytes of its events: a JSON array of objects when
 /// it starts with `[`, otherwise NDJSON (one event per non-blank line).
+/// `Content-Type` is not consulted: `text/plain` is what a page sends without
+/// a CORS preflight, and what `sendBeacon` sends for a string body.
 fn split_events(body: &[u8]) -> Result<Vec<&[u8]>, IngestError> {
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
     if first == Some(&b'[') {

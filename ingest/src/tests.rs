@@ -93,11 +93,16 @@ struct Harness {
 }
 
 fn harness() -> Harness {
+    harness_with(CorsOrigins::default())
+}
+
+fn harness_with(cors_origins: CorsOrigins) -> Harness {
     let log = Arc::new(MemLog::default());
     let registry = Registry::new();
     let metrics = IngestMetrics::new(&registry).unwrap();
     let config = IngestConfig {
         api_keys: vec!["other-key".into(), KEY.into()],
+        cors_origins,
         ..IngestConfig::default()
     };
     let state = Arc::new(IngestState::new(config, log.clone(), metrics));
@@ -587,4 +592,200 @@ async fn throughput() {
     let rate = 200_000.0 / started.elapsed().as_secs_f64();
     println!("ingest throughput: {rate:.0} events/s");
     assert_eq!(h.log.total(), 200_000);
+}
+
+#[tokio::test]
+async fn key_in_the_query_authorizes_like_the_header() {
+    let h = harness();
+    let post = |uri: &str| {
+        Request::post(uri)
+            .header(header::CONTENT_TYPE, "text/plain;charset=UTF-8")
+            .body(Body::from(event(uri, "login")))
+            .unwrap()
+    };
+    for uri in ["/v1/events?key=test-key", "/v1/events?v=1&key=other%2Dkey"] {
+        let (status, _, json) = h.send(post(uri)).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{uri}: {json}");
+    }
+    for uri in [
+        "/v1/events?key=wrong",
+        "/v1/events?key=",
+        "/v1/events?key",
+        "/v1/events?key=%ZZ%",
+        "/v1/events?token=test-key",
+        "/v1/events?key=test-key-",
+    ] {
+        let (status, _, json) = h.send(post(uri)).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{uri}");
+        assert_eq!(json["error"], "missing or invalid API key", "{uri}");
+    }
+    // A wrong header does not spoil a right query key, nor the other way round.
+    let both = Request::post("/v1/events?key=wrong")
+        .header(header::AUTHORIZATION, format!("Bearer {KEY}"))
+        .body(Body::from(event("h", "login")))
+        .unwrap();
+    assert_eq!(h.send(both).await.0, StatusCode::ACCEPTED);
+    assert_eq!(h.log.records(topic::USER_EVENTS).len(), 3);
+}
+
+#[tokio::test]
+async fn text_plain_ndjson_is_accepted() {
+    let h = harness();
+    let body = format!("{}\n{}\n", event("a", "login"), event("b", "page_view"));
+    let request = authed()
+        .header(header::CONTENT_TYPE, "text/plain;charset=UTF-8")
+        .body(Body::from(body))
+        .unwrap();
+    let (status, _, json) = h.send(request).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{json}");
+    assert_eq!(json["accepted"], 2);
+    let bad = authed()
+        .header(header::CONTENT_TYPE, "text/plain")
+        .body(Body::from("this is not json\n"))
+        .unwrap();
+    let (status, _, json) = h.send(bad).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(reasons(&json), vec![(0, "invalid_json".to_owned())]);
+}
+
+const APP: &str = "https://app.example.com";
+
+fn preflight(origin: &str) -> Request<Body> {
+    Request::options("/v1/events")
+        .header(header::HOST, "ingest.example.com")
+        .header(header::ORIGIN, origin)
+        .header(header::ACCESS_CONTROL_REQUEST_METHOD, "POST")
+        .header(
+            header::ACCESS_CONTROL_REQUEST_HEADERS,
+            "authorization, content-type",
+        )
+        .body(Body::empty())
+        .unwrap()
+}
+
+fn cors_headers(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .keys()
+        .map(|k| k.as_str().to_owned())
+        .filter(|k| k.starts_with("access-control-"))
+        .collect()
+}
+
+#[tokio::test]
+async fn preflight_answers_an_allowed_origin_only() {
+    let h = harness_with(CorsOrigins::new([
+        format!("{APP}/"),
+        "http://localhost:5173".into(),
+    ]));
+    let (status, headers, _) = h.send(preflight(APP)).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(headers[header::ACCESS_CONTROL_ALLOW_ORIGIN], APP);
+    assert_eq!(headers[header::ACCESS_CONTROL_ALLOW_METHODS], "POST");
+    let allowed = headers[header::ACCESS_CONTROL_ALLOW_HEADERS]
+        .to_str()
+        .unwrap();
+    for name in ["authorization", "content-type", "content-encoding"] {
+        assert!(allowed.contains(name), "{allowed}");
+    }
+    assert_eq!(headers[header::ACCESS_CONTROL_MAX_AGE], "86400");
+    assert_eq!(headers[header::VARY], "origin");
+
+    for refused in [
+        "https://evil.example.com",
+        "https://app.example.com.evil.net",
+        "null",
+    ] {
+        let (status, headers, json) = h.send(preflight(refused)).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{refused}");
+        assert_eq!(cors_headers(&headers), Vec::<String>::new(), "{refused}");
+        assert!(json["error"].as_str().unwrap().contains("--cors-origin"));
+    }
+}
+
+#[tokio::test]
+async fn nothing_but_the_own_origin_is_allowed_by_default() {
+    let h = harness();
+    let (status, headers, _) = h.send(preflight(APP)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(cors_headers(&headers).is_empty());
+
+    let post = |origin: &str, host: &str| {
+        authed()
+            .header(header::ORIGIN, origin)
+            .header(header::HOST, host)
+            .body(Body::from(event(origin, "login")))
+            .unwrap()
+    };
+    let (status, headers, json) = h.send(post(APP, "ingest.example.com")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        json,
+        serde_json::json!({"error": "origin not allowed to post events (see --cors-origin)"})
+    );
+    assert!(cors_headers(&headers).is_empty());
+    assert_eq!(
+        h.log.total(),
+        0,
+        "a refused origin's events are not appended"
+    );
+    assert!(h
+        .metrics_text()
+        .contains(r#"tidemark_ingest_events_rejected_total{reason="origin_not_allowed"} 1"#));
+
+    // The page of the collector's own origin needs no CORS.
+    let (status, headers, _) = h
+        .send(post("http://127.0.0.1:8080", "127.0.0.1:8080"))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert!(cors_headers(&headers).is_empty());
+    let own = Request::options("/v1/events")
+        .header(header::ORIGIN, "http://127.0.0.1:8080")
+        .header(header::HOST, "127.0.0.1:8080")
+        .body(Body::empty())
+        .unwrap();
+    let (status, headers, _) = h.send(own).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(headers[header::ALLOW], "POST, OPTIONS");
+    assert_eq!(h.log.total(), 1);
+}
+
+#[tokio::test]
+async fn an_allowed_origin_can_read_the_answer_and_retry_after() {
+    let h = harness_with(CorsOrigins::new([APP.to_owned()]));
+    let post = |body: String| {
+        Request::post(format!("/v1/events?key={KEY}"))
+            .header(header::ORIGIN, APP)
+            .header(header::HOST, "ingest.example.com")
+            .header(header::CONTENT_TYPE, "text/plain;charset=UTF-8")
+            .body(Body::from(body))
+            .unwrap()
+    };
+    let body = format!("{}\n{{\"event_id\":\"x\"}}\n", event("a", "login"));
+    let (status, headers, json) = h.send(post(body)).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(reasons(&json), vec![(1, "missing_field".to_owned())]);
+    assert_eq!(headers[header::ACCESS_CONTROL_ALLOW_ORIGIN], APP);
+    assert_eq!(
+        headers[header::ACCESS_CONTROL_EXPOSE_HEADERS],
+        "retry-after"
+    );
+
+    // Errors carry the headers too, or the page could not tell a 503 from a
+    // network failure.
+    h.log.unavailable.store(true, Ordering::SeqCst);
+    let (status, headers, _) = h.send(post(event("b", "login"))).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(headers[header::ACCESS_CONTROL_ALLOW_ORIGIN], APP);
+    assert_eq!(headers[header::RETRY_AFTER], "1");
+}
+
+#[tokio::test]
+async fn a_wildcard_allows_any_origin() {
+    let h = harness_with(CorsOrigins::new(["*".to_owned()]));
+    let (status, headers, _) = h.send(preflight("https://anyone.example.org")).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        headers[header::ACCESS_CONTROL_ALLOW_ORIGIN],
+        "https://anyone.example.org"
+    );
 }

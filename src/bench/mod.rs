@@ -430,6 +430,7 @@ async fn bench_process(args: &BenchArgs) -> anyhow::Result<Value> {
     let config = RunConfig {
         data_dir: dir.path().to_path_buf(),
         api_keys: Vec::new(),
+        cors_origins: Vec::new(),
         store: StoreTarget::Influx {
             config: InfluxConfig {
                 url,
@@ -629,6 +630,7 @@ async fn bench_latency(args: &BenchArgs) -> anyhow::Result<Value> {
     let config = RunConfig {
         data_dir: dir.path().to_path_buf(),
         api_keys: vec![key.clone()],
+        cors_origins: Vec::new(),
         store: StoreTarget::Sqlite {
             data_dir: dir.path().to_path_buf(),
         },

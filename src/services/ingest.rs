@@ -14,7 +14,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::Args;
 use serde_json::json;
-use tidemark_ingest::{IngestConfig, IngestMetrics, IngestState};
+use tidemark_ingest::{CorsOrigins, IngestConfig, IngestMetrics, IngestState};
 use tidemark_log::Log;
 use tidemark_model::topic;
 use tokio::net::TcpListener;
@@ -37,6 +37,15 @@ pub struct IngestArgs {
         required = true
     )]
     pub api_keys: Vec<String>,
+    /// Foreign origin whose web pages may post events, e.g.
+    /// `https://app.example.com` (repeatable; `*` for any). The collector's
+    /// own origin always may.
+    #[arg(
+        long = "cors-origin",
+        env = "TIDEMARK_CORS_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub cors_origins: Vec<String>,
     #[command(flatten)]
     pub kafka: KafkaArgs,
     /// TOML file with defaults for these flags (see docs/operations.md).
@@ -78,6 +87,7 @@ pub async fn run(
     let state = IngestState::new(
         IngestConfig {
             api_keys,
+            cors_origins: CorsOrigins::new(args.cors_origins),
             ..IngestConfig::default()
         },
         log,

@@ -1,44 +1,14 @@
 // End-to-end browser test: starts `tidemark demo` on a free loopback port,
 // logs in with the admin it prints, and checks in headless Chromium that the
-// dashboard shows non-zero live counts within 30 s. Keeps screenshots in
-// artifacts/ (login.png, dashboard.png).
+// dashboard counts its own view with the SDK and shows non-zero live counts
+// within 30 s. Keeps screenshots in artifacts/ (login.png, dashboard.png).
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { mkdtempSync, mkdirSync, rmSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
-import { join, resolve } from 'node:path';
-import { chromium } from 'playwright-core';
-
-const root = resolve(import.meta.dirname, '..', '..');
-const bin = process.env.TIDEMARK_BIN ?? join(root, 'target', 'release', 'tidemark');
-
-function freePort() {
-  return new Promise((ok, fail) => {
-    const srv = createServer();
-    srv.on('error', fail);
-    srv.listen(0, '127.0.0.1', () => {
-      const { port } = srv.address();
-      srv.close(() => ok(port));
-    });
-  });
-}
-
-async function waitFor(what, probe, timeoutMs) {
-  const deadline = Date.now() + timeoutMs;
-  let last;
-  while (Date.now() < deadline) {
-    try {
-      const value = await probe();
-      if (value) return value;
-    } catch (err) {
-      last = err;
-    }
-    await new Promise((r) => setTimeout(r, 100));
-  }
-  throw new Error(`timed out waiting for ${what}${last ? `: ${last}` : ''}`);
-}
+import { join } from 'node:path';
+import { bin, freePort, launchChromium, root, waitFor } from './harness.mjs';
 
 test('demo dashboard shows live counts within 30 s', async (t) => {
   const port = await freePort();
@@ -62,12 +32,7 @@ test('demo dashboard shows live counts within 30 s', async (t) => {
   const base = `http://127.0.0.1:${port}`;
   await waitFor('health', async () => (await fetch(`${base}/api/v1/health`)).ok, 30_000);
 
-  browser = await chromium.launch({
-    executablePath: '/usr/bin/chromium',
-    headless: true,
-    args: ['--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update',
-      '--disable-sync', '--no-first-run', '--disable-quic'],
-  });
+  browser = await launchChromium();
   const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
   const [, user, password] = await waitFor('the demo admin', async () =>
     printed.match(/Log in as (\S+) with password (\S+)/), 30_000);
@@ -85,9 +50,16 @@ test('demo dashboard shows live counts within 30 s', async (t) => {
   mkdirSync(join(root, 'artifacts'), { recursive: true });
   await page.screenshot({ path: join(root, 'artifacts', 'login.png') });
   await page.getByLabel('Password').fill(password);
+  // The dashboard counts its own view with the SDK, posting to its own origin.
+  const viewPosted = page.waitForResponse((r) => new URL(r.url()).pathname === '/v1/events', { timeout: 20_000 });
   await page.getByRole('button', { name: 'Log in' }).click();
   await waitFor('the dashboard', async () => (await page.getByTestId('signed-in-as').count()) > 0, 10_000);
   assert.match(await page.getByTestId('signed-in-as').innerText(), /demo \(admin\)/);
+  const posted = await viewPosted;
+  assert.equal(posted.status(), 202, await posted.text());
+  const view = JSON.parse(posted.request().postData().split('\n')[0]);
+  assert.equal(view.event_type, 'page_view');
+  assert.equal(view.user_id, 'dashboard:demo');
   const number = async (testId) => {
     const text = await page.getByTestId(testId).first().innerText();
     return Number(text.replace(/[^0-9.]/g, '')) || 0;

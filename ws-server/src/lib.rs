@@ -258,6 +258,8 @@ pub struct ServerState {
     pub(crate) query_turns: tokio::sync::Semaphore,
     /// The live database's newest hour (see [`hot`]).
     hot_points: Arc<hot::HotPoints>,
+    /// See [`ServerState::set_dashboard_ingest_key`].
+    dashboard_ingest_key: std::sync::OnceLock<String>,
 }
 
 impl ServerState {
@@ -303,6 +305,7 @@ impl ServerState {
             access,
             query_turns: tokio::sync::Semaphore::new(query::CONCURRENT_QUERIES),
             hot_points,
+            dashboard_ingest_key: std::sync::OnceLock::new(),
         }
     }
 
@@ -353,6 +356,14 @@ impl ServerState {
     /// `tidemark`): while it is served, live updates feed the channels;
     /// while another one is, that database does (see [`served`]). The live
     /// store, if served, is served under the new name from now on.
+    /// The ingest key the dashboard's own SDK posts its views with. Set it
+    /// only where ingest answers on the same listener (`tidemark run` and
+    /// `demo`): the dashboard posts to its own origin. Set once; later calls
+    /// are ignored.
+    pub fn set_dashboard_ingest_key(&self, key: String) {
+        let _ = self.dashboard_ingest_key.set(key);
+    }
+
     pub fn set_live_database(&self, name: &str) {
         let previous = std::mem::replace(
             &mut *self
@@ -404,6 +415,16 @@ pub fn router_and_routes(state: Arc<ServerState>) -> (Router, Vec<Route>) {
         .add(
             route(Get, "/api/v1/openapi.json", None, "This description", &[]),
             openapi,
+        )
+        .add(
+            route(
+                Get,
+                "/api/v1/sdk",
+                Some(ReadMetrics),
+                "The ingest key the dashboard counts its own views with",
+                &[],
+            ),
+            sdk_settings,
         )
         .add(
             route(
@@ -655,6 +676,12 @@ async fn health(axum::extract::State(state): axum::extract::State<Arc<ServerStat
     let store = state.store.get();
     Json(serde_json::json!({ "status": "ok", "store": store.kind(), "database": state.store.name() }))
         .into_response()
+}
+
+async fn sdk_settings(
+    axum::extract::State(state): axum::extract::State<Arc<ServerState>>,
+) -> Response {
+    Json(serde_json::json!({ "ingest_key": state.dashboard_ingest_key.get() })).into_response()
 }
 
 async fn metrics_page(

@@ -214,6 +214,7 @@ fn cases() -> Vec<Case> {
         case(Method::DELETE, "/api/v1/tokens/{id}", ManageUsers, None),
         case(Method::GET, "/api/v1/audit", ReadAudit, None),
         case(Method::GET, "/api/v1/serving", ReadOperations, None),
+        case(Method::GET, "/api/v1/sdk", ReadMetrics, None),
     ]
 }
 

@@ -236,6 +236,22 @@ async fn health_names_the_store() {
 }
 
 #[tokio::test]
+async fn sdk_settings_name_the_dashboard_ingest_key_once_set() {
+    let f = fixture().await;
+    let (status, body) = get_json(&f.state, "/api/v1/sdk").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        body,
+        json!({"ingest_key": null}),
+        "no ingest on this listener"
+    );
+    f.state.set_dashboard_ingest_key("public-key".into());
+    f.state.set_dashboard_ingest_key("second".into());
+    let (_, body) = get_json(&f.state, "/api/v1/sdk").await;
+    assert_eq!(body, json!({"ingest_key": "public-key"}));
+}
+
+#[tokio::test]
 async fn metrics_groups_filters_and_formats_points() {
     let f = fixture().await;
     let uri = format!(

@@ -11,6 +11,7 @@ import {
 } from './data';
 import { useOverview, type Status } from './live';
 import { logout, type Session } from './auth';
+import { countDashboardView } from './analytics';
 
 interface RateSample {
   start: number;
@@ -50,6 +51,10 @@ export function App({ session }: { session: Session }) {
   const [historyError, setHistoryError] = useState<string | null>(null);
   const lastSample = useRef<RateSample | null>(null);
   const now = useNow(1000);
+  // Per user, not per session object: a token refresh is not a new view.
+  useEffect(() => {
+    void countDashboardView(session.name);
+  }, [session.name]);
 
   // The merged windows also live in a ref so both sources merge into the
   // latest value without side effects inside state updaters.
