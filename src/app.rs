@@ -71,7 +71,6 @@ pub async fn open_store(
     let live = target.live_database();
     let (store, sqlite): (Arc<dyn Store>, _) = match target {
         StoreTarget::Sqlite { data_dir } => {
-            std::fs::create_dir_all(data_dir)?;
             let sqlite = Arc::new(SqliteStore::open(sqlite_path(data_dir, live))?);
             (sqlite.clone(), Some(sqlite))
         }

@@ -53,7 +53,7 @@ pub async fn run(args: PromoteArgs) -> anyhow::Result<()> {
             target
                 .exists(&database)
                 .await
-                .with_context(|| format!("cannot list the databases of {}", target.describe("")))?,
+                .with_context(|| format!("cannot look up {}", target.describe(&database)))?,
             "no database {database} ({})",
             target.describe(&database)
         );
