@@ -15,13 +15,18 @@ web_only=false
 want_debs=()
 command -v influxd >/dev/null 2>&1 || want_debs+=(influxdb)
 command -v chromium >/dev/null 2>&1 || want_debs+=(chromium)
+command -v promtool >/dev/null 2>&1 || want_debs+=(prometheus)
+command -v prometheus-alertmanager >/dev/null 2>&1 || want_debs+=(prometheus-alertmanager)
+command -v docker-compose >/dev/null 2>&1 || want_debs+=(docker-compose)
 if [ "${#want_debs[@]}" -gt 0 ] && ! $web_only; then
-  step "setup: Debian packages ${want_debs[*]} (InfluxDB 1.x for the store tests, Chromium for the browser tests; about 1 minute)"
+  step "setup: Debian packages ${want_debs[*]} (InfluxDB 1.x for the store tests, Chromium for the browser tests, Prometheus, promtool and Alertmanager for the alerting tests, docker-compose to validate the compose file; about 2 minutes)"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q >/dev/null
   apt-get install -y -q --no-install-recommends "${want_debs[@]}" >/dev/null
-  # The package starts a system influxd on the default ports; tests start their own.
-  if command -v systemctl >/dev/null 2>&1; then systemctl stop influxdb >/dev/null 2>&1 || true; fi
+  # The packages start system services on the default ports; tests start their own.
+  if command -v systemctl >/dev/null 2>&1; then
+    systemctl stop influxdb prometheus prometheus-alertmanager prometheus-node-exporter >/dev/null 2>&1 || true
+  fi
   pkill -x influxd >/dev/null 2>&1 || true
 fi
 
