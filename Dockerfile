@@ -6,9 +6,11 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
+# The dashboard is installed and built as on any machine (scripts/setup.sh,
+# whose `npm install` copes with the optional platform packages that npm
+# leaves out of the lock file, where a clean install trips over them).
 RUN cargo build --release --locked --bin tidemark \
- && npm --prefix dashboards/web ci \
- && npm --prefix dashboards/web run build
+ && scripts/setup.sh --web-only
 
 FROM debian:bookworm-slim
 RUN apt-get update \

@@ -2,7 +2,7 @@
 # Runs every check and test: formatting, lints, unit and property tests, the
 # end-to-end tests against real InfluxDB and Kafka (tansu), the JavaScript
 # SDK's unit tests and size budget, and the browser tests of the dashboard
-# and the SDK. The first run on a fresh machine installs and builds
+# and the SDK, the Prometheus rules and Alertmanager routes. The first run on a fresh machine installs and builds
 # everything (see docs/operations.md); later runs reuse it.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
@@ -22,6 +22,10 @@ python3 scripts/import-circles.py processor/src src
 # `tidemark/kafka` adds `replay --source kafka`; `tidemark-tests/kafka` its
 # end-to-end test.
 FEATURES="tidemark-log/kafka,tidemark/kafka,tidemark-tests/kafka"
+step "test: Prometheus config and rules (promtool), Alertmanager routes (amtool), docker-compose.yml"
+scripts/check-alerting.sh
+# The required secrets are set to stand-ins: config resolves, nothing starts.
+TIDEMARK_API_KEY=stand-in GRAFANA_ADMIN_PASSWORD=stand-in docker-compose -f docker-compose.yml config -q
 step "test: clippy (the first run compiles the workspace: several minutes)"
 cargo clippy --workspace --all-targets --features "$FEATURES" --quiet -- -D warnings
 step "test: release build of tidemark (used by the end-to-end tests)"

@@ -324,6 +324,10 @@ async fn ingest(
         for p in pending {
             seen.insert(p.id_hash, received_at);
         }
+        // Under the same lock, so concurrent requests cannot lower it.
+        state
+            .metrics
+            .observe_appended(pending.iter().map(|p| p.timestamp));
         drop(seen);
         state.metrics.log_appended.inc_by(pending.len() as u64);
         state.metrics.accepted.inc_by(pending.len() as u64);

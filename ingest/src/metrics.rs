@@ -1,11 +1,12 @@
 //! Prometheus metrics of the collector.
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
 
 pub const REQUESTS_TOTAL: &str = "tidemark_ingest_requests_total";
 pub const EVENTS_ACCEPTED_TOTAL: &str = "tidemark_ingest_events_accepted_total";
 pub const EVENTS_REJECTED_TOTAL: &str = "tidemark_ingest_events_rejected_total";
 pub const DUPLICATES_TOTAL: &str = "tidemark_ingest_duplicates_total";
+pub const NEWEST_EVENT_TIMESTAMP_SECONDS: &str = "tidemark_ingest_newest_event_timestamp_seconds";
 pub const APPEND_SECONDS: &str = "tidemark_ingest_append_seconds";
 pub const LOG_APPENDED_EVENTS_TOTAL: &str = "tidemark_log_appended_events_total";
 
@@ -21,6 +22,9 @@ pub struct IngestMetrics {
     pub rejected: IntCounterVec,
     /// Events dropped as already seen within the dedup window.
     pub duplicates: IntCounter,
+    /// The newest event time appended, as a Unix time; the processor's
+    /// counterpart is subtracted from it for the lag in event time.
+    pub newest_event_timestamp_seconds: Gauge,
     /// Latency of one produce (`Log::append`) call.
     pub append_seconds: Histogram,
     /// Records appended to the log, dead letters included.
@@ -50,6 +54,10 @@ impl IngestMetrics {
             DUPLICATES_TOTAL,
             "Events dropped as duplicates of a recent event_id.",
         )?;
+        let newest_event_timestamp_seconds = Gauge::new(
+            NEWEST_EVENT_TIMESTAMP_SECONDS,
+            "The newest event time appended to the log, as a Unix time.",
+        )?;
         let append_seconds = Histogram::with_opts(
             HistogramOpts::new(
                 APPEND_SECONDS,
@@ -67,6 +75,7 @@ impl IngestMetrics {
         registry.register(Box::new(accepted.clone()))?;
         registry.register(Box::new(rejected.clone()))?;
         registry.register(Box::new(duplicates.clone()))?;
+        registry.register(Box::new(newest_event_timestamp_seconds.clone()))?;
         registry.register(Box::new(append_seconds.clone()))?;
         registry.register(Box::new(log_appended.clone()))?;
         Ok(IngestMetrics {
@@ -74,8 +83,19 @@ impl IngestMetrics {
             accepted,
             rejected,
             duplicates,
+            newest_event_timestamp_seconds,
             append_seconds,
             log_appended,
         })
+    }
+
+    /// Raises the newest appended event time to the newest of `times`.
+    pub fn observe_appended(&self, times: impl Iterator<Item = tidemark_model::EventTime>) {
+        if let Some(newest) = times.max() {
+            let seconds = newest.0 as f64 / 1000.0;
+            if seconds > self.newest_event_timestamp_seconds.get() {
+                self.newest_event_timestamp_seconds.set(seconds);
+            }
+        }
     }
 }

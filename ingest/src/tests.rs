@@ -524,8 +524,19 @@ async fn metrics_count_by_reason_and_status() {
         "{}\n{bad_type}\n{no_user}\n{no_user}\n",
         event("a", "login")
     );
+    let posted_at = now_ms();
     assert_eq!(h.post(body).await.0, StatusCode::ACCEPTED);
     let text = h.metrics_text();
+    let newest: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("tidemark_ingest_newest_event_timestamp_seconds "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no newest event time in\n{text}"));
+    // The one accepted event was stamped just before the post.
+    assert!(
+        (newest * 1000.0 - posted_at as f64).abs() < 60_000.0,
+        "{newest} is not the posted event's time"
+    );
     for line in [
         r#"tidemark_ingest_events_rejected_total{reason="wrong_type"} 1"#,
         r#"tidemark_ingest_events_rejected_total{reason="missing_field"} 2"#,

@@ -126,6 +126,14 @@ pub struct ProcessorMetrics {
     pub duplicates: IntCounter,
     pub decode_errors: IntCounter,
     pub watermark_delay_seconds: Gauge,
+    /// The combined watermark as a Unix time: an alert sees it stand still
+    /// even when no report comes to refresh the delay.
+    pub watermark_timestamp_seconds: Gauge,
+    /// The newest event time this instance's workers read, as a Unix time;
+    /// ingest's counterpart minus this is the lag in event time.
+    pub newest_event_timestamp_seconds: Gauge,
+    /// When the last checkpoint was saved (the start, before the first).
+    pub checkpoint_timestamp_seconds: Gauge,
     pub lag_records: IntGaugeVec,
     pub windows_fired: IntCounter,
     pub checkpoint_duration_seconds: Histogram,
@@ -142,12 +150,22 @@ impl ProcessorMetrics {
             register(registry, Box::new(c.clone()));
             c
         }
-        let watermark_delay_seconds = Gauge::new(
+        fn gauge(registry: &Registry, name: &str, help: &str) -> Gauge {
+            let g = Gauge::new(name, help).unwrap_or_else(|_| unreachable_metric());
+            register(registry, Box::new(g.clone()));
+            g
+        }
+        let watermark_delay_seconds = gauge(
+            registry,
             "tidemark_processor_watermark_delay_seconds",
             "Wall-clock time minus the combined watermark",
-        )
-        .unwrap_or_else(|_| unreachable_metric());
-        register(registry, Box::new(watermark_delay_seconds.clone()));
+        );
+        let checkpoint_timestamp_seconds = gauge(
+            registry,
+            "tidemark_processor_checkpoint_timestamp_seconds",
+            "Unix time of the last checkpoint saved (of the start before the first)",
+        );
+        checkpoint_timestamp_seconds.set(unix_seconds_now());
         let lag_records = IntGaugeVec::new(
             Opts::new(
                 "tidemark_processor_lag_records",
@@ -185,6 +203,17 @@ impl ProcessorMetrics {
                 "Log records that could not be decoded",
             ),
             watermark_delay_seconds,
+            watermark_timestamp_seconds: gauge(
+                registry,
+                "tidemark_processor_watermark_timestamp_seconds",
+                "The combined watermark, as a Unix time",
+            ),
+            newest_event_timestamp_seconds: gauge(
+                registry,
+                "tidemark_processor_newest_event_timestamp_seconds",
+                "The newest event time read by this instance, as a Unix time",
+            ),
+            checkpoint_timestamp_seconds,
             lag_records,
             windows_fired: counter(
                 registry,
@@ -209,6 +238,37 @@ impl ProcessorMetrics {
         self.duplicates.inc_by(counts.duplicates);
         self.decode_errors.inc_by(decode_errors);
     }
+
+    /// Raises the newest event time read to `newest` (reports of several
+    /// workers arrive in any order).
+    pub(crate) fn observe_newest_event(&self, newest: EventTime) {
+        let seconds = unix_seconds(newest);
+        if newest != EventTime::MIN && seconds > self.newest_event_timestamp_seconds.get() {
+            self.newest_event_timestamp_seconds.set(seconds);
+        }
+    }
+
+    /// Records the combined watermark `wm`.
+    pub(crate) fn observe_watermark(&self, wm: Watermark) {
+        if wm != EventTime::MIN && wm != EventTime::MAX {
+            let delay = (EventTime::now().0.saturating_sub(wm.0)) as f64 / 1000.0;
+            self.watermark_delay_seconds.set(delay);
+            self.watermark_timestamp_seconds.set(unix_seconds(wm));
+        }
+    }
+
+    /// Records a checkpoint saved now.
+    pub(crate) fn checkpoint_saved(&self) {
+        self.checkpoint_timestamp_seconds.set(unix_seconds_now());
+    }
+}
+
+fn unix_seconds(t: EventTime) -> f64 {
+    t.0 as f64 / 1000.0
+}
+
+fn unix_seconds_now() -> f64 {
+    unix_seconds(EventTime::now())
 }
 
 fn unreachable_metric() -> ! {
@@ -295,6 +355,8 @@ pub(crate) enum FromWorker {
         decode_errors: u64,
         dead_letters: Vec<Record>,
         newest_received_at: EventTime,
+        /// The newest event time the worker read (MIN where not known).
+        newest_event_time: EventTime,
         /// Where the worker is after this batch (empty unless asked for).
         offsets: NextOffsets,
         /// Replaying what was reported before a restart: nothing to report.
@@ -544,10 +606,12 @@ impl Combining {
                 decode_errors,
                 dead_letters,
                 newest_received_at,
+                newest_event_time,
                 offsets: _,
                 catching_up: _,
             } => {
                 self.metrics.count(counts, decode_errors);
+                self.metrics.observe_newest_event(newest_event_time);
                 self.newest_received_at = self.newest_received_at.max(newest_received_at);
                 let mut out = Vec::new();
                 for p in partials {
@@ -555,13 +619,9 @@ impl Combining {
                 }
                 self.combiner.set_idle(worker, idle);
                 self.combiner.on_watermark(worker, wm, &mut out);
-                let combined = self.combiner.watermark();
                 self.global_wm
                     .store(self.combiner.target().0, Ordering::Release);
-                if combined != EventTime::MIN && combined != EventTime::MAX {
-                    let delay = (EventTime::now().0.saturating_sub(combined.0)) as f64 / 1000.0;
-                    self.metrics.watermark_delay_seconds.set(delay);
-                }
+                self.metrics.observe_watermark(self.combiner.watermark());
                 if !out.is_empty() {
                     if !send_points(self.sink.as_ref(), &out, cancel).await? {
                         return Ok(Flow::Abandon);
@@ -969,6 +1029,7 @@ impl LiveWorker {
                 decode_errors,
                 dead_letters,
                 newest_received_at: self.engine.newest_received_at(),
+                newest_event_time: self.engine.newest_event_time(),
                 offsets: self.reported_offsets(),
                 catching_up,
             };
@@ -1066,6 +1127,7 @@ pub(crate) async fn write_checkpoint<T: serde::Serialize + Send + 'static>(
     match saved {
         Ok(()) => {
             timer.observe_duration();
+            metrics.checkpoint_saved();
             Ok(())
         }
         Err(e) if e.is_retryable() => {

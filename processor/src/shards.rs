@@ -446,10 +446,12 @@ impl ShardHost {
                 decode_errors,
                 dead_letters,
                 newest_received_at,
+                newest_event_time,
                 offsets,
                 catching_up,
             } => {
                 self.metrics.count(counts, decode_errors);
+                self.metrics.observe_newest_event(newest_event_time);
                 if !dead_letters.is_empty() {
                     append_dead_letters(self.log.as_ref(), dead_letters, cancel).await;
                 }
@@ -554,7 +556,10 @@ impl ShardHost {
             .map_err(|e| ProcessorError::Io(std::io::Error::other(e)))
             .and_then(|r| r);
         match saved {
-            Ok(()) => timer.observe_duration(),
+            Ok(()) => {
+                timer.observe_duration();
+                self.metrics.checkpoint_saved();
+            }
             Err(e) => {
                 tracing::warn!(error = %e, shard, "Saving a shard checkpoint failed");
                 timer.stop_and_discard();
@@ -796,6 +801,8 @@ fn to_driver(
         decode_errors: 0,
         dead_letters: Vec::new(),
         newest_received_at,
+        // The shard's host reports what its workers read.
+        newest_event_time: EventTime::MIN,
         offsets: NextOffsets::new(),
         catching_up: false,
     };

@@ -64,6 +64,9 @@ pub struct Worker {
     dedup_horizon: Duration,
     last_combined: Watermark,
     newest_received_at: EventTime,
+    /// The newest event time read, whatever became of the event: what the
+    /// lag in event time is measured against.
+    newest_event_time: EventTime,
     /// Event-id hashes of the batch being admitted (kept for its allocation).
     id_hashes: Vec<u64>,
 }
@@ -84,6 +87,7 @@ impl Worker {
             dedup_horizon: config.dedup_horizon.max(config.allowed_lateness),
             last_combined: EventTime::MIN,
             newest_received_at: EventTime::MIN,
+            newest_event_time: EventTime::MIN,
             id_hashes: Vec::new(),
         }
     }
@@ -110,6 +114,12 @@ impl Worker {
     /// The newest receipt time among accepted events.
     pub fn newest_received_at(&self) -> EventTime {
         self.newest_received_at
+    }
+
+    /// The newest event time among the events offered, duplicates and
+    /// late ones included.
+    pub fn newest_event_time(&self) -> EventTime {
+        self.newest_event_time
     }
 
     /// Offers one event read from the partition in `slot`. An event is too
@@ -171,6 +181,7 @@ impl Worker {
     /// is checked by the caller.
     #[inline]
     fn admit(&mut self, slot: usize, ev: &Event, id_hash: u64) -> Outcome {
+        self.newest_event_time = self.newest_event_time.max(ev.timestamp);
         if !self.dedup[slot].check_and_insert_hash(id_hash, ev.timestamp) {
             return Outcome::Duplicate;
         }

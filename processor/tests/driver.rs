@@ -298,6 +298,14 @@ async fn processes_checkpoints_and_resumes_after_restart() {
     assert_eq!(metrics.late_events.get(), 1);
     assert_eq!(metrics.decode_errors.get(), 1);
     assert!(metrics.windows_fired.get() >= 3);
+    // The newest event read is a3 at 185 s; the watermark passed 120 s.
+    assert_eq!(metrics.newest_event_timestamp_seconds.get(), 185.0);
+    assert!(metrics.watermark_timestamp_seconds.get() >= 120.0);
+    let started = tidemark_model::EventTime::now().millis() as f64 / 1000.0 - 60.0;
+    assert!(
+        metrics.checkpoint_timestamp_seconds.get() > started,
+        "the last checkpoint was saved by this run"
+    );
     assert_eq!(
         log.values(DEAD_LETTER),
         vec![r#"{"reason":"too_late","error":"event is too late for its window","stage":"processor","raw":"{\"event_id\":\"a4\"}"}"#.to_string()]

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod known;
+pub mod observability;
 pub mod workload;
 
 pub use known::KnownEvents;
@@ -35,6 +36,46 @@ pub fn tidemark_bin() -> PathBuf {
         }
     }
     panic!("no tidemark binary: build it with `cargo build --release --bin tidemark` or set TIDEMARK_BIN");
+}
+
+/// `tidemark generate` posting to a running instance; killed on drop.
+#[derive(Debug)]
+pub struct Generator(Child);
+
+impl Generator {
+    /// Posts about `rate` events a second to `t`.
+    pub fn start(t: &Tidemark, rate: u64) -> Generator {
+        let child = Command::new(tidemark_bin())
+            .args(generator_args(&t.base, rate, API_KEY))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("generator starts");
+        Generator(child)
+    }
+}
+
+impl Drop for Generator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The arguments of `tidemark generate` posting `rate` events a second to
+/// the ingest API at `url` with `key`.
+pub fn generator_args(url: &str, rate: u64, key: &str) -> Vec<String> {
+    [
+        "generate",
+        "--rate",
+        &rate.to_string(),
+        "--url",
+        url,
+        "--key",
+        key,
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 /// A free loopback port (bound, then released for the child to take).

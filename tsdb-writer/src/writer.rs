@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Registry};
 use tidemark_model::Point;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -24,6 +24,7 @@ pub const BATCHES_TOTAL: &str = "tidemark_writer_batches_total";
 pub const POINTS_TOTAL: &str = "tidemark_writer_points_total";
 pub const RETRIES_TOTAL: &str = "tidemark_writer_retries_total";
 pub const FAILURES_TOTAL: &str = "tidemark_writer_failures_total";
+pub const STORE_UP: &str = "tidemark_writer_store_up";
 pub const BATCH_POINTS: &str = "tidemark_writer_batch_points";
 pub const BATCH_LATENCY_SECONDS: &str = "tidemark_writer_batch_latency_seconds";
 
@@ -61,6 +62,10 @@ pub struct WriterMetrics {
     pub points: IntCounter,
     pub retries: IntCounter,
     pub failures: IntCounter,
+    /// 0 while a batch is being retried, 1 once the store took one; what
+    /// an alert on failing writes watches, since retries hold every later
+    /// point back.
+    pub store_up: IntGauge,
     pub batch_size: Histogram,
     pub batch_latency: Histogram,
 }
@@ -78,6 +83,13 @@ impl WriterMetrics {
             FAILURES_TOTAL,
             "Batches dropped because the store rejected them.",
         )?;
+        let store_up = IntGauge::new(
+            STORE_UP,
+            "1 when the store took the last batch written, 0 while writes are retried.",
+        )?;
+        // Up until a write says otherwise: a writer with nothing to write
+        // yet has no failure to report.
+        store_up.set(1);
         let batch_size = Histogram::with_opts(
             HistogramOpts::new(BATCH_POINTS, "Points per written batch.")
                 .buckets(prometheus::exponential_buckets(1.0, 4.0, 8)?),
@@ -90,6 +102,7 @@ impl WriterMetrics {
         registry.register(Box::new(points.clone()))?;
         registry.register(Box::new(retries.clone()))?;
         registry.register(Box::new(failures.clone()))?;
+        registry.register(Box::new(store_up.clone()))?;
         registry.register(Box::new(batch_size.clone()))?;
         registry.register(Box::new(batch_latency.clone()))?;
         Ok(WriterMetrics {
@@ -97,6 +110,7 @@ impl WriterMetrics {
             points,
             retries,
             failures,
+            store_up,
             batch_size,
             batch_latency,
         })
@@ -246,6 +260,7 @@ impl BatchingWriter {
         loop {
             match self.store.write(&batch).await {
                 Ok(()) => {
+                    self.metrics.store_up.set(1);
                     self.metrics.batches.inc();
                     self.metrics.points.inc_by(batch.len() as u64);
                     self.metrics.batch_size.observe(batch.len() as f64);
@@ -255,6 +270,7 @@ impl BatchingWriter {
                     return;
                 }
                 Err(error) if error.is_retryable() => {
+                    self.metrics.store_up.set(0);
                     self.metrics.retries.inc();
                     tracing::warn!(
                         %error,

@@ -251,9 +251,11 @@ async fn stopped_server_is_retryable_and_the_writer_catches_up() {
         let handle = handle.clone();
         async move { handle.flush().await }
     });
+    assert_eq!(metrics.store_up.get(), 1, "up before the first failure");
     while metrics.retries.get() == 0 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    assert_eq!(metrics.store_up.get(), 0, "down while retrying");
     let server = tokio::task::spawn_blocking(move || {
         server.restart().unwrap();
         server
@@ -267,6 +269,7 @@ async fn stopped_server_is_retryable_and_the_writer_catches_up() {
         .unwrap();
     assert_eq!(got[0].points, vec![(EventTime(t0), 5.0)]);
     assert_eq!(metrics.points.get(), 1);
+    assert_eq!(metrics.store_up.get(), 1, "up again after the write");
     drop(server);
 }
 

@@ -164,6 +164,7 @@ impl IntoResponse for ServerError {
 pub(crate) struct ServerMetrics {
     pub ws_clients: IntGauge,
     pub ws_dropped: IntCounter,
+    pub ws_slow_disconnects: IntCounter,
     pub query_seconds: Histogram,
     pub event_to_update_seconds: Histogram,
 }
@@ -176,6 +177,11 @@ impl ServerMetrics {
             ws_dropped: IntCounter::new(
                 "tidemark_ws_messages_dropped_total",
                 "Live updates not delivered to slow WebSocket clients (coalesced into a snapshot).",
+            )
+            .expect("static counter options are valid"),
+            ws_slow_disconnects: IntCounter::new(
+                "tidemark_ws_slow_disconnects_total",
+                "WebSocket clients closed for not reading their updates in time (code 4008).",
             )
             .expect("static counter options are valid"),
             query_seconds: Histogram::with_opts(
@@ -192,9 +198,10 @@ impl ServerMetrics {
             )
             .expect("static histogram options are valid"),
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 4] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 5] = [
             Box::new(metrics.ws_clients.clone()),
             Box::new(metrics.ws_dropped.clone()),
+            Box::new(metrics.ws_slow_disconnects.clone()),
             Box::new(metrics.query_seconds.clone()),
             Box::new(metrics.event_to_update_seconds.clone()),
         ];

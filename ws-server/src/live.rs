@@ -204,6 +204,7 @@ where
                 Some(Err(_)) => break SessionEnd::ClientLeft,
                 None => {
                     tracing::info!("disconnecting a WebSocket client that stopped reading");
+                    state.metrics.ws_slow_disconnects.inc();
                     break SessionEnd::Slow;
                 }
             }

@@ -1654,6 +1654,10 @@ async fn a_client_that_stops_reading_is_closed_as_slow_and_others_never_wait() {
     .expect("a close frame");
     assert_eq!(u16::from(close.code), 4008);
     assert_eq!(close.reason.as_str(), "slow");
+    assert_eq!(
+        metric_value(&registry, "tidemark_ws_slow_disconnects_total"),
+        1.0
+    );
     stop_tx.send(()).unwrap();
     drop(fast);
     server.await.unwrap().unwrap();
