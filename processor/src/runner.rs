@@ -322,6 +322,8 @@ enum Msg {
     Done {
         worker: usize,
         partials: Vec<Partial>,
+        /// The worker's watermark with every partition read to its end.
+        wm: Watermark,
         counts: Counts,
         decode_errors: u64,
         too_late: Vec<Event>,
@@ -332,8 +334,11 @@ enum Msg {
 
 /// Runs both stages over bounded partition ranges with one thread per
 /// worker; the combiner runs on the calling thread and hands every batch of
-/// points to `emit` (in watermark order). Event time only: no idleness, every
-/// window fires at the end.
+/// points to `emit` (in watermark order). Event time only: no idleness. The
+/// run ends at the watermark its input supports, the newest event time read
+/// minus the out-of-orderness, as live computes it once every partition is
+/// idle: windows and sessions that watermark has not closed are not written,
+/// as live has not written them either.
 #[allow(clippy::too_many_arguments)]
 pub fn run_parallel<S, D, E>(
     config: &WorkerConfig,
@@ -380,6 +385,8 @@ where
                 if let Err(e) = result {
                     let _ = tx.send(Msg::Failed(e));
                 }
+                // Back to the combiner's thread for the end of the run.
+                worker
             });
         handles.push(spawned.map_err(ProcessorError::Io)?);
     }
@@ -387,6 +394,7 @@ where
     let mut summary = RunSummary::default();
     let mut out = Vec::new();
     let mut failure = None;
+    let mut end = tidemark_model::EventTime::MIN;
     for msg in rx {
         match msg {
             Msg::Progress {
@@ -402,6 +410,7 @@ where
             Msg::Done {
                 worker,
                 partials,
+                wm,
                 counts,
                 decode_errors,
                 too_late,
@@ -411,7 +420,15 @@ where
                 for p in partials {
                     combiner.on_partial(worker, p)?;
                 }
-                combiner.on_watermark(worker, tidemark_model::EventTime::MAX, &mut out);
+                if wm == tidemark_model::EventTime::MIN {
+                    // It read nothing, so it has nothing open.
+                    combiner.on_watermark(worker, tidemark_model::EventTime::MAX, &mut out);
+                } else {
+                    // Its open windows are still open: it holds the others
+                    // back until the end.
+                    combiner.on_watermark(worker, wm, &mut out);
+                    end = end.max(wm);
+                }
                 summary.counts.merge(counts);
                 summary.decode_errors += decode_errors;
                 summary.too_late.extend(too_late);
@@ -425,13 +442,33 @@ where
             emit(std::mem::take(&mut out))?;
         }
     }
+    let mut finished = Vec::with_capacity(handles.len());
     for h in handles {
-        let _ = h.join();
+        match h.join() {
+            Ok(worker) => finished.push(worker),
+            Err(_) => {
+                failure.get_or_insert(ProcessorError::Setup("a worker thread panicked".into()));
+            }
+        }
     }
     if let Some(e) = failure {
         return Err(e);
     }
-    combiner.finish(&mut out);
+    // Every worker read to its end: the newest event time read, minus the
+    // out-of-orderness, is the largest of their watermarks.
+    if end != tidemark_model::EventTime::MIN {
+        let mut partials = Vec::new();
+        for (w, worker) in finished.iter_mut().enumerate() {
+            if worker.newest_event_time() == tidemark_model::EventTime::MIN {
+                continue;
+            }
+            worker.close_at(end, &mut partials);
+            for p in partials.drain(..) {
+                combiner.on_partial(w, p)?;
+            }
+            combiner.on_watermark(w, end, &mut out);
+        }
+    }
     if !out.is_empty() {
         summary.points += out.len() as u64;
         emit(out)?;
@@ -578,10 +615,11 @@ where
     } else {
         0
     };
-    worker.finish(&mut partials);
+    let wm = worker.advance_event_time(&mut partials);
     let _ = tx.send(Msg::Done {
         worker: index,
         partials,
+        wm,
         counts,
         decode_errors,
         too_late,

@@ -246,6 +246,12 @@ impl Worker {
         self.advance_to(EventTime::MAX, out);
     }
 
+    /// Ends a bounded input at `wm`, the watermark the data read supports:
+    /// what it passed fires, the rest stays open as live would keep it.
+    pub fn close_at(&mut self, wm: Watermark, out: &mut Vec<Partial>) {
+        self.advance_to(wm.max(self.last_combined), out);
+    }
+
     fn advance_to(&mut self, wm: Watermark, out: &mut Vec<Partial>) {
         self.last_combined = wm;
         for (i, p) in self.pipelines.iter_mut().enumerate() {

@@ -335,20 +335,23 @@ pub async fn post_and_settle(t: &Tidemark, workload: &workload::Workload) {
 /// Waits until live has processed the whole (posted) workload: until the
 /// combined watermark reached its closing batch.
 pub async fn settle(t: &Tidemark, workload: &workload::Workload) {
-    let closing = workload.hour + 105 * 60_000 - 5_000;
+    settle_at(t, workload.hour + 105 * 60_000 - 5_000 - 1_000).await;
+}
+
+/// Waits until live's combined watermark reached `watermark` (ms).
+pub async fn settle_at(t: &Tidemark, watermark: i64) {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let text = t.metrics_text().await;
-        let delay = metric_value(&text, "tidemark_processor_watermark_delay_seconds", "");
-        let watermark = tidemark_model::EventTime::now().millis() - (delay * 1000.0) as i64;
+        let seconds = metric_value(&text, "tidemark_processor_watermark_timestamp_seconds", "");
         // The gauge stays 0 until the first combined watermark.
-        if delay > 0.0 && watermark >= closing - 1_000 {
+        if seconds > 0.0 && (seconds * 1000.0) as i64 >= watermark {
             return;
         }
         assert!(
             Instant::now() < deadline,
-            "live did not reach the closing batch"
+            "live's watermark did not reach {watermark}: at {seconds} s"
         );
     }
 }

@@ -14,7 +14,8 @@ use serde_json::Value;
 use tidemark_tests::services::OverviewClient;
 use tidemark_tests::workload::Workload;
 use tidemark_tests::{
-    post_and_settle, replay, replay_summary, settle, tidemark_bin, InfluxServer, Tidemark,
+    post_and_settle, replay, replay_summary, settle, settle_at, tidemark_bin, InfluxServer,
+    Tidemark,
 };
 
 const HOUR: i64 = 3_600_000;
@@ -37,6 +38,92 @@ async fn live(data_dir: &Path, extra: &[&str]) -> Workload {
     post_and_settle(&t, &workload).await;
     assert!(t.terminate().success());
     workload
+}
+
+/// Runs live over the workload without its closing batch, so that every
+/// user active in its last 30 minutes still has an open session, and stops
+/// it once its watermark reached the newest event (all partitions idle).
+async fn live_ending_with_open_sessions(data_dir: &Path, extra: &[&str]) -> Workload {
+    let mut workload = Workload::new(hour(), 11);
+    workload.batches.pop();
+    let mut t = Tidemark::start(data_dir, extra).await;
+    for batch in &workload.batches {
+        let (status, reply) = t.post(batch).await;
+        assert_eq!(status, 202, "{reply}");
+    }
+    // The newest event is 100 ms before the workload's end, at 70 minutes;
+    // live's watermark stops 5 s (the out-of-orderness) below it.
+    settle_at(&t, newest_event(&workload) - 5_000).await;
+    assert!(t.terminate().success());
+    workload
+}
+
+fn newest_event(w: &Workload) -> i64 {
+    w.batches
+        .iter()
+        .flatten()
+        .filter_map(|e| e["timestamp"].as_i64())
+        .max()
+        .expect("events")
+}
+
+/// Replays of ranges ending at the workload's hour and at its newest event
+/// equal live, whose sessions are open where the ranges end.
+fn assert_replays_of_ranges_ending_near_the_newest_event_equal_live(
+    data_dir: &Path,
+    w: &Workload,
+    store: &[&str],
+) {
+    let ends = [w.hour + HOUR, newest_event(w)];
+    for (i, to) in ends.iter().enumerate() {
+        let (from, to) = (w.hour.to_string(), to.to_string());
+        let into = format!("open_sessions_{i}");
+        let mut args = vec![
+            "--from",
+            from.as_str(),
+            "--to",
+            to.as_str(),
+            "--into",
+            into.as_str(),
+            "--verify",
+        ];
+        args.extend(store);
+        let out = replay(data_dir, &args);
+        let s = replay_summary(&out);
+        assert!(
+            out.status.success(),
+            "ending at {to}: {s}\n{}",
+            stdout(&out)
+        );
+        assert_eq!(s["verify"]["changed"], 0, "{s}");
+        assert_eq!(s["verify"]["missing"], 0, "{s}");
+        assert_eq!(s["verify"]["extra"], 0, "{s}");
+        assert!(
+            s["measurements"]["engagement"].as_u64().unwrap_or(0) > 0,
+            "{s}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_of_a_range_ending_at_the_newest_event_equals_live_on_the_embedded_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = live_ending_with_open_sessions(dir.path(), &[]).await;
+    assert_replays_of_ranges_ending_near_the_newest_event_equal_live(dir.path(), &w, &[]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_of_a_range_ending_at_the_newest_event_equals_live_on_influxdb() {
+    let influx = InfluxServer::start().expect("influxd starts");
+    let dir = tempfile::tempdir().unwrap();
+    let store = influx_store(&influx);
+    let w = live_ending_with_open_sessions(dir.path(), &store).await;
+    assert_replays_of_ranges_ending_near_the_newest_event_equal_live(dir.path(), &w, &store);
+}
+
+/// The flags of a store in `influx`'s database `tidemark`.
+fn influx_store(influx: &InfluxServer) -> [&str; 4] {
+    ["--influx-url", &influx.url, "--influx-db", "tidemark"]
 }
 
 fn range(w: &Workload) -> (String, String) {
@@ -146,12 +233,7 @@ async fn replay_equals_live_on_the_embedded_store() {
 async fn replay_equals_live_on_influxdb() {
     let influx = InfluxServer::start().expect("influxd starts");
     let dir = tempfile::tempdir().unwrap();
-    let store = [
-        "--influx-url",
-        influx.url.as_str(),
-        "--influx-db",
-        "tidemark",
-    ];
+    let store = influx_store(&influx);
     let w = live(dir.path(), &store).await;
     let (from, to) = range(&w);
     let mut args = vec!["--from", from.as_str(), "--to", to.as_str(), "--verify"];
