@@ -2,6 +2,7 @@
 //! real services (InfluxDB, a Kafka-compatible broker) on free loopback
 //! ports, and stops them afterwards.
 
+pub mod prometheus;
 pub mod services;
 
 use std::path::{Path, PathBuf};
@@ -14,6 +15,7 @@ pub mod known;
 pub mod workload;
 
 pub use known::KnownEvents;
+pub use prometheus::PrometheusServer;
 
 pub use tidemark_tsdb_writer::testing::InfluxServer;
 
