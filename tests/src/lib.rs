@@ -337,3 +337,27 @@ pub fn metric_value(text: &str, name: &str, label: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// `tidemark generate` posting to a running instance; killed on drop.
+#[derive(Debug)]
+pub struct Generator(Child);
+
+impl Generator {
+    pub fn start(t: &Tidemark, rate: u64) -> Generator {
+        let child = Command::new(tidemark_bin())
+            .args(["generate", "--rate", &rate.to_string(), "--url", &t.base])
+            .args(["--key", API_KEY])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("generator starts");
+        Generator(child)
+    }
+}
+
+impl Drop for Generator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -4,34 +4,10 @@
 //! attributed clicks never exceed the clicks seen.
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tidemark_tests::{tidemark_bin, InfluxServer, Tidemark, API_KEY};
-
-/// `tidemark generate` posting to a running instance; killed on drop.
-struct Generator(Child);
-
-impl Generator {
-    fn start(t: &Tidemark, rate: u64) -> Generator {
-        let child = Command::new(tidemark_bin())
-            .args(["generate", "--rate", &rate.to_string(), "--url", &t.base])
-            .args(["--key", API_KEY])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("generator starts");
-        Generator(child)
-    }
-}
-
-impl Drop for Generator {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use tidemark_tests::{Generator, InfluxServer, Tidemark};
 
 /// Sum of one field per minute, over every series of a measurement whose
 /// `tag` (if given) has `value`.
