@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every check and test: formatting, lints, unit and property tests, the
-# end-to-end tests against real InfluxDB and Kafka (tansu), the JavaScript
+# end-to-end tests against real InfluxDB and Kafka (tansu), the Grafana
+# dashboards' queries against real InfluxDB and Prometheus, the JavaScript
 # SDK's unit tests and size budget, and the browser tests of the dashboard
 # and the SDK, the Prometheus rules and Alertmanager routes. The first run on a fresh machine installs and builds
 # everything (see docs/operations.md); later runs reuse it.

@@ -114,6 +114,15 @@ impl Tidemark {
         t
     }
 
+    /// Starts `tidemark run` over `data_dir`, storing in `influx`'s database `tidemark`.
+    pub async fn start_on_influx(data_dir: &Path, influx: &InfluxServer) -> Tidemark {
+        Tidemark::start(
+            data_dir,
+            &["--influx-url", &influx.url, "--influx-db", "tidemark"],
+        )
+        .await
+    }
+
     async fn spawn(&mut self) {
         let child = Command::new(tidemark_bin())
             .arg("run")

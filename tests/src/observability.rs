@@ -127,16 +127,25 @@ impl PrometheusServer {
         PrometheusServer { url, daemon }
     }
 
-    /// The result of an instant query (`data.result`); panics if the query fails.
-    pub async fn query(&self, expr: &str) -> Vec<Value> {
+    /// An instant query's answer (`data`: `resultType` and `result`);
+    /// panics with Prometheus' message when it refuses the query.
+    pub async fn query_data(&self, expr: &str) -> Value {
         let url = reqwest::Url::parse_with_params(
             &format!("{}/api/v1/query", self.url),
             &[("query", expr)],
         )
         .expect("a query URL");
         let reply = get_json(url.as_str()).await;
-        assert_eq!(reply["status"], "success", "{expr}: {reply}");
-        reply["data"]["result"]
+        assert_eq!(
+            reply["status"], "success",
+            "Prometheus refused {expr}: {reply}"
+        );
+        reply["data"].clone()
+    }
+
+    /// An instant query's result vector (empty when nothing matched).
+    pub async fn query(&self, expr: &str) -> Vec<Value> {
+        self.query_data(expr).await["result"]
             .as_array()
             .cloned()
             .unwrap_or_default()

@@ -109,11 +109,7 @@ async fn await_alerts(
 async fn a_stopped_store_fires_store_writes_failing_in_alertmanager_and_its_return_resolves_it() {
     let mut influx = InfluxServer::start().expect("influxd starts");
     let data = tempfile::tempdir().unwrap();
-    let t = Tidemark::start(
-        data.path(),
-        &["--influx-url", &influx.url, "--influx-db", "tidemark"],
-    )
-    .await;
+    let t = Tidemark::start_on_influx(data.path(), &influx).await;
     let _generator = Generator::start(&t, 200);
     let receiver = AlertReceiver::start().await;
     let am = AlertmanagerServer::start(&fast_routes(&receiver.url)).await;

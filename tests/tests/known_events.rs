@@ -317,11 +317,7 @@ async fn exact_counts_from_the_embedded_store() {
 async fn exact_counts_from_influxdb() {
     let influx = InfluxServer::start().expect("influxd starts");
     let dir = tempfile::tempdir().unwrap();
-    let t = Tidemark::start(
-        dir.path(),
-        &["--influx-url", &influx.url, "--influx-db", "tidemark"],
-    )
-    .await;
+    let t = Tidemark::start_on_influx(dir.path(), &influx).await;
     let known = KnownEvents::new(30);
     post_all(&t, &known).await;
     known.assert_results(&t).await;
