@@ -9,9 +9,9 @@ use crate::access::{self, AccessArgs, AuditCommand, TokenCommand, UserCommand};
 use crate::app::{self, RunConfig};
 use crate::args::{shutdown_token, InfluxArgs};
 use crate::bench::{self, BenchArgs};
-use crate::generator::{self, GeneratorConfig, PostTarget};
 use crate::promote::{self, PromoteArgs};
 use crate::replay_cmd::{self, ArchiveArgs, ReplayArgs};
+use tidemark_generator::{self as generator, GeneratorConfig, PostTarget};
 
 /// tidemark: real-time analytics for a social network.
 #[derive(Debug, Parser)]

@@ -8,7 +8,6 @@ pub mod app;
 pub mod args;
 pub mod bench;
 pub mod cli;
-pub mod generator;
 pub mod promote;
 pub mod replay_cmd;
 #[cfg(feature = "kafka")]

@@ -21,7 +21,7 @@ use tidemark_processor::PipelineSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::{self, RunConfig};
-use crate::generator::{EventFactory, GeneratorConfig};
+use tidemark_generator::{EventFactory, GeneratorConfig};
 use tidemark_tsdb_writer::influx::InfluxConfig;
 use tidemark_tsdb_writer::StoreTarget;
 
