@@ -5,13 +5,15 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::access::{self, AccessArgs, AuditCommand, TokenCommand, UserCommand};
 use crate::app::{self, RunConfig};
 use crate::args::{shutdown_token, InfluxArgs};
 use crate::bench::{self, BenchArgs};
 use crate::promote::{self, PromoteArgs};
 use crate::replay_cmd::{self, ArchiveArgs, ReplayArgs};
 use tidemark_generator::{self as generator, GeneratorConfig, PostTarget};
+use tidemark_ws_server::credentials::{
+    self as access, AccessArgs, AuditCommand, TokenCommand, UserCommand,
+};
 
 /// tidemark: real-time analytics for a social network.
 #[derive(Debug, Parser)]
