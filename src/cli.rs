@@ -5,12 +5,12 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::app::{self, RunConfig};
 use crate::args::{shutdown_token, InfluxArgs};
 use crate::bench::{self, BenchArgs};
 use crate::promote::{self, PromoteArgs};
 use crate::replay_cmd::{self, ArchiveArgs, ReplayArgs};
 use tidemark_generator::{self as generator, GeneratorConfig, PostTarget};
+use tidemark_standalone::{self as app, RunConfig};
 use tidemark_ws_server::credentials::{
     self as access, AccessArgs, AuditCommand, TokenCommand, UserCommand,
 };

@@ -3,7 +3,6 @@
 //! (`ingest`, `process`, `serve`, feature `kafka`), the traffic generator and the
 //! benchmarks. Logic lives in the crates; this only assembles them.
 
-pub mod app;
 pub mod args;
 pub mod bench;
 pub mod cli;

@@ -20,8 +20,8 @@ use tidemark_processor::runner::{
 use tidemark_processor::PipelineSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::{self, RunConfig};
 use tidemark_generator::{EventFactory, GeneratorConfig};
+use tidemark_standalone::{self as app, RunConfig};
 use tidemark_tsdb_writer::influx::InfluxConfig;
 use tidemark_tsdb_writer::StoreTarget;
 

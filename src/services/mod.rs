@@ -49,7 +49,7 @@ pub async fn open_influx(
         .as_ref()
         .with_context(|| format!("{service} needs --influx-url (TIDEMARK_INFLUX_URL)"))?;
     let target = influx.target(std::path::Path::new(""));
-    let (store, _) = crate::app::open_store(&target, cancel).await?;
+    let (store, _) = tidemark_standalone::open_store(&target, cancel).await?;
     Ok(store)
 }
 
