@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::args::{shutdown_token, InfluxArgs};
-use crate::bench::{self, BenchArgs};
 use crate::promote::{self, PromoteArgs};
 use crate::replay_cmd::{self, ArchiveArgs, ReplayArgs};
+use tidemark_bench::{self as bench, BenchArgs};
 use tidemark_generator::{self as generator, GeneratorConfig, PostTarget};
 use tidemark_standalone::{self as app, RunConfig};
 use tidemark_ws_server::credentials::{
@@ -252,7 +252,13 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             println!("{{\"events\":{sent}}}");
             Ok(())
         }
-        Command::Bench(args) => bench::run(args).await,
+        Command::Bench(args) => {
+            #[cfg(feature = "kafka")]
+            let kafka: Option<bench::KafkaLogOpener> = Some(crate::services::bench_log);
+            #[cfg(not(feature = "kafka"))]
+            let kafka = None;
+            bench::run(args, kafka).await
+        }
         #[cfg(feature = "kafka")]
         Command::Ingest(args) => crate::services::ingest::main(args, shutdown_token()).await,
         #[cfg(feature = "kafka")]

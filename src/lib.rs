@@ -4,7 +4,6 @@
 //! benchmarks. Logic lives in the crates; this only assembles them.
 
 pub mod args;
-pub mod bench;
 pub mod cli;
 pub mod promote;
 pub mod replay_cmd;
