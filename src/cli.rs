@@ -7,9 +7,9 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::args::{shutdown_token, InfluxArgs};
 use crate::promote::{self, PromoteArgs};
-use crate::replay_cmd::{self, ArchiveArgs, ReplayArgs};
 use tidemark_bench::{self as bench, BenchArgs};
 use tidemark_generator::{self as generator, GeneratorConfig, PostTarget};
+use tidemark_replay::cli::{self as replay_cmd, ArchiveArgs, ReplayArgs};
 use tidemark_standalone::{self as app, RunConfig};
 use tidemark_ws_server::credentials::{
     self as access, AccessArgs, AuditCommand, TokenCommand, UserCommand,
@@ -265,7 +265,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Process(args) => crate::services::process::main(args, shutdown_token()).await,
         #[cfg(feature = "kafka")]
         Command::Serve(args) => crate::services::serve::main(args, shutdown_token()).await,
-        Command::Replay(args) => replay_cmd::run(args).await,
+        Command::Replay(args) => replay_cmd::run(args, shutdown_token).await,
         Command::Promote(args) => promote::run(args).await,
         Command::Archive(args) => replay_cmd::archive(args).await,
         Command::User(command) => access::user(command),

@@ -6,6 +6,5 @@
 pub mod args;
 pub mod cli;
 pub mod promote;
-pub mod replay_cmd;
 #[cfg(feature = "kafka")]
 pub mod services;
