@@ -5,13 +5,15 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::access::{self, AccessArgs, AuditCommand, TokenCommand, UserCommand};
-use crate::app::{self, RunConfig};
 use crate::args::{shutdown_token, InfluxArgs};
-use crate::bench::{self, BenchArgs};
-use crate::generator::{self, GeneratorConfig, PostTarget};
 use crate::promote::{self, PromoteArgs};
-use crate::replay_cmd::{self, ArchiveArgs, ReplayArgs};
+use tidemark_bench::{self as bench, BenchArgs};
+use tidemark_generator::{self as generator, GeneratorConfig, PostTarget};
+use tidemark_replay::cli::{self as replay_cmd, ArchiveArgs, ReplayArgs};
+use tidemark_standalone::{self as app, RunConfig};
+use tidemark_ws_server::credentials::{
+    self as access, AccessArgs, AuditCommand, TokenCommand, UserCommand,
+};
 
 /// tidemark: real-time analytics for a social network.
 #[derive(Debug, Parser)]
@@ -250,14 +252,20 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             println!("{{\"events\":{sent}}}");
             Ok(())
         }
-        Command::Bench(args) => bench::run(args).await,
+        Command::Bench(args) => {
+            #[cfg(feature = "kafka")]
+            let kafka: Option<bench::KafkaLogOpener> = Some(crate::services::bench_log);
+            #[cfg(not(feature = "kafka"))]
+            let kafka = None;
+            bench::run(args, kafka).await
+        }
         #[cfg(feature = "kafka")]
         Command::Ingest(args) => crate::services::ingest::main(args, shutdown_token()).await,
         #[cfg(feature = "kafka")]
         Command::Process(args) => crate::services::process::main(args, shutdown_token()).await,
         #[cfg(feature = "kafka")]
         Command::Serve(args) => crate::services::serve::main(args, shutdown_token()).await,
-        Command::Replay(args) => replay_cmd::run(args).await,
+        Command::Replay(args) => replay_cmd::run(args, shutdown_token).await,
         Command::Promote(args) => promote::run(args).await,
         Command::Archive(args) => replay_cmd::archive(args).await,
         Command::User(command) => access::user(command),

@@ -3,13 +3,8 @@
 //! (`ingest`, `process`, `serve`, feature `kafka`), the traffic generator and the
 //! benchmarks. Logic lives in the crates; this only assembles them.
 
-pub mod access;
-pub mod app;
 pub mod args;
-pub mod bench;
 pub mod cli;
-pub mod generator;
 pub mod promote;
-pub mod replay_cmd;
 #[cfg(feature = "kafka")]
 pub mod services;

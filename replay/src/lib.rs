@@ -16,6 +16,7 @@
 //! consumer state (checkpoints, offsets) is never read or written.
 
 pub mod archive;
+pub mod cli;
 pub mod follow;
 pub mod job;
 pub mod plan;

@@ -25,6 +25,7 @@ use std::sync::Arc;
 
 use axum::routing::get;
 use axum::{Json, Router};
+use futures::future::BoxFuture;
 use prometheus::Registry;
 use serde_json::Value;
 
@@ -49,7 +50,7 @@ pub async fn open_influx(
         .as_ref()
         .with_context(|| format!("{service} needs --influx-url (TIDEMARK_INFLUX_URL)"))?;
     let target = influx.target(std::path::Path::new(""));
-    let (store, _) = crate::app::open_store(&target, cancel).await?;
+    let (store, _) = tidemark_standalone::open_store(&target, cancel).await?;
     Ok(store)
 }
 
@@ -78,7 +79,11 @@ pub fn service_router(registry: Registry, probe: HealthProbe) -> Router {
 
 /// A [`KafkaLog`](tidemark_log::kafka::KafkaLog) at `brokers` with every
 /// topic provisioned, tuned as `process` reads, for `tidemark bench`.
-pub async fn bench_log(brokers: &str) -> anyhow::Result<Arc<dyn tidemark_log::Log>> {
+pub fn bench_log(brokers: &str) -> BoxFuture<'_, anyhow::Result<Arc<dyn tidemark_log::Log>>> {
+    Box::pin(open_bench_log(brokers))
+}
+
+async fn open_bench_log(brokers: &str) -> anyhow::Result<Arc<dyn tidemark_log::Log>> {
     let mut config = tidemark_log::kafka::KafkaConfig::new(brokers);
     config.client_id = "tidemark-bench".to_string();
     config.read_wait = std::time::Duration::from_millis(5);

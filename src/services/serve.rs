@@ -55,7 +55,7 @@ pub struct ServeArgs {
     #[arg(long = "api-key", env = "TIDEMARK_API_KEYS", value_delimiter = ',')]
     pub api_keys: Vec<String>,
     #[command(flatten)]
-    pub access: crate::access::AccessArgs,
+    pub access: tidemark_ws_server::credentials::AccessArgs,
 }
 
 /// Where `serve` keeps its access files when no `--data-dir` is given.

@@ -10,6 +10,7 @@
 pub mod audit;
 pub mod auth;
 mod channels;
+pub mod credentials;
 pub mod hot;
 mod live;
 mod overview;

@@ -5,11 +5,11 @@
 use std::io::BufRead as _;
 use std::path::{Path, PathBuf};
 
+use crate::auth::UsersFile;
+use crate::{audit, AccessConfig, Role};
 use anyhow::{bail, Context as _};
 use clap::{Args, Subcommand};
 use serde_json::json;
-use tidemark_ws_server::auth::UsersFile;
-use tidemark_ws_server::{audit, AccessConfig, Role};
 
 /// The users file in the data folder, by default.
 pub const USERS_FILE: &str = "users.toml";

@@ -1,10 +1,13 @@
-//! `tidemark replay`: flags to [`tidemark_replay::ReplayOptions`], the
+//! `tidemark replay`: flags to [`ReplayOptions`](crate::ReplayOptions), the
 //! source opened, the report printed.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::archive::{archive_topic, ArchiveLog, Stitched};
+use crate::verify::counts;
+use crate::{run_replay, ReplayError, ReplayOptions, Source};
 use anyhow::Context as _;
 use clap::{Args, ValueEnum};
 use serde_json::json;
@@ -14,11 +17,9 @@ use tidemark_model::EventTime;
 use tidemark_processor::driver::DriverConfig;
 use tidemark_processor::engagement::ActionWeights;
 use tidemark_processor::{PipelineConfigs, Registry};
-use tidemark_replay::archive::{archive_topic, ArchiveLog, Stitched};
-use tidemark_replay::verify::counts;
-use tidemark_replay::{run_replay, ReplayError, ReplayOptions, Source};
 
-use crate::args::InfluxArgs;
+use tidemark_tsdb_writer::target::InfluxArgs;
+use tokio_util::sync::CancellationToken;
 
 /// Where `replay` reads the log from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -174,7 +175,12 @@ async fn kafka_source(_args: &ReplayArgs) -> anyhow::Result<Source> {
 
 /// Runs `tidemark replay`: verify differences one per line, then the summary
 /// as one JSON line, on stdout.
-pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
+/// `shutdown` makes the token that stops `--follow`, only once it follows,
+/// so that Ctrl-C ends a one-off replay as it ends any process.
+pub async fn run(
+    args: ReplayArgs,
+    shutdown: impl FnOnce() -> CancellationToken,
+) -> anyhow::Result<()> {
     let lateness = DriverConfig::default().allowed_lateness;
     let mut configs = PipelineConfigs::default();
     if let Some(weights) = args.engagement_weights {
@@ -211,7 +217,7 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
     };
     // Names are checked before the source is opened, so a bad one never
     // waits on a broker.
-    tidemark_replay::job::target_database(&options)?;
+    crate::job::target_database(&options)?;
     let source = open_source(&args).await?;
     let report = run_replay(options.clone(), source.clone()).await?;
     let mut verify = serde_json::Value::Null;
@@ -258,14 +264,8 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
             report.database
         );
         let checkpoints = args.data_dir.join("replay").join(&report.database);
-        tidemark_replay::job::follow_target(
-            &options,
-            source,
-            &report.database,
-            checkpoints,
-            crate::args::shutdown_token(),
-        )
-        .await?;
+        crate::job::follow_target(&options, source, &report.database, checkpoints, shutdown())
+            .await?;
     }
     Ok(())
 }

@@ -142,7 +142,7 @@ fn window_update(start: EventTime, is_final: bool, scale: u64, marker: Option<u6
         )
     };
     // The generator's mix, so messages are the size a real window's are.
-    let mut points: Vec<Point> = crate::generator::MIX
+    let mut points: Vec<Point> = tidemark_generator::MIX
         .iter()
         .map(|&(kind, share)| traffic(kind, i64::from(share) * 50 * scale as i64))
         .collect();

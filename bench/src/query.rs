@@ -26,7 +26,7 @@ use tower::ServiceExt as _;
 
 use super::args::BenchArgs;
 use super::report::summary;
-use crate::generator::{COUNTRIES, DEVICES, MIX};
+use tidemark_generator::{COUNTRIES, DEVICES, MIX};
 
 const MINUTE: Duration = Duration::from_secs(60);
 const HOUR: Duration = Duration::from_secs(3600);

@@ -41,7 +41,7 @@ pub struct RunConfig {
     pub early_interval: Duration,
     /// Where the users file, the JWT key and the audit log are (defaults
     /// in `data_dir`).
-    pub access: crate::access::AccessArgs,
+    pub access: tidemark_ws_server::credentials::AccessArgs,
 }
 
 /// Partitions per topic of the embedded log. One process on one machine gains

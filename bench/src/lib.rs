@@ -20,8 +20,8 @@ use tidemark_processor::runner::{
 use tidemark_processor::PipelineSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::{self, RunConfig};
-use crate::generator::{EventFactory, GeneratorConfig};
+use tidemark_generator::{EventFactory, GeneratorConfig};
+use tidemark_standalone::{self as app, RunConfig};
 use tidemark_tsdb_writer::influx::InfluxConfig;
 use tidemark_tsdb_writer::StoreTarget;
 
@@ -33,17 +33,22 @@ mod report;
 pub use args::{BenchArgs, Stage};
 use report::{cpu_seconds, summary};
 
-pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+/// Opens the Kafka log a bench runs over with `--kafka-brokers`. The binary
+/// supplies it, as the topic set is the scale-out services'; a build without
+/// Kafka has none.
+pub type KafkaLogOpener = fn(&str) -> futures::future::BoxFuture<'_, anyhow::Result<Arc<dyn Log>>>;
+
+pub async fn run(args: BenchArgs, kafka: Option<KafkaLogOpener>) -> anyhow::Result<()> {
     if args.stage == Stage::Fanout && args.fanout_server {
         return fanout::serve_child(&args).await;
     }
     let summary = match args.stage {
         Stage::Log => bench_log(&args).await?,
         Stage::Pipeline => bench_pipeline(&args).await?,
-        Stage::Ingest => bench_ingest(&args).await?,
+        Stage::Ingest => bench_ingest(&args, kafka).await?,
         Stage::Latency => bench_latency(&args).await?,
-        Stage::Process => bench_process(&args).await?,
-        Stage::Read => bench_read(&args).await?,
+        Stage::Process => bench_process(&args, kafka).await?,
+        Stage::Read => bench_read(&args, kafka).await?,
         Stage::Fanout => fanout::run(&args).await?,
         Stage::Query => query::run(&args).await?,
     };
@@ -101,13 +106,14 @@ fn load_events(args: &BenchArgs) -> anyhow::Result<Vec<Event>> {
 async fn open_bench_log(
     args: &BenchArgs,
     dir: &std::path::Path,
+    kafka: Option<KafkaLogOpener>,
 ) -> anyhow::Result<(Arc<dyn Log>, &'static str)> {
     match &args.kafka_brokers {
         None => Ok((app::open_log(dir).await? as Arc<dyn Log>, "embedded")),
-        #[cfg(feature = "kafka")]
-        Some(brokers) => Ok((crate::services::bench_log(brokers).await?, "kafka")),
-        #[cfg(not(feature = "kafka"))]
-        Some(_) => anyhow::bail!("this build has no Kafka support (cargo feature `kafka`)"),
+        Some(brokers) => match kafka {
+            Some(open) => Ok((open(brokers).await?, "kafka")),
+            None => anyhow::bail!("this build has no Kafka support (cargo feature `kafka`)"),
+        },
     }
 }
 
@@ -303,7 +309,7 @@ fn pipelines_from_log(
     Ok((summary, workers, started.elapsed().as_secs_f64()))
 }
 
-async fn bench_ingest(args: &BenchArgs) -> anyhow::Result<Value> {
+async fn bench_ingest(args: &BenchArgs, kafka: Option<KafkaLogOpener>) -> anyhow::Result<Value> {
     let events = load_events(args)?;
     let batch = args.batch.unwrap_or(100);
     let bodies: Vec<Bytes> = events
@@ -322,7 +328,7 @@ async fn bench_ingest(args: &BenchArgs) -> anyhow::Result<Value> {
         })
         .collect();
     let dir = tempfile::tempdir()?;
-    let (log, log_kind) = open_bench_log(args, dir.path()).await?;
+    let (log, log_kind) = open_bench_log(args, dir.path(), kafka).await?;
     let registry = prometheus::Registry::new();
     let key = "bench-key".to_string();
     let state = tidemark_ingest::IngestState::new(
@@ -389,7 +395,7 @@ async fn bench_ingest(args: &BenchArgs) -> anyhow::Result<Value> {
     ))
 }
 
-async fn bench_process(args: &BenchArgs) -> anyhow::Result<Value> {
+async fn bench_process(args: &BenchArgs, kafka: Option<KafkaLogOpener>) -> anyhow::Result<Value> {
     use tidemark_processor::driver::{run_driver, ProcessorMetrics};
     use tidemark_tsdb_writer::writer::{BatchingWriter, WriterConfig, WriterMetrics};
 
@@ -408,7 +414,7 @@ async fn bench_process(args: &BenchArgs) -> anyhow::Result<Value> {
         }
     }
     let dir = tempfile::tempdir()?;
-    let (log, log_kind) = open_bench_log(args, dir.path()).await?;
+    let (log, log_kind) = open_bench_log(args, dir.path(), kafka).await?;
     for (topic_name, records) in records_by_partition(log.as_ref(), &events).await? {
         for chunk in records.chunks(10_000) {
             log.append(topic_name, chunk.to_vec()).await?;
@@ -592,10 +598,10 @@ async fn run_sharded(
     Ok(())
 }
 
-async fn bench_read(args: &BenchArgs) -> anyhow::Result<Value> {
+async fn bench_read(args: &BenchArgs, kafka: Option<KafkaLogOpener>) -> anyhow::Result<Value> {
     let events = load_events(args)?;
     let dir = tempfile::tempdir()?;
-    let (log, log_kind) = open_bench_log(args, dir.path()).await?;
+    let (log, log_kind) = open_bench_log(args, dir.path(), kafka).await?;
     for (topic_name, records) in records_by_partition(log.as_ref(), &events).await? {
         for chunk in records.chunks(10_000) {
             log.append(topic_name, chunk.to_vec()).await?;
