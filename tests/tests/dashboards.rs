@@ -4,7 +4,8 @@
 //! template variables expanded the way Grafana's InfluxDB data source expands
 //! them, returns a series from a real InfluxDB filled by a real `tidemark run`
 //! under generated traffic; every PromQL target returns data from a real
-//! Prometheus scraping that run.
+//! Prometheus scraping that run, or, for the panels of the scale-out
+//! services, scraping a real `ingest`, `process` and `serve` over tansu.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -12,12 +13,15 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tidemark_tests::observability::PrometheusServer;
-use tidemark_tests::services::OverviewClient;
-use tidemark_tests::{Generator, InfluxServer, Tidemark};
+use tidemark_tests::services::{
+    ingest_args, process_args, serve_args, OverviewClient, Service, TansuServer,
+};
+use tidemark_tests::{Generator, InfluxServer, KnownEvents, Tidemark};
 
 /// Panels of metrics only the scale-out services (`ingest`, `process` with
-/// Kafka) have: `run` cannot give them data, so their queries are only
-/// checked to be accepted by Prometheus.
+/// Kafka) have: `run` cannot give them data, so the first test only checks
+/// that Prometheus accepts their queries, and the second runs them against
+/// the services.
 const SCALE_OUT_ONLY: &[&str] = &[
     "Kafka produce latency p99 (scale-out)",
     "Updates dropped (scale-out)",
@@ -512,7 +516,7 @@ async fn every_panel_query_returns_data() {
     queries.abort();
     println!(
         "dashboards: {influx_checked} InfluxQL target expansions and {prom_checked} PromQL targets \
-         returned data, {prom_syntax_only} PromQL targets (scale-out only) checked for syntax"
+         returned data, {prom_syntax_only} scale-out PromQL targets checked for syntax (for data below)"
     );
     assert!(
         failures.is_empty(),
@@ -520,4 +524,66 @@ async fn every_panel_query_returns_data() {
         failures.join("\n"),
         prometheus.output()
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn scale_out_panels_return_data_from_the_services() {
+    let tansu = TansuServer::start();
+    let influx = InfluxServer::start().expect("influxd starts");
+    let dir = tempfile::tempdir().unwrap();
+    let ingest = Service::start(&ingest_args(&tansu.brokers), dir.path()).await;
+    let process = Service::start(
+        &process_args(&tansu.brokers, &influx.url, &dir.path().join("process")),
+        dir.path(),
+    )
+    .await;
+    let serve = Service::start(&serve_args(&tansu.brokers, &influx.url), dir.path()).await;
+    let host = |s: &Service| s.base.trim_start_matches("http://").to_string();
+    // The job names of dashboards/prometheus/prometheus.yml.
+    let config = format!(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n\
+         - job_name: tidemark-ingest\n  static_configs: [{{targets: ['{ingest}']}}]\n\
+         - job_name: tidemark-process\n  static_configs: [{{targets: ['{process}']}}]\n\
+         - job_name: tidemark-serve\n  authorization: {{credentials: {token}}}\n  static_configs: [{{targets: ['{serve}']}}]\n",
+        ingest = host(&ingest),
+        process = host(&process),
+        serve = host(&serve),
+        token = serve.token,
+    );
+    let prometheus = PrometheusServer::start(&config, &[]).await;
+    let known = KnownEvents::new(30);
+    for batch in &known.batches {
+        let (status, _, reply) = ingest.post(batch).await;
+        assert_eq!(status, 202, "{reply}");
+    }
+
+    let start = Instant::now();
+    let mut checked = 0;
+    for target in targets("prometheus", "expr") {
+        if !SCALE_OUT_ONLY.contains(&target.panel.as_str()) {
+            continue;
+        }
+        let (found, last) = loop {
+            let last = prometheus.query_data(&target.query).await;
+            let found = has_data(&last);
+            if found || !may_wait(start).await {
+                break (found, last);
+            }
+        };
+        assert!(
+            found,
+            "{} / {}: {} returned {last}\nPrometheus log:\n{}",
+            target.dashboard,
+            target.panel,
+            target.query,
+            prometheus.output()
+        );
+        checked += 1;
+    }
+    assert_eq!(
+        checked,
+        SCALE_OUT_ONLY.len(),
+        "every scale-out panel has a target"
+    );
+    println!("dashboards: {checked} scale-out PromQL targets returned data from the services");
 }
