@@ -7,6 +7,8 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -46,6 +48,19 @@ pub struct InfluxStore {
     client: Client,
     base: String,
     config: InfluxConfig,
+    /// Points InfluxDB dropped as older than their retention policy keeps.
+    beyond_retention: Arc<AtomicU64>,
+}
+
+/// How InfluxDB 1.x answers a write some of whose points are older than
+/// the retention policy: 400, the other points written.
+const BEYOND_RETENTION: &str = "partial write: points beyond retention policy dropped=";
+
+/// The number of points dropped, when `body` is InfluxDB's answer that it
+/// dropped points beyond the retention policy and nothing else.
+fn dropped_beyond_retention(body: &str) -> Option<u64> {
+    let message = serde_json::from_str::<ErrorBody>(body).ok()?.error?;
+    message.trim().strip_prefix(BEYOND_RETENTION)?.parse().ok()
 }
 
 /// InfluxDB's timestamps are nanoseconds in an i64; query bounds are clamped to that range.
@@ -71,6 +86,7 @@ impl InfluxStore {
             client,
             base,
             config,
+            beyond_retention: Arc::default(),
         })
     }
 
@@ -362,10 +378,22 @@ impl Store for InfluxStore {
             let status = response.status();
             if status != StatusCode::NO_CONTENT && !status.is_success() {
                 let text = response.text().await.unwrap_or_default();
+                if status == StatusCode::BAD_REQUEST {
+                    if let Some(dropped) = dropped_beyond_retention(&text) {
+                        // The tier's other points are written; the next
+                        // tiers keep older points and must be written too.
+                        self.beyond_retention.fetch_add(dropped, Ordering::Relaxed);
+                        continue;
+                    }
+                }
                 return Err(status_error(status, &text));
             }
         }
         Ok(())
+    }
+
+    fn points_beyond_retention(&self) -> u64 {
+        self.beyond_retention.load(Ordering::Relaxed)
     }
 
     async fn query(&self, query: &MetricQuery) -> Result<Vec<Series>, StoreError> {

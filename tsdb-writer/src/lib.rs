@@ -246,6 +246,13 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// A short description for logs and `/api/v1/health`, e.g. `sqlite` or `influxdb`.
     fn kind(&self) -> &'static str;
+
+    /// How many points the store has refused since it was opened because
+    /// they were older than their tier keeps. Such a refusal is not an
+    /// error: no retry could store them, and the rest of the write stands.
+    fn points_beyond_retention(&self) -> u64 {
+        0
+    }
 }
 
 #[cfg(feature = "testing")]

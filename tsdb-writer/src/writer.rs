@@ -25,6 +25,11 @@ pub const POINTS_TOTAL: &str = "tidemark_writer_points_total";
 pub const RETRIES_TOTAL: &str = "tidemark_writer_retries_total";
 pub const FAILURES_TOTAL: &str = "tidemark_writer_failures_total";
 pub const STORE_UP: &str = "tidemark_writer_store_up";
+pub const POINTS_BEYOND_RETENTION_TOTAL: &str = "tidemark_writer_points_beyond_retention_total";
+
+/// How often refusals of points beyond their tier's retention are logged at
+/// most: once a window, however many batches meet them.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(60);
 pub const BATCH_POINTS: &str = "tidemark_writer_batch_points";
 pub const BATCH_LATENCY_SECONDS: &str = "tidemark_writer_batch_latency_seconds";
 
@@ -66,6 +71,9 @@ pub struct WriterMetrics {
     /// an alert on failing writes watches, since retries hold every later
     /// point back.
     pub store_up: IntGauge,
+    /// Points the store refused as older than their tier keeps (a replay
+    /// of old history, say): counted, logged once a minute, not retried.
+    pub beyond_retention: IntCounter,
     pub batch_size: Histogram,
     pub batch_latency: Histogram,
 }
@@ -90,6 +98,10 @@ impl WriterMetrics {
         // Up until a write says otherwise: a writer with nothing to write
         // yet has no failure to report.
         store_up.set(1);
+        let beyond_retention = IntCounter::new(
+            POINTS_BEYOND_RETENTION_TOTAL,
+            "Points the store refused because they are older than their tier's retention.",
+        )?;
         let batch_size = Histogram::with_opts(
             HistogramOpts::new(BATCH_POINTS, "Points per written batch.")
                 .buckets(prometheus::exponential_buckets(1.0, 4.0, 8)?),
@@ -103,6 +115,7 @@ impl WriterMetrics {
         registry.register(Box::new(retries.clone()))?;
         registry.register(Box::new(failures.clone()))?;
         registry.register(Box::new(store_up.clone()))?;
+        registry.register(Box::new(beyond_retention.clone()))?;
         registry.register(Box::new(batch_size.clone()))?;
         registry.register(Box::new(batch_latency.clone()))?;
         Ok(WriterMetrics {
@@ -111,6 +124,7 @@ impl WriterMetrics {
             retries,
             failures,
             store_up,
+            beyond_retention,
             batch_size,
             batch_latency,
         })
@@ -175,6 +189,11 @@ pub struct BatchingWriter {
     buffer: Vec<Point>,
     /// The last rejection since the previous flush, reported to that flush.
     rejected: Option<String>,
+    /// The store's count of points beyond retention when last looked at.
+    beyond_retention_seen: u64,
+    /// Refused points not logged yet, and when they were last logged.
+    beyond_retention_unlogged: u64,
+    beyond_retention_logged_at: Option<Instant>,
 }
 
 impl BatchingWriter {
@@ -193,6 +212,9 @@ impl BatchingWriter {
             metrics,
             buffer: Vec::new(),
             rejected: None,
+            beyond_retention_seen: 0,
+            beyond_retention_unlogged: 0,
+            beyond_retention_logged_at: None,
         };
         let task = tokio::spawn(writer.run(rx));
         (WriterHandle { tx }, task)
@@ -254,12 +276,38 @@ impl BatchingWriter {
         }
     }
 
+    /// Counts the points the store refused as beyond retention since the
+    /// last look, and logs them at most once per [`REFUSAL_LOG_INTERVAL`].
+    fn count_beyond_retention(&mut self) {
+        let total = self.store.points_beyond_retention();
+        let new = total.saturating_sub(self.beyond_retention_seen);
+        self.beyond_retention_seen = total;
+        if new == 0 {
+            return;
+        }
+        self.metrics.beyond_retention.inc_by(new);
+        self.beyond_retention_unlogged += new;
+        let due = self
+            .beyond_retention_logged_at
+            .is_none_or(|at| at.elapsed() >= REFUSAL_LOG_INTERVAL);
+        if due {
+            tracing::warn!(
+                points = self.beyond_retention_unlogged,
+                store = self.store.kind(),
+                "The store refused points older than their tier's retention (not stored, not retried)"
+            );
+            self.beyond_retention_unlogged = 0;
+            self.beyond_retention_logged_at = Some(Instant::now());
+        }
+    }
+
     async fn write_batch(&mut self, batch: Vec<Point>) {
         let started = Instant::now();
         let mut backoff = self.config.initial_backoff;
         loop {
             match self.store.write(&batch).await {
                 Ok(()) => {
+                    self.count_beyond_retention();
                     self.metrics.store_up.set(1);
                     self.metrics.batches.inc();
                     self.metrics.points.inc_by(batch.len() as u64);

@@ -297,3 +297,61 @@ async fn lists_points_as_written() {
         .unwrap();
     assert!(none.is_empty());
 }
+
+/// A point older than its tier keeps is refused by InfluxDB with a 400
+/// "partial write": the rest of the batch, other tiers included, is still
+/// written, and the refusal is counted rather than taken for a failure.
+#[tokio::test]
+async fn points_beyond_retention_are_counted_and_the_rest_is_written() {
+    let Some(server) = server() else { return };
+    let store = store(&server);
+    store.ensure_schema().await.unwrap();
+    let t0 = base();
+    let eight_days_ago = t0 - 8 * 24 * 3_600_000;
+    let batch = vec![
+        point(Tier::Rt, "de", "ios", eight_days_ago, 7, 0.5),
+        point(Tier::Rt, "de", "ios", t0, 1, 0.5),
+        point(Tier::Hourly, "de", "ios", eight_days_ago, 70, 5.0),
+    ];
+    let registry = prometheus::Registry::new();
+    let metrics = WriterMetrics::new(&registry).unwrap();
+    let (handle, _task) = BatchingWriter::spawn(
+        Arc::new(store.clone()),
+        WriterConfig::default(),
+        metrics.clone(),
+    );
+    handle.send(batch).await.unwrap();
+    handle
+        .flush()
+        .await
+        .expect("a refusal beyond retention is no failure");
+    assert_eq!(store.points_beyond_retention(), 1);
+    assert_eq!(metrics.beyond_retention.get(), 1);
+    assert_eq!(metrics.failures.get(), 0);
+    assert_eq!(metrics.store_up.get(), 1);
+    let rt = store
+        .points(
+            Tier::Rt,
+            "traffic",
+            EventTime(eight_days_ago),
+            EventTime(t0 + 60_000),
+        )
+        .await
+        .unwrap();
+    assert_eq!(rt.len(), 1, "the fresh rt point is written: {rt:?}");
+    assert_eq!(rt[0].time, EventTime(t0));
+    let hourly = store
+        .points(
+            Tier::Hourly,
+            "traffic",
+            EventTime(eight_days_ago),
+            EventTime(eight_days_ago + 60_000),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        hourly.len(),
+        1,
+        "the hourly tier keeps 400 days: {hourly:?}"
+    );
+}
