@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::args::{shutdown_token, InfluxArgs};
+use crate::args::{shutdown_token, InfluxArgs, RateLimitArgs};
 use crate::promote::{self, PromoteArgs};
 use tidemark_bench::{self as bench, BenchArgs};
 use tidemark_generator::{self as generator, GeneratorConfig, PostTarget};
@@ -97,6 +97,8 @@ pub struct RunArgs {
     pub early_interval: std::time::Duration,
     #[command(flatten)]
     pub access: AccessArgs,
+    #[command(flatten)]
+    pub rate_limit: RateLimitArgs,
 }
 
 #[derive(Debug, Args)]
@@ -143,7 +145,8 @@ pub fn init_tracing() {
         .init();
 }
 
-fn run_config(args: RunArgs, fallback_key: impl FnOnce() -> String) -> RunConfig {
+fn run_config(args: RunArgs, fallback_key: impl FnOnce() -> String) -> anyhow::Result<RunConfig> {
+    let rate_limit = args.rate_limit.limit()?;
     let store = args.influx.target(&args.data_dir);
     let mut api_keys: Vec<String> = args
         .api_keys
@@ -153,16 +156,17 @@ fn run_config(args: RunArgs, fallback_key: impl FnOnce() -> String) -> RunConfig
     if api_keys.is_empty() {
         api_keys.push(fallback_key());
     }
-    RunConfig {
+    Ok(RunConfig {
         data_dir: args.data_dir,
         api_keys,
         cors_origins: args.cors_origins,
+        rate_limit,
         store,
         web_dir: Some(args.web_dir),
         workers: args.workers,
         early_interval: args.early_interval,
         access: args.access,
-    }
+    })
 }
 
 /// The admin `tidemark demo` makes (with a new password at every start).
@@ -183,7 +187,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 let key = random_key();
                 println!("No --api-key given; ingest accepts this generated key: {key}");
                 key
-            });
+            })?;
             let listener = tokio::net::TcpListener::bind(listen).await?;
             println!(
                 "tidemark is running: dashboard http://{}/",
@@ -203,7 +207,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             app::run(config, listener, shutdown_token()).await
         }
         Command::Demo(args) => {
-            let config = run_config(args.run.clone(), random_key);
+            let config = run_config(args.run.clone(), random_key)?;
             let listener = tokio::net::TcpListener::bind(args.run.listen).await?;
             let addr = listener.local_addr()?;
             let password = access::random_password();

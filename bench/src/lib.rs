@@ -437,6 +437,7 @@ async fn bench_process(args: &BenchArgs, kafka: Option<KafkaLogOpener>) -> anyho
         data_dir: dir.path().to_path_buf(),
         api_keys: Vec::new(),
         cors_origins: Vec::new(),
+        rate_limit: None,
         store: StoreTarget::Influx {
             config: InfluxConfig {
                 url,
@@ -637,6 +638,7 @@ async fn bench_latency(args: &BenchArgs) -> anyhow::Result<Value> {
         data_dir: dir.path().to_path_buf(),
         api_keys: vec![key.clone()],
         cors_origins: Vec::new(),
+        rate_limit: None,
         store: StoreTarget::Sqlite {
             data_dir: dir.path().to_path_buf(),
         },

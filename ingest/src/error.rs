@@ -27,6 +27,15 @@ pub enum IngestError {
     BodyRead(String),
     #[error("log append failed: {0}")]
     Log(#[from] LogError),
+    #[error(
+        "this key may post {events_per_second} events a second; retry after {retry_after_secs} s"
+    )]
+    RateLimited {
+        events_per_second: f64,
+        retry_after_secs: u64,
+    },
+    #[error("a request of {events} events is more than this key's burst of {burst}; send smaller requests")]
+    OverBurst { events: u64, burst: u64 },
 }
 
 impl IngestError {
@@ -34,6 +43,7 @@ impl IngestError {
     pub fn is_retryable(&self) -> bool {
         match self {
             IngestError::Log(e) => e.is_retryable(),
+            IngestError::RateLimited { .. } => true,
             _ => false,
         }
     }
@@ -50,6 +60,8 @@ impl IngestError {
             IngestError::EmptyBody => "empty_body",
             IngestError::BodyRead(_) => "body_read",
             IngestError::Log(_) => "log_unavailable",
+            IngestError::RateLimited { .. } => "rate_limited",
+            IngestError::OverBurst { .. } => "over_burst",
         }
     }
 
@@ -58,7 +70,10 @@ impl IngestError {
         match self {
             IngestError::Unauthorized => StatusCode::UNAUTHORIZED,
             IngestError::OriginNotAllowed => StatusCode::FORBIDDEN,
-            IngestError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            IngestError::BodyTooLarge { .. } | IngestError::OverBurst { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            IngestError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             IngestError::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             IngestError::InvalidGzip(_)
             | IngestError::InvalidJson(_)
@@ -78,7 +93,13 @@ struct ErrorBody {
 impl IntoResponse for IngestError {
     fn into_response(self) -> Response {
         let status = self.status();
-        let retry = self.is_retryable();
+        let retry_after = match &self {
+            IngestError::RateLimited {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
+            _ if self.is_retryable() => Some(1),
+            _ => None,
+        };
         let mut response = (
             status,
             Json(ErrorBody {
@@ -86,10 +107,10 @@ impl IntoResponse for IngestError {
             }),
         )
             .into_response();
-        if retry {
+        if let Some(seconds) = retry_after {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
     }

@@ -10,6 +10,7 @@
 mod cors;
 mod dedup;
 mod error;
+mod limit;
 mod metrics;
 
 use std::io::Read;
@@ -34,6 +35,7 @@ use tidemark_model::{topic, wire, DeadLetter, Event, EventTime, Limits};
 pub use cors::CorsOrigins;
 pub use dedup::Dedup;
 pub use error::IngestError;
+pub use limit::RateLimit;
 pub use metrics::IngestMetrics;
 
 /// Settings of the collector.
@@ -51,6 +53,8 @@ pub struct IngestConfig {
     pub dedup_window: Duration,
     /// Most `event_id`s remembered; the oldest are forgotten first.
     pub dedup_capacity: usize,
+    /// Events a second (and burst) each key may post; unlimited if `None`.
+    pub rate_limit: Option<RateLimit>,
 }
 
 impl Default for IngestConfig {
@@ -62,6 +66,7 @@ impl Default for IngestConfig {
             max_body_bytes: 5 * 1024 * 1024,
             dedup_window: Duration::from_secs(10 * 60),
             dedup_capacity: 1_000_000,
+            rate_limit: None,
         }
     }
 }
@@ -73,17 +78,22 @@ pub struct IngestState {
     log: Arc<dyn Log>,
     metrics: IngestMetrics,
     dedup: Mutex<Dedup>,
+    limiter: Option<limit::Limiter>,
 }
 
 impl IngestState {
     /// State over `log`; the dedup memory starts empty.
     pub fn new(config: IngestConfig, log: Arc<dyn Log>, metrics: IngestMetrics) -> IngestState {
         let dedup = Mutex::new(Dedup::new(config.dedup_window, config.dedup_capacity));
+        let limiter = config
+            .rate_limit
+            .map(|limit| limit::Limiter::new(limit, config.api_keys.len(), Instant::now()));
         IngestState {
             config,
             log,
             metrics,
             dedup,
+            limiter,
         }
     }
 
@@ -201,14 +211,34 @@ async fn ingest(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, IngestError> {
-    if !authorized(headers, uri.query(), &state.config.api_keys) {
+    let Some(key) = authorized_key(headers, uri.query(), &state.config.api_keys) else {
         return Err(IngestError::Unauthorized);
-    }
+    };
     let body = read_body(headers, body, state.config.max_body_bytes).await?;
     let received_at = EventTime::now();
     let items = split_events(&body)?;
     if items.is_empty() {
         return Err(IngestError::EmptyBody);
+    }
+    if let Some(limiter) = &state.limiter {
+        // Before anything is appended: a limited request leaves no trace.
+        let events = items.len() as u64;
+        let limit = limiter.limit();
+        match limiter.take(key, events, Instant::now()) {
+            Ok(()) => {}
+            Err(limit::Refusal::Wait(wait)) => {
+                return Err(IngestError::RateLimited {
+                    events_per_second: limit.events_per_second,
+                    retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
+                })
+            }
+            Err(limit::Refusal::OverBurst) => {
+                return Err(IngestError::OverBurst {
+                    events,
+                    burst: limit.burst,
+                })
+            }
+        }
     }
 
     let mut rejected = Vec::new();
@@ -364,9 +394,10 @@ async fn ingest(
     Ok((status, Json(summary)).into_response())
 }
 
-/// Whether the request carries a configured key, as `Authorization: Bearer
-/// <key>` or, for `sendBeacon`, which cannot set headers, as `?key=<key>`.
-fn authorized(headers: &HeaderMap, query: Option<&str>, keys: &[String]) -> bool {
+/// The index of the configured key the request carries, as `Authorization:
+/// Bearer <key>` or, for `sendBeacon`, which cannot set headers, as
+/// `?key=<key>`.
+fn authorized_key(headers: &HeaderMap, query: Option<&str>, keys: &[String]) -> Option<usize> {
     let from_header = headers.get(header::AUTHORIZATION).and_then(|value| {
         let value = value.as_bytes();
         value
@@ -383,9 +414,10 @@ fn authorized(headers: &HeaderMap, query: Option<&str>, keys: &[String]) -> bool
     [from_header, from_query]
         .into_iter()
         .flatten()
-        .any(|token| {
-            keys.iter().fold(false, |found, key| {
-                found | constant_time_eq(&token, key.as_bytes())
+        .find_map(|token| {
+            keys.iter().enumerate().fold(None, |found, (index, key)| {
+                let equal = constant_time_eq(&token, key.as_bytes());
+                found.or(equal.then_some(index))
             })
         })
 }

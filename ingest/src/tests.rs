@@ -97,13 +97,20 @@ fn harness() -> Harness {
 }
 
 fn harness_with(cors_origins: CorsOrigins) -> Harness {
+    harness_configured(IngestConfig {
+        cors_origins,
+        ..IngestConfig::default()
+    })
+}
+
+/// A harness over `config`, with its keys `other-key` and [`KEY`].
+fn harness_configured(config: IngestConfig) -> Harness {
     let log = Arc::new(MemLog::default());
     let registry = Registry::new();
     let metrics = IngestMetrics::new(&registry).unwrap();
     let config = IngestConfig {
         api_keys: vec!["other-key".into(), KEY.into()],
-        cors_origins,
-        ..IngestConfig::default()
+        ..config
     };
     let state = Arc::new(IngestState::new(config, log.clone(), metrics));
     Harness {
@@ -799,4 +806,59 @@ async fn a_wildcard_allows_any_origin() {
         headers[header::ACCESS_CONTROL_ALLOW_ORIGIN],
         "https://anyone.example.org"
     );
+}
+
+#[tokio::test]
+async fn a_key_over_its_rate_limit_gets_429_with_retry_after_and_appends_nothing() {
+    let h = harness_configured(IngestConfig {
+        // Slow enough that no token comes back during the test.
+        rate_limit: Some(RateLimit::new(0.01, Some(3)).unwrap()),
+        ..IngestConfig::default()
+    });
+    let batch = |ids: &[&str]| {
+        let events: Vec<String> = ids.iter().map(|id| event(id, "login")).collect();
+        format!("[{}]", events.join(","))
+    };
+    assert_eq!(h.post(batch(&["a", "b"])).await.0, StatusCode::ACCEPTED);
+    // One token left: two events are refused as a whole.
+    let (status, headers, json) = h.post(batch(&["c", "d"])).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{json}");
+    let retry: u64 = headers[header::RETRY_AFTER]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // One missing token at 0.01 a second: 100 s.
+    assert_eq!(retry, 100);
+    assert!(
+        json["error"].as_str().unwrap().contains("retry after"),
+        "{json}"
+    );
+    assert_eq!(h.log.total(), 2, "the limited request appended nothing");
+    // More than the burst can never pass as one request.
+    let (status, _, json) = h.post(batch(&["e", "f", "g", "h"])).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{json}");
+    assert!(
+        json["error"].as_str().unwrap().contains("burst of 3"),
+        "{json}"
+    );
+    // The last token is still there, and the other key has its own bucket.
+    assert_eq!(h.post(batch(&["i"])).await.0, StatusCode::ACCEPTED);
+    let other = Request::post("/v1/events")
+        .header(header::AUTHORIZATION, "Bearer other-key")
+        .body(Body::from(batch(&["j", "k", "l"])))
+        .unwrap();
+    assert_eq!(h.send(other).await.0, StatusCode::ACCEPTED);
+    assert_eq!(h.log.total(), 6);
+    let text = h.metrics_text();
+    for line in [
+        r#"tidemark_ingest_events_rejected_total{reason="rate_limited"} 1"#,
+        r#"tidemark_ingest_events_rejected_total{reason="over_burst"} 1"#,
+        r#"tidemark_ingest_requests_total{status="429"} 1"#,
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing `{line}` in\n{text}"
+        );
+    }
 }

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::kafka::{connect_and_provision, BrokerHealth};
 use super::{service_router, KafkaArgs};
+use crate::args::RateLimitArgs;
 use tidemark_log::metered::{MeteredLog, ProduceMetrics};
 
 #[derive(Debug, Clone, Args)]
@@ -46,6 +47,8 @@ pub struct IngestArgs {
         value_delimiter = ','
     )]
     pub cors_origins: Vec<String>,
+    #[command(flatten)]
+    pub rate_limit: RateLimitArgs,
     #[command(flatten)]
     pub kafka: KafkaArgs,
     /// TOML file with defaults for these flags (see docs/operations.md).
@@ -88,6 +91,7 @@ pub async fn run(
         IngestConfig {
             api_keys,
             cors_origins: CorsOrigins::new(args.cors_origins),
+            rate_limit: args.rate_limit.limit()?,
             ..IngestConfig::default()
         },
         log,

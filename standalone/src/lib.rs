@@ -32,6 +32,8 @@ pub struct RunConfig {
     pub api_keys: Vec<String>,
     /// Foreign origins allowed to post to ingest (`--cors-origin`).
     pub cors_origins: Vec<String>,
+    /// Events a second (and burst) each ingest key may post (`--rate-limit`).
+    pub rate_limit: Option<tidemark_ingest::RateLimit>,
     /// Where the live database and replays' databases live.
     pub store: StoreTarget,
     pub web_dir: Option<PathBuf>,
@@ -131,6 +133,7 @@ pub async fn run(
         IngestConfig {
             api_keys: config.api_keys.clone(),
             cors_origins: CorsOrigins::new(config.cors_origins.clone()),
+            rate_limit: config.rate_limit,
             ..IngestConfig::default()
         },
         log.clone() as Arc<dyn Log>,

@@ -136,3 +136,67 @@ async fn bad_input_is_refused_with_reasons_and_counted() {
         );
     }
 }
+
+fn login(id: &str) -> Value {
+    json!({"event_id": id, "event_type": "login", "user_id": "u1",
+           "timestamp": tidemark_model::EventTime::now().millis()})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_over_its_rate_limit_is_told_when_to_retry_and_nothing_is_appended() {
+    let dir = tempfile::tempdir().unwrap();
+    // A token every 100 s: none comes back while the test runs.
+    let t = Tidemark::start(
+        dir.path(),
+        &["--rate-limit", "0.01", "--rate-limit-burst", "2"],
+    )
+    .await;
+    let (status, reply) = t.post(&[login("a"), login("b")]).await;
+    assert_eq!(status, 202, "{reply}");
+    let reply = reqwest::Client::new()
+        .post(format!("{}/v1/events", t.base))
+        .bearer_auth(API_KEY)
+        .json(&[login("c")])
+        .send()
+        .await
+        .expect("ingest answers");
+    assert_eq!(reply.status().as_u16(), 429);
+    let retry_after = reply.headers()["retry-after"].to_str().unwrap().to_string();
+    assert_eq!(retry_after, "100");
+    let (status, _) = t.post(&[login("d"), login("e"), login("f")]).await;
+    assert_eq!(status, 413, "more than the burst");
+    let metrics = t.metrics_text().await;
+    assert_eq!(
+        metric_value(&metrics, "tidemark_ingest_events_accepted_total", ""),
+        2.0
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "tidemark_ingest_events_rejected_total",
+            "rate_limited"
+        ),
+        1.0
+    );
+}
+
+#[test]
+fn a_rate_limit_that_is_not_positive_is_a_clear_error_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(tidemark_tests::tidemark_bin())
+        .args([
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--rate-limit",
+            "0",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .expect("tidemark runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--rate-limit"), "{stderr}");
+    assert!(stderr.contains("positive"), "{stderr}");
+}
