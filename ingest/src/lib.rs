@@ -77,14 +77,60 @@ pub struct IngestState {
     config: IngestConfig,
     log: Arc<dyn Log>,
     metrics: IngestMetrics,
-    dedup: Mutex<Dedup>,
+    ids: Mutex<Ids>,
+    /// Woken whenever a request gives up its claims (see [`Claims`]).
+    claims_released: tokio::sync::Notify,
     limiter: Option<limit::Limiter>,
+}
+
+/// The `event_id`s ingest knows of: appended ones (`seen`), and those a
+/// request is appending now (`in_flight`), so that a concurrent request
+/// with the same id waits for that append's outcome instead of appending
+/// the event a second time.
+#[derive(Debug)]
+struct Ids {
+    seen: Dedup,
+    in_flight: FxHashSet<u64>,
+}
+
+/// A request's claims on the ids it appends; given up when dropped (also
+/// when the request is cancelled), after the appended ones were marked seen.
+struct Claims<'a> {
+    state: &'a IngestState,
+    hashes: FxHashSet<u64>,
+}
+
+impl Claims<'_> {
+    fn release(&mut self) {
+        if self.hashes.is_empty() {
+            return;
+        }
+        let mut ids = self
+            .state
+            .ids
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for hash in self.hashes.drain() {
+            ids.in_flight.remove(&hash);
+        }
+        drop(ids);
+        self.state.claims_released.notify_waiters();
+    }
+}
+
+impl Drop for Claims<'_> {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 impl IngestState {
     /// State over `log`; the dedup memory starts empty.
     pub fn new(config: IngestConfig, log: Arc<dyn Log>, metrics: IngestMetrics) -> IngestState {
-        let dedup = Mutex::new(Dedup::new(config.dedup_window, config.dedup_capacity));
+        let ids = Mutex::new(Ids {
+            seen: Dedup::new(config.dedup_window, config.dedup_capacity),
+            in_flight: FxHashSet::default(),
+        });
         let limiter = config
             .rate_limit
             .map(|limit| limit::Limiter::new(limit, config.api_keys.len(), Instant::now()));
@@ -92,7 +138,8 @@ impl IngestState {
             config,
             log,
             metrics,
-            dedup,
+            ids,
+            claims_released: tokio::sync::Notify::new(),
             limiter,
         }
     }
@@ -197,6 +244,55 @@ async fn timed<T>(
     result
 }
 
+/// Splits `parsed` into the events to append, claimed for this request, and
+/// the count of duplicates: of an appended event, or of an earlier event of
+/// the same request. An id another request is appending right now is
+/// neither yet: the request gives up its claims, waits for that append's
+/// outcome, and looks again (holding no claim while it waits, so two
+/// requests can never wait for each other).
+async fn claim_ids(
+    state: &IngestState,
+    parsed: Vec<(u64, Event)>,
+    received_at: EventTime,
+) -> (Vec<(u64, Event)>, usize, Claims<'_>) {
+    let mut claims = Claims {
+        state,
+        hashes: FxHashSet::default(),
+    };
+    let mut events: Vec<Option<(u64, Event)>> = parsed.into_iter().map(Some).collect();
+    loop {
+        let released = state.claims_released.notified();
+        tokio::pin!(released);
+        // Registered before looking, so a release in between is not missed.
+        released.as_mut().enable();
+        let mut fresh = Vec::with_capacity(events.len());
+        let mut duplicates = 0;
+        let mut blocked = false;
+        {
+            let mut ids = state.ids.lock().unwrap_or_else(PoisonError::into_inner);
+            for (i, item) in events.iter().enumerate() {
+                let Some((hash, _)) = item else { continue };
+                if ids.seen.contains(*hash, received_at) || claims.hashes.contains(hash) {
+                    duplicates += 1;
+                } else if ids.in_flight.contains(hash) {
+                    blocked = true;
+                    break;
+                } else {
+                    ids.in_flight.insert(*hash);
+                    claims.hashes.insert(*hash);
+                    fresh.push(i);
+                }
+            }
+        }
+        if !blocked {
+            let fresh = fresh.into_iter().filter_map(|i| events[i].take()).collect();
+            return (fresh, duplicates, claims);
+        }
+        claims.release();
+        released.await;
+    }
+}
+
 /// One accepted event waiting for its append; ranges index the request's buffer.
 struct Pending {
     key: Range<usize>,
@@ -250,19 +346,7 @@ async fn ingest(
         }
     }
 
-    let mut fresh = Vec::with_capacity(parsed.len());
-    let mut duplicates = 0;
-    {
-        let seen = state.dedup.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut in_batch = FxHashSet::default();
-        for (hash, ev) in parsed {
-            if seen.contains(hash, received_at) || !in_batch.insert(hash) {
-                duplicates += 1;
-            } else {
-                fresh.push((hash, ev));
-            }
-        }
-    }
+    let (fresh, duplicates, mut claims) = claim_ids(state, parsed, received_at).await;
 
     // Every key and value of the request lives in one buffer; records slice it.
     let mut buf = Vec::with_capacity(body.len() + 64 * rejected.len());
@@ -350,18 +434,21 @@ async fn ingest(
         }
         // Only now are these ids durable; marking them earlier would turn a
         // retry after a failed append into a silently dropped duplicate.
-        let mut seen = state.dedup.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut ids = state.ids.lock().unwrap_or_else(PoisonError::into_inner);
         for p in pending {
-            seen.insert(p.id_hash, received_at);
+            ids.seen.insert(p.id_hash, received_at);
         }
         // Under the same lock, so concurrent requests cannot lower it.
         state
             .metrics
             .observe_appended(pending.iter().map(|p| p.timestamp));
-        drop(seen);
+        drop(ids);
         state.metrics.log_appended.inc_by(pending.len() as u64);
         state.metrics.accepted.inc_by(pending.len() as u64);
     }
+    // The appended ids are seen now: requests waiting on them find them
+    // duplicates; those of a failed append are free to be appended again.
+    claims.release();
     if let Some(e) = first_error {
         return Err(e.into());
     }

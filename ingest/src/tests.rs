@@ -19,6 +19,10 @@ struct MemLog {
     topics: Mutex<HashMap<String, Vec<Record>>>,
     unavailable: AtomicBool,
     appends: AtomicUsize,
+    /// While set, an append waits for `resume` (after telling `entered`).
+    paused: AtomicBool,
+    entered: tokio::sync::Notify,
+    resume: tokio::sync::Notify,
 }
 
 impl MemLog {
@@ -52,6 +56,11 @@ impl Log for MemLog {
     }
 
     async fn append(&self, topic: &str, records: Vec<Record>) -> Result<Vec<Position>, LogError> {
+        if self.paused.load(Ordering::SeqCst) {
+            let resumed = self.resume.notified();
+            self.entered.notify_one();
+            resumed.await;
+        }
         if self.unavailable.load(Ordering::SeqCst) {
             return Err(LogError::Unavailable("broker away".into()));
         }
@@ -861,4 +870,45 @@ async fn a_key_over_its_rate_limit_gets_429_with_retry_after_and_appends_nothing
             "missing `{line}` in\n{text}"
         );
     }
+}
+
+#[tokio::test]
+async fn the_same_event_id_in_two_concurrent_requests_is_appended_once() {
+    let h = Arc::new(harness());
+    h.log.paused.store(true, Ordering::SeqCst);
+    let post = |ids: [&str; 2]| {
+        let h = h.clone();
+        let body = format!("[{},{}]", event(ids[0], "login"), event(ids[1], "login"));
+        tokio::spawn(async move { h.post(body).await })
+    };
+    let first = post(["x", "a"]);
+    // The first request is inside its append, holding `x`.
+    h.log.entered.notified().await;
+    let second = post(["x", "b"]);
+    // On this single-threaded runtime, each yield lets the second request
+    // run until it waits: for `x`'s append to end (or, without the claim,
+    // inside an append of its own).
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    h.log.paused.store(false, Ordering::SeqCst);
+    h.log.resume.notify_waiters();
+    let (status, _, first) = first.await.unwrap();
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(first["accepted"], 2, "{first}");
+    let (status, _, second) = second.await.unwrap();
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(
+        (second["accepted"].as_u64(), second["duplicates"].as_u64()),
+        (Some(1), Some(1)),
+        "{second}"
+    );
+    let ids: Vec<String> = h
+        .log
+        .records(topic::USER_EVENTS)
+        .iter()
+        .map(|r| wire::decode(&r.value).unwrap().event_id)
+        .collect();
+    assert_eq!(ids.iter().filter(|id| *id == "x").count(), 1, "{ids:?}");
+    assert_eq!(ids.len(), 3, "{ids:?}");
 }
