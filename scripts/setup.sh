@@ -21,13 +21,26 @@ command -v docker-compose >/dev/null 2>&1 || want_debs+=(docker-compose)
 if [ "${#want_debs[@]}" -gt 0 ] && ! $web_only; then
   step "setup: Debian packages ${want_debs[*]} (InfluxDB 1.x for the store tests, Chromium for the browser tests, Prometheus, promtool and Alertmanager for the alerting tests, docker-compose to validate the compose file; about 2 minutes)"
   export DEBIAN_FRONTEND=noninteractive
+  # The packages may start their daemons on the default ports; the tests
+  # start their own. Stop only those the install started: a server that ran
+  # before is the user's and stays.
+  daemons='(^|/)(influxd|prometheus|prometheus-alertmanager)( |$)'
+  running_before=" $(pgrep -d ' ' -f "$daemons" || true) "
   apt-get update -q >/dev/null
   apt-get install -y -q --no-install-recommends "${want_debs[@]}" >/dev/null
-  # The packages start system services on the default ports; tests start their own.
   if command -v systemctl >/dev/null 2>&1; then
-    systemctl stop influxdb prometheus prometheus-alertmanager prometheus-node-exporter >/dev/null 2>&1 || true
+    for pkg in "${want_debs[@]}"; do
+      case "$pkg" in
+        influxdb|prometheus|prometheus-alertmanager) systemctl stop "$pkg" >/dev/null 2>&1 || true ;;
+      esac
+    done
   fi
-  pkill -x influxd >/dev/null 2>&1 || true
+  for pid in $(pgrep -f "$daemons" || true); do
+    case "$running_before" in
+      *" $pid "*) ;;
+      *) kill "$pid" 2>/dev/null || true ;;
+    esac
+  done
 fi
 
 # npm packages: reinstall only when the lock file changed since the last install.
