@@ -35,13 +35,13 @@ pub enum Command {
     Bench(BenchArgs),
     /// Scale-out: HTTP collector appending to Kafka.
     #[cfg(feature = "kafka")]
-    Ingest(crate::services::ingest::IngestArgs),
+    Ingest(tidemark_services::ingest::IngestArgs),
     /// Scale-out: processor from Kafka into InfluxDB and the updates topic.
     #[cfg(feature = "kafka")]
-    Process(crate::services::process::ProcessArgs),
+    Process(tidemark_services::process::ProcessArgs),
     /// Scale-out: REST, WebSocket and dashboard from InfluxDB and the updates topic.
     #[cfg(feature = "kafka")]
-    Serve(crate::services::serve::ServeArgs),
+    Serve(tidemark_services::serve::ServeArgs),
     /// Rebuilds a time range from the retained log through the same processor.
     Replay(ReplayArgs),
     /// Switches the serving layer to a database (a replay's target), or back.
@@ -146,7 +146,7 @@ pub fn init_tracing() {
 }
 
 fn run_config(args: RunArgs, fallback_key: impl FnOnce() -> String) -> anyhow::Result<RunConfig> {
-    let rate_limit = args.rate_limit.limit()?;
+    let rate_limit = args.rate_limit.limit().map_err(anyhow::Error::msg)?;
     let store = args.influx.target(&args.data_dir);
     let mut api_keys: Vec<String> = args
         .api_keys
@@ -258,17 +258,17 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench(args) => {
             #[cfg(feature = "kafka")]
-            let kafka: Option<bench::KafkaLogOpener> = Some(crate::services::bench_log);
+            let kafka: Option<bench::KafkaLogOpener> = Some(tidemark_services::bench_log);
             #[cfg(not(feature = "kafka"))]
             let kafka = None;
             bench::run(args, kafka).await
         }
         #[cfg(feature = "kafka")]
-        Command::Ingest(args) => crate::services::ingest::main(args, shutdown_token()).await,
+        Command::Ingest(args) => tidemark_services::ingest::main(args, shutdown_token()).await,
         #[cfg(feature = "kafka")]
-        Command::Process(args) => crate::services::process::main(args, shutdown_token()).await,
+        Command::Process(args) => tidemark_services::process::main(args, shutdown_token()).await,
         #[cfg(feature = "kafka")]
-        Command::Serve(args) => crate::services::serve::main(args, shutdown_token()).await,
+        Command::Serve(args) => tidemark_services::serve::main(args, shutdown_token()).await,
         Command::Replay(args) => replay_cmd::run(args, shutdown_token).await,
         Command::Promote(args) => promote::run(args).await,
         Command::Archive(args) => replay_cmd::archive(args).await,

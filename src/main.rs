@@ -4,7 +4,7 @@ use clap::Parser as _;
 
 fn main() -> anyhow::Result<()> {
     #[cfg(feature = "kafka")]
-    tidemark::services::config_file::apply(&std::env::args_os().collect::<Vec<_>>())?;
+    tidemark::config_file::apply(&std::env::args_os().collect::<Vec<_>>())?;
     let cli = tidemark::cli::Cli::parse();
     tidemark::cli::init_tracing();
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -35,7 +35,7 @@ use tidemark_model::{topic, wire, DeadLetter, Event, EventTime, Limits};
 pub use cors::CorsOrigins;
 pub use dedup::Dedup;
 pub use error::IngestError;
-pub use limit::RateLimit;
+pub use limit::{RateLimit, RateLimitArgs};
 pub use metrics::IngestMetrics;
 
 /// Settings of the collector.

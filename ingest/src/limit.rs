@@ -17,6 +17,36 @@ pub struct RateLimit {
     pub burst: u64,
 }
 
+/// The command-line flags of [`RateLimit`], shared by the commands that
+/// serve ingest (`run` and `ingest`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct RateLimitArgs {
+    /// Events a second each ingest key may post (a token bucket; unlimited
+    /// by default). A request over it is answered 429 with `Retry-After`
+    /// and appends nothing.
+    #[arg(long, env = "TIDEMARK_RATE_LIMIT", value_name = "EVENTS_PER_SECOND")]
+    pub rate_limit: Option<f64>,
+    /// Events a key may post at once above its rate, and the largest
+    /// request it may send (default: one second's worth).
+    #[arg(
+        long,
+        env = "TIDEMARK_RATE_LIMIT_BURST",
+        value_name = "EVENTS",
+        requires = "rate_limit"
+    )]
+    pub rate_limit_burst: Option<u64>,
+}
+
+impl RateLimitArgs {
+    /// The limit the flags ask for, if any; the error names the flag.
+    pub fn limit(&self) -> Result<Option<RateLimit>, String> {
+        self.rate_limit
+            .map(|rate| RateLimit::new(rate, self.rate_limit_burst))
+            .transpose()
+            .map_err(|e| format!("--rate-limit: {e}"))
+    }
+}
+
 impl RateLimit {
     /// A limit of `events_per_second` with `burst` (default: one second's
     /// worth, at least one event); refuses a rate that is not positive.

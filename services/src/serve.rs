@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::kafka::{connect_and_provision, BrokerHealth};
 use super::{KafkaArgs, UPDATES_TOPIC};
-use crate::args::InfluxArgs;
+use tidemark_tsdb_writer::target::InfluxArgs;
 
 pub const UPDATES_RECEIVED_TOTAL: &str = "tidemark_serve_updates_received_total";
 pub const UPDATES_LAG: &str = "tidemark_serve_updates_lag_records";

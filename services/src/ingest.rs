@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::kafka::{connect_and_provision, BrokerHealth};
 use super::{service_router, KafkaArgs};
-use crate::args::RateLimitArgs;
+use tidemark_ingest::RateLimitArgs;
 use tidemark_log::metered::{MeteredLog, ProduceMetrics};
 
 #[derive(Debug, Clone, Args)]
@@ -91,7 +91,7 @@ pub async fn run(
         IngestConfig {
             api_keys,
             cors_origins: CorsOrigins::new(args.cors_origins),
-            rate_limit: args.rate_limit.limit()?,
+            rate_limit: args.rate_limit.limit().map_err(anyhow::Error::msg)?,
             ..IngestConfig::default()
         },
         log,

@@ -9,9 +9,9 @@
 //!
 //! Each provisions every tidemark topic on start (idempotently) and serves
 //! `/api/v1/health` and `/metrics` on its `--listen` address. Flags read
-//! `TIDEMARK_*` variables and an optional TOML file ([`config_file`]).
+//! `TIDEMARK_*` variables and an optional TOML file, which the `tidemark`
+//! binary applies before parsing them.
 
-pub mod config_file;
 pub mod ingest;
 mod kafka;
 pub mod process;
@@ -40,7 +40,7 @@ pub async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpL
 /// The InfluxDB store of `influx` with its tiers created, waiting for the
 /// server to come up; `service` names who needs it in the error.
 pub async fn open_influx(
-    influx: &crate::args::InfluxArgs,
+    influx: &tidemark_tsdb_writer::target::InfluxArgs,
     service: &str,
     cancel: &tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<Arc<dyn tidemark_tsdb_writer::Store>> {

@@ -52,10 +52,10 @@ use super::{
     service_router, KafkaArgs, PARTIALS_TOPIC, PROCESSOR_LEASE_TOPIC, PROCESSOR_SHARDS_TOPIC,
     UPDATES_TOPIC,
 };
-use crate::args::InfluxArgs;
 use tidemark_log::kafka::group::{GroupEvent, Membership};
 use tidemark_log::metered::{MeteredLog, ProduceMetrics};
 use tidemark_standalone::WriterSink;
+use tidemark_tsdb_writer::target::InfluxArgs;
 
 pub const ACTIVE: &str = "tidemark_processor_active";
 pub const SHARDS_OWNED: &str = "tidemark_processor_shards_owned";
