@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prometheus::{Gauge, Histogram, HistogramOpts, IntCounter, IntGaugeVec, Opts, Registry};
-use tidemark_log::{Log, LogError, Record};
+use tidemark_log::{Log, Record};
 use tidemark_model::topic::{default_partitions, DEAD_LETTER};
 use tidemark_model::wire::{self, WireError};
 use tidemark_model::{DeadLetter, Event, EventTime, Point, Tier, Update, Watermark};
@@ -27,8 +27,11 @@ use crate::combiner::Combiner;
 use crate::dedup::DEFAULT_HORIZON;
 use crate::error::ProcessorError;
 use crate::partial::Partial;
+use crate::read_loop::{self, LogSource, Mode, Round, Rounds};
 use crate::registry::PipelineSet;
-use crate::runner::{usable_workers, worker_of, Counts, EventRun, ProcessorCheckpoint};
+use crate::runner::{parts_of, resume, usable_workers, Counts, ProcessorCheckpoint};
+
+pub(crate) use crate::read_loop::Part;
 use crate::traffic::DEFAULT_ALLOWED_LATENESS;
 use crate::watermark::{DEFAULT_IDLE_TIMEOUT, DEFAULT_OUT_OF_ORDERNESS};
 use crate::worker::{Worker, WorkerConfig};
@@ -387,18 +390,6 @@ pub(crate) enum ToWorker {
     Stop,
 }
 
-/// One partition a live worker reads.
-pub(crate) struct Part {
-    pub(crate) topic: String,
-    pub(crate) partition: u32,
-    pub(crate) slot: usize,
-    pub(crate) offset: u64,
-    /// While set, the worker is replaying what it already reported before a
-    /// restart: it reads no further than this and reports nothing (see
-    /// [`crate::shards`]).
-    pub(crate) catch_up_to: Option<u64>,
-}
-
 /// Runs the processor until `cancel`: one thread per stage-1 worker reads its
 /// partitions of `config.topics` (partition `p` goes to worker
 /// `p % workers`) and feeds its pipelines; this task runs the combiner, sends
@@ -423,20 +414,9 @@ pub async fn run_driver(
     let mut engines: Vec<Worker> = (0..workers)
         .map(|_| Worker::new(&config.worker(), pipelines.stage1()))
         .collect();
-    let mut parts: Vec<Vec<Part>> = (0..workers).map(|_| Vec::new()).collect();
-    for (topic, &n) in config.topics.iter().zip(&counts) {
-        for partition in 0..n {
-            let w = worker_of(partition, workers);
-            let slot = engines[w].register(topic, partition);
-            let offset = log.start_offset(topic, partition).await?;
-            parts[w].push(Part {
-                topic: topic.clone(),
-                partition,
-                slot,
-                offset,
-                catch_up_to: None,
-            });
-        }
+    let mut parts = Vec::with_capacity(workers);
+    for (index, engine) in engines.iter_mut().enumerate() {
+        parts.push(parts_of(log.as_ref(), &config.topics, index, workers, engine).await?);
     }
     let mut combiner = Combiner::new(pipelines.stage2(), workers, pipelines.allowed_lateness);
     if let Some(dir) = &config.checkpoint_dir {
@@ -444,11 +424,7 @@ pub async fn run_driver(
             crate::checkpoint::check_worker_count(cp.workers.len(), workers)?;
             for ((engine, wc), ps) in engines.iter_mut().zip(&cp.workers).zip(&mut parts) {
                 engine.restore(wc)?;
-                for p in ps.iter_mut() {
-                    if let Some(&o) = wc.offsets.get(&(p.topic.clone(), p.partition)) {
-                        p.offset = o.max(p.offset);
-                    }
-                }
+                resume(ps, &wc.offsets);
             }
             combiner.restore(&cp.combiner)?;
             tracing::info!(workers, "Restored processor checkpoint");
@@ -834,48 +810,98 @@ impl LiveWorker {
             .map_err(ProcessorError::Io)
     }
 
-    /// The next offset of each of the worker's partitions.
-    fn next_offsets(&self) -> NextOffsets {
-        self.parts
-            .iter()
-            .map(|p| ((p.topic.clone(), p.partition), p.offset))
-            .collect()
-    }
-
-    /// What a report says of the offsets: [`Self::next_offsets`] when asked for.
-    fn reported_offsets(&self) -> NextOffsets {
-        if self.report_offsets {
-            self.next_offsets()
-        } else {
-            NextOffsets::new()
+    fn run(self) {
+        let LiveWorker {
+            index,
+            mut engine,
+            mut parts,
+            log,
+            runtime,
+            tx,
+            commands,
+            config,
+            global_wm,
+            report_offsets,
+        } = self;
+        let mut source = LogSource { log, runtime };
+        let mut rounds = LiveRounds {
+            index,
+            tx,
+            commands,
+            codec: config.codec,
+            early_interval: config.early_interval,
+            idle_sleep: config.idle_sleep,
+            next_early: Instant::now() + config.early_interval,
+            backoff: FIRST_BACKOFF,
+            global_wm,
+            report_offsets,
+        };
+        let result = read_loop::run(
+            &mut engine,
+            &mut parts,
+            &mut source,
+            (Mode::Live, config.max_batch),
+            &config.codec.decode,
+            &mut rounds,
+        );
+        if let Err(e) = result {
+            let _ = rounds.tx.blocking_send(FromWorker::Failed(e));
         }
     }
+}
 
-    /// Whether some partition is still short of where it was reported before.
-    fn catching_up(&mut self) -> bool {
-        let behind = self
-            .parts
-            .iter()
-            .any(|p| p.catch_up_to.is_some_and(|to| p.offset < to));
-        if !behind {
-            for p in &mut self.parts {
-                p.catch_up_to = None;
-            }
+/// The first wait after a failed read; it doubles up to [`next_backoff`]'s cap.
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+
+/// A live worker's side of its read loop: commands and the combined
+/// watermark before a round; progress, dead letters, early results and the
+/// pause when idle after it.
+struct LiveRounds {
+    index: usize,
+    tx: tokio::sync::mpsc::Sender<FromWorker>,
+    commands: std::sync::mpsc::Receiver<ToWorker>,
+    codec: EventCodec,
+    early_interval: Duration,
+    idle_sleep: Duration,
+    next_early: Instant,
+    backoff: Duration,
+    /// The combiner's [`Combiner::target`], published by the driver.
+    global_wm: Arc<AtomicI64>,
+    /// Whether progress reports carry the partitions' offsets.
+    report_offsets: bool,
+}
+
+/// The next offset of each of the worker's partitions.
+fn next_offsets(parts: &[Part]) -> NextOffsets {
+    parts
+        .iter()
+        .map(|p| ((p.topic.clone(), p.partition), p.offset))
+        .collect()
+}
+
+/// Whether some partition is still short of where it was reported before a
+/// restart; once none is, they read on freely.
+fn catching_up(parts: &mut [Part]) -> bool {
+    let behind = parts.iter().any(|p| p.stop_at.is_some() && !p.at_stop());
+    if !behind {
+        for p in parts {
+            p.stop_at = None;
         }
-        behind
     }
+    behind
+}
 
-    fn run(mut self) {
-        if let Err(e) = self.work() {
-            let _ = self.tx.blocking_send(FromWorker::Failed(e));
-        }
+impl LiveRounds {
+    /// Lateness is judged against at least the combined watermark.
+    fn observe_global(&self, engine: &mut Worker) {
+        engine.observe_global(EventTime(self.global_wm.load(Ordering::Acquire)));
     }
 
     /// Handles a command; `false` when the worker must stop.
-    fn obey(&mut self, command: ToWorker) -> bool {
+    fn obey(&mut self, command: ToWorker, engine: &Worker, parts: &[Part]) -> bool {
         match command {
             ToWorker::Checkpoint => {
-                let checkpoint = match self.engine.checkpoint(self.next_offsets()) {
+                let checkpoint = match engine.checkpoint(next_offsets(parts)) {
                     Ok(checkpoint) => checkpoint,
                     Err(e) => {
                         let _ = self.tx.blocking_send(FromWorker::Failed(e));
@@ -904,174 +930,108 @@ impl LiveWorker {
             ToWorker::Stop => false,
         }
     }
+}
 
-    fn work(&mut self) -> Result<(), ProcessorError> {
-        let codec = self.config.codec;
-        let (mut run, mut too_late) = (EventRun::default(), Vec::new());
-        let mut next_early = Instant::now() + self.config.early_interval;
-        let mut backoff = Duration::from_millis(100);
+impl Rounds for LiveRounds {
+    fn before(&mut self, engine: &mut Worker, parts: &[Part]) -> Result<bool, ProcessorError> {
         loop {
-            loop {
-                match self.commands.try_recv() {
-                    Ok(c) => {
-                        if !self.obey(c) {
-                            return Ok(());
-                        }
-                    }
-                    Err(std::sync::mpsc::TryRecvError::Empty) => break,
-                    Err(std::sync::mpsc::TryRecvError::Disconnected) => return Ok(()),
-                }
-            }
-            // Lateness is judged against at least the combined watermark.
-            self.engine
-                .observe_global(EventTime(self.global_wm.load(Ordering::Acquire)));
-            let mut any = false;
-            let mut failed = false;
-            let mut counts = Counts::default();
-            let mut decode_errors = 0u64;
-            for p in &mut self.parts {
-                let max = match p.catch_up_to {
-                    Some(to) => (to.saturating_sub(p.offset) as usize).min(self.config.max_batch),
-                    None => self.config.max_batch,
-                };
-                if max == 0 {
-                    // Caught up with what was reported: wait for the others
-                    // without marking the partition idle, as before the restart.
-                    continue;
-                }
-                let read = match self.log.read_now(&p.topic, p.partition, p.offset, max) {
-                    Some(read) => read,
-                    None => {
-                        self.runtime
-                            .block_on(self.log.read(&p.topic, p.partition, p.offset, max))
-                    }
-                };
-                let mut records = match read {
-                    Ok(r) => {
-                        backoff = Duration::from_millis(100);
-                        r
-                    }
-                    Err(LogError::OffsetOutOfRange { earliest, .. }) => {
-                        tracing::warn!(topic = %p.topic, partition = p.partition, from = p.offset, to = earliest,
-                            "Offset no longer retained; skipping ahead");
-                        p.offset = earliest;
-                        continue;
-                    }
-                    Err(e) if e.is_retryable() => {
-                        tracing::warn!(error = %e, topic = %p.topic, partition = p.partition, "Log read failed; retrying");
-                        failed = true;
-                        break;
-                    }
-                    Err(e) => return Err(e.into()),
-                };
-                if let Some(to) = p.catch_up_to {
-                    if records.is_empty() {
-                        continue;
-                    }
-                    // Compacted partitions have gaps: never read past `to`.
-                    records.retain(|r| r.offset < to);
-                    if records.is_empty() {
-                        p.offset = to;
-                        continue;
+            match self.commands.try_recv() {
+                Ok(c) => {
+                    if !self.obey(c, engine, parts) {
+                        return Ok(false);
                     }
                 }
-                let now = Instant::now();
-                let Some(last) = records.last() else {
-                    self.engine.set_progress(p.slot, true, now);
-                    continue;
-                };
-                any = true;
-                p.offset = last.offset + 1;
-                self.engine.set_progress(p.slot, false, now);
-                // Decoded into reused events and offered a run at a time, as
-                // in bounded runs (`runner::run_parallel`).
-                for rec in &records {
-                    match run.decode_next(&rec.value, &codec.decode) {
-                        Ok(true) => run.offer(&mut self.engine, p.slot, &mut counts, &mut too_late),
-                        Ok(false) => {}
-                        Err(e) => {
-                            decode_errors += 1;
-                            tracing::warn!(error = %e, topic = %p.topic, partition = p.partition, offset = rec.offset,
-                                "Skipping undecodable record");
-                        }
-                    }
-                }
-                run.offer(&mut self.engine, p.slot, &mut counts, &mut too_late);
-            }
-            let catching_up = self.catching_up();
-            if catching_up {
-                // Already dead-lettered before the restart.
-                too_late.clear();
-            }
-            let dead_letters: Vec<Record> = too_late
-                .drain(..)
-                .map(|ev| Record {
-                    key: Bytes::copy_from_slice(ev.user_id.as_bytes()),
-                    value: Bytes::from(DeadLetter::too_late((codec.to_json)(&ev)).to_json()),
-                    timestamp: ev.timestamp,
-                })
-                .collect();
-            let mut partials = Vec::new();
-            let now = Instant::now();
-            self.engine
-                .observe_global(EventTime(self.global_wm.load(Ordering::Acquire)));
-            let wm = self.engine.advance(now, &mut partials);
-            if catching_up {
-                // The combiner has these, or newer ones, from before the restart.
-                partials.clear();
-            }
-            let progress = FromWorker::Progress {
-                worker: self.index,
-                partials,
-                wm,
-                idle: self.engine.is_idle(now),
-                counts,
-                decode_errors,
-                dead_letters,
-                newest_received_at: self.engine.newest_received_at(),
-                newest_event_time: self.engine.newest_event_time(),
-                offsets: self.reported_offsets(),
-                catching_up,
-            };
-            if self.tx.blocking_send(progress).is_err() {
-                return Ok(());
-            }
-            let now = Instant::now();
-            if now >= next_early && !catching_up {
-                next_early = now + self.config.early_interval;
-                let mut partials = Vec::new();
-                self.engine.early(&mut partials);
-                let early = FromWorker::Early {
-                    worker: self.index,
-                    partials,
-                    offsets: self.next_offsets(),
-                };
-                if self.tx.blocking_send(early).is_err() {
-                    return Ok(());
-                }
-            }
-            let pause = if failed {
-                let b = backoff;
-                backoff = next_backoff(backoff);
-                Some(b)
-            } else if !any {
-                Some(self.config.idle_sleep)
-            } else {
-                None
-            };
-            if let Some(d) = pause {
-                // Waiting on the command channel keeps checkpoints prompt.
-                match self.commands.recv_timeout(d) {
-                    Ok(c) => {
-                        if !self.obey(c) {
-                            return Ok(());
-                        }
-                    }
-                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
-                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => return Ok(false),
             }
         }
+        self.observe_global(engine);
+        Ok(true)
+    }
+
+    fn after(
+        &mut self,
+        engine: &mut Worker,
+        parts: &mut [Part],
+        round: Round,
+        too_late: &mut Vec<Event>,
+    ) -> Result<bool, ProcessorError> {
+        if !round.retry {
+            self.backoff = FIRST_BACKOFF;
+        }
+        let catching_up = catching_up(parts);
+        if catching_up {
+            // Already dead-lettered before the restart.
+            too_late.clear();
+        }
+        let dead_letters: Vec<Record> = too_late
+            .drain(..)
+            .map(|ev| Record {
+                key: Bytes::copy_from_slice(ev.user_id.as_bytes()),
+                value: Bytes::from(DeadLetter::too_late((self.codec.to_json)(&ev)).to_json()),
+                timestamp: ev.timestamp,
+            })
+            .collect();
+        let mut partials = Vec::new();
+        let now = Instant::now();
+        self.observe_global(engine);
+        let wm = engine.advance(now, &mut partials);
+        if catching_up {
+            // The combiner has these, or newer ones, from before the restart.
+            partials.clear();
+        }
+        let progress = FromWorker::Progress {
+            worker: self.index,
+            partials,
+            wm,
+            idle: engine.is_idle(now),
+            counts: round.counts,
+            decode_errors: round.decode_errors,
+            dead_letters,
+            newest_received_at: engine.newest_received_at(),
+            newest_event_time: engine.newest_event_time(),
+            offsets: if self.report_offsets {
+                next_offsets(parts)
+            } else {
+                NextOffsets::new()
+            },
+            catching_up,
+        };
+        if self.tx.blocking_send(progress).is_err() {
+            return Ok(false);
+        }
+        let now = Instant::now();
+        if now >= self.next_early && !catching_up {
+            self.next_early = now + self.early_interval;
+            let mut partials = Vec::new();
+            engine.early(&mut partials);
+            let early = FromWorker::Early {
+                worker: self.index,
+                partials,
+                offsets: next_offsets(parts),
+            };
+            if self.tx.blocking_send(early).is_err() {
+                return Ok(false);
+            }
+        }
+        let pause = if round.retry {
+            let b = self.backoff;
+            self.backoff = next_backoff(self.backoff);
+            Some(b)
+        } else if !round.advanced {
+            Some(self.idle_sleep)
+        } else {
+            None
+        };
+        if let Some(d) = pause {
+            // Waiting on the command channel keeps checkpoints prompt.
+            match self.commands.recv_timeout(d) {
+                Ok(c) => return Ok(self.obey(c, engine, parts)),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Ok(false),
+            }
+        }
+        Ok(true)
     }
 }
 

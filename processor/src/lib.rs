@@ -10,7 +10,9 @@
 //! ratios). Each pipeline describes itself once, to the [`registry`].
 //! [`runner`] joins the stages with one thread per worker; the async
 //! [`driver`] wraps that for live runs with the store, live updates and
-//! checkpoints. The same code runs live, in crash recovery and in replay.
+//! checkpoints. Every worker, bounded, live or sharded, reads its partitions
+//! through one synchronous read loop over a [`runner::RecordSource`]. The
+//! same code runs live, in crash recovery and in replay.
 
 pub mod ads;
 pub mod checkpoint;
@@ -23,6 +25,7 @@ pub mod hll;
 mod intern;
 pub mod partial;
 pub mod pipeline;
+mod read_loop;
 pub mod registry;
 pub mod runner;
 pub mod shards;

@@ -12,16 +12,21 @@ use std::sync::mpsc;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use tidemark_log::{LogError, StoredRecord};
+use tidemark_log::Log;
 use tidemark_model::wire::WireError;
 use tidemark_model::{Event, Point, Watermark};
 
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, NextOffsets};
 use crate::combiner::Combiner;
 use crate::error::ProcessorError;
 use crate::partial::Partial;
+use crate::read_loop::{self, Mode, Part, Round, Rounds};
 use crate::registry::PipelineSet;
 use crate::worker::{Outcome, Worker, WorkerConfig};
+
+pub use crate::worker::Counts;
+
+pub use crate::read_loop::RecordSource;
 
 /// The worker that owns partition `partition` of every topic.
 ///
@@ -58,31 +63,6 @@ impl ProcessorCheckpoint {
             .iter()
             .flat_map(|w| w.offsets.iter().map(|(k, v)| (k.clone(), *v)))
             .collect()
-    }
-}
-
-/// Counts of what happened to offered events.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Counts {
-    pub accepted: u64,
-    pub duplicates: u64,
-    pub too_late: u64,
-}
-
-impl Counts {
-    /// Counts one outcome.
-    pub fn add(&mut self, o: Outcome) {
-        match o {
-            Outcome::Accepted => self.accepted += 1,
-            Outcome::Duplicate => self.duplicates += 1,
-            Outcome::TooLate => self.too_late += 1,
-        }
-    }
-
-    fn merge(&mut self, o: Counts) {
-        self.accepted += o.accepted;
-        self.duplicates += o.duplicates;
-        self.too_late += o.too_late;
     }
 }
 
@@ -244,48 +224,40 @@ impl Stages {
     }
 }
 
-/// Reads records of one partition; what [`run_parallel`] workers pull from.
-pub trait RecordSource: Send {
-    /// Up to `max` records of `topic`/`partition` from `offset`; empty at the end.
-    fn read(
-        &mut self,
-        topic: &str,
-        partition: u32,
-        offset: u64,
-        max: usize,
-    ) -> Result<Vec<StoredRecord>, LogError>;
-
-    /// Hands up to `max` records' offsets and values to `visit`, in offset
-    /// order; returns how many (0 at the end). Sources that can lend their
-    /// buffers override this to spare [`RecordSource::read`]'s owned records.
-    fn visit(
-        &mut self,
-        topic: &str,
-        partition: u32,
-        offset: u64,
-        max: usize,
-        visit: &mut dyn FnMut(u64, &[u8]),
-    ) -> Result<usize, LogError> {
-        let records = self.read(topic, partition, offset, max)?;
-        for r in &records {
-            visit(r.offset, &r.value);
+/// The partitions of `topics` that worker `index` of `workers` owns, each
+/// registered with `engine`, from the start of what `log` retains.
+pub(crate) async fn parts_of(
+    log: &dyn Log,
+    topics: &[String],
+    index: usize,
+    workers: usize,
+    engine: &mut Worker,
+) -> Result<Vec<Part>, ProcessorError> {
+    let mut parts = Vec::new();
+    for topic in topics {
+        for partition in 0..log.partition_count(topic).await? {
+            if worker_of(partition, workers) != index {
+                continue;
+            }
+            parts.push(Part {
+                topic: topic.clone(),
+                partition,
+                slot: engine.register(topic, partition),
+                offset: log.start_offset(topic, partition).await?,
+                stop_at: None,
+            });
         }
-        Ok(records.len())
     }
+    Ok(parts)
 }
 
-impl<F> RecordSource for F
-where
-    F: FnMut(&str, u32, u64, usize) -> Result<Vec<StoredRecord>, LogError> + Send,
-{
-    fn read(
-        &mut self,
-        topic: &str,
-        partition: u32,
-        offset: u64,
-        max: usize,
-    ) -> Result<Vec<StoredRecord>, LogError> {
-        self(topic, partition, offset, max)
+/// Moves each part on to its checkpointed offset, never back before what
+/// the log still retains.
+pub(crate) fn resume(parts: &mut [Part], offsets: &NextOffsets) {
+    for p in parts {
+        if let Some(&o) = offsets.get(&(p.topic.clone(), p.partition)) {
+            p.offset = o.max(p.offset);
+        }
     }
 }
 
@@ -476,57 +448,62 @@ where
     Ok(summary)
 }
 
-/// Events decoded into reused buffers, offered to a worker a run at a time
-/// (bounded runs here, and the live driver).
-#[derive(Default)]
-pub(crate) struct EventRun {
-    events: Vec<Event>,
-    len: usize,
-    outcomes: Vec<Outcome>,
+/// A bounded run's side of its workers' read loop: progress after every
+/// round that read something, the worker's totals once none did.
+struct BoundedRounds<'a> {
+    index: usize,
+    measure_state: bool,
+    tx: &'a mpsc::SyncSender<Msg>,
+    counts: Counts,
+    decode_errors: u64,
+    too_late: Vec<Event>,
 }
 
-/// Events offered to a worker at once: long enough for the pipelines'
-/// look-ups to overlap, short enough to stay in cache.
-const RUN_LEN: usize = 64;
-
-impl EventRun {
-    /// Decodes one record into the run; `Ok(true)` when the run is full.
-    pub(crate) fn decode_next<D>(&mut self, value: &[u8], decode: &D) -> Result<bool, WireError>
-    where
-        D: Fn(&[u8], &mut Event) -> Result<(), WireError>,
-    {
-        if self.events.len() <= self.len {
-            self.events.push(Event::default());
-        }
-        decode(value, &mut self.events[self.len])?;
-        self.len += 1;
-        Ok(self.len >= RUN_LEN)
+impl Rounds for BoundedRounds<'_> {
+    fn before(&mut self, _: &mut Worker, _: &[Part]) -> Result<bool, ProcessorError> {
+        Ok(true)
     }
 
-    /// Offers the decoded events (if any) to `worker`, counting outcomes and
-    /// keeping the too-late events.
-    pub(crate) fn offer(
+    fn after(
         &mut self,
         worker: &mut Worker,
-        slot: usize,
-        counts: &mut Counts,
+        _: &mut [Part],
+        round: Round,
         too_late: &mut Vec<Event>,
-    ) {
-        if self.len == 0 {
-            return;
+    ) -> Result<bool, ProcessorError> {
+        self.counts.merge(round.counts);
+        self.decode_errors += round.decode_errors;
+        self.too_late.append(too_late);
+        let mut partials = Vec::new();
+        if round.advanced {
+            // Event time only: the watermark is the minimum over this
+            // worker's partitions, never advanced by idleness.
+            let wm = worker.advance_event_time(&mut partials);
+            let progress = Msg::Progress {
+                worker: self.index,
+                partials,
+                wm,
+            };
+            return Ok(self.tx.send(progress).is_ok());
         }
-        let events = &self.events[..self.len];
-        self.outcomes.clear();
-        worker
-            .process_batch(slot, events, &mut self.outcomes)
-            .expect("read loops offer the slots their worker registered");
-        for (ev, &o) in events.iter().zip(&self.outcomes) {
-            if o == Outcome::TooLate {
-                too_late.push(ev.clone());
-            }
-            counts.add(o);
-        }
-        self.len = 0;
+        let state_bytes = if self.measure_state {
+            (worker.checkpoint(BTreeMap::new()).ok())
+                .and_then(|cp| bincode::serialized_size(&cp).ok())
+                .unwrap_or(0)
+        } else {
+            0
+        };
+        let wm = worker.advance_event_time(&mut partials);
+        let _ = self.tx.send(Msg::Done {
+            worker: self.index,
+            partials,
+            wm,
+            counts: std::mem::take(&mut self.counts),
+            decode_errors: self.decode_errors,
+            too_late: std::mem::take(&mut self.too_late),
+            state_bytes,
+        });
+        Ok(false)
     }
 }
 
@@ -534,7 +511,7 @@ fn work<S, D>(
     index: usize,
     worker: &mut Worker,
     source: &mut S,
-    mut ranges: Vec<PartitionRange>,
+    ranges: Vec<PartitionRange>,
     (max_batch, measure_state): (usize, bool),
     decode: D,
     tx: &mpsc::SyncSender<Msg>,
@@ -543,89 +520,32 @@ where
     S: RecordSource,
     D: Fn(&[u8], &mut Event) -> Result<(), WireError>,
 {
-    let slots: Vec<usize> = ranges
-        .iter()
-        .map(|r| worker.register(&r.topic, r.partition))
+    let mut parts: Vec<Part> = ranges
+        .into_iter()
+        .map(|r| Part {
+            slot: worker.register(&r.topic, r.partition),
+            topic: r.topic,
+            partition: r.partition,
+            offset: r.from,
+            stop_at: r.to,
+        })
         .collect();
-    let mut done = vec![false; ranges.len()];
-    let (mut counts, mut decode_errors, mut too_late) = (Counts::default(), 0u64, Vec::new());
-    let mut partials = Vec::new();
-    // Events are decoded into a reused run (their strings keep their
-    // buffers) and offered a run at a time.
-    let mut run = EventRun::default();
-    loop {
-        let mut any = false;
-        for (i, r) in ranges.iter_mut().enumerate() {
-            if done[i] {
-                continue;
-            }
-            let want = match r.to {
-                Some(to) => (to.saturating_sub(r.from) as usize).min(max_batch),
-                None => max_batch,
-            };
-            let slot = slots[i];
-            let mut next = r.from;
-            let mut offer = |run: &mut EventRun, worker: &mut Worker| {
-                run.offer(worker, slot, &mut counts, &mut too_late);
-            };
-            let visited = if want == 0 {
-                0
-            } else {
-                source.visit(&r.topic, r.partition, r.from, want, &mut |offset, value| {
-                    next = offset + 1;
-                    match run.decode_next(value, &decode) {
-                        Ok(true) => offer(&mut run, worker),
-                        Ok(false) => {}
-                        Err(_) => decode_errors += 1,
-                    }
-                })?
-            };
-            offer(&mut run, worker);
-            let now = Instant::now();
-            if visited == 0 {
-                done[i] = true;
-                worker.set_progress(slot, true, now);
-                continue;
-            }
-            any = true;
-            r.from = next;
-            worker.set_progress(slot, false, now);
-        }
-        if !any {
-            break;
-        }
-        // Event time only: the watermark is the minimum over this worker's
-        // partitions, never advanced by idleness.
-        let wm = worker.advance_event_time(&mut partials);
-        if tx
-            .send(Msg::Progress {
-                worker: index,
-                partials: std::mem::take(&mut partials),
-                wm,
-            })
-            .is_err()
-        {
-            return Ok(());
-        }
-    }
-    let state_bytes = if measure_state {
-        (worker.checkpoint(BTreeMap::new()).ok())
-            .and_then(|cp| bincode::serialized_size(&cp).ok())
-            .unwrap_or(0)
-    } else {
-        0
+    let mut rounds = BoundedRounds {
+        index,
+        measure_state,
+        tx,
+        counts: Counts::default(),
+        decode_errors: 0,
+        too_late: Vec::new(),
     };
-    let wm = worker.advance_event_time(&mut partials);
-    let _ = tx.send(Msg::Done {
-        worker: index,
-        partials,
-        wm,
-        counts,
-        decode_errors,
-        too_late,
-        state_bytes,
-    });
-    Ok(())
+    read_loop::run(
+        worker,
+        &mut parts,
+        source,
+        (Mode::Bounded, max_batch),
+        &decode,
+        &mut rounds,
+    )
 }
 
 #[cfg(test)]

@@ -43,13 +43,12 @@ use crate::checkpoint::{self, Checkpoint, NextOffsets};
 use crate::combiner::Combiner;
 use crate::driver::{
     append_dead_letters, next_backoff, pause, stop_workers, write_checkpoint, Combining,
-    DriverConfig, Flow, FromWorker, LagProbe, LiveWorker, Part, PointSink, ProcessorMetrics,
-    ToWorker,
+    DriverConfig, Flow, FromWorker, LagProbe, LiveWorker, PointSink, ProcessorMetrics, ToWorker,
 };
 use crate::error::ProcessorError;
 use crate::partial::Partial;
 use crate::registry::PipelineSet;
-use crate::runner::{usable_workers, worker_of, Counts};
+use crate::runner::{parts_of, resume, usable_workers, Counts};
 use crate::worker::Worker;
 
 /// Largest encoded message: more partials go into several messages, well
@@ -266,34 +265,16 @@ pub async fn run_shards(
             )));
         }
         let mut engine = Worker::new(&config.worker(), pipelines.stage1());
-        let mut parts = Vec::new();
-        for topic in &config.topics {
-            for partition in 0..log.partition_count(topic).await? {
-                if worker_of(partition, count) != shard {
-                    continue;
-                }
-                parts.push(Part {
-                    topic: topic.clone(),
-                    partition,
-                    slot: engine.register(topic, partition),
-                    offset: log.start_offset(topic, partition).await?,
-                    catch_up_to: None,
-                });
-            }
-        }
+        let mut parts = parts_of(log.as_ref(), &config.topics, shard, count, &mut engine).await?;
         if let Some(cp) = checkpoint::load::<ShardCheckpoint>(&shard_dir(&dir, shard))? {
             crate::checkpoint::check_worker_count(cp.shards, count)?;
             engine.restore(&cp.worker)?;
-            for p in &mut parts {
-                if let Some(&o) = cp.worker.offsets.get(&(p.topic.clone(), p.partition)) {
-                    p.offset = o.max(p.offset);
-                }
-            }
+            resume(&mut parts, &cp.worker.offsets);
         }
         if let Some(reported) = last_reported(log.as_ref(), partials_topic, shard).await? {
             for p in &mut parts {
                 if let Some(&to) = reported.get(&(p.topic.clone(), p.partition)) {
-                    p.catch_up_to = (to > p.offset).then_some(to);
+                    p.stop_at = (to > p.offset).then_some(to);
                 }
             }
         }

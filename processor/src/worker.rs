@@ -315,3 +315,28 @@ impl Worker {
         Ok(())
     }
 }
+
+/// Counts of what happened to offered events.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub accepted: u64,
+    pub duplicates: u64,
+    pub too_late: u64,
+}
+
+impl Counts {
+    /// Counts one outcome.
+    pub fn add(&mut self, o: Outcome) {
+        match o {
+            Outcome::Accepted => self.accepted += 1,
+            Outcome::Duplicate => self.duplicates += 1,
+            Outcome::TooLate => self.too_late += 1,
+        }
+    }
+
+    pub(crate) fn merge(&mut self, o: Counts) {
+        self.accepted += o.accepted;
+        self.duplicates += o.duplicates;
+        self.too_late += o.too_late;
+    }
+}
