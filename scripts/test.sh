@@ -35,6 +35,9 @@ export TIDEMARK_BIN="$CARGO_TARGET_DIR/release/tidemark"
 step "test: cargo test (unit, property and end-to-end tests)"
 cargo test --workspace --all-targets --features "$FEATURES"
 
+step "test: fuzz targets, 2 minutes in all (scripts/fuzz.sh; a longer run: scripts/fuzz.sh MINUTES)"
+scripts/fuzz.sh 2
+
 step "test: JavaScript SDK: unit tests, and the core's size (at most 5 KB min+gzip)"
 (cd sdk/js && npm run --silent build -- --size && node --test --test-reporter=tap test/*.test.mjs)
 

@@ -32,6 +32,10 @@ pub enum Stage {
     /// 1 m by event type (metrics route and SQL), and the newest hour from
     /// the hot cache.
     Query,
+    /// The single process under `--rate` events a second for `--minutes`:
+    /// a JSON line a minute (resident memory, lag, events/s, state bytes)
+    /// and a summary with the memory growth after minute 10.
+    Soak,
 }
 
 #[derive(Debug, Args)]
@@ -44,13 +48,13 @@ pub struct BenchArgs {
     /// Number of generated events (without `--input`).
     #[arg(long, default_value_t = 1_000_000)]
     pub events: usize,
-    /// Records per append (log) or events per request (ingest, latency).
+    /// Records per append (log) or events per request (ingest, latency, soak).
     #[arg(long)]
     pub batch: Option<usize>,
     /// Concurrent appenders (log) or requests in flight (ingest).
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
-    /// Offered load for `latency`, events per second.
+    /// Offered load for `latency` and `soak`, events per second.
     #[arg(long, default_value_t = 20_000)]
     pub rate: u64,
     /// Pipelines for `pipeline`, comma-separated (default: all).
@@ -117,6 +121,9 @@ pub struct BenchArgs {
     /// `query`: days of 1-minute data loaded into the store.
     #[arg(long, default_value_t = 7)]
     pub days: u64,
+    /// `soak`: how long the load runs, minutes.
+    #[arg(long, default_value_t = 30)]
+    pub minutes: usize,
     /// `query`: times each read is measured.
     #[arg(long, default_value_t = 50)]
     pub runs: usize,

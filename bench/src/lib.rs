@@ -1,5 +1,6 @@
 //! `tidemark bench`: measures one stage and prints one JSON line with at least
-//! `events`, `seconds` and `events_per_sec` (and `p50_ms`, `p99_ms` for latency).
+//! `events`, `seconds` and `events_per_sec` (and `p50_ms`, `p99_ms` for
+//! latency; `soak` prints a line a minute before it).
 
 use std::io::BufRead as _;
 use std::sync::Arc;
@@ -29,6 +30,7 @@ mod args;
 mod fanout;
 mod query;
 mod report;
+mod soak;
 
 pub use args::{BenchArgs, Stage};
 use report::{cpu_seconds, summary};
@@ -51,6 +53,7 @@ pub async fn run(args: BenchArgs, kafka: Option<KafkaLogOpener>) -> anyhow::Resu
         Stage::Read => bench_read(&args, kafka).await?,
         Stage::Fanout => fanout::run(&args).await?,
         Stage::Query => query::run(&args).await?,
+        Stage::Soak => soak::run(&args).await?,
     };
     println!("{summary}");
     Ok(())
@@ -631,30 +634,60 @@ async fn bench_read(args: &BenchArgs, kafka: Option<KafkaLogOpener>) -> anyhow::
     ))
 }
 
-async fn bench_latency(args: &BenchArgs) -> anyhow::Result<Value> {
-    let dir = tempfile::tempdir()?;
-    let key = "bench-key".to_string();
-    let config = RunConfig {
-        data_dir: dir.path().to_path_buf(),
-        api_keys: vec![key.clone()],
-        cors_origins: Vec::new(),
-        rate_limit: None,
-        store: StoreTarget::Sqlite {
-            data_dir: dir.path().to_path_buf(),
-        },
-        web_dir: None,
-        workers: args.threads.max(1),
-        early_interval: args.early_interval,
-        access: Default::default(),
-    };
-    let (token, _) =
-        tidemark_ws_server::auth::UsersFile::new(config.access.users_file(&config.data_dir))
-            .create_token(tidemark_ws_server::Role::Analyst, "bench")?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let cancel = CancellationToken::new();
-    let system = tokio::spawn(app::run(config, listener, cancel.clone()));
+/// The single process (`tidemark run`'s stack) in this process over a
+/// temporary folder and SQLite, on a loopback port; stopped by `cancel`.
+pub(crate) struct InProcess {
+    pub(crate) addr: std::net::SocketAddr,
+    /// The ingest key.
+    pub(crate) key: String,
+    /// A service token of `role`.
+    pub(crate) token: String,
+    pub(crate) cancel: CancellationToken,
+    pub(crate) system: tokio::task::JoinHandle<anyhow::Result<()>>,
+    _dir: tempfile::TempDir,
+}
 
+impl InProcess {
+    pub(crate) async fn start(
+        args: &BenchArgs,
+        role: tidemark_ws_server::Role,
+    ) -> anyhow::Result<InProcess> {
+        let dir = tempfile::tempdir()?;
+        let key = "bench-key".to_string();
+        let config = RunConfig {
+            data_dir: dir.path().to_path_buf(),
+            api_keys: vec![key.clone()],
+            cors_origins: Vec::new(),
+            rate_limit: None,
+            store: StoreTarget::Sqlite {
+                data_dir: dir.path().to_path_buf(),
+            },
+            web_dir: None,
+            workers: args.threads.max(1),
+            early_interval: args.early_interval,
+            access: Default::default(),
+        };
+        let (token, _) =
+            tidemark_ws_server::auth::UsersFile::new(config.access.users_file(&config.data_dir))
+                .create_token(role, "bench")?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let cancel = CancellationToken::new();
+        let system = tokio::spawn(app::run(config, listener, cancel.clone()));
+        Ok(InProcess {
+            addr,
+            key,
+            token,
+            cancel,
+            system,
+            _dir: dir,
+        })
+    }
+}
+
+async fn bench_latency(args: &BenchArgs) -> anyhow::Result<Value> {
+    let run = InProcess::start(args, tidemark_ws_server::Role::Analyst).await?;
+    let (addr, key, token) = (run.addr, run.key.clone(), run.token.clone());
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws")).await?;
     ws.send(tokio_tungstenite::tungstenite::Message::text(
         json!({"op": "auth", "token": token}).to_string(),
@@ -738,8 +771,8 @@ async fn bench_latency(args: &BenchArgs) -> anyhow::Result<Value> {
         }
     }
     let posted_events = poster.await??;
-    cancel.cancel();
-    system.await??;
+    run.cancel.cancel();
+    run.system.await??;
     anyhow::ensure!(
         !latencies_ms.is_empty(),
         "no update reflected any posted event"

@@ -755,6 +755,18 @@ fn invalid(field: &str, detail: impl Into<String>) -> EventError {
     }
 }
 
+/// Refuses a value that could not be stored as the tag it becomes (see
+/// [`crate::point::is_storable_tag_value`]).
+fn check_tag_value(field: &str, value: &str) -> Result<(), EventError> {
+    if crate::point::is_storable_tag_value(value) {
+        return Ok(());
+    }
+    Err(invalid(
+        field,
+        "must be non-empty, without control characters or backslashes",
+    ))
+}
+
 fn check_len(field: &str, s: &str, limits: &Limits) -> Result<(), EventError> {
     if s.len() > limits.max_string_bytes {
         return Err(EventError::TooLong {
@@ -875,6 +887,9 @@ impl RawFields<'_> {
 
         let post_id = opt_str(self.post_id, "post_id", limits)?;
         let campaign_id = opt_str(self.campaign_id, "campaign_id", limits)?;
+        if let Some(id) = &campaign_id {
+            check_tag_value("campaign_id", id)?;
+        }
         let ad_id = opt_str(self.ad_id, "ad_id", limits)?;
         let impression_id = opt_str(self.impression_id, "impression_id", limits)?;
         let required: &[(&'static str, bool)] = match event_type {
@@ -914,6 +929,7 @@ impl RawFields<'_> {
                     check_len("hashtags", &tag, limits)?;
                     let tag = tag.trim_start_matches('#');
                     if !tag.is_empty() {
+                        check_tag_value("hashtags", tag)?;
                         tags.push(tag.to_owned());
                     }
                 }
@@ -987,7 +1003,13 @@ impl RawFields<'_> {
             page: owned(opt_str(self.page, "page", limits)?),
             duration_ms: opt_u64(self.duration_ms, "duration_ms")?,
             age_band: owned(opt_str(self.age_band, "age_band", limits)?),
-            segment: owned(opt_str(self.segment, "segment", limits)?),
+            segment: match opt_str(self.segment, "segment", limits)? {
+                Some(segment) => {
+                    check_tag_value("segment", &segment)?;
+                    Some(segment.into_owned())
+                }
+                None => None,
+            },
             extra,
         })
     }
@@ -1288,5 +1310,44 @@ mod built_in_code_tests {
             EventType::parse("custom.x").and_then(|t| t.built_in_code()),
             None
         );
+    }
+    #[test]
+    fn values_that_become_tags_must_be_storable_as_tags() {
+        use crate::{Event, EventError, EventTime, Limits};
+
+        let base = r#""event_id":"e","user_id":"u","timestamp":1795420800000"#;
+        let cases = [
+            (
+                r#""event_type":"page_view","hashtags":["ok","a\nb"]"#,
+                "hashtags",
+            ),
+            (
+                r#""event_type":"page_view","hashtags":["ends\\"]"#,
+                "hashtags",
+            ),
+            (
+                r#""event_type":"ad_impression","campaign_id":"c\t1","impression_id":"i""#,
+                "campaign_id",
+            ),
+            (
+                r#""event_type":"ad_impression","campaign_id":"","impression_id":"i""#,
+                "campaign_id",
+            ),
+            (
+                r#""event_type":"profile_update","segment":"pro\u0000""#,
+                "segment",
+            ),
+        ];
+        let at = EventTime(1_795_420_800_000);
+        for (fields, field) in cases {
+            let raw = format!("{{{base},{fields}}}");
+            match Event::from_json(raw.as_bytes(), at, &Limits::default()) {
+                Err(EventError::InvalidValue { field: f, .. }) => assert_eq!(f, field, "{raw}"),
+                other => panic!("{raw}: {other:?}"),
+            }
+        }
+        let fine = format!(r#"{{{base},"event_type":"page_view","hashtags":["a b,c=d","été"]}}"#);
+        let ev = Event::from_json(fine.as_bytes(), at, &Limits::default()).unwrap();
+        assert_eq!(ev.hashtags, ["a b,c=d", "été"]);
     }
 }

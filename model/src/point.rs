@@ -176,6 +176,15 @@ impl Point {
     }
 }
 
+/// Whether `value` can be a tag value in every store: InfluxDB's line
+/// protocol has no escape for a newline, and a backslash before a separator
+/// reads as an escape, so neither control characters nor backslashes
+/// survive a write; nor does an empty value. Input that would become a tag
+/// (hashtags, campaign ids, segments) is refused at ingest unless it passes.
+pub fn is_storable_tag_value(value: &str) -> bool {
+    !value.is_empty() && !value.chars().any(|c| c.is_control() || c == '\\')
+}
+
 fn escape_into(out: &mut String, text: &str, special: &[u8]) {
     for c in text.chars() {
         if c.is_ascii() && special.contains(&(c as u8)) {

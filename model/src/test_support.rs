@@ -111,10 +111,21 @@ pub(crate) fn event() -> impl Strategy<Value = Event> {
 }
 
 /// An event that passes validation: required ids present, tags without a
-/// leading `#`, received when it happened.
+/// leading `#` and storable as tags, received when it happened.
 pub(crate) fn valid_event() -> impl Strategy<Value = Event> {
     event().prop_map(|mut ev| {
         ev.received_at = ev.timestamp;
+        // What becomes a tag must be storable as one.
+        let storable = |s: String| {
+            if crate::point::is_storable_tag_value(&s) {
+                s
+            } else {
+                "tag-1".to_owned()
+            }
+        };
+        ev.hashtags = ev.hashtags.into_iter().map(storable).collect();
+        ev.campaign_id = ev.campaign_id.map(storable);
+        ev.segment = ev.segment.map(storable);
         let id = || Some("id-1".to_owned());
         match ev.event_type {
             EventType::View

@@ -1,5 +1,11 @@
 //! Checkpoints: input offsets, watermarks, dedup state and pipeline states,
 //! bincode-encoded, zstd-compressed and replaced atomically on disk.
+//!
+//! File: `TDC1` | crc32 of the rest (u32, little endian) | zstd(bincode). A
+//! file without the magic is read as the bare zstd frame earlier versions
+//! wrote. The checksum makes any damaged byte an error: zstd frames carry no
+//! checksum of their own by default, so a damaged one could decode to
+//! another, plausible state.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -18,6 +24,7 @@ use crate::watermark::{PartitionKey, WatermarkState};
 pub const FILE_NAME: &str = "checkpoint.bin.zst";
 const TMP_NAME: &str = "checkpoint.bin.zst.tmp";
 const ZSTD_LEVEL: i32 = 3;
+const MAGIC: &[u8; 4] = b"TDC1";
 
 /// The next offset to read of each partition.
 pub type NextOffsets = BTreeMap<PartitionKey, u64>;
@@ -42,19 +49,22 @@ pub fn path(dir: &Path) -> PathBuf {
 
 /// Writes `cp` to `dir` atomically: a temporary file, fsync, rename, fsync of
 /// the directory. A crash leaves either the old or the new checkpoint.
-pub fn save<T: Serialize>(dir: &Path, cp: &T) -> Result<(), ProcessorError> {
+/// Returns the state's size before compression.
+pub fn save<T: Serialize>(dir: &Path, cp: &T) -> Result<u64, ProcessorError> {
     fs::create_dir_all(dir)?;
     let raw = bincode::serialize(cp).map_err(|e| ProcessorError::Io(std::io::Error::other(e)))?;
     let compressed = zstd::bulk::compress(&raw, ZSTD_LEVEL)?;
     let tmp = dir.join(TMP_NAME);
     {
         let mut f = File::create(&tmp)?;
+        f.write_all(MAGIC)?;
+        f.write_all(&crc32fast::hash(&compressed).to_le_bytes())?;
         f.write_all(&compressed)?;
         f.sync_all()?;
     }
     fs::rename(&tmp, path(dir))?;
     File::open(dir)?.sync_all()?;
-    Ok(())
+    Ok(raw.len() as u64)
 }
 
 /// Reads the checkpoint in `dir`; `None` when there is none.
@@ -64,7 +74,23 @@ pub fn load<T: serde::de::DeserializeOwned>(dir: &Path) -> Result<Option<T>, Pro
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e.into()),
     };
-    let raw = zstd::stream::decode_all(bytes.as_slice())
+    let compressed = match bytes.strip_prefix(MAGIC) {
+        Some(rest) => {
+            let (crc, payload) = rest
+                .split_at_checked(4)
+                .ok_or_else(|| ProcessorError::CorruptCheckpoint("truncated header".into()))?;
+            let crc = u32::from_le_bytes(crc.try_into().expect("4 bytes"));
+            if crc32fast::hash(payload) != crc {
+                return Err(ProcessorError::CorruptCheckpoint(format!(
+                    "{}: checksum mismatch",
+                    path(dir).display()
+                )));
+            }
+            payload
+        }
+        None => bytes.as_slice(),
+    };
+    let raw = zstd::stream::decode_all(compressed)
         .map_err(|e| ProcessorError::CorruptCheckpoint(format!("decompress: {e}")))?;
     let cp = bincode::deserialize(&raw)
         .map_err(|e| ProcessorError::CorruptCheckpoint(format!("decode: {e}")))?;
@@ -126,5 +152,29 @@ mod tests {
             load::<Checkpoint>(dir.path()),
             Err(ProcessorError::CorruptCheckpoint(_))
         ));
+    }
+
+    #[test]
+    fn a_flipped_byte_anywhere_is_an_error_and_old_files_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cp = Checkpoint::default();
+        cp.offsets.insert(("user-events".into(), 0), 7);
+        save(dir.path(), &cp).unwrap();
+        let good = fs::read(path(dir.path())).unwrap();
+        for at in 0..good.len() {
+            let mut bad = good.clone();
+            bad[at] ^= 0x10;
+            fs::write(path(dir.path()), &bad).unwrap();
+            assert!(
+                matches!(
+                    load::<Checkpoint>(dir.path()),
+                    Err(ProcessorError::CorruptCheckpoint(_))
+                ),
+                "byte {at}"
+            );
+        }
+        // As written before the header: the bare zstd frame.
+        fs::write(path(dir.path()), &good[8..]).unwrap();
+        assert_eq!(load::<Checkpoint>(dir.path()).unwrap(), Some(cp));
     }
 }

@@ -14,7 +14,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use prometheus::{Gauge, Histogram, HistogramOpts, IntCounter, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Gauge, Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Opts, Registry,
+};
 use tidemark_log::{Log, Record};
 use tidemark_model::topic::{default_partitions, DEAD_LETTER};
 use tidemark_model::wire::{self, WireError};
@@ -142,6 +144,8 @@ pub struct ProcessorMetrics {
     pub checkpoint_duration_seconds: Histogram,
     /// Shard reports the combiner read (sharded processing only).
     pub shard_reports: IntCounter,
+    /// The state's size in the newest checkpoint saved (before compression).
+    pub state_bytes: IntGauge,
 }
 
 impl ProcessorMetrics {
@@ -229,6 +233,15 @@ impl ProcessorMetrics {
                 "tidemark_processor_shard_reports_total",
                 "Records of the partials topic the combiner read",
             ),
+            state_bytes: {
+                let g = IntGauge::new(
+                    "tidemark_processor_state_bytes",
+                    "State in the newest checkpoint saved, bytes before compression",
+                )
+                .unwrap_or_else(|_| unreachable_metric());
+                register(registry, Box::new(g.clone()));
+                g
+            },
         }
     }
 }
@@ -260,9 +273,10 @@ impl ProcessorMetrics {
         }
     }
 
-    /// Records a checkpoint saved now.
-    pub(crate) fn checkpoint_saved(&self) {
+    /// Records a checkpoint of `state_bytes` saved now.
+    pub(crate) fn checkpoint_saved(&self, state_bytes: u64) {
         self.checkpoint_timestamp_seconds.set(unix_seconds_now());
+        self.state_bytes.set(state_bytes as i64);
     }
 }
 
@@ -1085,9 +1099,9 @@ pub(crate) async fn write_checkpoint<T: serde::Serialize + Send + 'static>(
         .map_err(|e| ProcessorError::Io(std::io::Error::other(e)))
         .and_then(|r| r);
     match saved {
-        Ok(()) => {
+        Ok(state_bytes) => {
             timer.observe_duration();
-            metrics.checkpoint_saved();
+            metrics.checkpoint_saved(state_bytes);
             Ok(())
         }
         Err(e) if e.is_retryable() => {

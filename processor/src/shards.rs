@@ -537,9 +537,9 @@ impl ShardHost {
             .map_err(|e| ProcessorError::Io(std::io::Error::other(e)))
             .and_then(|r| r);
         match saved {
-            Ok(()) => {
+            Ok(state_bytes) => {
                 timer.observe_duration();
-                self.metrics.checkpoint_saved();
+                self.metrics.checkpoint_saved(state_bytes);
             }
             Err(e) => {
                 tracing::warn!(error = %e, shard, "Saving a shard checkpoint failed");

@@ -134,6 +134,25 @@ impl ServerError {
     }
 }
 
+/// One path segment (`{tag}`, `{id}`, `{name}`): a bad one (not UTF-8 once
+/// decoded) is a JSON 400 like every other bad request, not axum's
+/// plain-text rejection.
+pub(crate) struct PathSegment(pub(crate) String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for PathSegment {
+    type Rejection = ServerError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(segment)| PathSegment(segment))
+            .map_err(|e| ServerError::BadRequest(e.body_text()))
+    }
+}
+
 impl IntoResponse for ServerError {
     fn into_response(self) -> Response {
         let mut body = serde_json::json!({ "error": self.to_string(), "code": self.code() });

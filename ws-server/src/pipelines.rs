@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -20,7 +20,7 @@ use tidemark_model::{EventTime, Tier};
 use tidemark_tsdb_writer::{Aggregate, MetricQuery, Store, StoreError};
 
 use crate::rest::{bad, time_param};
-use crate::{json_number, ServerError, ServerState};
+use crate::{json_number, PathSegment, ServerError, ServerState};
 
 /// The trending windows.
 pub const TRENDING_WINDOWS: [&str; 3] = ["1m", "5m", "15m"];
@@ -304,7 +304,7 @@ pub(crate) struct RangeParams {
 /// the minutes it was in the top list.
 pub(crate) async fn trending_tag(
     State(state): State<Arc<ServerState>>,
-    Path(tag): Path<String>,
+    PathSegment(tag): PathSegment,
     query: Result<Query<RangeParams>, QueryRejection>,
 ) -> Result<Json<Value>, ServerError> {
     let p = params(query)?;
@@ -428,7 +428,7 @@ pub(crate) async fn campaigns(
 /// (default: the last hour at 1m): the campaign's fields per step.
 pub(crate) async fn campaign(
     State(state): State<Arc<ServerState>>,
-    Path(id): Path<String>,
+    PathSegment(id): PathSegment,
     query: Result<Query<RangeParams>, QueryRejection>,
 ) -> Result<Json<Value>, ServerError> {
     let p = params(query)?;

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{Extension, Path, Query, Request, State};
+use axum::extract::{Extension, Query, Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
@@ -13,7 +13,7 @@ use tidemark_model::EventTime;
 
 use super::jwt::Kind;
 use super::{client_ip, Principal, Role, ACCESS_LIFETIME, REFRESH_LIFETIME};
-use crate::{ServerError, ServerState};
+use crate::{PathSegment, ServerError, ServerState};
 
 #[derive(Debug, Deserialize)]
 pub(crate) struct Login {
@@ -174,7 +174,7 @@ fn role_param(role: &str) -> Result<Role, ServerError> {
 pub(crate) async fn put_user(
     State(state): State<Arc<ServerState>>,
     Extension(principal): Extension<Principal>,
-    Path(name): Path<String>,
+    PathSegment(name): PathSegment,
     payload: Result<Json<PutUser>, JsonRejection>,
 ) -> Result<Json<Value>, ServerError> {
     let PutUser { role, password } = body(payload)?;
@@ -197,7 +197,7 @@ pub(crate) async fn put_user(
 pub(crate) async fn delete_user(
     State(state): State<Arc<ServerState>>,
     Extension(principal): Extension<Principal>,
-    Path(name): Path<String>,
+    PathSegment(name): PathSegment,
 ) -> Result<Response, ServerError> {
     if !state.access.users.current()?.users.contains_key(&name) {
         return Err(ServerError::NotFound(format!("no user {name:?}")));
@@ -254,7 +254,7 @@ pub(crate) async fn create_token(
 pub(crate) async fn revoke_token(
     State(state): State<Arc<ServerState>>,
     Extension(principal): Extension<Principal>,
-    Path(id): Path<String>,
+    PathSegment(id): PathSegment,
 ) -> Result<Response, ServerError> {
     if !state.access.users.current()?.tokens.contains_key(&id) {
         return Err(ServerError::NotFound(format!("no token {id:?}")));
