@@ -26,7 +26,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Every stage in one process on the embedded log and store.
-    Run(RunArgs),
+    Run(RunCommandArgs),
     /// `run` plus a built-in traffic generator; prints the dashboard URL.
     Demo(DemoArgs),
     /// Posts generated social-network traffic to an ingest endpoint.
@@ -99,6 +99,14 @@ pub struct RunArgs {
     pub access: AccessArgs,
     #[command(flatten)]
     pub rate_limit: RateLimitArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RunCommandArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    #[command(flatten)]
+    pub tls: tidemark_ws_server::tls::TlsArgs,
 }
 
 #[derive(Debug, Args)]
@@ -181,18 +189,15 @@ fn random_key() -> String {
 
 pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run(args) => {
+        Command::Run(RunCommandArgs { run: args, tls }) => {
             let listen = args.listen;
             let config = run_config(args, || {
                 let key = random_key();
                 println!("No --api-key given; ingest accepts this generated key: {key}");
                 key
             })?;
-            let listener = tokio::net::TcpListener::bind(listen).await?;
-            println!(
-                "tidemark is running: dashboard http://{}/",
-                listener.local_addr()?
-            );
+            let listener = tls.listener(tokio::net::TcpListener::bind(listen).await?)?;
+            println!("tidemark is running: dashboard {}/", listener.url()?);
             let users = config.access.users_file(&config.data_dir);
             let nobody = tidemark_ws_server::auth::UsersFile::new(&users)
                 .current()

@@ -30,6 +30,8 @@ pub struct IngestArgs {
     /// Address of the HTTP listener: `POST /v1/events`, `/api/v1/health`, `/metrics`.
     #[arg(long, env = "TIDEMARK_LISTEN", default_value = "127.0.0.1:8081")]
     pub listen: SocketAddr,
+    #[command(flatten)]
+    pub tls: tidemark_ws_server::tls::TlsArgs,
     /// API key accepted by ingest (repeatable; at least one).
     #[arg(
         long = "api-key",
@@ -68,6 +70,7 @@ pub async fn run(
     listener: TcpListener,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
+    let listener = args.tls.listener(listener)?;
     let registry = prometheus::Registry::new();
     let kafka = connect_and_provision(&args.kafka, "ingest", |_| {}, &cancel).await?;
     let log: Arc<dyn Log> = Arc::new(MeteredLog::new(
@@ -108,7 +111,7 @@ pub async fn run(
         })
     };
     let router = tidemark_ingest::router(Arc::new(state)).merge(service_router(registry, probe));
-    tracing::info!(listen = %listener.local_addr()?, "Ingest is running");
+    tracing::info!(listen = %listener.url()?, "Ingest is running");
     let http_cancel = cancel.clone();
     let served =
         tidemark_ws_server::serve(

@@ -73,6 +73,8 @@ pub struct ProcessArgs {
     /// Address of the HTTP listener: `/api/v1/health`, `/metrics`.
     #[arg(long, env = "TIDEMARK_LISTEN", default_value = "127.0.0.1:8082")]
     pub listen: SocketAddr,
+    #[command(flatten)]
+    pub tls: tidemark_ws_server::tls::TlsArgs,
     /// Folder of the checkpoints; shared by every `process` instance (a
     /// takeover restores the previous owner's newest checkpoint).
     #[arg(long, env = "TIDEMARK_DATA_DIR", default_value = "tidemark-data")]
@@ -160,6 +162,7 @@ pub async fn run(
     listener: TcpListener,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
+    let listener = args.tls.listener(listener)?;
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
     let store = super::open_influx(&args.influx, "process", &cancel).await?;

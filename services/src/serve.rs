@@ -37,6 +37,8 @@ pub struct ServeArgs {
     /// dashboard, `/metrics`.
     #[arg(long, env = "TIDEMARK_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    #[command(flatten)]
+    pub tls: tidemark_ws_server::tls::TlsArgs,
     /// Folder of the built web dashboard.
     #[arg(long, env = "TIDEMARK_WEB_DIR", default_value = "dashboards/web/dist")]
     pub web_dir: PathBuf,
@@ -73,6 +75,7 @@ pub async fn run(
     listener: TcpListener,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
+    let listener = args.tls.listener(listener)?;
     let store = super::open_influx(&args.influx, "serve", &cancel).await?;
     let registry = Registry::new();
     let kafka = connect_and_provision(
@@ -149,7 +152,7 @@ pub async fn run(
         ));
     }
     let router = tidemark_ws_server::router(server);
-    tracing::info!(listen = %listener.local_addr()?, "Serve is running");
+    tracing::info!(listen = %listener.url()?, "Serve is running");
     let http_cancel = cancel.clone();
     let served =
         tidemark_ws_server::serve(

@@ -22,7 +22,6 @@ use tidemark_tsdb_writer::Store;
 use tidemark_tsdb_writer::StoreTarget;
 use tidemark_ws_server::ServerState;
 
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// Everything `run` needs.
@@ -96,7 +95,7 @@ pub async fn open_store(
 /// back end drain (processor checkpoint, writer flush).
 pub async fn run(
     config: RunConfig,
-    listener: TcpListener,
+    listener: impl Into<tidemark_ws_server::tls::HttpListener>,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)

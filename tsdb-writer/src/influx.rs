@@ -28,6 +28,8 @@ pub struct InfluxConfig {
     pub password: Option<String>,
     /// Timeout of each HTTP request.
     pub timeout: Duration,
+    /// PEM file of a CA to trust for `https://` besides the system's roots.
+    pub ca: Option<std::path::PathBuf>,
 }
 
 impl Default for InfluxConfig {
@@ -38,6 +40,7 @@ impl Default for InfluxConfig {
             username: None,
             password: None,
             timeout: Duration::from_secs(10),
+            ca: None,
         }
     }
 }
@@ -63,6 +66,23 @@ fn dropped_beyond_retention(body: &str) -> Option<u64> {
     message.trim().strip_prefix(BEYOND_RETENTION)?.parse().ok()
 }
 
+/// The certificates of the PEM file `path`, at least one.
+fn ca_certificates(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, StoreError> {
+    let unusable = |detail: String| {
+        StoreError::Rejected(format!(
+            "cannot use {} as --influx-ca: {detail}",
+            path.display()
+        ))
+    };
+    let pem = std::fs::read(path).map_err(|e| unusable(e.to_string()))?;
+    let certificates =
+        reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| unusable(e.to_string()))?;
+    if certificates.is_empty() {
+        return Err(unusable("no PEM certificate in it".into()));
+    }
+    Ok(certificates)
+}
+
 /// InfluxDB's timestamps are nanoseconds in an i64; query bounds are clamped to that range.
 const MAX_MILLIS: i64 = i64::MAX / 1_000_000;
 const MIN_MILLIS: i64 = i64::MIN / 1_000_000;
@@ -77,8 +97,13 @@ impl InfluxStore {
                 config.url
             )));
         }
-        let client = Client::builder()
-            .timeout(config.timeout)
+        let mut client = Client::builder().timeout(config.timeout);
+        if let Some(ca) = &config.ca {
+            for certificate in ca_certificates(ca)? {
+                client = client.add_root_certificate(certificate);
+            }
+        }
+        let client = client
             .build()
             .map_err(|e| StoreError::Rejected(format!("cannot build HTTP client: {e}")))?;
         let base = config.url.trim_end_matches('/').to_string();

@@ -155,6 +155,10 @@ pub struct InfluxArgs {
     pub influx_user: Option<String>,
     #[arg(long, env = "TIDEMARK_INFLUX_PASSWORD", hide_env_values = true)]
     pub influx_password: Option<String>,
+    /// PEM file of the CA that signed InfluxDB's certificate, for an
+    /// `https://` `--influx-url` the system does not trust already.
+    #[arg(long, env = "TIDEMARK_INFLUX_CA")]
+    pub influx_ca: Option<std::path::PathBuf>,
 }
 
 impl InfluxArgs {
@@ -169,6 +173,7 @@ impl InfluxArgs {
                     username: self.influx_user.clone(),
                     password: self.influx_password.clone(),
                     timeout: INFLUX_REQUEST_TIMEOUT,
+                    ca: self.influx_ca.clone(),
                 },
             },
             None => StoreTarget::Sqlite {

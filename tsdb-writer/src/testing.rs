@@ -1,4 +1,5 @@
-//! Test support: a throwaway InfluxDB 1.x server (`influxd`) on free local ports.
+//! Test support: a throwaway InfluxDB 1.x server (`influxd`) on free local
+//! ports, and certificates for the TLS tests.
 //!
 //! Enabled by the `testing` feature so other crates' tests can reuse it. The
 //! binary is looked up as `$TIDEMARK_INFLUXD`, else `influxd` on the `PATH`.
@@ -19,6 +20,8 @@ pub struct InfluxServer {
     pub url: String,
     http_addr: SocketAddr,
     config_path: PathBuf,
+    /// Whether the server speaks HTTPS only.
+    tls: bool,
     child: Option<Child>,
     // Declared last so the directory is removed after the process is gone.
     dir: tempfile::TempDir,
@@ -47,6 +50,16 @@ fn toml_path(p: &Path) -> String {
 impl InfluxServer {
     /// Starts a fresh server and waits until `/ping` answers 204.
     pub fn start() -> Result<InfluxServer, String> {
+        InfluxServer::start_with(None)
+    }
+
+    /// Starts a fresh server that speaks HTTPS only, with the PEM
+    /// certificate and key given, and waits until it answers.
+    pub fn start_tls(cert: &Path, key: &Path) -> Result<InfluxServer, String> {
+        InfluxServer::start_with(Some((cert, key)))
+    }
+
+    fn start_with(tls: Option<(&Path, &Path)>) -> Result<InfluxServer, String> {
         let dir =
             tempfile::tempdir().map_err(|e| format!("cannot create a temporary directory: {e}"))?;
         let http_port = free_port()?;
@@ -59,7 +72,15 @@ impl InfluxServer {
              [data]\n  dir = \"{data}\"\n  wal-dir = \"{wal}\"\n  query-log-enabled = false\n\
              [monitor]\n  store-enabled = false\n\
              [subscriber]\n  enabled = false\n\
-             [http]\n  bind-address = \"127.0.0.1:{http_port}\"\n  log-enabled = false\n  pprof-enabled = false\n",
+             [http]\n  bind-address = \"127.0.0.1:{http_port}\"\n  log-enabled = false\n  pprof-enabled = false\n{https}",
+            https = match tls {
+                Some((cert, key)) => format!(
+                    "  https-enabled = true\n  https-certificate = \"{}\"\n  https-private-key = \"{}\"\n",
+                    toml_path(cert),
+                    toml_path(key)
+                ),
+                None => String::new(),
+            },
             meta = toml_path(&dir.path().join("meta")),
             data = toml_path(&dir.path().join("data")),
             wal = toml_path(&dir.path().join("wal")),
@@ -68,10 +89,12 @@ impl InfluxServer {
         std::fs::write(&config_path, config)
             .map_err(|e| format!("cannot write the influxd config: {e}"))?;
         let http_addr = SocketAddr::from(([127, 0, 0, 1], http_port));
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let mut server = InfluxServer {
-            url: format!("http://{http_addr}"),
+            url: format!("{scheme}://{http_addr}"),
             http_addr,
             config_path,
+            tls: tls.is_some(),
             child: None,
             dir,
         };
@@ -113,7 +136,7 @@ impl InfluxServer {
                     ));
                 }
             }
-            if ping(self.http_addr) {
+            if ping(self.http_addr, self.tls) {
                 return Ok(());
             }
             if started.elapsed() > START_TIMEOUT {
@@ -153,8 +176,9 @@ impl Drop for InfluxServer {
     }
 }
 
-/// Whether `GET /ping` answers 204.
-fn ping(addr: SocketAddr) -> bool {
+/// Whether `GET /ping` answers 204; a TLS-only server is up once it
+/// answers the plain request with its 400 ("an HTTP request to an HTTPS server").
+fn ping(addr: SocketAddr, tls: bool) -> bool {
     let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
         return false;
     };
@@ -164,5 +188,54 @@ fn ping(addr: SocketAddr) -> bool {
         return false;
     }
     let mut head = [0u8; 12];
-    stream.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.1 204")
+    let expected: &[u8] = if tls {
+        b"HTTP/1.0 400"
+    } else {
+        b"HTTP/1.1 204"
+    };
+    stream.read_exact(&mut head).is_ok() && head.starts_with(expected)
+}
+
+/// A private CA and a server certificate it signed, for `127.0.0.1` and
+/// `localhost`, written as PEM files.
+#[derive(Debug, Clone)]
+pub struct TestCertificates {
+    /// The CA's certificate: what a client is told to trust.
+    pub ca: PathBuf,
+    /// The server's certificate chain (its own, then the CA's).
+    pub cert: PathBuf,
+    /// The server's private key.
+    pub key: PathBuf,
+}
+
+impl TestCertificates {
+    /// Makes the CA and the server certificate in `dir`.
+    pub fn write(dir: &Path) -> Result<TestCertificates, String> {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        let failed = |e: rcgen::Error| format!("cannot make a test certificate: {e}");
+        let ca_key = KeyPair::generate().map_err(failed)?;
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(failed)?;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "tidemark test CA");
+        let ca = ca_params.self_signed(&ca_key).map_err(failed)?;
+        let server_key = KeyPair::generate().map_err(failed)?;
+        let server = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .map_err(failed)?
+            .signed_by(&server_key, &ca, &ca_key)
+            .map_err(failed)?;
+        let files = TestCertificates {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("server.pem"),
+            key: dir.join("server.key"),
+        };
+        let write = |path: &Path, text: String| {
+            std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
+        };
+        write(&files.ca, ca.pem())?;
+        write(&files.cert, format!("{}{}", server.pem(), ca.pem()))?;
+        write(&files.key, server_key.serialize_pem())?;
+        Ok(files)
+    }
 }

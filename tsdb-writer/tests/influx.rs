@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tidemark_model::{EventTime, FieldValue, Point, Tier};
 use tidemark_tsdb_writer::influx::{InfluxConfig, InfluxStore};
-use tidemark_tsdb_writer::testing::InfluxServer;
+use tidemark_tsdb_writer::testing::{InfluxServer, TestCertificates};
 use tidemark_tsdb_writer::writer::{BatchingWriter, WriterConfig, WriterMetrics};
 use tidemark_tsdb_writer::{Aggregate, MetricQuery, Series, Store};
 
@@ -354,4 +354,49 @@ async fn points_beyond_retention_are_counted_and_the_rest_is_written() {
         1,
         "the hourly tier keeps 400 days: {hourly:?}"
     );
+}
+
+#[tokio::test]
+async fn https_with_a_private_ca() {
+    if std::env::var("TIDEMARK_SKIP_INFLUX").as_deref() == Ok("1") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let certs = TestCertificates::write(dir.path()).unwrap();
+    let server = InfluxServer::start_tls(&certs.cert, &certs.key).unwrap();
+    assert!(server.url.starts_with("https://"), "{}", server.url);
+    let config = InfluxConfig {
+        url: server.url.clone(),
+        timeout: Duration::from_secs(5),
+        ..Default::default()
+    };
+
+    // The system's roots do not know the private CA: the certificate is checked.
+    let untrusting = InfluxStore::new(config.clone()).unwrap();
+    assert!(untrusting.ensure_schema().await.is_err());
+
+    let store = InfluxStore::new(InfluxConfig {
+        ca: Some(certs.ca.clone()),
+        ..config.clone()
+    })
+    .unwrap();
+    store.ensure_schema().await.unwrap();
+    let t0 = base();
+    store
+        .write(&[point(Tier::Rt, "de", "ios", t0, 3, 0.5)])
+        .await
+        .unwrap();
+    let series = store
+        .query(&query(t0, "events", Aggregate::Sum))
+        .await
+        .unwrap();
+    assert_eq!(series[0].points, vec![(EventTime(t0), 3.0)]);
+
+    // A file that is no CA is named in the error.
+    let error = InfluxStore::new(InfluxConfig {
+        ca: Some(certs.key.clone()),
+        ..config
+    })
+    .unwrap_err();
+    assert!(error.to_string().contains("server.key"), "{error}");
 }

@@ -20,6 +20,7 @@ mod rest;
 pub mod routes;
 mod served;
 pub mod serving_file;
+pub mod tls;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -683,20 +684,30 @@ async fn no_such_route(uri: axum::http::Uri) -> ServerError {
     ServerError::NotFound(format!("no route {}", uri.path()))
 }
 
-/// Serves `router` on `listener` until `shutdown` completes, then lets
-/// in-flight requests finish.
+/// Serves `router` on `listener` (plain or TLS, see [`tls`]) until
+/// `shutdown` completes, then lets in-flight requests finish.
 pub async fn serve(
-    listener: tokio::net::TcpListener,
+    listener: impl Into<tls::HttpListener>,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt as _;
     // The client's address is kept for the login limits and the audit log.
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+    match listener.into().into_parts() {
+        (tcp, None) => {
+            axum::serve(tcp, service)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+        (tcp, Some(config)) => {
+            // `tap_io` gives the TLS listener axum's client-address plumbing.
+            let listener = tls::TlsListener::spawn(tcp, config)?.tap_io(|_| {});
+            axum::serve(listener, service)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+    }
 }
 
 async fn health(axum::extract::State(state): axum::extract::State<Arc<ServerState>>) -> Response {
