@@ -156,6 +156,7 @@ pub fn init_tracing() {
 fn run_config(args: RunArgs, fallback_key: impl FnOnce() -> String) -> anyhow::Result<RunConfig> {
     let rate_limit = args.rate_limit.limit().map_err(anyhow::Error::msg)?;
     let store = args.influx.target(&args.data_dir);
+    let keys = args.access.encryption.keys()?;
     let mut api_keys: Vec<String> = args
         .api_keys
         .into_iter()
@@ -174,6 +175,7 @@ fn run_config(args: RunArgs, fallback_key: impl FnOnce() -> String) -> anyhow::R
         workers: args.workers,
         early_interval: args.early_interval,
         access: args.access,
+        keys,
     })
 }
 

@@ -130,4 +130,8 @@ pub struct BenchArgs {
     /// `fanout`: be the server under test (the bench starts itself so).
     #[arg(long, hide = true)]
     pub fanout_server: bool,
+    /// Seals the embedded log (and checkpoints) the bench writes, to measure
+    /// what encryption at rest costs.
+    #[command(flatten)]
+    pub encryption: tidemark_model::keyring::EncryptionArgs,
 }

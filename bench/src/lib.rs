@@ -112,7 +112,10 @@ async fn open_bench_log(
     kafka: Option<KafkaLogOpener>,
 ) -> anyhow::Result<(Arc<dyn Log>, &'static str)> {
     match &args.kafka_brokers {
-        None => Ok((app::open_log(dir).await? as Arc<dyn Log>, "embedded")),
+        None => Ok((
+            app::open_log_with_keys(dir, args.encryption.keys()?).await? as Arc<dyn Log>,
+            "embedded",
+        )),
         Some(brokers) => match kafka {
             Some(open) => Ok((open(brokers).await?, "kafka")),
             None => anyhow::bail!("this build has no Kafka support (cargo feature `kafka`)"),
@@ -151,7 +154,9 @@ async fn records_by_partition(
 async fn bench_log(args: &BenchArgs) -> anyhow::Result<Value> {
     let events = load_events(args)?;
     let dir = tempfile::tempdir()?;
-    let log = app::open_log(dir.path()).await?;
+    let keys = args.encryption.keys()?;
+    let encrypted = keys.is_some();
+    let log = app::open_log_with_keys(dir.path(), keys).await?;
     let batch = args.batch.unwrap_or(1_000);
     let mut batches = Vec::new();
     for (topic_name, records) in records_by_partition(log.as_ref(), &events).await? {
@@ -186,7 +191,12 @@ async fn bench_log(args: &BenchArgs) -> anyhow::Result<Value> {
         "log",
         events.len() as u64,
         seconds,
-        json!({"batch": batch, "batches": batch_count, "sync": "group fsync before ack"}),
+        json!({
+            "batch": batch,
+            "batches": batch_count,
+            "sync": "group fsync before ack",
+            "encrypted": encrypted,
+        }),
     ))
 }
 
@@ -198,7 +208,9 @@ async fn bench_pipeline(args: &BenchArgs) -> anyhow::Result<Value> {
         Some(dir) => (dir.clone(), dir.join("log").exists()),
         None => (scratch.path().to_path_buf(), false),
     };
-    let log = app::open_log(&dir).await?;
+    let keys = args.encryption.keys()?;
+    let encrypted = keys.is_some();
+    let log = app::open_log_with_keys(&dir, keys).await?;
     if !reuse {
         let events = load_events(args)?;
         for (topic_name, records) in records_by_partition(log.as_ref(), &events).await? {
@@ -229,6 +241,7 @@ async fn bench_pipeline(args: &BenchArgs) -> anyhow::Result<Value> {
             "peak_rss_bytes": peak_rss_bytes(),
             "cpu_seconds": cpu_seconds,
             "pipelines": args.pipelines,
+            "encrypted": encrypted,
         }),
     ))
 }
@@ -452,6 +465,7 @@ async fn bench_process(args: &BenchArgs, kafka: Option<KafkaLogOpener>) -> anyho
         workers: args.threads,
         early_interval: args.early_interval,
         access: Default::default(),
+        keys: args.encryption.keys()?,
     };
     let (store, _) = app::open_store(&config.store, &cancel).await?;
     let registry = prometheus::Registry::new();
@@ -666,6 +680,7 @@ impl InProcess {
             workers: args.threads.max(1),
             early_interval: args.early_interval,
             access: Default::default(),
+            keys: args.encryption.keys()?,
         };
         let (token, _) =
             tidemark_ws_server::auth::UsersFile::new(config.access.users_file(&config.data_dir))

@@ -68,6 +68,10 @@ pub enum LogError {
     Unavailable(String),
     #[error("invalid log configuration: {0}")]
     Config(String),
+    /// A sealed batch no key of the key ring opens (its id is missing, or the
+    /// key under that id is wrong); retrying cannot help.
+    #[error("log encryption: {0}")]
+    Encryption(String),
 }
 
 impl LogError {

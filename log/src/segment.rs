@@ -13,6 +13,13 @@
 //!                                  | varint value_len | value
 //! ```
 //!
+//! With a key ring ([`SegmentLog::open_with_keys`]) a batch is sealed with
+//! AES-256-GCM: magic `TDE1`, and the payload is `key id u32 | nonce [12] |
+//! AES-GCM(zstd(records)) | tag [16]`, authenticated together with the
+//! batch's base offset and record count. The CRC still covers the stored
+//! payload, so a torn or damaged batch is found without the key, and a CRC
+//! that holds while authentication fails means a wrong key.
+//!
 //! Only the last segment of a partition is ever written. On open it is scanned
 //! batch by batch and a torn or corrupt tail (from a crash mid-write) is cut
 //! off, so appends continue right after the last complete batch.
@@ -23,7 +30,7 @@
 //! so far, so concurrent appenders share one sync instead of paying one each.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -33,13 +40,18 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use tidemark_model::keyring::{sealed_key_id, OpenError, SEAL_PREFIX};
 use tidemark_model::topic::partition_for_key;
-use tidemark_model::EventTime;
+use tidemark_model::{EventTime, KeyRing};
 
 use crate::{Log, LogError, Position, Record, StoredRecord};
 
 const MAGIC: u32 = 0x5444_4d31; // "TDM1"
+const MAGIC_SEALED: u32 = 0x5444_4531; // "TDE1"
 const HEADER_LEN: usize = 32;
+/// A sealed batch's header with the key id and nonce that open its payload.
+const SEALED_HEADER_LEN: usize = HEADER_LEN + SEAL_PREFIX;
+const AAD_PREFIX: &[u8] = b"tidemark segment batch";
 const ZSTD_LEVEL: i32 = 1;
 /// Upper bound on a batch's decompressed size; a header claiming more is corrupt.
 const MAX_DECOMPRESSED: u64 = 1 << 30;
@@ -97,6 +109,16 @@ struct Inner {
     /// Opened by a reader beside the writing process (replay, archive): never
     /// writes, creates or truncates anything.
     read_only: bool,
+    /// Seals new batches with the ring's current key and opens sealed ones
+    /// by their key id; `None` writes plaintext and refuses sealed batches.
+    keys: Option<Arc<KeyRing>>,
+}
+
+/// What a sealed batch needs at open: the ring, and the key ids already shown
+/// to open a batch (one trial per id tells a wrong key from a damaged batch).
+struct KeyCheck<'a> {
+    keys: Option<&'a KeyRing>,
+    proven: HashSet<u32>,
 }
 
 #[derive(Debug)]
@@ -153,6 +175,8 @@ struct BatchMeta {
     pos: u64,
     payload_len: u32,
     crc: u32,
+    /// Written with [`MAGIC_SEALED`]: the payload opens with a key.
+    sealed: bool,
     /// Maximum timestamp up to and including this batch (over the partition),
     /// which makes `offset_for_time` a binary search even when records are out
     /// of time order.
@@ -246,7 +270,7 @@ fn get_varint(buf: &[u8], pos: &mut usize) -> Option<u64> {
 
 /// Encodes and compresses `records` into one framed batch (header base offset
 /// left at 0; it is filled in under the write lock). Returns the frame.
-fn encode_batch(records: &[&Record]) -> Result<(Vec<u8>, i64), LogError> {
+fn encode_batch(records: &[&Record], sealed: bool) -> Result<(Vec<u8>, i64), LogError> {
     let max_ts = records
         .iter()
         .map(|r| r.timestamp.0)
@@ -268,8 +292,15 @@ fn encode_batch(records: &[&Record]) -> Result<(Vec<u8>, i64), LogError> {
             put_varint(raw, r.value.len() as u64);
             raw.extend_from_slice(&r.value);
         }
-        let mut frame = Vec::with_capacity(HEADER_LEN + zstd::zstd_safe::compress_bound(raw.len()));
-        frame.resize(HEADER_LEN, 0);
+        let head = if sealed {
+            SEALED_HEADER_LEN
+        } else {
+            HEADER_LEN
+        };
+        let mut frame = Vec::with_capacity(
+            head + zstd::zstd_safe::compress_bound(raw.len()) + tidemark_model::keyring::TAG_LEN,
+        );
+        frame.resize(head, 0);
         let payload = compressor.compress(raw)?;
         frame.extend_from_slice(&payload);
         Ok((frame, max_ts))
@@ -348,6 +379,47 @@ fn decompress(payload: &[u8], path: &Path, base: u64) -> Result<Vec<u8>, LogErro
     })
 }
 
+fn batch_aad(base: u64, count: u32) -> [u8; AAD_PREFIX.len() + 12] {
+    let mut aad = [0u8; AAD_PREFIX.len() + 12];
+    aad[..AAD_PREFIX.len()].copy_from_slice(AAD_PREFIX);
+    aad[AAD_PREFIX.len()..AAD_PREFIX.len() + 8].copy_from_slice(&base.to_le_bytes());
+    aad[AAD_PREFIX.len() + 8..].copy_from_slice(&count.to_le_bytes());
+    aad
+}
+
+fn no_key(path: &Path, id: u32) -> LogError {
+    LogError::Encryption(format!(
+        "{} holds batches encrypted with key id {id}, and no encryption key file was given \
+         (--encryption-key-file)",
+        path.display()
+    ))
+}
+
+/// The plaintext payload of a batch read from disk (CRC already checked).
+fn open_payload<'a>(
+    payload: &'a mut [u8],
+    meta: &BatchMeta,
+    keys: Option<&KeyRing>,
+    path: &Path,
+) -> Result<&'a [u8], LogError> {
+    if !meta.sealed {
+        return Ok(payload);
+    }
+    let id = sealed_key_id(payload).unwrap_or_default();
+    let Some(keys) = keys else {
+        return Err(no_key(path, id));
+    };
+    keys.open_in_place(payload, &batch_aad(meta.base, meta.count))
+        .map_err(|e| match e {
+            OpenError::UnknownKey(id) => LogError::Encryption(format!(
+                "{} holds batches encrypted with key id {id}, which the key file {} does not hold",
+                path.display(),
+                keys.source().display()
+            )),
+            e => corrupt(path, format!("batch at offset {}: {e}", meta.base)),
+        })
+}
+
 fn segment_path(dir: &Path, base: u64) -> PathBuf {
     dir.join(format!("{base:020}.{SEGMENT_EXT}"))
 }
@@ -395,6 +467,7 @@ fn scan_segment(
     base: u64,
     verify: bool,
     running_max: &mut i64,
+    check: &mut KeyCheck<'_>,
 ) -> Result<Scan, LogError> {
     let len = file.metadata()?.len();
     let mut seg_max = i64::MIN;
@@ -409,10 +482,13 @@ fn scan_segment(
         if len - pos < HEADER_LEN as u64 {
             break Some(format!("short header at byte {pos}"));
         }
-        let mut hb = [0u8; HEADER_LEN];
-        file.read_exact_at(&mut hb, pos)?;
-        let h = Header::decode(&hb);
-        if h.magic != MAGIC {
+        // A sealed batch's key id comes in the same read as its header.
+        let mut hb = [0u8; SEALED_HEADER_LEN];
+        let got = (len - pos).min(SEALED_HEADER_LEN as u64) as usize;
+        file.read_exact_at(&mut hb[..got], pos)?;
+        let h = Header::decode(hb[..HEADER_LEN].try_into().expect("header length"));
+        let sealed = h.magic == MAGIC_SEALED;
+        if h.magic != MAGIC && !sealed {
             break Some(format!("bad magic at byte {pos}"));
         }
         if h.base != expected || h.count == 0 {
@@ -432,6 +508,11 @@ fn scan_segment(
                 break Some(format!("CRC mismatch in batch at byte {pos}"));
             }
         }
+        if sealed && h.payload_len as usize >= SEAL_PREFIX {
+            let id =
+                u32::from_le_bytes(hb[HEADER_LEN..HEADER_LEN + 4].try_into().expect("4 bytes"));
+            prove_key(file, path, pos, &h, id, check)?;
+        }
         *running_max = (*running_max).max(h.max_ts);
         seg_max = seg_max.max(h.max_ts);
         batches.push(BatchMeta {
@@ -440,6 +521,7 @@ fn scan_segment(
             pos,
             payload_len: h.payload_len,
             crc: h.crc,
+            sealed,
             running_max: *running_max,
         });
         expected = h.base + u64::from(h.count);
@@ -456,6 +538,49 @@ fn scan_segment(
     }
 }
 
+/// Refuses to open a log whose sealed batches no key of the ring opens:
+/// an id the ring lacks, or (shown by one batch per id whose CRC holds but
+/// which fails authentication) a wrong key under a known id.
+fn prove_key(
+    file: &File,
+    path: &Path,
+    pos: u64,
+    h: &Header,
+    id: u32,
+    check: &mut KeyCheck<'_>,
+) -> Result<(), LogError> {
+    let Some(keys) = check.keys else {
+        return Err(no_key(path, id));
+    };
+    if !keys.has(id) {
+        return Err(LogError::Encryption(format!(
+            "{} holds batches encrypted with key id {id}, which the key file {} does not hold",
+            path.display(),
+            keys.source().display()
+        )));
+    }
+    if check.proven.contains(&id) {
+        return Ok(());
+    }
+    let mut payload = vec![0u8; h.payload_len as usize];
+    file.read_exact_at(&mut payload, pos + HEADER_LEN as u64)?;
+    if crc32fast::hash(&payload) != h.crc {
+        // Damaged, not a key question: reading it reports it, or the tail is cut.
+        return Ok(());
+    }
+    match keys.open_in_place(&mut payload, &batch_aad(h.base, h.count)) {
+        Ok(_) => {
+            check.proven.insert(id);
+            Ok(())
+        }
+        Err(_) => Err(LogError::Encryption(format!(
+            "key id {id} of the key file {} does not decrypt {} (a wrong key for that id)",
+            keys.source().display(),
+            path.display()
+        ))),
+    }
+}
+
 impl Partition {
     /// Loads a partition folder, creating it (with an empty first segment) if needed.
     fn load(
@@ -463,6 +588,7 @@ impl Partition {
         name: String,
         sync: SyncPolicy,
         read_only: bool,
+        check: &mut KeyCheck<'_>,
     ) -> Result<Partition, LogError> {
         if !read_only {
             fs::create_dir_all(&dir)?;
@@ -527,7 +653,7 @@ impl Partition {
                 valid_len,
                 max_ts,
                 problem,
-            } = scan_segment(&file, &path, base, i == last, &mut running_max)?;
+            } = scan_segment(&file, &path, base, i == last, &mut running_max, check)?;
             if let (Some(problem), true) = (&problem, read_only) {
                 // The writer may be in the middle of this batch: stop before it.
                 tracing::debug!(path = %path.display(), problem = %problem, "Reading up to an incomplete batch");
@@ -574,13 +700,19 @@ impl Partition {
         &self,
         records: &[&Record],
         config: &SegmentLogConfig,
+        keys: Option<&KeyRing>,
     ) -> Result<(u64, u64), LogError> {
-        let (mut frame, max_ts) = encode_batch(records)?;
+        let (mut frame, max_ts) = encode_batch(records, keys.is_some())?;
         let count = u32::try_from(records.len())
             .map_err(|_| LogError::Config("too many records in one append".into()))?;
-        let payload_len = u32::try_from(frame.len() - HEADER_LEN)
+        let tag = keys.map_or(0, |_| tidemark_model::keyring::TAG_LEN);
+        let payload_len = u32::try_from(frame.len() + tag - HEADER_LEN)
             .map_err(|_| LogError::Config("batch larger than 4 GiB".into()))?;
-        let crc = crc32fast::hash(&frame[HEADER_LEN..]);
+        let mut crc = if keys.is_none() {
+            crc32fast::hash(&frame[HEADER_LEN..])
+        } else {
+            0
+        };
 
         let mut st = lock(&self.state);
         if st.broken {
@@ -597,8 +729,13 @@ impl Partition {
             self.roll(&mut st, config)?;
         }
         let base = st.next_offset;
+        if let Some(keys) = keys {
+            // The base offset is known only here, and the seal binds it.
+            keys.seal_tail(&mut frame, HEADER_LEN, &batch_aad(base, count));
+            crc = crc32fast::hash(&frame[HEADER_LEN..]);
+        }
         let header = Header {
-            magic: MAGIC,
+            magic: if keys.is_some() { MAGIC_SEALED } else { MAGIC },
             payload_len,
             crc,
             base,
@@ -627,6 +764,7 @@ impl Partition {
             pos,
             payload_len,
             crc,
+            sealed: keys.is_some(),
             running_max,
         });
         st.running_max = running_max;
@@ -689,7 +827,9 @@ impl Partition {
                 seg.file.read_exact_at(&mut hb, pos)?;
                 let h = Header::decode(&hb);
                 let end = pos + HEADER_LEN as u64 + u64::from(h.payload_len);
-                if h.magic != MAGIC || h.base != expected || h.count == 0 || end > len {
+                let sealed = h.magic == MAGIC_SEALED;
+                if (h.magic != MAGIC && !sealed) || h.base != expected || h.count == 0 || end > len
+                {
                     break;
                 }
                 payload.resize(h.payload_len as usize, 0);
@@ -707,6 +847,7 @@ impl Partition {
                     pos,
                     payload_len: h.payload_len,
                     crc: h.crc,
+                    sealed,
                     running_max,
                 });
                 expected = h.base + u64::from(h.count);
@@ -772,7 +913,18 @@ impl SegmentLog {
     /// Opens (creating if needed) the log under `dir`, reloading every topic
     /// and partition found there and truncating torn tails.
     pub fn open(dir: impl AsRef<Path>, config: SegmentLogConfig) -> Result<SegmentLog, LogError> {
-        Self::open_with(dir.as_ref(), config, false)
+        Self::open_with(dir.as_ref(), config, false, None)
+    }
+
+    /// [`SegmentLog::open`] sealing new batches with the current key of
+    /// `keys` and opening sealed ones by their key id. A sealed batch whose id
+    /// the ring lacks, or (one trial per id) whose key is wrong, fails the open.
+    pub fn open_with_keys(
+        dir: impl AsRef<Path>,
+        config: SegmentLogConfig,
+        keys: Option<Arc<KeyRing>>,
+    ) -> Result<SegmentLog, LogError> {
+        Self::open_with(dir.as_ref(), config, false, keys)
     }
 
     /// Opens an existing log for reading beside the process that writes it
@@ -781,17 +933,27 @@ impl SegmentLog {
     /// made later show up when a read reaches the end or the end offset is
     /// asked for; topics created later do not.
     pub fn open_read_only(dir: impl AsRef<Path>) -> Result<SegmentLog, LogError> {
+        Self::open_read_only_with_keys(dir, None)
+    }
+
+    /// [`SegmentLog::open_read_only`] of a log whose batches may be sealed
+    /// with keys of `keys`.
+    pub fn open_read_only_with_keys(
+        dir: impl AsRef<Path>,
+        keys: Option<Arc<KeyRing>>,
+    ) -> Result<SegmentLog, LogError> {
         let dir = dir.as_ref();
         if !dir.is_dir() {
             return Err(LogError::Config(format!("no log in {}", dir.display())));
         }
-        Self::open_with(dir, SegmentLogConfig::default(), true)
+        Self::open_with(dir, SegmentLogConfig::default(), true, keys)
     }
 
     fn open_with(
         dir: &Path,
         config: SegmentLogConfig,
         read_only: bool,
+        keys: Option<Arc<KeyRing>>,
     ) -> Result<SegmentLog, LogError> {
         if config.segment_bytes == 0 {
             return Err(LogError::Config("segment_bytes must be positive".into()));
@@ -801,6 +963,10 @@ impl SegmentLog {
             fs::create_dir_all(&dir)?;
         }
         let mut topics = HashMap::new();
+        let mut check = KeyCheck {
+            keys: keys.as_deref(),
+            proven: HashSet::new(),
+        };
         for entry in fs::read_dir(&dir)? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -816,7 +982,8 @@ impl SegmentLog {
                 .and_then(|n| n.parse::<u32>().ok())
                 .filter(|&n| n > 0)
                 .ok_or_else(|| corrupt(&meta, "unreadable partition count"))?;
-            let topic = Self::load_topic(&tdir, &name, partitions, config.sync, read_only)?;
+            let topic =
+                Self::load_topic(&tdir, &name, partitions, config.sync, read_only, &mut check)?;
             topics.insert(name, Arc::new(topic));
         }
         Ok(SegmentLog {
@@ -825,6 +992,7 @@ impl SegmentLog {
                 config,
                 topics: RwLock::new(topics),
                 read_only,
+                keys,
             }),
         })
     }
@@ -835,6 +1003,7 @@ impl SegmentLog {
         partitions: u32,
         sync: SyncPolicy,
         read_only: bool,
+        check: &mut KeyCheck<'_>,
     ) -> Result<Topic, LogError> {
         let partitions = (0..partitions)
             .map(|p| {
@@ -843,6 +1012,7 @@ impl SegmentLog {
                     format!("{name}/{p}"),
                     sync,
                     read_only,
+                    check,
                 )
                 .map(Arc::new)
             })
@@ -899,7 +1069,18 @@ impl SegmentLog {
         self.writable()?;
         let tdir = self.inner.dir.join(topic);
         fs::create_dir_all(&tdir)?;
-        let loaded = Self::load_topic(&tdir, topic, partitions, self.inner.config.sync, false)?;
+        let mut check = KeyCheck {
+            keys: self.inner.keys.as_deref(),
+            proven: HashSet::new(),
+        };
+        let loaded = Self::load_topic(
+            &tdir,
+            topic,
+            partitions,
+            self.inner.config.sync,
+            false,
+            &mut check,
+        )?;
         // The meta file goes last and atomically: a topic folder without it is
         // ignored on open, so a crash here leaves no half-made topic.
         let tmp = tdir.join("meta.tmp");
@@ -950,7 +1131,8 @@ impl SegmentLog {
                     partition: *p,
                 })?;
             let batch: Vec<&Record> = idx.iter().map(|&i| &records[i]).collect();
-            let (base, seq) = part.append(&batch, &self.inner.config)?;
+            let (base, seq) =
+                part.append(&batch, &self.inner.config, self.inner.keys.as_deref())?;
             for (k, &i) in idx.iter().enumerate() {
                 positions[i] = Position {
                     partition: *p,
@@ -1110,7 +1292,8 @@ impl SegmentLog {
                 format!("CRC mismatch in batch at offset {}", r.meta.base),
             ));
         }
-        let buf = Bytes::from(decompress(&payload, &r.path, r.meta.base)?);
+        let plain = open_payload(&mut payload, &r.meta, self.inner.keys.as_deref(), &r.path)?;
+        let buf = Bytes::from(decompress(plain, &r.path, r.meta.base)?);
         *lock(&part.read_cache) = Some((r.meta.base, buf.clone()));
         Ok(buf)
     }

@@ -7,6 +7,7 @@
 
 pub mod dead_letter;
 pub mod event;
+pub mod keyring;
 pub mod point;
 pub mod time;
 pub mod topic;
@@ -18,6 +19,7 @@ mod test_support;
 
 pub use dead_letter::DeadLetter;
 pub use event::{Country, Device, Event, EventError, EventType, Limits};
+pub use keyring::KeyRing;
 pub use point::{FieldValue, Point, Tier};
 pub use time::{EventTime, Watermark};
 pub use update::Update;

@@ -6,6 +6,11 @@
 //! wrote. The checksum makes any damaged byte an error: zstd frames carry no
 //! checksum of their own by default, so a damaged one could decode to
 //! another, plausible state.
+//!
+//! With a key ring: `TDE1` | crc32 of the rest | key id u32 | nonce [12] |
+//! AES-256-GCM(zstd(bincode)) | tag [16]. The CRC tells a damaged file from a
+//! wrong key: a file whose CRC holds but which fails authentication was
+//! sealed under another key with the same id.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -14,7 +19,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use tidemark_model::Watermark;
+use tidemark_model::keyring::{sealed_key_id, OpenError};
+use tidemark_model::{KeyRing, Watermark};
 
 use crate::dedup::PartitionDedup;
 use crate::error::ProcessorError;
@@ -25,6 +31,8 @@ pub const FILE_NAME: &str = "checkpoint.bin.zst";
 const TMP_NAME: &str = "checkpoint.bin.zst.tmp";
 const ZSTD_LEVEL: i32 = 3;
 const MAGIC: &[u8; 4] = b"TDC1";
+const MAGIC_SEALED: &[u8; 4] = b"TDE1";
+const AAD: &[u8] = b"tidemark checkpoint";
 
 /// The next offset to read of each partition.
 pub type NextOffsets = BTreeMap<PartitionKey, u64>;
@@ -51,13 +59,25 @@ pub fn path(dir: &Path) -> PathBuf {
 /// the directory. A crash leaves either the old or the new checkpoint.
 /// Returns the state's size before compression.
 pub fn save<T: Serialize>(dir: &Path, cp: &T) -> Result<u64, ProcessorError> {
+    save_keyed(dir, cp, None)
+}
+
+/// [`save`], sealed with the current key of `keys` when given.
+pub fn save_keyed<T: Serialize>(
+    dir: &Path,
+    cp: &T,
+    keys: Option<&KeyRing>,
+) -> Result<u64, ProcessorError> {
     fs::create_dir_all(dir)?;
     let raw = bincode::serialize(cp).map_err(|e| ProcessorError::Io(std::io::Error::other(e)))?;
-    let compressed = zstd::bulk::compress(&raw, ZSTD_LEVEL)?;
+    let mut compressed = zstd::bulk::compress(&raw, ZSTD_LEVEL)?;
+    if let Some(keys) = keys {
+        compressed = keys.seal(&compressed, AAD);
+    }
     let tmp = dir.join(TMP_NAME);
     {
         let mut f = File::create(&tmp)?;
-        f.write_all(MAGIC)?;
+        f.write_all(if keys.is_some() { MAGIC_SEALED } else { MAGIC })?;
         f.write_all(&crc32fast::hash(&compressed).to_le_bytes())?;
         f.write_all(&compressed)?;
         f.sync_all()?;
@@ -69,32 +89,101 @@ pub fn save<T: Serialize>(dir: &Path, cp: &T) -> Result<u64, ProcessorError> {
 
 /// Reads the checkpoint in `dir`; `None` when there is none.
 pub fn load<T: serde::de::DeserializeOwned>(dir: &Path) -> Result<Option<T>, ProcessorError> {
+    load_keyed(dir, None)
+}
+
+/// [`load`] of a checkpoint that may be sealed with a key of `keys`.
+pub fn load_keyed<T: serde::de::DeserializeOwned>(
+    dir: &Path,
+    keys: Option<&KeyRing>,
+) -> Result<Option<T>, ProcessorError> {
+    let Some(raw) = read_state(dir, keys)? else {
+        return Ok(None);
+    };
+    let cp = bincode::deserialize(&raw)
+        .map_err(|e| ProcessorError::CorruptCheckpoint(format!("decode: {e}")))?;
+    Ok(Some(cp))
+}
+
+/// Whether the checkpoint in `dir`, if any, opens with `keys` and
+/// decompresses: a process checks this before it starts serving, so a
+/// missing key or a damaged file stops it at once.
+pub fn check_keyed(dir: &Path, keys: Option<&KeyRing>) -> Result<(), ProcessorError> {
+    read_state(dir, keys).map(|_| ())
+}
+
+/// The checkpoint's bincode bytes, checked and decompressed.
+fn read_state(dir: &Path, keys: Option<&KeyRing>) -> Result<Option<Vec<u8>>, ProcessorError> {
     let bytes = match fs::read(path(dir)) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e.into()),
     };
-    let compressed = match bytes.strip_prefix(MAGIC) {
-        Some(rest) => {
-            let (crc, payload) = rest
-                .split_at_checked(4)
-                .ok_or_else(|| ProcessorError::CorruptCheckpoint("truncated header".into()))?;
-            let crc = u32::from_le_bytes(crc.try_into().expect("4 bytes"));
-            if crc32fast::hash(payload) != crc {
-                return Err(ProcessorError::CorruptCheckpoint(format!(
-                    "{}: checksum mismatch",
-                    path(dir).display()
-                )));
+    let opened;
+    let compressed = if let Some(rest) = bytes.strip_prefix(MAGIC_SEALED) {
+        opened = open_sealed(&path(dir), rest, keys)?;
+        opened.as_slice()
+    } else {
+        match bytes.strip_prefix(MAGIC) {
+            Some(rest) => {
+                let (crc, payload) = rest
+                    .split_at_checked(4)
+                    .ok_or_else(|| ProcessorError::CorruptCheckpoint("truncated header".into()))?;
+                let crc = u32::from_le_bytes(crc.try_into().expect("4 bytes"));
+                if crc32fast::hash(payload) != crc {
+                    return Err(ProcessorError::CorruptCheckpoint(format!(
+                        "{}: checksum mismatch",
+                        path(dir).display()
+                    )));
+                }
+                payload
             }
-            payload
+            None => bytes.as_slice(),
         }
-        None => bytes.as_slice(),
     };
     let raw = zstd::stream::decode_all(compressed)
         .map_err(|e| ProcessorError::CorruptCheckpoint(format!("decompress: {e}")))?;
-    let cp = bincode::deserialize(&raw)
-        .map_err(|e| ProcessorError::CorruptCheckpoint(format!("decode: {e}")))?;
-    Ok(Some(cp))
+    Ok(Some(raw))
+}
+
+fn open_sealed(
+    file: &Path,
+    rest: &[u8],
+    keys: Option<&KeyRing>,
+) -> Result<Vec<u8>, ProcessorError> {
+    let (crc, sealed) = rest
+        .split_at_checked(4)
+        .ok_or_else(|| ProcessorError::CorruptCheckpoint("truncated header".into()))?;
+    let crc = u32::from_le_bytes(crc.try_into().expect("4 bytes"));
+    if crc32fast::hash(sealed) != crc {
+        return Err(ProcessorError::CorruptCheckpoint(format!(
+            "{}: checksum mismatch",
+            file.display()
+        )));
+    }
+    let id = sealed_key_id(sealed).unwrap_or_default();
+    let Some(keys) = keys else {
+        return Err(ProcessorError::Encryption(format!(
+            "{} is encrypted with key id {id}, and no encryption key file was given \
+             (--encryption-key-file)",
+            file.display()
+        )));
+    };
+    keys.open(sealed, AAD).map_err(|e| match e {
+        OpenError::Truncated => {
+            ProcessorError::CorruptCheckpoint(format!("{}: truncated", file.display()))
+        }
+        OpenError::UnknownKey(id) => ProcessorError::Encryption(format!(
+            "{} is encrypted with key id {id}, which the key file {} does not hold",
+            file.display(),
+            keys.source().display()
+        )),
+        OpenError::Authentication(id) => ProcessorError::Encryption(format!(
+            "key id {id} of the key file {} does not decrypt {} (a wrong key for that id)",
+            keys.source().display(),
+            file.display()
+        )),
+    })
 }
 
 /// Refuses a checkpoint taken with another worker count: partitions, and so
@@ -137,6 +226,44 @@ mod tests {
             43
         );
         assert!(!dir.path().join(TMP_NAME).exists());
+    }
+
+    #[test]
+    fn sealed_checkpoints_survive_a_rotation_and_refuse_wrong_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let k1 = KeyRing::from_keys(&[(1, [1; 32])], Path::new("keys"));
+        let mut cp = Checkpoint::default();
+        let mut d = PartitionDedup::new();
+        d.check_and_insert("event-id-secret", EventTime(1_000));
+        cp.dedup.insert(("user-events".into(), 0), d);
+        save_keyed(dir.path(), &cp, Some(&k1)).unwrap();
+        let bytes = fs::read(path(dir.path())).unwrap();
+        assert_eq!(&bytes[..4], MAGIC_SEALED);
+        assert!(!bytes.windows(6).any(|w| w == b"secret"));
+
+        let rotated = KeyRing::from_keys(&[(1, [1; 32]), (2, [2; 32])], Path::new("keys"));
+        let back: Checkpoint = load_keyed(dir.path(), Some(&rotated)).unwrap().unwrap();
+        assert_eq!(back, cp);
+
+        let msg = |keys: Option<&KeyRing>| {
+            load_keyed::<Checkpoint>(dir.path(), keys)
+                .unwrap_err()
+                .to_string()
+        };
+        let file = path(dir.path()).display().to_string();
+        let none = msg(None);
+        assert!(none.contains(&file) && none.contains("key id 1"), "{none}");
+        let other = KeyRing::from_keys(&[(2, [2; 32])], Path::new("keys"));
+        assert!(msg(Some(&other)).contains("key id 1"));
+        let wrong = KeyRing::from_keys(&[(1, [9; 32])], Path::new("keys"));
+        assert!(msg(Some(&wrong)).contains("wrong key"));
+
+        let mut flipped = bytes.clone();
+        let mid = flipped.len() / 2;
+        flipped[mid] ^= 0x10;
+        fs::write(path(dir.path()), flipped).unwrap();
+        let err = load_keyed::<Checkpoint>(dir.path(), Some(&k1)).unwrap_err();
+        assert!(matches!(err, ProcessorError::CorruptCheckpoint(ref m) if m.contains(&file)));
     }
 
     #[test]

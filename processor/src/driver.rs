@@ -20,7 +20,7 @@ use prometheus::{
 use tidemark_log::{Log, Record};
 use tidemark_model::topic::{default_partitions, DEAD_LETTER};
 use tidemark_model::wire::{self, WireError};
-use tidemark_model::{DeadLetter, Event, EventTime, Point, Tier, Update, Watermark};
+use tidemark_model::{DeadLetter, Event, EventTime, KeyRing, Point, Tier, Update, Watermark};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
@@ -80,6 +80,9 @@ pub struct DriverConfig {
     pub checkpoint_interval: Duration,
     /// `None`: no checkpoints, always start at the log's start offsets.
     pub checkpoint_dir: Option<PathBuf>,
+    /// Seals checkpoints with AES-256-GCM and opens sealed ones
+    /// (`--encryption-key-file`); `None` writes them in the clear.
+    pub checkpoint_keys: Option<Arc<KeyRing>>,
     /// Records read from one partition at a time.
     pub max_batch: usize,
     /// Pause when no partition had new records.
@@ -115,6 +118,7 @@ impl Default for DriverConfig {
             early_interval: Duration::from_millis(500),
             checkpoint_interval: Duration::from_secs(2),
             checkpoint_dir: None,
+            checkpoint_keys: None,
             max_batch: 2000,
             idle_sleep: Duration::from_millis(25),
             codec: EventCodec::default(),
@@ -434,7 +438,9 @@ pub async fn run_driver(
     }
     let mut combiner = Combiner::new(pipelines.stage2(), workers, pipelines.allowed_lateness);
     if let Some(dir) = &config.checkpoint_dir {
-        if let Some(cp) = checkpoint::load::<ProcessorCheckpoint>(dir)? {
+        if let Some(cp) =
+            checkpoint::load_keyed::<ProcessorCheckpoint>(dir, config.checkpoint_keys.as_deref())?
+        {
             crate::checkpoint::check_worker_count(cp.workers.len(), workers)?;
             for ((engine, wc), ps) in engines.iter_mut().zip(&cp.workers).zip(&mut parts) {
                 engine.restore(wc)?;
@@ -697,6 +703,7 @@ impl Combining {
         };
         let saved = write_checkpoint(
             config.checkpoint_dir.clone(),
+            config.checkpoint_keys.clone(),
             cp,
             self.sink.as_ref(),
             &self.metrics,
@@ -1078,6 +1085,7 @@ pub(crate) async fn append_dead_letters(
 /// only when it can never succeed.
 pub(crate) async fn write_checkpoint<T: serde::Serialize + Send + 'static>(
     dir: Option<PathBuf>,
+    keys: Option<Arc<KeyRing>>,
     cp: Option<T>,
     sink: &dyn PointSink,
     metrics: &ProcessorMetrics,
@@ -1094,10 +1102,11 @@ pub(crate) async fn write_checkpoint<T: serde::Serialize + Send + 'static>(
         timer.stop_and_discard();
         return if e.is_retryable() { Ok(()) } else { Err(e) };
     }
-    let saved = tokio::task::spawn_blocking(move || checkpoint::save(&dir, &cp))
-        .await
-        .map_err(|e| ProcessorError::Io(std::io::Error::other(e)))
-        .and_then(|r| r);
+    let saved =
+        tokio::task::spawn_blocking(move || checkpoint::save_keyed(&dir, &cp, keys.as_deref()))
+            .await
+            .map_err(|e| ProcessorError::Io(std::io::Error::other(e)))
+            .and_then(|r| r);
     match saved {
         Ok(state_bytes) => {
             timer.observe_duration();

@@ -38,6 +38,9 @@ pub enum ProcessorError {
     Store(#[from] tidemark_tsdb_writer::StoreError),
     #[error("invalid processor setup: {0}")]
     Setup(String),
+    /// A sealed checkpoint no key of the key ring opens.
+    #[error("checkpoint encryption: {0}")]
+    Encryption(String),
 }
 
 impl ProcessorError {
@@ -49,7 +52,8 @@ impl ProcessorError {
             | ProcessorError::WorkerCount { .. }
             | ProcessorError::StrayPartial { .. }
             | ProcessorError::UnknownSlot(_)
-            | ProcessorError::Setup(_) => false,
+            | ProcessorError::Setup(_)
+            | ProcessorError::Encryption(_) => false,
             ProcessorError::Io(_) => true,
             ProcessorError::Log(e) => e.is_retryable(),
             ProcessorError::Store(e) => e.is_retryable(),

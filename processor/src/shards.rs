@@ -34,7 +34,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tidemark_log::{Log, Record};
 use tidemark_model::topic::partition_for_key;
-use tidemark_model::{EventTime, Update, Watermark};
+use tidemark_model::{EventTime, KeyRing, Update, Watermark};
 use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -119,8 +119,15 @@ struct CombinerCheckpoint {
 }
 
 /// The next offsets in shard `shard`'s checkpoint in `dir`, if it has one.
-pub fn shard_offsets(dir: &Path, shard: usize) -> Result<Option<NextOffsets>, ProcessorError> {
-    Ok(checkpoint::load::<ShardCheckpoint>(&shard_dir(dir, shard))?.map(|cp| cp.worker.offsets))
+pub fn shard_offsets(
+    dir: &Path,
+    shard: usize,
+    keys: Option<&KeyRing>,
+) -> Result<Option<NextOffsets>, ProcessorError> {
+    Ok(
+        checkpoint::load_keyed::<ShardCheckpoint>(&shard_dir(dir, shard), keys)?
+            .map(|cp| cp.worker.offsets),
+    )
 }
 
 /// The number of shards: `config.workers`, lowered to a count that divides
@@ -266,7 +273,10 @@ pub async fn run_shards(
         }
         let mut engine = Worker::new(&config.worker(), pipelines.stage1());
         let mut parts = parts_of(log.as_ref(), &config.topics, shard, count, &mut engine).await?;
-        if let Some(cp) = checkpoint::load::<ShardCheckpoint>(&shard_dir(&dir, shard))? {
+        if let Some(cp) = checkpoint::load_keyed::<ShardCheckpoint>(
+            &shard_dir(&dir, shard),
+            config.checkpoint_keys.as_deref(),
+        )? {
             crate::checkpoint::check_worker_count(cp.shards, count)?;
             engine.restore(&cp.worker)?;
             resume(&mut parts, &cp.worker.offsets);
@@ -309,6 +319,7 @@ pub async fn run_shards(
         lag: LagProbe::new(lag_log, metrics.lag_records.clone()),
         metrics,
         dir: dir.clone(),
+        checkpoint_keys: config.checkpoint_keys.clone(),
         count,
     };
     let result = host
@@ -328,6 +339,7 @@ struct ShardHost {
     lag: LagProbe,
     metrics: ProcessorMetrics,
     dir: PathBuf,
+    checkpoint_keys: Option<Arc<KeyRing>>,
     count: usize,
 }
 
@@ -532,10 +544,12 @@ impl ShardHost {
             shards: self.count,
             worker,
         };
-        let saved = tokio::task::spawn_blocking(move || checkpoint::save(&dir, &cp))
-            .await
-            .map_err(|e| ProcessorError::Io(std::io::Error::other(e)))
-            .and_then(|r| r);
+        let keys = self.checkpoint_keys.clone();
+        let saved =
+            tokio::task::spawn_blocking(move || checkpoint::save_keyed(&dir, &cp, keys.as_deref()))
+                .await
+                .map_err(|e| ProcessorError::Io(std::io::Error::other(e)))
+                .and_then(|r| r);
         match saved {
             Ok(state_bytes) => {
                 timer.observe_duration();
@@ -573,7 +587,10 @@ pub async fn run_combiner(
         );
     }
     let combiner_dir = dir.join("combiner");
-    if let Some(cp) = checkpoint::load::<CombinerCheckpoint>(&combiner_dir)? {
+    if let Some(cp) = checkpoint::load_keyed::<CombinerCheckpoint>(
+        &combiner_dir,
+        config.checkpoint_keys.as_deref(),
+    )? {
         crate::checkpoint::check_worker_count(cp.shards, count)?;
         combiner.restore(&cp.combiner)?;
         for (p, o) in cp.read_offsets {
@@ -610,6 +627,7 @@ pub async fn run_combiner(
             let cp = save(&driver, &read_offsets)?;
             write_checkpoint(
                 Some(combiner_dir.clone()),
+                config.checkpoint_keys.clone(),
                 Some(cp),
                 driver.sink.as_ref(),
                 &driver.metrics,
@@ -705,6 +723,7 @@ pub async fn run_combiner(
         STOP_WAIT,
         write_checkpoint(
             Some(combiner_dir),
+            config.checkpoint_keys.clone(),
             Some(cp),
             driver.sink.as_ref(),
             &driver.metrics,

@@ -15,6 +15,11 @@
 //! each partition, so runs are incremental. Files and the index are written
 //! to a temporary name, synced and renamed.
 //!
+//! With a key ring a file is `TDE1 | crc32 of the rest | key id | nonce |
+//! AES-256-GCM(zstd stream) | tag`, authenticated with its name in the
+//! topic's folder, so files cannot be swapped. The index (offsets, times and
+//! counts, no record) stays plain JSON.
+//!
 //! [`Stitched`] reads an archive and the live log as one log: offsets below
 //! the archive's end from the archive, the rest from the log (offsets are
 //! the log's own, so they agree).
@@ -28,7 +33,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tidemark_log::{Log, LogError, Position, Record, StoredRecord};
-use tidemark_model::EventTime;
+use tidemark_model::keyring::{sealed_key_id, OpenError};
+use tidemark_model::{EventTime, KeyRing};
 
 use crate::ReplayError;
 
@@ -37,6 +43,67 @@ pub const MAX_RECORDS_PER_FILE: usize = 500_000;
 const INDEX: &str = "index.json";
 const ZSTD_LEVEL: i32 = 3;
 const READ_BATCH: usize = 10_000;
+const MAGIC_SEALED: &[u8; 4] = b"TDE1";
+const AAD_PREFIX: &[u8] = b"tidemark archive ";
+
+fn file_aad(name: &str) -> Vec<u8> {
+    [AAD_PREFIX, name.as_bytes()].concat()
+}
+
+/// `compressed` sealed into the bytes of an archive file named `name`.
+fn seal_file(compressed: &[u8], name: &str, keys: &KeyRing) -> Vec<u8> {
+    let sealed = keys.seal(compressed, &file_aad(name));
+    let mut out = Vec::with_capacity(8 + sealed.len());
+    out.extend_from_slice(MAGIC_SEALED);
+    out.extend_from_slice(&crc32fast::hash(&sealed).to_le_bytes());
+    out.extend_from_slice(&sealed);
+    out
+}
+
+fn key_error(path: &Path, id: u32, keys: Option<&KeyRing>) -> LogError {
+    LogError::Encryption(match keys {
+        None => format!(
+            "{} is encrypted with key id {id}, and no encryption key file was given \
+             (--encryption-key-file)",
+            path.display()
+        ),
+        Some(keys) => format!(
+            "{} is encrypted with key id {id}, which the key file {} does not hold",
+            path.display(),
+            keys.source().display()
+        ),
+    })
+}
+
+/// The zstd stream of a sealed archive file (after its magic).
+fn open_file(
+    rest: &[u8],
+    path: &Path,
+    name: &str,
+    keys: Option<&KeyRing>,
+) -> Result<Vec<u8>, LogError> {
+    let corrupt = |detail: &str| LogError::Corrupt {
+        path: path.display().to_string(),
+        detail: detail.to_string(),
+    };
+    let (crc, sealed) = rest
+        .split_at_checked(4)
+        .ok_or_else(|| corrupt("truncated header"))?;
+    if crc32fast::hash(sealed).to_le_bytes() != crc {
+        return Err(corrupt("checksum mismatch"));
+    }
+    let id = sealed_key_id(sealed).unwrap_or_default();
+    let ring = keys.ok_or_else(|| key_error(path, id, None))?;
+    ring.open(sealed, &file_aad(name)).map_err(|e| match e {
+        OpenError::Truncated => corrupt("truncated"),
+        OpenError::UnknownKey(id) => key_error(path, id, keys),
+        OpenError::Authentication(id) => LogError::Encryption(format!(
+            "key id {id} of the key file {} does not decrypt {} (a wrong key for that id)",
+            ring.source().display(),
+            path.display()
+        )),
+    })
+}
 
 /// One archive file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,9 +186,20 @@ fn encode(records: &[StoredRecord]) -> std::io::Result<Vec<u8>> {
     zstd::stream::encode_all(raw.as_slice(), ZSTD_LEVEL)
 }
 
-fn decode(path: &Path) -> Result<Vec<StoredRecord>, LogError> {
+fn decode(path: &Path, name: &str, keys: Option<&KeyRing>) -> Result<Vec<StoredRecord>, LogError> {
     let mut raw = Vec::new();
-    zstd::stream::Decoder::new(std::fs::File::open(path)?)?.read_to_end(&mut raw)?;
+    let mut file = std::fs::File::open(path)?;
+    let mut magic = [0u8; 4];
+    let sealed = file.read(&mut magic)? == 4 && &magic == MAGIC_SEALED;
+    if sealed {
+        let mut rest = Vec::new();
+        file.read_to_end(&mut rest)?;
+        let stream = open_file(&rest, path, name, keys)?;
+        zstd::stream::Decoder::new(stream.as_slice())?.read_to_end(&mut raw)?;
+    } else {
+        drop(file);
+        zstd::stream::Decoder::new(std::fs::File::open(path)?)?.read_to_end(&mut raw)?;
+    }
     let buf = Bytes::from(raw);
     let bad = || LogError::Corrupt {
         path: path.display().to_string(),
@@ -165,6 +243,17 @@ pub async fn archive_topic(
     topic: &str,
     before: EventTime,
     dir: &Path,
+) -> Result<ArchiveReport, ReplayError> {
+    archive_topic_with_keys(log, topic, before, dir, None).await
+}
+
+/// [`archive_topic`], sealing the files with the current key of `keys`.
+pub async fn archive_topic_with_keys(
+    log: &dyn Log,
+    topic: &str,
+    before: EventTime,
+    dir: &Path,
+    keys: Option<&KeyRing>,
 ) -> Result<ArchiveReport, ReplayError> {
     let tdir = dir.join(topic);
     std::fs::create_dir_all(&tdir)?;
@@ -214,7 +303,10 @@ pub async fn archive_topic(
             );
             let path = tdir.join(&name);
             std::fs::create_dir_all(tdir.join(partition.to_string()))?;
-            let bytes = encode(&records)?;
+            let mut bytes = encode(&records)?;
+            if let Some(keys) = keys {
+                bytes = seal_file(&bytes, &name, keys);
+            }
             write_atomically(&path, &bytes)?;
             report.files += 1;
             report.records += records.len() as u64;
@@ -236,6 +328,23 @@ pub async fn archive_topic(
     Ok(report)
 }
 
+/// Refuses a sealed file whose key id the ring does not hold (a file that is
+/// gone or unreadable is reported when it is read).
+fn check_key(path: &Path, keys: Option<&KeyRing>) -> Result<(), LogError> {
+    let mut head = [0u8; 12];
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return Ok(());
+    };
+    if f.read_exact(&mut head).is_err() || &head[..4] != MAGIC_SEALED {
+        return Ok(());
+    }
+    let id = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes"));
+    match keys {
+        Some(k) if k.has(id) => Ok(()),
+        _ => Err(key_error(path, id, keys)),
+    }
+}
+
 /// A decoded archive file: its first offset and its records.
 type DecodedFile = (u64, Arc<Vec<StoredRecord>>);
 
@@ -246,11 +355,22 @@ pub struct ArchiveLog {
     topics: BTreeMap<String, TopicIndex>,
     /// The last file decoded, per (topic, partition).
     cache: Mutex<BTreeMap<(String, u32), DecodedFile>>,
+    keys: Option<Arc<KeyRing>>,
 }
 
 impl ArchiveLog {
     /// Opens the archive in `dir` (every topic with an index).
     pub fn open(dir: impl AsRef<Path>) -> Result<ArchiveLog, LogError> {
+        Self::open_with_keys(dir, None)
+    }
+
+    /// [`ArchiveLog::open`] of an archive whose files may be sealed with keys
+    /// of `keys`. Every file's key id is checked here, so a missing key is
+    /// an error before anything is read.
+    pub fn open_with_keys(
+        dir: impl AsRef<Path>,
+        keys: Option<Arc<KeyRing>>,
+    ) -> Result<ArchiveLog, LogError> {
         let dir = dir.as_ref().to_path_buf();
         let mut topics = BTreeMap::new();
         let entries = std::fs::read_dir(&dir)
@@ -258,6 +378,9 @@ impl ArchiveLog {
         for entry in entries {
             let entry = entry?;
             if let Some(index) = TopicIndex::load(&entry.path())? {
+                for f in &index.files {
+                    check_key(&entry.path().join(&f.file), keys.as_deref())?;
+                }
                 topics.insert(entry.file_name().to_string_lossy().into_owned(), index);
             }
         }
@@ -265,6 +388,7 @@ impl ArchiveLog {
             dir,
             topics,
             cache: Mutex::new(BTreeMap::new()),
+            keys,
         })
     }
 
@@ -290,7 +414,11 @@ impl ArchiveLog {
                 return Ok(records.clone());
             }
         }
-        let records = Arc::new(decode(&self.dir.join(topic).join(&file.file))?);
+        let records = Arc::new(decode(
+            &self.dir.join(topic).join(&file.file),
+            &file.file,
+            self.keys.as_deref(),
+        )?);
         cache.insert(key, (file.first_offset, records.clone()));
         Ok(records)
     }

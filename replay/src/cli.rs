@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::archive::{archive_topic, ArchiveLog, Stitched};
+use crate::archive::{archive_topic_with_keys, ArchiveLog, Stitched};
 use crate::verify::counts;
 use crate::{run_replay, ReplayError, ReplayOptions, Source};
 use anyhow::Context as _;
@@ -13,7 +13,8 @@ use clap::{Args, ValueEnum};
 use serde_json::json;
 use tidemark_log::segment::SegmentLog;
 use tidemark_log::Log;
-use tidemark_model::EventTime;
+use tidemark_model::keyring::EncryptionArgs;
+use tidemark_model::{EventTime, KeyRing};
 use tidemark_processor::driver::DriverConfig;
 use tidemark_processor::engagement::ActionWeights;
 use tidemark_processor::{PipelineConfigs, Registry};
@@ -95,6 +96,9 @@ pub struct ReplayArgs {
     /// No progress bar (it is hidden anyway when stderr is not a terminal).
     #[arg(long)]
     pub no_progress: bool,
+    /// Opens a sealed log and archive; `--follow` seals its checkpoints.
+    #[command(flatten)]
+    pub encryption: EncryptionArgs,
 }
 
 fn parse_time(text: &str) -> Result<EventTime, String> {
@@ -129,11 +133,11 @@ fn parse_weights(text: &str) -> Result<ActionWeights, String> {
     Ok(w)
 }
 
-async fn open_source(args: &ReplayArgs) -> anyhow::Result<Source> {
+async fn open_source(args: &ReplayArgs, keys: Option<Arc<KeyRing>>) -> anyhow::Result<Source> {
     match args.source {
         SourceKind::Local => {
             let dir = args.data_dir.join("log");
-            let log = SegmentLog::open_read_only(&dir)
+            let log = SegmentLog::open_read_only_with_keys(&dir, keys)
                 .with_context(|| format!("cannot open the embedded log in {}", dir.display()))?;
             Ok(Source::Segment(Arc::new(log)))
         }
@@ -143,11 +147,13 @@ async fn open_source(args: &ReplayArgs) -> anyhow::Result<Source> {
                 .archive_dir
                 .clone()
                 .unwrap_or_else(|| args.data_dir.join("archive"));
-            let archive = ArchiveLog::open(&dir)
+            let archive = ArchiveLog::open_with_keys(&dir, keys.clone())
                 .with_context(|| format!("cannot open the archive in {}", dir.display()))?;
             let log_dir = args.data_dir.join("log");
             let log = match log_dir.is_dir() {
-                true => Some(Arc::new(SegmentLog::open_read_only(&log_dir)?) as Arc<dyn Log>),
+                true => Some(
+                    Arc::new(SegmentLog::open_read_only_with_keys(&log_dir, keys)?) as Arc<dyn Log>,
+                ),
                 false => None,
             };
             Ok(Source::Log(Arc::new(Stitched { archive, log })))
@@ -181,6 +187,7 @@ pub async fn run(
     args: ReplayArgs,
     shutdown: impl FnOnce() -> CancellationToken,
 ) -> anyhow::Result<()> {
+    let keys = args.encryption.keys()?;
     let lateness = DriverConfig::default().allowed_lateness;
     let mut configs = PipelineConfigs::default();
     if let Some(weights) = args.engagement_weights {
@@ -218,7 +225,7 @@ pub async fn run(
     // Names are checked before the source is opened, so a bad one never
     // waits on a broker.
     crate::job::target_database(&options)?;
-    let source = open_source(&args).await?;
+    let source = open_source(&args, keys.clone()).await?;
     let report = run_replay(options.clone(), source.clone()).await?;
     let mut verify = serde_json::Value::Null;
     if let Some(differences) = &report.differences {
@@ -264,8 +271,15 @@ pub async fn run(
             report.database
         );
         let checkpoints = args.data_dir.join("replay").join(&report.database);
-        crate::job::follow_target(&options, source, &report.database, checkpoints, shutdown())
-            .await?;
+        crate::job::follow_target(
+            &options,
+            source,
+            &report.database,
+            checkpoints,
+            keys,
+            shutdown(),
+        )
+        .await?;
     }
     Ok(())
 }
@@ -284,17 +298,22 @@ pub struct ArchiveArgs {
     /// Where the archive goes (default: `DATA_DIR/archive`).
     #[arg(long, env = "TIDEMARK_ARCHIVE_DIR")]
     pub archive_dir: Option<PathBuf>,
+    /// Opens a sealed log and seals the archive files.
+    #[command(flatten)]
+    pub encryption: EncryptionArgs,
 }
 
 /// Runs `tidemark archive`: prints what was written as one JSON line.
 pub async fn archive(args: ArchiveArgs) -> anyhow::Result<()> {
+    let keys = args.encryption.keys()?;
     let log_dir = args.data_dir.join("log");
-    let log = SegmentLog::open_read_only(&log_dir)
+    let log = SegmentLog::open_read_only_with_keys(&log_dir, keys.clone())
         .with_context(|| format!("cannot open the embedded log in {}", log_dir.display()))?;
     let dir = args
         .archive_dir
         .unwrap_or_else(|| args.data_dir.join("archive"));
-    let report = archive_topic(&log, &args.topic, args.before, &dir).await?;
+    let report =
+        archive_topic_with_keys(&log, &args.topic, args.before, &dir, keys.as_deref()).await?;
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }

@@ -101,6 +101,9 @@ impl PointSink for FromSink {
     }
 }
 
+/// Where a follower checkpoints, and the keys that seal its checkpoints.
+pub type Checkpoints = (PathBuf, Option<Arc<tidemark_model::KeyRing>>);
+
 /// Follows `log` from the plan's first offsets into `store` until `cancel`,
 /// checkpointing in `checkpoint_dir`.
 pub async fn follow(
@@ -109,9 +112,10 @@ pub async fn follow(
     pipelines: PipelineSet,
     workers: usize,
     store: Arc<dyn Store>,
-    checkpoint_dir: PathBuf,
+    checkpoints: Checkpoints,
     cancel: CancellationToken,
 ) -> Result<(), ReplayError> {
+    let (checkpoint_dir, checkpoint_keys) = checkpoints;
     std::fs::create_dir_all(&checkpoint_dir)?;
     let starts = plan
         .ranges
@@ -128,6 +132,7 @@ pub async fn follow(
     let (updates, _) = tokio::sync::broadcast::channel::<Update>(16);
     let config = DriverConfig {
         checkpoint_dir: Some(checkpoint_dir),
+        checkpoint_keys,
         workers,
         allowed_lateness: pipelines.allowed_lateness,
         ..DriverConfig::default()

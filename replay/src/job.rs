@@ -176,6 +176,7 @@ pub async fn follow_target(
     source: Source,
     database: &str,
     checkpoint_dir: std::path::PathBuf,
+    checkpoint_keys: Option<Arc<tidemark_model::KeyRing>>,
     cancel: tokio_util::sync::CancellationToken,
 ) -> Result<(), ReplayError> {
     if opts.in_place {
@@ -197,7 +198,7 @@ pub async fn follow_target(
         opts.pipelines.clone(),
         workers,
         store,
-        checkpoint_dir,
+        (checkpoint_dir, checkpoint_keys),
         cancel,
     )
     .await

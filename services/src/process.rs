@@ -95,6 +95,9 @@ pub struct ProcessArgs {
     pub kafka: KafkaArgs,
     #[command(flatten)]
     pub influx: InfluxArgs,
+    /// Seals the checkpoints.
+    #[command(flatten)]
+    pub encryption: tidemark_model::keyring::EncryptionArgs,
     /// TOML file with defaults for these flags (see docs/operations.md).
     #[arg(long, env = "TIDEMARK_CONFIG")]
     pub config: Option<PathBuf>,
@@ -163,6 +166,7 @@ pub async fn run(
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     let listener = args.tls.listener(listener)?;
+    let keys = args.encryption.keys()?;
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
     let store = super::open_influx(&args.influx, "process", &cancel).await?;
@@ -207,6 +211,7 @@ pub async fn run(
         log.clone(),
         args.kafka.clone(),
         checkpoint_dir.clone(),
+        keys.clone(),
         owned.clone(),
         metrics.clone(),
         background.clone(),
@@ -236,6 +241,7 @@ pub async fn run(
 
     let config = DriverConfig {
         checkpoint_dir: Some(checkpoint_dir.clone()),
+        checkpoint_keys: keys,
         workers: args.workers,
         early_interval: args.early_interval,
         ..DriverConfig::default()
@@ -557,6 +563,7 @@ async fn watch_lag(
     log: Arc<dyn Log>,
     kafka: KafkaArgs,
     checkpoint_dir: PathBuf,
+    keys: Option<Arc<tidemark_model::KeyRing>>,
     owned: Arc<Mutex<Vec<usize>>>,
     metrics: ServiceMetrics,
     cancel: CancellationToken,
@@ -589,10 +596,11 @@ async fn watch_lag(
             continue;
         }
         let dir = checkpoint_dir.clone();
+        let keys = keys.clone();
         let loaded = tokio::task::spawn_blocking(move || {
             let mut offsets = std::collections::BTreeMap::new();
             for shard in shards {
-                if let Ok(Some(o)) = shard_offsets(&dir, shard) {
+                if let Ok(Some(o)) = shard_offsets(&dir, shard, keys.as_deref()) {
                     offsets.extend(o);
                 }
             }

@@ -133,7 +133,7 @@ pub async fn run(
         updates,
         registry,
         Some(args.web_dir),
-        tidemark_ws_server::Access::open(access)?,
+        tidemark_ws_server::Access::open_with_keys(access, args.access.encryption.keys()?)?,
     ));
     let live = (args.influx.influx_db.clone(), store);
     server.set_live_database(&live.0);

@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use tidemark_ingest::{CorsOrigins, IngestConfig, IngestMetrics, IngestState};
 use tidemark_log::segment::{SegmentLog, SegmentLogConfig};
 use tidemark_log::Log;
-use tidemark_model::{topic, EventTime, Point, Update};
+use tidemark_model::{topic, EventTime, KeyRing, Point, Update};
 use tidemark_processor::driver::{
     run_driver, BoxFuture, DriverConfig, PointSink, ProcessorMetrics,
 };
@@ -43,6 +43,9 @@ pub struct RunConfig {
     /// Where the users file, the JWT key and the audit log are (defaults
     /// in `data_dir`).
     pub access: tidemark_ws_server::credentials::AccessArgs,
+    /// Seals the log, the checkpoints and the audit log
+    /// (`--encryption-key-file`); `None` writes them in the clear.
+    pub keys: Option<Arc<KeyRing>>,
 }
 
 /// Partitions per topic of the embedded log. One process on one machine gains
@@ -54,7 +57,15 @@ pub const EMBEDDED_PARTITIONS: u32 = 4;
 /// Opens the embedded log under `data_dir/log` with every topic provisioned
 /// (a topic that exists keeps its partition count).
 pub async fn open_log(data_dir: &std::path::Path) -> anyhow::Result<Arc<SegmentLog>> {
-    let log = SegmentLog::open(data_dir.join("log"), SegmentLogConfig::default())
+    open_log_with_keys(data_dir, None).await
+}
+
+/// [`open_log`] with batches sealed by `keys`.
+pub async fn open_log_with_keys(
+    data_dir: &std::path::Path,
+    keys: Option<Arc<KeyRing>>,
+) -> anyhow::Result<Arc<SegmentLog>> {
+    let log = SegmentLog::open_with_keys(data_dir.join("log"), SegmentLogConfig::default(), keys)
         .with_context(|| format!("cannot open the log in {}", data_dir.display()))?;
     for t in topic::INPUT_TOPICS.iter().chain([&topic::DEAD_LETTER]) {
         log.ensure_topic(t, topic::default_partitions(t).min(EMBEDDED_PARTITIONS))
@@ -101,7 +112,10 @@ pub async fn run(
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
     let registry = prometheus::Registry::new();
-    let log = open_log(&config.data_dir).await?;
+    let log = open_log_with_keys(&config.data_dir, config.keys.clone()).await?;
+    let checkpoints = config.data_dir.join("checkpoints");
+    tidemark_processor::checkpoint::check_keyed(&checkpoints, config.keys.as_deref())
+        .context("cannot restore the processor checkpoint")?;
     let (store, sqlite) = open_store(&config.store, &cancel).await?;
 
     let (writer, writer_task) = BatchingWriter::spawn(
@@ -113,7 +127,8 @@ pub async fn run(
 
     let processor_cancel = CancellationToken::new();
     let driver_config = DriverConfig {
-        checkpoint_dir: Some(config.data_dir.join("checkpoints")),
+        checkpoint_dir: Some(checkpoints),
+        checkpoint_keys: config.keys.clone(),
         workers: config.workers,
         early_interval: config.early_interval,
         ..DriverConfig::default()
@@ -141,7 +156,7 @@ pub async fn run(
     let access = config
         .access
         .config(&config.data_dir, config.api_keys.clone())?;
-    let access = tidemark_ws_server::Access::open(access)?;
+    let access = tidemark_ws_server::Access::open_with_keys(access, config.keys.clone())?;
     let server = Arc::new(ServerState::new(
         store.clone(),
         updates.clone(),

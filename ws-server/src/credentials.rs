@@ -33,6 +33,9 @@ pub struct AccessArgs {
     /// The append-only audit log (default: DATA_DIR/audit.ndjson).
     #[arg(long, env = "TIDEMARK_AUDIT_LOG")]
     pub audit_log: Option<PathBuf>,
+    /// Seals the audit log (and, in `run`, the log and checkpoints too).
+    #[command(flatten)]
+    pub encryption: tidemark_model::keyring::EncryptionArgs,
 }
 
 impl AccessArgs {
@@ -122,7 +125,8 @@ impl ManageArgs {
 
     fn audit(&self, action: &str, detail: serde_json::Value) -> anyhow::Result<()> {
         let path = self.access.audit_log(&self.data_dir);
-        let log = audit::AuditLog::open(&path)
+        let keys = self.access.encryption.keys()?;
+        let log = audit::AuditLog::open_with_keys(&path, keys)
             .with_context(|| format!("cannot open the audit log {}", path.display()))?;
         let actor = format!(
             "cli:{}",

@@ -614,3 +614,150 @@ async fn a_read_on_the_calling_thread_sees_what_an_awaited_read_sees() {
         Some(Err(LogError::UnknownTopic(_)))
     ));
 }
+
+fn ring(keys: &[(u32, u8)]) -> Arc<KeyRing> {
+    let keys: Vec<(u32, [u8; 32])> = keys.iter().map(|&(id, b)| (id, [b; 32])).collect();
+    Arc::new(KeyRing::from_keys(&keys, Path::new("keys")))
+}
+
+fn sealed(dir: &Path, segment_bytes: u64, keys: &Arc<KeyRing>) -> Result<SegmentLog, LogError> {
+    SegmentLog::open_with_keys(dir, config(segment_bytes), Some(keys.clone()))
+}
+
+fn values(log: &SegmentLog) -> Vec<Bytes> {
+    log.read_blocking("t", 0, 0, usize::MAX)
+        .expect("read")
+        .into_iter()
+        .map(|r| r.value)
+        .collect()
+}
+
+#[test]
+fn sealed_batches_hold_no_plaintext_and_read_back_after_a_rotation() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let k1 = ring(&[(1, 1)]);
+    {
+        let log = sealed(dir.path(), 512, &k1).expect("open");
+        fill(&log, "t", 20, 10);
+    }
+    for f in segment_files(&dir.path().join("t/0")) {
+        let bytes = fs::read(&f).expect("segment");
+        assert!(!bytes.windows(6).any(|w| w == b"value-"), "{}", f.display());
+        assert_eq!(&bytes[..4], &MAGIC_SEALED.to_le_bytes());
+    }
+    // Rotated: the old batches open with key 1, new ones are sealed with 2,
+    // in the same segment as the old.
+    let k12 = ring(&[(1, 1), (2, 2)]);
+    let log = sealed(dir.path(), 1 << 20, &k12).expect("reopen");
+    log.append_blocking("t", &[rec("k", "after-rotation", 5)])
+        .expect("append");
+    let all = values(&log);
+    assert_eq!(all.len(), 201);
+    assert_eq!(all[0], Bytes::from("value-0"));
+    assert_eq!(all[200], Bytes::from("after-rotation"));
+    assert_eq!(
+        log.offset_for_time_blocking("t", 0, EventTime(1100))
+            .unwrap(),
+        100
+    );
+    drop(log);
+    let reader = SegmentLog::open_read_only_with_keys(dir.path(), Some(k12)).expect("reader");
+    assert_eq!(values(&reader).len(), 201);
+    // A plaintext log stays readable once a key is given.
+    let plain = tempfile::tempdir().expect("tempdir");
+    fill(
+        &SegmentLog::open(plain.path(), config(1 << 20)).expect("open"),
+        "t",
+        2,
+        5,
+    );
+    let log = sealed(plain.path(), 1 << 20, &k1).expect("reopen");
+    log.append_blocking("t", &[rec("k", "sealed", 5)])
+        .expect("append");
+    assert_eq!(values(&log).len(), 11);
+}
+
+#[test]
+fn a_missing_or_wrong_key_is_an_error_at_open_naming_file_and_key_id() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let log = sealed(dir.path(), 1 << 20, &ring(&[(7, 1)])).expect("open");
+        fill(&log, "t", 3, 10);
+    }
+    let seg = last_segment(&dir.path().join("t/0")).display().to_string();
+    let len = fs::metadata(&seg).unwrap().len();
+    let cases = [
+        SegmentLog::open(dir.path(), config(1 << 20)),
+        sealed(dir.path(), 1 << 20, &ring(&[(8, 1)])),
+        sealed(dir.path(), 1 << 20, &ring(&[(7, 9)])),
+        SegmentLog::open_read_only(dir.path()),
+    ];
+    for case in cases {
+        let err = case.expect_err("refused");
+        let msg = err.to_string();
+        assert!(matches!(err, LogError::Encryption(_)), "{msg}");
+        assert!(msg.contains(&seg) && msg.contains("key id 7"), "{msg}");
+        assert!(!err.is_retryable());
+    }
+    // Nothing was cut while refusing.
+    assert_eq!(fs::metadata(&seg).unwrap().len(), len);
+    let log = sealed(dir.path(), 1 << 20, &ring(&[(7, 1)])).expect("right key");
+    assert_eq!(values(&log).len(), 30);
+}
+
+#[test]
+fn a_damaged_sealed_batch_is_cut_at_the_tail_and_an_error_in_the_middle() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = ring(&[(1, 1)]);
+    let (len_after_4, len_after_5) = {
+        let log = sealed(dir.path(), 1 << 20, &keys).expect("open");
+        fill(&log, "t", 4, 10);
+        let seg = last_segment(&dir.path().join("t/0"));
+        let a = fs::metadata(&seg).expect("meta").len();
+        log.append_blocking("t", &(0..10).map(|i| rec("k", "v", i)).collect::<Vec<_>>())
+            .expect("append");
+        (a, fs::metadata(&seg).expect("meta").len())
+    };
+    let path = last_segment(&dir.path().join("t/0"));
+    // Torn: the fifth batch cut in half.
+    let f = OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open seg");
+    f.set_len((len_after_4 + len_after_5) / 2)
+        .expect("truncate");
+    drop(f);
+    let log = sealed(dir.path(), 1 << 20, &keys).expect("reopen");
+    assert_eq!(fs::metadata(&path).expect("meta").len(), len_after_4);
+    assert_eq!(log.end_offset_blocking("t", 0).expect("end"), 40);
+    drop(log);
+    // A flipped tag byte of the last batch: cut as a CRC failure.
+    let mut bytes = fs::read(&path).expect("read seg");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    fs::write(&path, &bytes).expect("write seg");
+    let log = sealed(dir.path(), 1 << 20, &keys).expect("reopen");
+    assert_eq!(log.end_offset_blocking("t", 0).expect("end"), 30);
+    drop(log);
+
+    // In a sealed segment (not the tail) a flipped byte is an error naming it.
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let log = sealed(dir.path(), 400, &keys).expect("open");
+        fill(&log, "t", 12, 10);
+    }
+    let first = segment_files(&dir.path().join("t/0")).remove(0);
+    let mut bytes = fs::read(&first).expect("read seg");
+    let mid = HEADER_LEN + SEAL_PREFIX + 10;
+    bytes[mid] ^= 0x40;
+    fs::write(&first, &bytes).expect("write seg");
+    let log = sealed(dir.path(), 400, &keys).expect("opens: checked on read");
+    let err = log
+        .read_blocking("t", 0, 0, usize::MAX)
+        .expect_err("damaged");
+    assert!(matches!(err, LogError::Corrupt { .. }), "{err}");
+    assert!(
+        err.to_string().contains(&first.display().to_string()),
+        "{err}"
+    );
+}

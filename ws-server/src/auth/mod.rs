@@ -214,12 +214,23 @@ impl Access {
     /// Opens the users file (a missing one means no users yet) and the audit
     /// log.
     pub fn open(config: AccessConfig) -> Result<Access, AccessError> {
+        Self::open_with_keys(config, None)
+    }
+
+    /// [`Access::open`] with an audit log sealed by `audit_keys`
+    /// (`--encryption-key-file`).
+    pub fn open_with_keys(
+        config: AccessConfig,
+        audit_keys: Option<std::sync::Arc<tidemark_model::KeyRing>>,
+    ) -> Result<Access, AccessError> {
         let users = UsersFile::new(config.users_file);
         users.current()?;
         let keys = jwt::Keys::new(&config.jwt_secret)?;
-        let audit = AuditLog::open(&config.audit_log).map_err(|source| AccessError::Audit {
-            path: config.audit_log.clone(),
-            source,
+        let audit = AuditLog::open_with_keys(&config.audit_log, audit_keys).map_err(|source| {
+            AccessError::Audit {
+                path: config.audit_log.clone(),
+                source,
+            }
         })?;
         Ok(Access {
             users,
