@@ -604,3 +604,62 @@ impl Log for Stitched {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidemark_log::segment::{SegmentLog, SegmentLogConfig};
+
+    fn ring(keys: &[(u32, u8)]) -> Arc<KeyRing> {
+        let keys: Vec<(u32, [u8; 32])> = keys.iter().map(|&(id, b)| (id, [b; 32])).collect();
+        Arc::new(KeyRing::from_keys(&keys, Path::new("keys")))
+    }
+
+    #[tokio::test]
+    async fn sealed_archive_files_read_after_a_rotation_and_refuse_bad_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = SegmentLog::open(dir.path().join("log"), SegmentLogConfig::default()).unwrap();
+        log.ensure_topic_blocking("t", 1).unwrap();
+        let records: Vec<Record> = (0..50)
+            .map(|i| Record {
+                key: Bytes::from("k"),
+                value: Bytes::from(format!("secret-{i}")),
+                timestamp: EventTime(1_000 + i),
+            })
+            .collect();
+        log.append_blocking("t", &records).unwrap();
+        let archive = dir.path().join("archive");
+        let k1 = ring(&[(1, 1)]);
+        archive_topic_with_keys(&log, "t", EventTime(i64::MAX), &archive, Some(&k1))
+            .await
+            .unwrap();
+        let index = TopicIndex::load(&archive.join("t")).unwrap().unwrap();
+        let file = archive.join("t").join(&index.files[0].file);
+        let bytes = std::fs::read(&file).unwrap();
+        assert_eq!(&bytes[..4], MAGIC_SEALED);
+        assert!(!bytes.windows(6).any(|w| w == b"secret"));
+
+        let rotated = ArchiveLog::open_with_keys(&archive, Some(ring(&[(1, 1), (2, 2)]))).unwrap();
+        let back = rotated.read("t", 0, 0, 100).await.unwrap();
+        assert_eq!(back.len(), 50);
+        assert_eq!(back[49].value, Bytes::from("secret-49"));
+
+        let name = file.display().to_string();
+        for keys in [None, Some(ring(&[(2, 2)]))] {
+            let err = ArchiveLog::open_with_keys(&archive, keys).unwrap_err();
+            assert!(err.to_string().contains(&name) && err.to_string().contains("key id 1"));
+        }
+        let wrong = ArchiveLog::open_with_keys(&archive, Some(ring(&[(1, 9)]))).unwrap();
+        let err = wrong.read("t", 0, 0, 100).await.unwrap_err();
+        assert!(err.to_string().contains("wrong key"), "{err}");
+
+        let mut flipped = bytes.clone();
+        let mid = flipped.len() / 2;
+        flipped[mid] ^= 0x08;
+        std::fs::write(&file, flipped).unwrap();
+        let damaged = ArchiveLog::open_with_keys(&archive, Some(k1)).unwrap();
+        let err = damaged.read("t", 0, 0, 100).await.unwrap_err();
+        assert!(matches!(err, LogError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains(&name), "{err}");
+    }
+}
