@@ -14,16 +14,18 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use tidemark_model::crash::{self, Place};
 use tidemark_model::Watermark;
 
-use crate::dedup::PartitionDedup;
+use crate::dedup::DedupSnapshot;
 use crate::error::ProcessorError;
 use crate::watermark::{PartitionKey, WatermarkState};
 
 /// File name of the checkpoint inside its directory.
 pub const FILE_NAME: &str = "checkpoint.bin.zst";
 const TMP_NAME: &str = "checkpoint.bin.zst.tmp";
-const ZSTD_LEVEL: i32 = 3;
+// Most of the state is hashes, which do not compress: the fastest level.
+const ZSTD_LEVEL: i32 = 1;
 const MAGIC: &[u8; 4] = b"TDC1";
 
 /// The next offset to read of each partition.
@@ -35,7 +37,7 @@ pub struct Checkpoint {
     /// Next offset to read, per (topic, partition).
     pub offsets: NextOffsets,
     pub watermarks: WatermarkState,
-    pub dedup: BTreeMap<PartitionKey, PartitionDedup>,
+    pub dedup: BTreeMap<PartitionKey, DedupSnapshot>,
     /// The worker's watermark when the checkpoint was taken.
     pub last_watermark: Watermark,
     /// (pipeline name, [`crate::pipeline::Pipeline::snapshot`]).
@@ -59,6 +61,7 @@ pub fn save<T: Serialize>(dir: &Path, cp: &T) -> Result<u64, ProcessorError> {
         let mut f = File::create(&tmp)?;
         f.write_all(MAGIC)?;
         f.write_all(&crc32fast::hash(&compressed).to_le_bytes())?;
+        crash::point(Place::Checkpoint);
         f.write_all(&compressed)?;
         f.sync_all()?;
     }
@@ -109,6 +112,7 @@ pub(crate) fn check_worker_count(taken_with: usize, runs: usize) -> Result<(), P
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dedup::PartitionDedup;
     use tidemark_model::EventTime;
 
     #[test]
@@ -121,12 +125,12 @@ mod tests {
             .insert(("user-events".into(), 3), EventTime(1_000));
         let mut d = PartitionDedup::new();
         d.check_and_insert("e1", EventTime(1_000));
-        cp.dedup.insert(("user-events".into(), 3), d);
+        cp.dedup.insert(("user-events".into(), 3), d.snapshot());
         cp.pipelines.push(("traffic".into(), vec![1, 2, 3]));
         save(dir.path(), &cp).unwrap();
         let back: Checkpoint = load(dir.path()).unwrap().unwrap();
         assert_eq!(back, cp);
-        let mut d = back.dedup[&("user-events".to_string(), 3)].clone();
+        let mut d = PartitionDedup::from(back.dedup[&("user-events".to_string(), 3)].clone());
         assert!(!d.check_and_insert("e1", EventTime(1_000)));
 
         cp.offsets.insert(("user-events".into(), 3), 43);

@@ -131,8 +131,9 @@ impl Worker {
         self.check_slot(slot)?;
         let outcome = self.admit(slot, ev, PartitionDedup::hash(&ev.event_id));
         if outcome == Outcome::Accepted {
+            let watermark = [self.wms.partition_watermark(slot)];
             for p in &mut self.pipelines {
-                p.on_event(ev);
+                p.on_partition_events(slot, &[ev], &watermark);
             }
         }
         Ok(outcome)
@@ -162,16 +163,18 @@ impl Worker {
         hashes.extend(events.iter().map(|ev| PartitionDedup::hash(&ev.event_id)));
         self.dedup[slot].warm(&hashes);
         let mut accepted = Vec::with_capacity(events.len());
+        let mut watermarks = Vec::with_capacity(events.len());
         for (ev, &h) in events.iter().zip(&hashes) {
             let outcome = self.admit(slot, ev, h);
             if outcome == Outcome::Accepted {
                 accepted.push(ev);
+                watermarks.push(self.wms.partition_watermark(slot));
             }
             outcomes.push(outcome);
         }
         self.id_hashes = hashes;
         for p in &mut self.pipelines {
-            p.on_events(&accepted);
+            p.on_partition_events(slot, &accepted, &watermarks);
         }
         Ok(())
     }
@@ -280,7 +283,12 @@ impl Worker {
         offsets: BTreeMap<(String, u32), u64>,
     ) -> Result<Checkpoint, ProcessorError> {
         let dedup = (0..self.wms.len())
-            .filter_map(|slot| Some((self.wms.key(slot)?.clone(), self.dedup.get(slot)?.clone())))
+            .filter_map(|slot| {
+                Some((
+                    self.wms.key(slot)?.clone(),
+                    self.dedup.get(slot)?.snapshot(),
+                ))
+            })
             .collect();
         let pipelines = (self.pipelines.iter())
             .map(|p| Ok((p.name().to_string(), p.snapshot()?)))
@@ -300,7 +308,12 @@ impl Worker {
         self.last_combined = cp.last_watermark;
         for slot in 0..self.wms.len() {
             if let (Some(key), Some(d)) = (self.wms.key(slot), self.dedup.get_mut(slot)) {
-                *d = cp.dedup.get(key).cloned().unwrap_or_default();
+                *d = cp
+                    .dedup
+                    .get(key)
+                    .cloned()
+                    .map(Into::into)
+                    .unwrap_or_default();
             }
         }
         for p in &mut self.pipelines {

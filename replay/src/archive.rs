@@ -28,6 +28,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tidemark_log::{Log, LogError, Position, Record, StoredRecord};
+use tidemark_model::crash::{self, Place};
 use tidemark_model::EventTime;
 
 use crate::ReplayError;
@@ -96,7 +97,10 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     {
         let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
+        let (head, tail) = bytes.split_at(bytes.len() / 2);
+        f.write_all(head)?;
+        crash::point(Place::Archive);
+        f.write_all(tail)?;
         f.sync_all()?;
     }
     std::fs::rename(&tmp, path)?;
