@@ -1,5 +1,5 @@
-import type { MinuteWindow } from './data';
-import { HOUR_MS, MINUTE_MS } from './data';
+import type { MinuteWindow } from '../data';
+import { HOUR_MS, MINUTE_MS } from '../data';
 
 const W = 900;
 const H = 260;

@@ -1,0 +1,138 @@
+// Unit tests of the dashboard's data logic: number formatting, sorting,
+// rank changes and the trending list's window tracking.
+import { describe, expect, it } from 'vitest';
+import { formatCount, formatDecimal, formatMultiple, formatPercent, formatSeconds, MISSING } from '../src/format';
+import { rankChanges } from '../src/ranks';
+import { sortRows, toggleSort } from '../src/sorting';
+import {
+  advanceTrending,
+  closedWindowStart,
+  EMPTY_TRENDING,
+  trendingFromChannel,
+  type TrendingList,
+} from '../src/trending';
+
+describe('formatting', () => {
+  it('writes counts with separators and no decimals', () => {
+    expect(formatCount(1234567)).toBe('1,234,567');
+    expect(formatCount(0)).toBe('0');
+  });
+  it('writes money and scores with two decimals', () => {
+    expect(formatDecimal(12.5)).toBe('12.50');
+    expect(formatDecimal(3.14159)).toBe('3.14');
+  });
+  it('writes ratios as percentages and ROAS as a multiple', () => {
+    expect(formatPercent(0.031)).toBe('3.10%');
+    expect(formatMultiple(6.4)).toBe('6.40×');
+  });
+  it('writes short durations in seconds and long ones in minutes', () => {
+    expect(formatSeconds(95.5)).toBe('95.5 s');
+    expect(formatSeconds(125)).toBe('2 min 5 s');
+  });
+  it('writes an unknown value (a ratio whose divisor is 0) as a dash', () => {
+    expect(formatPercent(null)).toBe(MISSING);
+    expect(formatCount(undefined)).toBe(MISSING);
+    expect(formatDecimal(Number.NaN)).toBe(MISSING);
+  });
+});
+
+describe('rank changes', () => {
+  const previous = [
+    { tag: 'a', rank: 1 },
+    { tag: 'b', rank: 2 },
+    { tag: 'c', rank: 3 },
+  ];
+  it('tells up, down, same and new apart', () => {
+    const changes = rankChanges(
+      [
+        { tag: 'b', rank: 1 },
+        { tag: 'a', rank: 2 },
+        { tag: 'c', rank: 3 },
+        { tag: 'd', rank: 4 },
+      ],
+      previous,
+    );
+    expect(changes.get('b')).toEqual({ kind: 'up', by: 1 });
+    expect(changes.get('a')).toEqual({ kind: 'down', by: 1 });
+    expect(changes.get('c')).toEqual({ kind: 'same' });
+    expect(changes.get('d')).toEqual({ kind: 'new' });
+  });
+  it('calls nothing new before a window to compare with is known', () => {
+    expect(rankChanges([{ tag: 'x', rank: 1 }], null).get('x')).toEqual({ kind: 'same' });
+  });
+});
+
+describe('sorting', () => {
+  const rows = [
+    { id: 'c2', ctr: 0.1 },
+    { id: 'c10', ctr: null },
+    { id: 'c1', ctr: 0.3 },
+    { id: 'c3', ctr: 0.1 },
+  ];
+  const value = (r: (typeof rows)[number], key: 'ctr' | 'id') => r[key];
+  it('sorts descending and ascending, ties by id in numeric order', () => {
+    expect(sortRows(rows, { key: 'ctr', direction: 'desc' }, value, (r) => r.id).map((r) => r.id)).toEqual([
+      'c1',
+      'c2',
+      'c3',
+      'c10',
+    ]);
+    expect(sortRows(rows, { key: 'ctr', direction: 'asc' }, value, (r) => r.id).map((r) => r.id)).toEqual([
+      'c2',
+      'c3',
+      'c1',
+      'c10',
+    ]);
+  });
+  it('puts unknown values last in both directions', () => {
+    for (const direction of ['asc', 'desc'] as const) {
+      expect(sortRows(rows, { key: 'ctr', direction }, value, (r) => r.id).at(-1)?.id).toBe('c10');
+    }
+  });
+  it('flips the same column and starts another descending', () => {
+    expect(toggleSort({ key: 'ctr', direction: 'desc' }, 'ctr')).toEqual({ key: 'ctr', direction: 'asc' });
+    expect(toggleSort({ key: 'ctr', direction: 'asc' }, 'id')).toEqual({ key: 'id', direction: 'desc' });
+  });
+});
+
+describe('trending windows', () => {
+  const list = (start: string, final: boolean, tags: string[]): TrendingList => ({
+    window: '1m',
+    start,
+    end: null,
+    final,
+    tags: tags.map((tag, i) => ({ tag, rank: i + 1, score: 1, users: 1, events: 1 })),
+  });
+  it('keeps the last list of the window before to compare with', () => {
+    let state = advanceTrending(EMPTY_TRENDING, list('2026-12-03T10:00:00Z', false, ['a']));
+    state = advanceTrending(state, list('2026-12-03T10:00:00Z', false, ['a', 'b']));
+    expect(state.previous).toBeNull();
+    state = advanceTrending(state, list('2026-12-03T10:01:00Z', false, ['b', 'a']));
+    expect(state.previous?.tags.length).toBe(2);
+    expect(state.previous?.start).toBe('2026-12-03T10:00:00Z');
+    expect(state.current?.start).toBe('2026-12-03T10:01:00Z');
+  });
+  it('names the window a minute before an open one as the newest closed one', () => {
+    expect(closedWindowStart(list('2026-12-03T10:05:00Z', false, []))).toBe('2026-12-03T10:04:00Z');
+    expect(closedWindowStart(list('2026-12-03T10:05:00Z', true, []))).toBe('2026-12-03T10:05:00Z');
+    expect(closedWindowStart(null)).toBeNull();
+  });
+  it('ignores an older window arriving late', () => {
+    const state = advanceTrending(EMPTY_TRENDING, list('2026-12-03T10:01:00Z', false, ['a']));
+    expect(advanceTrending(state, list('2026-12-03T10:00:00Z', true, ['b']))).toBe(state);
+  });
+  it('reads channel data, sorted by rank, and none before a window exists', () => {
+    expect(trendingFromChannel({ window: '5m', final: false, tags: [] })).toBeNull();
+    const read = trendingFromChannel({
+      window: '5m',
+      start: '2026-12-03T10:00:00Z',
+      end: '2026-12-03T10:05:00Z',
+      final: true,
+      tags: [
+        { tag: 'b', rank: 2, score: 1, users: 1, events: 1 },
+        { tag: 'a', rank: 1, score: 2, users: 2, events: 2 },
+      ],
+    });
+    expect(read?.tags.map((t) => t.tag)).toEqual(['a', 'b']);
+  });
+});
