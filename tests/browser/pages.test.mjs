@@ -94,12 +94,25 @@ async function screenshots(name, path, prepare = async () => {}) {
 
 const withinStartup = () => Math.max(1_000, 30_000 - (Date.now() - started));
 
-test('trending shows a live top 50 within 30 s', async () => {
+/** Each page's first live data, as a probe of the open page. */
+const firstData = {
+  '/trending': async (page) => (await page.locator('[data-testid=trending-table] tr[data-tag]').count()) > 0,
+  // Today's totals count closed minutes only; the open minute is live from the first events.
+  '/ads': async (page) => (await page.locator('tr[data-campaign-now]').count()) > 0,
+};
+
+test('every page shows live data within 30 s of the start', async () => {
+  await Promise.all(Object.entries(firstData).map(async ([path, probe]) => {
+    const page = await open(path);
+    await waitFor(`live data on ${path}`, () => probe(page), withinStartup());
+    assert.ok(Date.now() - started <= 30_000, `${path} showed live data within 30 s of start`);
+    await page.close();
+  }));
+});
+
+test('trending: a tag\'s history opens on a click', async () => {
   const page = await open('/trending');
-  await waitFor('trending rows', async () => (await page.locator('[data-testid=trending-table] tr[data-tag]').count()) > 0,
-    withinStartup());
-  assert.ok(Date.now() - started <= 30_000, 'trending rows appeared within 30 s of start');
-  // A tag's history opens on a click.
+  await waitFor('trending rows', () => firstData['/trending'](page), 30_000);
   await page.locator('tr[data-tag]').first().click();
   await waitFor('the tag history', async () =>
     Number(await page.getByTestId('tag-rank-chart').getAttribute('data-points')) > 0, 20_000);
@@ -112,8 +125,9 @@ test('trending shows the REST answer for the last closed 1-minute window', async
   await page.getByRole('button', { name: 'Last closed window' }).click();
   const deadline = Date.now() + 150_000;
   let mismatch;
+  let shown;
   while (Date.now() < deadline) {
-    const shown = await page.getByTestId('trending-table').evaluate((table) => ({
+    shown = await page.getByTestId('trending-table').evaluate((table) => ({
       start: table.dataset.start,
       final: table.dataset.final,
       rows: [...table.querySelectorAll('tr[data-tag]')].map((tr) => ({
@@ -138,7 +152,7 @@ test('trending shows the REST answer for the last closed 1-minute window', async
     }
     await page.waitForTimeout(1000);
   }
-  assert.fail(`no closed window equal to REST's: ${JSON.stringify(mismatch)}`);
+  assert.fail(`no closed window equal to REST's: ${JSON.stringify(mismatch ?? { ...shown, rows: shown?.rows.length })}`);
 });
 
 test('trending screenshots', async () => {
@@ -147,5 +161,78 @@ test('trending screenshots', async () => {
     await page.locator('tr[data-tag]').first().click();
     await waitFor('the tag history', async () =>
       Number(await page.getByTestId('tag-rank-chart').getAttribute('data-points')) > 0, 20_000);
+  });
+});
+
+test('ads shows today\'s campaigns equal to REST for the same closed minutes', async () => {
+  const page = await open('/ads');
+  await waitFor('campaign rows', async () => (await page.locator('tr[data-campaign]').count()) > 0, 120_000);
+  const fields = ['impressions', 'clicks', 'conversions', 'spend', 'revenue', 'ctr', 'cvr', 'cpa', 'roas'];
+  const deadline = Date.now() + 120_000;
+  let mismatch;
+  while (Date.now() < deadline) {
+    const shown = await page.getByTestId('campaigns-table').evaluate((table, names) => ({
+      day: table.dataset.day,
+      minute: table.dataset.minute,
+      final: table.dataset.final,
+      rows: Object.fromEntries([...table.querySelectorAll('tr[data-campaign]')].map((tr) => [tr.dataset.campaign,
+        Object.fromEntries(names.map((f) => {
+          const raw = tr.querySelector(`[data-field=${f}]`).dataset.value;
+          return [f, raw === '' ? null : Number(raw)];
+        }))])),
+    }), fields);
+    if (shown.minute) {
+      // Today's totals count the closed minutes of the day: up to the newest
+      // minute, or through it once it has closed.
+      const minute = Date.parse(shown.minute);
+      const to = new Date(shown.final === 'true' ? minute + 60_000 : minute).toISOString();
+      const answer = await rest(`/api/v1/campaigns?from=${encodeURIComponent(shown.day)}&to=${encodeURIComponent(to)}`);
+      const expected = Object.fromEntries(answer.campaigns.filter((c) => c.impressions > 0 || c.clicks > 0 || c.spend > 0)
+        .map((c) => [c.campaign_id, Object.fromEntries(fields.map((f) => [f, c[f]]))]));
+      const close = (a, b) => (a === null || b === null ? a === b : Math.abs(a - b) <= 1e-9 * Math.max(1, Math.abs(b)));
+      const same = Object.keys(expected).length > 0
+        && Object.keys(expected).length === Object.keys(shown.rows).length
+        && Object.entries(expected).every(([id, want]) => shown.rows[id] && fields.every((f) => close(shown.rows[id][f], want[f])));
+      if (same) {
+        // The numbers are written the same way they are stored.
+        const first = Object.keys(expected)[0];
+        const text = await page.locator(`tr[data-campaign="${first}"] [data-field=impressions]`).innerText();
+        assert.equal(text.replace(/,/g, ''), String(expected[first].impressions));
+        await page.close();
+        return;
+      }
+      mismatch = { minute: shown.minute, final: shown.final, shown: shown.rows, expected };
+    }
+    await page.waitForTimeout(1000);
+  }
+  assert.fail(`the campaigns table never equalled REST's: ${JSON.stringify(mismatch)}`);
+});
+
+test('ads: a campaign\'s page shows its funnel and its last hour by device and country', async () => {
+  const page = await open('/ads');
+  await waitFor('campaign rows', async () => (await page.locator('tr[data-campaign]').count()) > 0, 30_000);
+  const sortedBefore = await page.locator('tr[data-campaign]').evaluateAll((rows) => rows.map((r) => r.dataset.campaign));
+  await page.getByRole('button', { name: /^Campaign/ }).click();
+  const sortedById = await page.locator('tr[data-campaign]').evaluateAll((rows) => rows.map((r) => r.dataset.campaign));
+  assert.deepEqual(sortedById, [...sortedBefore].sort((a, b) => b.localeCompare(a, 'en', { numeric: true })));
+  await page.locator('tr[data-campaign] a').first().click();
+  await waitFor('the funnel', async () =>
+    Number(await page.locator('[data-step=impressions]').getAttribute('data-value')) > 0, 30_000);
+  await waitFor('the device chart', async () =>
+    Number(await page.getByTestId('campaign-device-chart').getAttribute('data-points')) > 0, 90_000);
+  await waitFor('the country chart', async () =>
+    Number(await page.getByTestId('campaign-country-chart').getAttribute('data-points')) > 0, 30_000);
+  assert.ok((await page.locator('[data-testid=campaign-by-device] tr[data-split]').count()) > 0);
+  await page.close();
+});
+
+test('ads screenshots', async () => {
+  await screenshots('ads', '/ads', async (page) => {
+    await waitFor('campaign rows', async () => (await page.locator('tr[data-campaign]').count()) > 0, 30_000);
+  });
+  const id = (await rest('/api/v1/campaigns')).campaigns[0].campaign_id;
+  await screenshots('campaign', `/ads/${id}`, async (page) => {
+    await waitFor('the device chart', async () =>
+      Number(await page.getByTestId('campaign-device-chart').getAttribute('data-points')) > 0, 90_000);
   });
 });

@@ -4,6 +4,8 @@ import { useEffect } from 'react';
 import { countDashboardView } from './analytics';
 import { logout, type Session } from './auth';
 import { useConnectionStatus } from './live';
+import { Ads } from './pages/Ads';
+import { Campaign } from './pages/Campaign';
 import { Overview } from './pages/Overview';
 import { Trending } from './pages/Trending';
 import { mayOpen, pageOf, PAGES } from './roles';
@@ -13,6 +15,8 @@ import { NotAllowed, NotFound, StatusBadge } from './ui';
 function PageFor({ path }: { path: string }) {
   if (path === '/') return <Overview />;
   if (path === '/trending') return <Trending />;
+  if (path === '/ads') return <Ads />;
+  if (path.startsWith('/ads/')) return <Campaign id={decodeURIComponent(path.slice('/ads/'.length))} />;
   return <NotFound />;
 }
 

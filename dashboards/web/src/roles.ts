@@ -23,6 +23,7 @@ export interface PageEntry {
 export const PAGES: PageEntry[] = [
   { path: '/', title: 'Overview', needs: ['metrics:read'] },
   { path: '/trending', title: 'Trending', needs: ['metrics:read'] },
+  { path: '/ads', title: 'Ads', needs: ['metrics:read'] },
   { path: '/admin', title: 'Admin', needs: ['users:manage', 'audit:read', 'operations:read'] },
 ];
 

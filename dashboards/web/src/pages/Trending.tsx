@@ -145,7 +145,8 @@ function useClosedWindow(size: TrendingWindow, start: string | null) {
         .then((list) => {
           if (cancelled) return;
           setError(null);
-          if (list.final && list.start === start) setClosed({ list, at: Date.now() });
+          // A window the store has not written yet answers closed but empty: wait for its list.
+          if (list.final && list.start === start && list.tags.length > 0) setClosed({ list, at: Date.now() });
           else timer = window.setTimeout(load, 3000);
         })
         .catch((e: unknown) => {
