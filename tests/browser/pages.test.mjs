@@ -99,7 +99,26 @@ const firstData = {
   '/trending': async (page) => (await page.locator('[data-testid=trending-table] tr[data-tag]').count()) > 0,
   // Today's totals count closed minutes only; the open minute is live from the first events.
   '/ads': async (page) => (await page.locator('tr[data-campaign-now]').count()) > 0,
+  '/engagement': async (page) => (await page.locator('[data-testid=engagement-by-segment] tr[data-group]').count()) > 0
+    && (await page.getByTestId('engagement-value-active_sessions').innerText()).replace(/[^0-9]/g, '') !== '',
+  '/admin': async (page) => (await page.locator('[data-testid=admin-users] tr[data-user]').count()) > 0
+    && (await page.locator('[data-testid=audit-table] tr[data-action]').count()) > 0,
 };
+
+/**
+ * The query page's data is its answer to the default query over the last
+ * hour; queries read stored (closed) minutes only, so the first may come
+ * after the first half minute.
+ */
+async function queryAnswered(page) {
+  if ((await page.getByTestId('query-result').getAttribute('data-outcome')) === 'none') {
+    await page.getByRole('button', { name: 'Run' }).click();
+  }
+  if ((await page.locator('[data-testid=query-rows] tbody tr').count()) > 0) return true;
+  await page.waitForTimeout(1000);
+  await page.getByRole('button', { name: 'Run' }).click();
+  return false;
+}
 
 test('every page shows live data within 30 s of the start', async () => {
   await Promise.all(Object.entries(firstData).map(async ([path, probe]) => {
@@ -234,5 +253,108 @@ test('ads screenshots', async () => {
   await screenshots('campaign', `/ads/${id}`, async (page) => {
     await waitFor('the device chart', async () =>
       Number(await page.getByTestId('campaign-device-chart').getAttribute('data-points')) > 0, 90_000);
+  });
+});
+
+test('engagement shows sessions by segment and country and a chart per metric', async () => {
+  const page = await open('/engagement');
+  await waitFor('engagement by segment', () => firstData['/engagement'](page), 30_000);
+  assert.ok((await page.locator('[data-testid=engagement-by-country] tr[data-group]').count()) > 0);
+  await waitFor('the active sessions chart', async () =>
+    Number(await page.getByTestId('engagement-chart-active_sessions').getAttribute('data-points')) > 0, 90_000);
+  // Hours appear once closed, so a new demo's last day may be empty yet; it must still draw.
+  await page.getByRole('button', { name: 'Last day' }).click();
+  await waitFor('the hourly chart', async () =>
+    (await page.getByTestId('engagement-chart-active_sessions').locator('svg').count()) > 0, 10_000);
+  await page.close();
+});
+
+test('query shows rows, truncation, error codes and a timeout', async () => {
+  const page = await open('/query');
+  // Tables are listed with their columns (the traffic table's shown open).
+  await waitFor('tables and columns', async () => {
+    const text = await page.getByTestId('query-tables').textContent();
+    return ['traffic', 'campaign_id', 'event_type', 'engagement'].every((name) => text.includes(name)) || null;
+  }, 10_000).catch(async () => assert.fail(await page.getByTestId('query-tables').innerText()));
+  await waitFor('query rows', () => queryAnswered(page), 60_000);
+  const sql = page.getByLabel('SQL (SQLite dialect, read-only)');
+  const run = async (text) => {
+    await sql.fill(text);
+    await page.getByRole('button', { name: 'Run' }).click();
+    await waitFor('the query to finish', async () =>
+      (await page.getByRole('button', { name: 'Run' }).isEnabled()), 20_000);
+  };
+  const hourAgo = new Date(Date.now() - 3_600_000).toISOString();
+  // A self-join of the last hour's traffic has more rows than the page's limit of 1,000.
+  await run(`SELECT a.events FROM traffic a, traffic b WHERE a.time >= '${hourAgo}' AND b.time >= '${hourAgo}'`);
+  await waitFor('truncated', async () => (await page.getByTestId('query-truncated').count()) > 0, 10_000);
+  await run('SELECT * FROM traffic');
+  await waitFor('an error code', async () =>
+    (await page.getByTestId('query-error').getAttribute('data-code')) === 'time_filter_required', 10_000);
+  assert.match(await page.getByTestId('query-error').innerText(), /time_filter_required/);
+  await page.getByLabel('Timeout').selectOption('1');
+  // Four of them take far longer than a second.
+  await run(`SELECT count(*) FROM traffic a, traffic b, traffic c, traffic d WHERE a.time >= '${hourAgo}'`
+    + ` AND b.time >= '${hourAgo}' AND c.time >= '${hourAgo}' AND d.time >= '${hourAgo}'`);
+  await waitFor('a timeout', async () => (await page.getByTestId('query-timeout').count()) > 0, 15_000);
+  assert.match(await page.getByTestId('query-timeout').innerText(), /Timed out/);
+  await page.close();
+});
+
+test('admin lists users, creates a token shown once, revokes it, and filters the audit log', async () => {
+  const page = await open('/admin');
+  await waitFor('users and audit entries', () => firstData['/admin'](page), 30_000);
+  assert.ok(await page.locator(`tr[data-user="${ANALYST.name}"]`).count() > 0);
+  assert.match(await page.getByTestId('served-database').innerText(), /tidemark/);
+  await page.getByLabel('Token name').fill('grafana');
+  await page.getByLabel('Token role').selectOption('analyst');
+  await page.getByRole('button', { name: 'Create token' }).click();
+  const token = await waitFor('the new token', async () => {
+    const text = (await page.getByTestId('new-token-value').count()) > 0 && await page.getByTestId('new-token-value').innerText();
+    return text && text.startsWith('tmk_') ? text : null;
+  }, 10_000);
+  // The token works, and after revoking it no longer does.
+  assert.equal((await fetch(`${base}/api/v1/auth/me`, { headers: { authorization: `Bearer ${token}` } })).status, 200);
+  page.once('dialog', (d) => d.accept());
+  await page.locator('[data-testid=admin-tokens] tr[data-token]').first().getByRole('button', { name: 'Revoke' }).click();
+  await waitFor('the token gone', async () => (await page.locator('tr[data-token]').count()) === 0, 10_000);
+  assert.equal((await fetch(`${base}/api/v1/auth/me`, { headers: { authorization: `Bearer ${token}` } })).status, 401);
+  await page.getByRole('button', { name: 'Refresh' }).click();
+  await page.getByLabel('Audit action').selectOption('token_create');
+  await waitFor('the filtered audit log', async () => {
+    const actions = await page.locator('[data-testid=audit-table] tr[data-action]').evaluateAll((rows) => rows.map((r) => r.dataset.action));
+    return actions.length > 0 && actions.every((a) => a === 'token_create');
+  }, 10_000);
+  await page.close();
+});
+
+test('an analyst is not offered Admin and is told "not allowed" on its URL', async () => {
+  const page = await open('/', ANALYST);
+  const offered = await page.getByRole('navigation', { name: 'Pages' }).getByRole('link').allInnerTexts();
+  assert.deepEqual(offered, ['Overview', 'Trending', 'Ads', 'Engagement', 'Query']);
+  await page.goto(`${base}/admin`);
+  await page.getByLabel('Name').fill(ANALYST.name);
+  await page.getByLabel('Password').fill(ANALYST.password);
+  await page.getByRole('button', { name: 'Log in' }).click();
+  await waitFor('not allowed', async () => (await page.getByTestId('not-allowed').count()) > 0, 10_000);
+  assert.match(await page.getByTestId('not-allowed').innerText(), /Not allowed/);
+  assert.equal(new URL(page.url()).pathname, '/admin');
+  await page.screenshot({ path: join(artifacts, 'dashboard-not-allowed-1280.png') });
+  await page.close();
+});
+
+test('engagement, query and admin screenshots', async () => {
+  await screenshots('overview', '/', async (page) => {
+    await waitFor('events/s', async () => Number((await page.getByTestId('events-per-sec').innerText()).replace(/[^0-9.]/g, '')) > 0, 30_000);
+  });
+  await screenshots('engagement', '/engagement', async (page) => {
+    await waitFor('the active sessions chart', async () =>
+      Number(await page.getByTestId('engagement-chart-active_sessions').getAttribute('data-points')) > 0, 60_000);
+  });
+  await screenshots('query', '/query', async (page) => {
+    await waitFor('query rows', () => queryAnswered(page), 30_000);
+  });
+  await screenshots('admin', '/admin', async (page) => {
+    await waitFor('users and audit entries', () => firstData['/admin'](page), 30_000);
   });
 });

@@ -3,10 +3,13 @@
 import { useEffect } from 'react';
 import { countDashboardView } from './analytics';
 import { logout, type Session } from './auth';
-import { useConnectionStatus } from './live';
+import { useChannel, useConnectionStatus } from './live';
+import { Admin } from './pages/Admin';
 import { Ads } from './pages/Ads';
 import { Campaign } from './pages/Campaign';
+import { Engagement } from './pages/Engagement';
 import { Overview } from './pages/Overview';
+import { Query } from './pages/Query';
 import { Trending } from './pages/Trending';
 import { mayOpen, pageOf, PAGES } from './roles';
 import { followLink, usePath } from './router';
@@ -16,12 +19,19 @@ function PageFor({ path }: { path: string }) {
   if (path === '/') return <Overview />;
   if (path === '/trending') return <Trending />;
   if (path === '/ads') return <Ads />;
+  if (path === '/engagement') return <Engagement />;
+  if (path === '/query') return <Query />;
+  if (path === '/admin') return <Admin />;
   if (path.startsWith('/ads/')) return <Campaign id={decodeURIComponent(path.slice('/ads/'.length))} />;
   return <NotFound />;
 }
 
 export function App({ session }: { session: Session }) {
   const path = usePath();
+  // The shell follows the (light) alerts channel, so the socket, and the
+  // badge saying how it is, stay up on pages that follow no channel of
+  // their own (Query, Admin) and between pages.
+  useChannel('alerts', () => {});
   const status = useConnectionStatus();
   const page = pageOf(path);
   // Per user and page, not per session object: a token refresh is not a new view.

@@ -125,7 +125,7 @@ export function LineChart({ series, unit, format, from, to, inverted = false, yM
         </text>
         {ticks.map((v) => (
           <g key={v}>
-            <line className="grid" x1={PAD.left} x2={width - PAD.right} y1={y(v)} y2={y(v)} />
+            <line className="gridline" x1={PAD.left} x2={width - PAD.right} y1={y(v)} y2={y(v)} />
             <text className="axis" x={PAD.left - 6} y={y(v) + 4} textAnchor="end">
               {formatCompact(v)}
             </text>

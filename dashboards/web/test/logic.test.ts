@@ -1,6 +1,9 @@
 // Unit tests of the dashboard's data logic: number formatting, sorting,
-// rank changes and the trending list's window tracking.
+// rank changes, the trending list's window tracking, engagement's
+// combination of groups and the campaigns channel's reading.
 import { describe, expect, it } from 'vitest';
+import { campaignsFromChannel, funnel } from '../src/ads';
+import { combineEngagement, engagementFromChannel } from '../src/engagement';
 import { formatCount, formatDecimal, formatMultiple, formatPercent, formatSeconds, MISSING } from '../src/format';
 import { rankChanges } from '../src/ranks';
 import { sortRows, toggleSort } from '../src/sorting';
@@ -134,5 +137,62 @@ describe('trending windows', () => {
       ],
     });
     expect(read?.tags.map((t) => t.tag)).toEqual(['a', 'b']);
+  });
+});
+
+describe('engagement', () => {
+  it('sums counts and weights the averages by the sessions that ended', () => {
+    const all = combineEngagement([
+      { sessions_started: 2, sessions_ended: 1, active_sessions: 10, engagement_score: 5, avg_session_seconds: 100, events_per_session: 4 },
+      { sessions_started: 3, sessions_ended: 3, active_sessions: 20, engagement_score: 7, avg_session_seconds: 20, events_per_session: 8 },
+      { sessions_started: 1, sessions_ended: 0, active_sessions: 5, engagement_score: 1 },
+    ]);
+    expect(all.active_sessions).toBe(35);
+    expect(all.engagement_score).toBe(13);
+    expect(all.avg_session_seconds).toBe(40);
+    expect(all.events_per_session).toBe(7);
+  });
+  it('leaves the averages unknown when no session ended', () => {
+    const none = combineEngagement([{ sessions_started: 1, sessions_ended: 0, active_sessions: 1, engagement_score: 1 }]);
+    expect(none.avg_session_seconds).toBeNull();
+  });
+  it('splits the channel\'s country/segment groups both ways', () => {
+    const now = engagementFromChannel({
+      minute: '2026-12-03T10:00:00Z',
+      final: false,
+      groups: {
+        'US/new': { sessions_started: 1, sessions_ended: 0, active_sessions: 4, engagement_score: 2 },
+        'US/returning': { sessions_started: 1, sessions_ended: 0, active_sessions: 6, engagement_score: 3 },
+        'DE/new': { sessions_started: 1, sessions_ended: 0, active_sessions: 1, engagement_score: 1 },
+      },
+    });
+    expect(now?.byCountry.US.active_sessions).toBe(10);
+    expect(now?.bySegment.new.active_sessions).toBe(5);
+    expect(now?.total.active_sessions).toBe(11);
+  });
+});
+
+describe('ads', () => {
+  it('reads today\'s totals and the current minute from the campaigns channel', () => {
+    const table = campaignsFromChannel({
+      day: '2026-12-03T00:00:00Z',
+      minute: '2026-12-03T10:00:00Z',
+      final: false,
+      campaigns: {
+        c1: { current: { impressions: 5, clicks: 1, conversions: 0, spend: 1, revenue: 0 } },
+        c2: {
+          today: { impressions: 100, clicks: 4, conversions: 1, spend: 2, revenue: 8, ctr: 0.04, roas: 4 },
+          current: { impressions: 3, clicks: 0, conversions: 0, spend: 0.1, revenue: 0 },
+        },
+      },
+    });
+    expect(table?.rows.map((r) => r.campaign_id)).toEqual(['c2']);
+    expect(table?.current.map((r) => r.campaign_id)).toEqual(['c1', 'c2']);
+    expect(table?.rows[0].cvr).toBeUndefined();
+  });
+  it('gives each funnel step its share of the one before', () => {
+    const steps = funnel({ impressions: 1000, clicks: 50, conversions: 5, spend: 0, revenue: 0 });
+    expect(steps.map((s) => s.rate)).toEqual([null, 0.05, 0.1]);
+    expect(funnel({ impressions: 0, clicks: 0, conversions: 0, spend: 0, revenue: 0 })[1].rate).toBeNull();
   });
 });

@@ -1,6 +1,9 @@
 import { useCallback, useEffect, useMemo, useRef, useState } from 'react';
-import { HistoryChart } from './OverviewChart';
+import { formatCount, formatRate } from '../format';
+import { LineChart } from '../LineChart';
 import {
+  HOUR_MS,
+  MINUTE_MS,
   elapsedSeconds,
   fetchLastHour,
   mergeHistory,
@@ -17,8 +20,6 @@ interface RateSample {
   total: number;
   at: number;
 }
-
-const number = Intl.NumberFormat('en', { maximumFractionDigits: 1 });
 
 /** The last hour at a glance: events per second, active users, events by type. */
 export function Overview() {
@@ -97,17 +98,17 @@ export function Overview() {
         <div className="card">
           <div className="label">Events / s</div>
           <div className="value" data-testid="events-per-sec">
-            {liveRate === null ? '–' : number.format(liveRate)}
+            {liveRate === null ? '–' : formatRate(liveRate)}
           </div>
           <div className="hint">
-            {current ? `${number.format(current.total)} events in the current minute, event time` : 'waiting for data'}
+            {current ? `${formatCount(current.total)} events in the current minute, event time` : 'waiting for data'}
           </div>
           <Freshness updatedAt={updatedAt} now={now} />
         </div>
         <div className="card">
           <div className="label">Unique users</div>
           <div className="value" data-testid="unique-users">
-            {current ? number.format(current.activeUsers) : '–'}
+            {current ? formatCount(current.activeUsers) : '–'}
           </div>
           <div className="hint">active in the current minute, event time</div>
         </div>
@@ -127,7 +128,7 @@ export function Overview() {
                   <td className="bar-cell">
                     <div className="bar" style={{ width: `${(count / maxTypeCount) * 100}%` }} />
                   </td>
-                  <td className="num">{number.format(typeRate(count))}</td>
+                  <td className="num">{formatRate(typeRate(count))}</td>
                 </tr>
               ))}
             </tbody>
@@ -137,14 +138,32 @@ export function Overview() {
 
       <section className="card chart-card" data-testid="history-chart">
         <div className="chart-head">
-          <div className="label">Last hour, per minute</div>
-          <Freshness updatedAt={updatedAt} now={now} />
-          <div className="legend">
-            <span className="key events">events</span>
-            <span className="key users">active users</span>
+          <div>
+            <div className="label">Last hour, per minute</div>
+            <div className="scope">event time; the newest minute is open (early result)</div>
           </div>
+          <Freshness updatedAt={updatedAt} now={now} />
         </div>
-        <HistoryChart windows={sorted} now={now} />
+        <div className="chart-pair">
+          <LineChart
+            label="Events per minute over the last hour"
+            unit="events / min"
+            format={formatCount}
+            from={now - (now % MINUTE_MS) - HOUR_MS + MINUTE_MS}
+            to={now - (now % MINUTE_MS)}
+            series={[{ name: 'events', points: sorted.map((w) => ({ t: w.start, v: w.total })) }]}
+            testId="overview-events-chart"
+          />
+          <LineChart
+            label="Active users per minute over the last hour"
+            unit="active users"
+            format={formatCount}
+            from={now - (now % MINUTE_MS) - HOUR_MS + MINUTE_MS}
+            to={now - (now % MINUTE_MS)}
+            series={[{ name: 'active users', points: sorted.map((w) => ({ t: w.start, v: w.activeUsers })) }]}
+            testId="overview-users-chart"
+          />
+        </div>
         {historyError && <div className="hint error">history unavailable: {historyError}</div>}
       </section>
     </>
