@@ -2,8 +2,9 @@
 // real `tidemark demo`: each page shows live data within 30 s of the demo's
 // start, the Trending and Ads pages show what the REST API answers for the
 // same closed window, and an analyst is offered no Admin page and is told
-// "not allowed" on its URL. Keeps a screenshot of every page at 1280 and
-// 390 px wide in artifacts/ (dashboard-PAGE-WIDTH.png).
+// "not allowed" on its URL. The last test freezes and then stops the demo,
+// for the stale tiles and the reconnecting badge. Keeps a screenshot of
+// every page at 1280 and 390 px wide in artifacts/ (dashboard-PAGE-WIDTH.png).
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
@@ -44,8 +45,9 @@ before(async () => {
 
 after(async () => {
   if (browser) await browser.close();
-  if (demo) {
-    const exited = new Promise((ok) => (demo.exitCode !== null ? ok() : demo.once('exit', ok)));
+  if (demo && demo.exitCode === null && demo.signalCode === null) {
+    const exited = new Promise((ok) => demo.once('exit', ok));
+    demo.kill('SIGCONT');
     demo.kill('SIGTERM');
     await exited;
   }
@@ -357,4 +359,27 @@ test('engagement, query and admin screenshots', async () => {
   await screenshots('admin', '/admin', async (page) => {
     await waitFor('users and audit entries', () => firstData['/admin'](page), 30_000);
   });
+});
+
+test('tiles say when they are stale and the badge when the connection is lost', async () => {
+  const page = await open('/trending');
+  await waitFor('trending rows', () => firstData['/trending'](page), 30_000);
+  await waitFor('live', async () => (await page.getByTestId('ws-status').getAttribute('data-status')) === 'live', 10_000);
+  assert.equal(await page.locator('[data-stale=true]').count(), 0);
+  // A frozen server sends nothing: after 5 s without an update the tile says so.
+  demo.kill('SIGSTOP');
+  try {
+    await waitFor('a stale tile', async () => (await page.locator('[data-testid=trending-tile] [data-stale=true]').count()) > 0, 15_000);
+    assert.match(await page.getByTestId('trending-tile').innerText(), /stale: no update for/);
+  } finally {
+    demo.kill('SIGCONT');
+  }
+  await waitFor('fresh again', async () => (await page.locator('[data-testid=trending-tile] [data-stale=true]').count()) === 0, 20_000);
+  // A server gone: the badge counts down to the next try.
+  const exited = new Promise((ok) => demo.once('exit', ok));
+  demo.kill('SIGTERM');
+  await exited;
+  await waitFor('reconnecting', async () => (await page.getByTestId('ws-status').getAttribute('data-status')) === 'retrying', 10_000);
+  assert.match(await page.getByTestId('ws-status').innerText(), /reconnecting in \d+s/);
+  await page.close();
 });

@@ -2,8 +2,9 @@
 // dashboard, shared by all subscriptions, and `useLive` for a page's data
 // (a REST snapshot first, then the channel's snapshot and updates).
 import { useEffect, useRef, useState, useSyncExternalStore } from 'react';
-import { currentSession } from './auth';
-import { mergePatch, overviewWindows, windowKeys, type Json, type ServerMessage, type WireWindow } from './data';
+import { currentSession, onSessionChange } from './auth';
+import { applyMessage } from './channel';
+import { overviewWindows, windowKeys, type Json, type ServerMessage, type WireWindow } from './data';
 
 export type Status =
   | { kind: 'connecting' }
@@ -46,6 +47,14 @@ class LiveConnection {
   private retryTimer: number | undefined;
   private countdown: number | undefined;
   private lingerTimer: number | undefined;
+
+  constructor() {
+    // A socket is authenticated as whoever opened it: signing out closes it
+    // at once, so the next user never inherits it.
+    onSessionChange(() => {
+      if (currentSession() === null && this.socket) this.close();
+    });
+  }
 
   getStatus = (): Status => this.status;
 
@@ -124,22 +133,13 @@ class LiveConnection {
       if (msg.type !== 'snapshot' && msg.type !== 'update') return;
       const channel = this.channels.get(msg.channel);
       if (!channel) return;
-      if (msg.type === 'snapshot') {
-        channel.seq = msg.seq;
-        channel.data = msg.data;
-        channel.listeners.forEach((l) => l(msg.data, null));
-        return;
-      }
-      if (channel.seq === null || channel.data === null || msg.seq !== channel.seq + 1) {
-        // Missed a change: start over from a new snapshot.
-        if (channel.seq !== null) this.send({ op: 'subscribe', channel: msg.channel });
-        channel.seq = null;
-        return;
-      }
-      channel.seq = msg.seq;
-      channel.data = mergePatch(channel.data, msg.data);
-      const data = channel.data;
-      channel.listeners.forEach((l) => l(data, msg.data));
+      const step = applyMessage(channel, msg);
+      channel.seq = step.state.seq;
+      channel.data = step.state.data;
+      if (step.kind === 'resubscribe') this.send({ op: 'subscribe', channel: msg.channel });
+      if (step.kind !== 'deliver' || channel.data === null) return;
+      const { data } = channel;
+      channel.listeners.forEach((l) => l(data, step.patch));
     };
     ws.onclose = () => {
       if (this.socket !== ws) return;

@@ -1,8 +1,10 @@
 // Unit tests of the dashboard's data logic: number formatting, sorting,
 // rank changes, the trending list's window tracking, engagement's
-// combination of groups and the campaigns channel's reading.
+// combination of groups, the campaigns channel's reading and how channel
+// messages change the data kept (merge patches, seq gaps).
 import { describe, expect, it } from 'vitest';
 import { campaignsFromChannel, funnel } from '../src/ads';
+import { applyMessage, type ChannelState } from '../src/channel';
 import { combineEngagement, engagementFromChannel } from '../src/engagement';
 import { formatCount, formatDecimal, formatMultiple, formatPercent, formatSeconds, MISSING } from '../src/format';
 import { rankChanges } from '../src/ranks';
@@ -194,5 +196,24 @@ describe('ads', () => {
     const steps = funnel({ impressions: 1000, clicks: 50, conversions: 5, spend: 0, revenue: 0 });
     expect(steps.map((s) => s.rate)).toEqual([null, 0.05, 0.1]);
     expect(funnel({ impressions: 0, clicks: 0, conversions: 0, spend: 0, revenue: 0 })[1].rate).toBeNull();
+  });
+});
+
+describe('channel messages', () => {
+  const empty: ChannelState = { seq: null, data: null };
+  it('takes a snapshot, merges the next update, and passes the patch on', () => {
+    const first = applyMessage(empty, { type: 'snapshot', seq: 7, data: { a: 1, b: { c: 2 } } });
+    expect(first.kind).toBe('deliver');
+    const next = applyMessage(first.state, { type: 'update', seq: 8, data: { b: { c: 3 }, a: null } });
+    expect(next).toEqual({ kind: 'deliver', state: { seq: 8, data: { b: { c: 3 } } }, patch: { b: { c: 3 }, a: null } });
+  });
+  it('asks for a new snapshot on a gap in seq, and ignores updates until it comes', () => {
+    const at7: ChannelState = { seq: 7, data: { a: 1 } };
+    const gap = applyMessage(at7, { type: 'update', seq: 9, data: { a: 2 } });
+    expect(gap.kind).toBe('resubscribe');
+    expect(gap.state.seq).toBeNull();
+    expect(applyMessage(gap.state, { type: 'update', seq: 10, data: { a: 3 } }).kind).toBe('ignore');
+    const again = applyMessage(gap.state, { type: 'snapshot', seq: 10, data: { a: 3 } });
+    expect(again.state).toEqual({ seq: 10, data: { a: 3 } });
   });
 });
