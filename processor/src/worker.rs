@@ -69,6 +69,8 @@ pub struct Worker {
     newest_event_time: EventTime,
     /// Event-id hashes of the batch being admitted (kept for its allocation).
     id_hashes: Vec<u64>,
+    /// Reused per batch: the partition's watermark after each accepted event.
+    accepted_watermarks: Vec<Watermark>,
 }
 
 impl std::fmt::Debug for dyn Pipeline {
@@ -89,6 +91,7 @@ impl Worker {
             newest_received_at: EventTime::MIN,
             newest_event_time: EventTime::MIN,
             id_hashes: Vec::new(),
+            accepted_watermarks: Vec::new(),
         }
     }
 
@@ -163,7 +166,8 @@ impl Worker {
         hashes.extend(events.iter().map(|ev| PartitionDedup::hash(&ev.event_id)));
         self.dedup[slot].warm(&hashes);
         let mut accepted = Vec::with_capacity(events.len());
-        let mut watermarks = Vec::with_capacity(events.len());
+        let mut watermarks = std::mem::take(&mut self.accepted_watermarks);
+        watermarks.clear();
         for (ev, &h) in events.iter().zip(&hashes) {
             let outcome = self.admit(slot, ev, h);
             if outcome == Outcome::Accepted {
@@ -176,6 +180,7 @@ impl Worker {
         for p in &mut self.pipelines {
             p.on_partition_events(slot, &accepted, &watermarks);
         }
+        self.accepted_watermarks = watermarks;
         Ok(())
     }
 

@@ -449,3 +449,17 @@ pub fn seed_from_env(var: &str) -> u64 {
                 .map_or(1, |d| d.as_nanos() as u64)
         })
 }
+
+/// The stored points of every pipeline whose windows lie inside the hour
+/// starting at `hour`, from the SQLite store at `path`.
+pub async fn hour_points(path: &Path, hour: i64) -> Vec<tidemark_model::Point> {
+    let store = tidemark_tsdb_writer::sqlite::SqliteStore::open(path).unwrap();
+    let measurements = ["traffic", "active_users", "engagement", "trending", "ads"];
+    let (from, to) = (
+        tidemark_model::EventTime(hour),
+        tidemark_model::EventTime(hour + 3_600_000),
+    );
+    tidemark_replay::verify::stored_points(&store, &measurements, from, to)
+        .await
+        .unwrap()
+}

@@ -17,11 +17,10 @@ use std::time::{Duration, Instant};
 use tidemark_model::crash::{self, Place};
 use tidemark_model::{EventTime, Point};
 use tidemark_tests::workload::Workload;
-use tidemark_tests::{replay, replay_summary, settle, tidemark_bin, Tidemark};
+use tidemark_tests::{hour_points, replay, replay_summary, settle, tidemark_bin, Tidemark};
 
 const HOUR: i64 = 3_600_000;
 const MINUTE: i64 = 60_000;
-const MEASUREMENTS: [&str; 5] = ["traffic", "active_users", "engagement", "trending", "ads"];
 const TOPICS: [&str; 4] = [
     "user-events",
     "content-events",
@@ -104,19 +103,6 @@ impl Kills {
     fn behind(&self, posted: usize, batches: usize) -> bool {
         self.done < self.wanted * posted / batches.max(1)
     }
-}
-
-/// The points of every pipeline whose windows lie inside the hour.
-async fn hour_points(store: &Path, hour: i64) -> Vec<Point> {
-    let store = tidemark_tsdb_writer::sqlite::SqliteStore::open(store).unwrap();
-    tidemark_replay::verify::stored_points(
-        &store,
-        &MEASUREMENTS,
-        EventTime(hour),
-        EventTime(hour + HOUR),
-    )
-    .await
-    .unwrap()
 }
 
 fn assert_same_windows(place: Place, reference: &[Point], got: Vec<Point>) {
