@@ -38,9 +38,12 @@ cargo test --workspace --all-targets --features "$FEATURES"
 step "test: fuzz targets, 2 minutes in all (scripts/fuzz.sh; a longer run: scripts/fuzz.sh MINUTES)"
 scripts/fuzz.sh 2
 
+step "test: dashboard unit tests (vitest)"
+(cd dashboards/web && npm run --silent test)
+
 step "test: JavaScript SDK: unit tests, and the core's size (at most 5 KB min+gzip)"
 (cd sdk/js && npm run --silent build -- --size && node --test --test-reporter=tap test/*.test.mjs)
 
 step "test: browser tests of the dashboard and the SDK (Chromium)"
 mkdir -p artifacts
-(cd tests/browser && node --test --test-reporter=tap dashboard.test.mjs sdk.test.mjs)
+(cd tests/browser && node --test --test-reporter=tap dashboard.test.mjs pages.test.mjs sdk.test.mjs)

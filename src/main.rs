@@ -6,6 +6,7 @@ fn main() -> anyhow::Result<()> {
     #[cfg(feature = "kafka")]
     tidemark::config_file::apply(&std::env::args_os().collect::<Vec<_>>())?;
     let cli = tidemark::cli::Cli::parse();
+    tidemark_model::crash::check_env().map_err(anyhow::Error::msg)?;
     tidemark::cli::init_tracing();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

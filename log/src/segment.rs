@@ -41,6 +41,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use tidemark_model::keyring::{sealed_key_id, OpenError, SEAL_PREFIX};
+use tidemark_model::crash::{self, Place};
 use tidemark_model::topic::partition_for_key;
 use tidemark_model::{EventTime, KeyRing};
 
@@ -749,7 +750,18 @@ impl Partition {
             .last_mut()
             .ok_or_else(|| LogError::Unavailable("partition has no segment".into()))?;
         let pos = seg.size;
-        if let Err(e) = (&*seg.file).write_all(&frame) {
+        // Armed for the kill matrix, the frame goes out in two halves with
+        // the crash point between them: a torn tail on disk.
+        let torn_at = if crash::is_armed(Place::Append) {
+            frame.len() / 2
+        } else {
+            0
+        };
+        let written = (&*seg.file).write_all(&frame[..torn_at]).and_then(|()| {
+            crash::point(Place::Append);
+            (&*seg.file).write_all(&frame[torn_at..])
+        });
+        if let Err(e) = written {
             // Cut a partial write off so the next batch does not land after garbage.
             if seg.file.set_len(pos).is_err() {
                 st.broken = true;

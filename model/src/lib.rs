@@ -5,6 +5,7 @@
 //! into [`Point`]s ([`point`]) stamped with [`EventTime`] ([`time`]); the store and
 //! the live updates channel carry points onwards.
 
+pub mod crash;
 pub mod dead_letter;
 pub mod event;
 pub mod keyring;

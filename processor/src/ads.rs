@@ -23,6 +23,13 @@
 //! `MAX_IMPRESSIONS_PER_ID` (16) impressions and `MAX_CLICKS_PER_IMPRESSION`
 //! (16) clicks of one id are kept, and a repeat at a time already held is ignored.
 //!
+//! A click or conversion waits until its partition's watermark passes its
+//! time, decided right after the event that moved it there: what it joins
+//! depends on that partition's order alone, never on how far the worker's
+//! other partitions had been read, which differs between live, a restart
+//! and a replay. (The worker's combined watermark decides what is left, for
+//! an idle partition.)
+//!
 //! Join keys: impression ids are held as their 128-bit XXH3 hash, not as
 //! strings (no allocation per event). With n ids held, a click or conversion
 //! on an unknown id matches one of them with probability n/2¹²⁸ (about 3·10⁻³⁰
@@ -45,6 +52,7 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::BTreeMap;
+use std::ops::Bound::{Excluded, Unbounded};
 use std::time::Duration;
 
 use rustc_hash::FxHashMap;
@@ -79,7 +87,12 @@ const MEASUREMENT: &str = "ads";
 /// Granularity of the eviction indexes, in milliseconds of event time.
 const INDEX_BUCKET_MS: i64 = 1_000;
 /// Version of the [`AdsState`] encoding.
-const STATE_VERSION: u32 = 2;
+const STATE_VERSION: u32 = 3;
+/// The encoding before pending events were kept per partition.
+const STATE_VERSION_UNSLOTTED: u32 = 2;
+/// The partition slot of events offered without one ([`Pipeline::on_event`]):
+/// decided by the combined watermark alone.
+const NO_SLOT: u32 = u32::MAX;
 
 /// Join windows and lateness of the ads pipeline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -284,6 +297,8 @@ struct Pending {
 
 /// Pending order: event time, kind, arrival sequence.
 type PendingKey = (i64, Kind, u64);
+/// Pending events per partition slot of the worker, each in pending order.
+type PendingBySlot = BTreeMap<u32, BTreeMap<PendingKey, Pending>>;
 
 /// Per-campaign ad windows (`rt`, `hourly`, `daily`) with the click and
 /// conversion attribution joins (stage 1; [`AdsFinisher`] makes the points).
@@ -304,7 +319,7 @@ pub struct AdsPipeline {
     /// Attributed clicks per impression id.
     clicks: FxHashMap<ImpKey, Touches>,
     click_index: EvictionIndex,
-    pending: BTreeMap<PendingKey, Pending>,
+    pending: PendingBySlot,
     seq: u64,
     last_wm: Watermark,
 }
@@ -312,16 +327,37 @@ pub struct AdsPipeline {
 /// A checkpoint of [`AdsPipeline`]. Campaigns are numbers into `campaigns`,
 /// which holds the live names sorted, and every list is sorted, so the bytes
 /// depend only on the logical state (not on the order names were interned).
+/// `P` is a pending entry: (slot, key, state), or (key, state) in the
+/// unslotted encoding of version 2.
 #[derive(Serialize, Deserialize)]
-struct AdsState {
+struct AdsState<P = (u32, PendingKey, PendingState)> {
     version: u32,
     campaigns: Vec<String>,
     windows: Vec<WindowState>,
     impressions: Vec<TouchesState>,
     clicks: Vec<TouchesState>,
-    pending: Vec<(PendingKey, PendingState)>,
+    pending: Vec<P>,
     seq: u64,
     last_wm: Watermark,
+}
+
+impl AdsState<(PendingKey, PendingState)> {
+    /// Version 2's pending events had no slot: they wait for the combined
+    /// watermark, as they did then.
+    fn slotted(self) -> AdsState {
+        AdsState {
+            version: STATE_VERSION,
+            campaigns: self.campaigns,
+            windows: self.windows,
+            impressions: self.impressions,
+            clicks: self.clicks,
+            pending: (self.pending.into_iter())
+                .map(|(key, state)| (NO_SLOT, key, state))
+                .collect(),
+            seq: self.seq,
+            last_wm: self.last_wm,
+        }
+    }
 }
 
 /// (window set, start, fired, dirty, rows of (campaign, device, country, aggregates)).
@@ -382,7 +418,9 @@ impl AdsPipeline {
     /// ids with attributed clicks, and clicks and conversions awaiting the
     /// watermark.
     pub fn join_state_len(&self) -> usize {
-        self.impressions.len() + self.clicks.len() + self.pending.len()
+        self.impressions.len()
+            + self.clicks.len()
+            + self.pending.values().map(BTreeMap::len).sum::<usize>()
     }
 
     /// Number of windows held (open or fired but still accepting late events).
@@ -399,6 +437,55 @@ impl AdsPipeline {
             if let Some(aggs) = set.change_at(ts, horizon) {
                 f(aggs.entry(key).or_default());
             }
+        }
+    }
+
+    /// Takes one accepted event of the partition in `slot`.
+    #[inline]
+    fn offer(&mut self, slot: u32, ev: &Event) {
+        let kind = match ev.event_type {
+            EventType::AdImpression => {
+                self.on_impression(ev);
+                return;
+            }
+            EventType::AdClick => Kind::Click,
+            EventType::AdConversion => Kind::Conversion,
+            _ => return,
+        };
+        let ts = ev.timestamp.0;
+        let p = Pending {
+            impression: ev.impression_id.as_deref().map(imp_key),
+            campaign: ev.campaign_id.as_deref().map(|c| self.campaigns.intern(c)),
+            device: ev.device.code(),
+            country: ev.country.0,
+            revenue_micros: to_micros(finite_or_zero(ev.revenue)),
+        };
+        let wm = self.last_wm.0;
+        if ts <= wm {
+            // Late: nothing at or before its time is still to come.
+            self.decide(wm, ts, kind, p);
+        } else {
+            self.pending
+                .entry(slot)
+                .or_default()
+                .insert((ts, kind, self.seq), p);
+            self.seq = self.seq.wrapping_add(1);
+        }
+    }
+
+    /// Decides, in pending order, the events of `slot` at or before `upto`,
+    /// against `prev`, the watermark that decides which windows are dropped.
+    fn decide_pending(&mut self, slot: u32, upto: i64, prev: i64) {
+        while let Some(waiting) = self.pending.get_mut(&slot) {
+            let Some(entry) = waiting.first_entry() else {
+                self.pending.remove(&slot);
+                break;
+            };
+            if entry.key().0 > upto {
+                break;
+            }
+            let ((ts, kind, _), p) = entry.remove_entry();
+            self.decide(prev, ts, kind, p);
         }
     }
 
@@ -619,30 +706,18 @@ impl Pipeline for AdsPipeline {
 
     #[inline]
     fn on_event(&mut self, ev: &Event) {
-        let kind = match ev.event_type {
-            EventType::AdImpression => {
-                self.on_impression(ev);
-                return;
-            }
-            EventType::AdClick => Kind::Click,
-            EventType::AdConversion => Kind::Conversion,
-            _ => return,
-        };
-        let ts = ev.timestamp.0;
-        let p = Pending {
-            impression: ev.impression_id.as_deref().map(imp_key),
-            campaign: ev.campaign_id.as_deref().map(|c| self.campaigns.intern(c)),
-            device: ev.device.code(),
-            country: ev.country.0,
-            revenue_micros: to_micros(finite_or_zero(ev.revenue)),
-        };
-        let wm = self.last_wm.0;
-        if ts <= wm {
-            // Late: nothing at or before its time is still to come.
-            self.decide(wm, ts, kind, p);
-        } else {
-            self.pending.insert((ts, kind, self.seq), p);
-            self.seq = self.seq.wrapping_add(1);
+        self.offer(NO_SLOT, ev);
+    }
+
+    fn on_partition_events(&mut self, slot: usize, events: &[&Event], watermarks: &[Watermark]) {
+        let slot = u32::try_from(slot).unwrap_or(NO_SLOT);
+        for (ev, wm) in events.iter().zip(watermarks) {
+            self.offer(slot, ev);
+            // Right after each event, as its partition's watermark moves:
+            // what waits is decided by the partition's own order alone, not
+            // by how far the other partitions happen to have been read.
+            let decided_before = self.last_wm.0;
+            self.decide_pending(slot, wm.0, decided_before);
         }
     }
 
@@ -653,12 +728,10 @@ impl Pipeline for AdsPipeline {
         // pending event is later than it, so its windows were still open then
         // (even if this watermark jumps past their end), and the outcome is the
         // same as with any number of smaller steps (see the module docs).
-        while let Some(entry) = self.pending.first_entry() {
-            if entry.key().0 > wm {
-                break;
-            }
-            let ((ts, kind, _), p) = entry.remove_entry();
-            self.decide(prev, ts, kind, p);
+        let mut next = self.pending.keys().next().copied();
+        while let Some(slot) = next {
+            self.decide_pending(slot, wm, prev);
+            next = (self.pending.range((Excluded(slot), Unbounded)).next()).map(|(&s, _)| s);
         }
         self.last_wm = EventTime(wm);
         let lateness = self.lateness_ms;
@@ -692,7 +765,7 @@ impl Pipeline for AdsPipeline {
         for touches in self.impressions.values().chain(self.clicks.values()) {
             touches.as_slice().iter().for_each(|t| mark(t.campaign));
         }
-        for p in self.pending.values() {
+        for p in self.pending.values().flat_map(BTreeMap::values) {
             p.campaign.into_iter().for_each(&mut mark);
         }
         let mut live: Vec<u32> = (0..self.campaigns.len() as u32)
@@ -739,10 +812,9 @@ impl Pipeline for AdsPipeline {
             windows,
             impressions: touches(&self.impressions),
             clicks: touches(&self.clicks),
-            pending: self
-                .pending
-                .iter()
-                .map(|(k, p)| {
+            pending: (self.pending.iter())
+                .flat_map(|(&slot, waiting)| waiting.iter().map(move |(k, p)| (slot, k, p)))
+                .map(|(slot, k, p)| {
                     let state = (
                         p.impression,
                         p.campaign.map(num),
@@ -750,7 +822,7 @@ impl Pipeline for AdsPipeline {
                         p.country,
                         p.revenue_micros,
                     );
-                    (*k, state)
+                    (slot, *k, state)
                 })
                 .collect(),
             seq: self.seq,
@@ -762,13 +834,20 @@ impl Pipeline for AdsPipeline {
     fn restore(&mut self, state: &[u8]) -> Result<(), ProcessorError> {
         let corrupt =
             |what: String| ProcessorError::CorruptCheckpoint(format!("ads state: {what}"));
-        let state: AdsState = bincode::deserialize(state).map_err(|e| corrupt(e.to_string()))?;
-        if state.version != STATE_VERSION {
-            return Err(corrupt(format!(
-                "encoding version {} (this build reads {STATE_VERSION})",
-                state.version
-            )));
-        }
+        let version: u32 = bincode::deserialize(state).map_err(|e| corrupt(e.to_string()))?;
+        let state: AdsState = match version {
+            STATE_VERSION => bincode::deserialize(state).map_err(|e| corrupt(e.to_string()))?,
+            STATE_VERSION_UNSLOTTED => {
+                bincode::deserialize::<AdsState<(PendingKey, PendingState)>>(state)
+                    .map_err(|e| corrupt(e.to_string()))?
+                    .slotted()
+            }
+            other => {
+                return Err(corrupt(format!(
+                    "encoding version {other} (this build reads {STATE_VERSION_UNSLOTTED} and {STATE_VERSION})"
+                )))
+            }
+        };
         let mut fresh = AdsPipeline::new(self.config());
         let ids: Vec<u32> = state
             .campaigns
@@ -830,9 +909,9 @@ impl Pipeline for AdsPipeline {
                 }
             }
         }
-        for (key, (impression, campaign, device, country, revenue_micros)) in state.pending {
+        for (slot, key, (impression, campaign, device, country, revenue_micros)) in state.pending {
             let campaign = campaign.map(id).transpose()?;
-            fresh.pending.insert(
+            fresh.pending.entry(slot).or_default().insert(
                 key,
                 Pending {
                     impression,
@@ -1172,6 +1251,38 @@ mod tests {
         assert_eq!(int(&out, Tier::Rt, 0, "clicks_unattributed"), Some(0));
         assert_eq!(int(&out, Tier::Rt, 0, "conversions"), Some(1));
         assert_eq!(float(&out, Tier::Rt, 0, "roas"), Some(5.0));
+    }
+
+    #[test]
+    fn a_pending_click_is_decided_by_its_partition_not_by_the_others() {
+        // Partition 0 in arrival order: a click, a later impression that
+        // moves its watermark past the click, then the click's own
+        // impression (late, within the lateness). Whether the worker's other
+        // partition is ahead or behind must not change the outcome.
+        let run = |other_partition_ahead: bool| {
+            let mut p = AdsPipeline::default();
+            let mut out = Vec::new();
+            let (c, later, own) = (
+                click("i1", 10_000),
+                impression("i2", 20_000, 1.0),
+                impression("i1", 9_000, 1.0),
+            );
+            p.on_partition_events(0, &[&c], &[EventTime(5_000)]);
+            p.on_partition_events(0, &[&later], &[EventTime(15_000)]);
+            let combined = if other_partition_ahead { 12_000 } else { 0 };
+            p.on_watermark(EventTime(combined), &mut out);
+            p.on_partition_events(0, &[&own], &[EventTime(15_000)]);
+            p.on_watermark(EventTime(2 * MIN), &mut out);
+            let mut points = Vec::new();
+            for partial in &out {
+                AdsFinisher.finish(partial, &mut points);
+            }
+            points
+        };
+        let (ahead, behind) = (run(true), run(false));
+        assert_eq!(ahead, behind);
+        assert_eq!(int(&ahead, Tier::Rt, 0, "clicks_unattributed"), Some(1));
+        assert_eq!(int(&ahead, Tier::Rt, 0, "clicks"), Some(0));
     }
 
     #[test]

@@ -21,15 +21,17 @@ use serde::{Deserialize, Serialize};
 
 use tidemark_model::keyring::{sealed_key_id, OpenError};
 use tidemark_model::{KeyRing, Watermark};
+use tidemark_model::crash::{self, Place};
 
-use crate::dedup::PartitionDedup;
+use crate::dedup::DedupSnapshot;
 use crate::error::ProcessorError;
 use crate::watermark::{PartitionKey, WatermarkState};
 
 /// File name of the checkpoint inside its directory.
 pub const FILE_NAME: &str = "checkpoint.bin.zst";
 const TMP_NAME: &str = "checkpoint.bin.zst.tmp";
-const ZSTD_LEVEL: i32 = 3;
+// Most of the state is hashes, which do not compress: the fastest level.
+const ZSTD_LEVEL: i32 = 1;
 const MAGIC: &[u8; 4] = b"TDC1";
 const MAGIC_SEALED: &[u8; 4] = b"TDE1";
 const AAD: &[u8] = b"tidemark checkpoint";
@@ -43,7 +45,7 @@ pub struct Checkpoint {
     /// Next offset to read, per (topic, partition).
     pub offsets: NextOffsets,
     pub watermarks: WatermarkState,
-    pub dedup: BTreeMap<PartitionKey, PartitionDedup>,
+    pub dedup: BTreeMap<PartitionKey, DedupSnapshot>,
     /// The worker's watermark when the checkpoint was taken.
     pub last_watermark: Watermark,
     /// (pipeline name, [`crate::pipeline::Pipeline::snapshot`]).
@@ -79,6 +81,7 @@ pub fn save_keyed<T: Serialize>(
         let mut f = File::create(&tmp)?;
         f.write_all(if keys.is_some() { MAGIC_SEALED } else { MAGIC })?;
         f.write_all(&crc32fast::hash(&compressed).to_le_bytes())?;
+        crash::point(Place::Checkpoint);
         f.write_all(&compressed)?;
         f.sync_all()?;
     }
@@ -198,6 +201,7 @@ pub(crate) fn check_worker_count(taken_with: usize, runs: usize) -> Result<(), P
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dedup::PartitionDedup;
     use tidemark_model::EventTime;
 
     #[test]
@@ -210,12 +214,12 @@ mod tests {
             .insert(("user-events".into(), 3), EventTime(1_000));
         let mut d = PartitionDedup::new();
         d.check_and_insert("e1", EventTime(1_000));
-        cp.dedup.insert(("user-events".into(), 3), d);
+        cp.dedup.insert(("user-events".into(), 3), d.snapshot());
         cp.pipelines.push(("traffic".into(), vec![1, 2, 3]));
         save(dir.path(), &cp).unwrap();
         let back: Checkpoint = load(dir.path()).unwrap().unwrap();
         assert_eq!(back, cp);
-        let mut d = back.dedup[&("user-events".to_string(), 3)].clone();
+        let mut d = PartitionDedup::from(back.dedup[&("user-events".to_string(), 3)].clone());
         assert!(!d.check_and_insert("e1", EventTime(1_000)));
 
         cp.offsets.insert(("user-events".into(), 3), 43);
@@ -235,7 +239,7 @@ mod tests {
         let mut cp = Checkpoint::default();
         let mut d = PartitionDedup::new();
         d.check_and_insert("event-id-secret", EventTime(1_000));
-        cp.dedup.insert(("user-events".into(), 0), d);
+        cp.dedup.insert(("user-events".into(), 0), d.snapshot());
         save_keyed(dir.path(), &cp, Some(&k1)).unwrap();
         let bytes = fs::read(path(dir.path())).unwrap();
         assert_eq!(&bytes[..4], MAGIC_SEALED);

@@ -17,19 +17,22 @@ const BUCKET_MS: i64 = 60_000;
 
 /// The event ids seen recently on one partition.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(from = "DedupState", into = "DedupState")]
+#[serde(from = "DedupSnapshot", into = "DedupSnapshot")]
 pub struct PartitionDedup {
     seen: FxHashSet<u64>,
     buckets: BTreeMap<i64, Vec<u64>>,
 }
 
-#[derive(Serialize, Deserialize)]
-struct DedupState {
+/// What a checkpoint keeps of a [`PartitionDedup`]: the buckets alone, from
+/// which the set is rebuilt. Taking one copies plain vectors, a fraction of
+/// cloning the set, while the worker waits at its barrier.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DedupSnapshot {
     buckets: BTreeMap<i64, Vec<u64>>,
 }
 
-impl From<DedupState> for PartitionDedup {
-    fn from(s: DedupState) -> Self {
+impl From<DedupSnapshot> for PartitionDedup {
+    fn from(s: DedupSnapshot) -> Self {
         let seen = s.buckets.values().flatten().copied().collect();
         PartitionDedup {
             seen,
@@ -38,15 +41,22 @@ impl From<DedupState> for PartitionDedup {
     }
 }
 
-impl From<PartitionDedup> for DedupState {
+impl From<PartitionDedup> for DedupSnapshot {
     fn from(d: PartitionDedup) -> Self {
-        DedupState { buckets: d.buckets }
+        DedupSnapshot { buckets: d.buckets }
     }
 }
 
 impl PartitionDedup {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The ids remembered now, for a checkpoint.
+    pub fn snapshot(&self) -> DedupSnapshot {
+        DedupSnapshot {
+            buckets: self.buckets.clone(),
+        }
     }
 
     /// Records `event_id` at event time `ts`; `true` if it is new, `false` if

@@ -519,6 +519,8 @@ pub(crate) struct Combining {
     newest_received_at: EventTime,
     lag: LagProbe,
     global_wm: Arc<AtomicI64>,
+    /// The checkpoint being written, while the workers go on.
+    saving: Option<tokio::task::JoinHandle<Result<(), ProcessorError>>>,
 }
 
 /// Whether to go on after handling a message.
@@ -546,6 +548,7 @@ impl Combining {
             log,
             newest_received_at: EventTime::MIN,
             global_wm,
+            saving: None,
         }
     }
 
@@ -660,7 +663,9 @@ impl Combining {
 
     /// Asks every worker for a barrier, handles what they sent before it,
     /// then flushes the sink and saves everything; `then` tells the workers
-    /// what to do next.
+    /// what to do next. Resumed, they go on at once and the flush and the
+    /// write run on a task of their own (one at a time); stopped, the write
+    /// is done before this returns.
     async fn checkpoint(
         &mut self,
         config: &DriverConfig,
@@ -669,6 +674,19 @@ impl Combining {
         then: ToWorker,
         cancel: &CancellationToken,
     ) -> Result<Flow, ProcessorError> {
+        let stopping = matches!(then, ToWorker::Stop);
+        if let Some(saving) = self.saving.take() {
+            if !saving.is_finished() && !stopping {
+                // Still writing the last one: this tick is skipped, so the
+                // interval stretches to what a write takes instead of
+                // writes piling up behind each other.
+                self.saving = Some(saving);
+                return Ok(Flow::Continue);
+            }
+            saving
+                .await
+                .map_err(|e| ProcessorError::Io(std::io::Error::other(e)))??;
+        }
         let mut barriers: Vec<Option<Checkpoint>> = vec![None; commands.len()];
         let mut asked = 0;
         for c in commands {
@@ -701,6 +719,24 @@ impl Combining {
             }),
             false => None,
         };
+        if !stopping {
+            // The state and offsets are taken: the workers go on while
+            // the sink flushes what came before the barrier and the state
+            // is written.
+            for c in commands {
+                let _ = c.send(then);
+            }
+            let (dir, keys, sink, metrics) = (
+                config.checkpoint_dir.clone(),
+                config.checkpoint_keys.clone(),
+                self.sink.clone(),
+                self.metrics.clone(),
+            );
+            self.saving = Some(tokio::spawn(async move {
+                write_checkpoint(dir, keys, cp, sink.as_ref(), &metrics).await
+            }));
+            return Ok(Flow::Continue);
+        }
         let saved = write_checkpoint(
             config.checkpoint_dir.clone(),
             config.checkpoint_keys.clone(),

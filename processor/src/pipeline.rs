@@ -31,6 +31,18 @@ pub trait Pipeline: Send {
         }
     }
 
+    /// Adds a run of accepted events of one partition (`slot` in the
+    /// worker), each with that partition's watermark right after it: the
+    /// same as `on_events`, for pipelines whose decisions do not wait for
+    /// the watermark. A pipeline that holds an event until the watermark
+    /// passes it decides by these, so that its outcome depends on each
+    /// partition's own order only, never on how the partitions of a worker
+    /// were interleaved (which differs between live, a restart and replay).
+    fn on_partition_events(&mut self, slot: usize, events: &[&Event], watermarks: &[Watermark]) {
+        let _ = (slot, watermarks);
+        self.on_events(events);
+    }
+
     /// Emits the partial of every window whose end is at or before `wm` and
     /// was not emitted yet or changed since, and forgets windows that can no
     /// longer receive events. `WindowId::pipeline` is set by the caller.

@@ -69,6 +69,8 @@ pub struct Worker {
     newest_event_time: EventTime,
     /// Event-id hashes of the batch being admitted (kept for its allocation).
     id_hashes: Vec<u64>,
+    /// Reused per batch: the partition's watermark after each accepted event.
+    accepted_watermarks: Vec<Watermark>,
 }
 
 impl std::fmt::Debug for dyn Pipeline {
@@ -89,6 +91,7 @@ impl Worker {
             newest_received_at: EventTime::MIN,
             newest_event_time: EventTime::MIN,
             id_hashes: Vec::new(),
+            accepted_watermarks: Vec::new(),
         }
     }
 
@@ -131,8 +134,9 @@ impl Worker {
         self.check_slot(slot)?;
         let outcome = self.admit(slot, ev, PartitionDedup::hash(&ev.event_id));
         if outcome == Outcome::Accepted {
+            let watermark = [self.wms.partition_watermark(slot)];
             for p in &mut self.pipelines {
-                p.on_event(ev);
+                p.on_partition_events(slot, &[ev], &watermark);
             }
         }
         Ok(outcome)
@@ -162,17 +166,21 @@ impl Worker {
         hashes.extend(events.iter().map(|ev| PartitionDedup::hash(&ev.event_id)));
         self.dedup[slot].warm(&hashes);
         let mut accepted = Vec::with_capacity(events.len());
+        let mut watermarks = std::mem::take(&mut self.accepted_watermarks);
+        watermarks.clear();
         for (ev, &h) in events.iter().zip(&hashes) {
             let outcome = self.admit(slot, ev, h);
             if outcome == Outcome::Accepted {
                 accepted.push(ev);
+                watermarks.push(self.wms.partition_watermark(slot));
             }
             outcomes.push(outcome);
         }
         self.id_hashes = hashes;
         for p in &mut self.pipelines {
-            p.on_events(&accepted);
+            p.on_partition_events(slot, &accepted, &watermarks);
         }
+        self.accepted_watermarks = watermarks;
         Ok(())
     }
 
@@ -280,7 +288,12 @@ impl Worker {
         offsets: BTreeMap<(String, u32), u64>,
     ) -> Result<Checkpoint, ProcessorError> {
         let dedup = (0..self.wms.len())
-            .filter_map(|slot| Some((self.wms.key(slot)?.clone(), self.dedup.get(slot)?.clone())))
+            .filter_map(|slot| {
+                Some((
+                    self.wms.key(slot)?.clone(),
+                    self.dedup.get(slot)?.snapshot(),
+                ))
+            })
             .collect();
         let pipelines = (self.pipelines.iter())
             .map(|p| Ok((p.name().to_string(), p.snapshot()?)))
@@ -300,7 +313,12 @@ impl Worker {
         self.last_combined = cp.last_watermark;
         for slot in 0..self.wms.len() {
             if let (Some(key), Some(d)) = (self.wms.key(slot), self.dedup.get_mut(slot)) {
-                *d = cp.dedup.get(key).cloned().unwrap_or_default();
+                *d = cp
+                    .dedup
+                    .get(key)
+                    .cloned()
+                    .map(Into::into)
+                    .unwrap_or_default();
             }
         }
         for p in &mut self.pipelines {

@@ -35,6 +35,7 @@ use serde::{Deserialize, Serialize};
 use tidemark_log::{Log, LogError, Position, Record, StoredRecord};
 use tidemark_model::keyring::{sealed_key_id, OpenError};
 use tidemark_model::{EventTime, KeyRing};
+use tidemark_model::crash::{self, Place};
 
 use crate::ReplayError;
 
@@ -163,7 +164,10 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     {
         let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
+        let (head, tail) = bytes.split_at(bytes.len() / 2);
+        f.write_all(head)?;
+        crash::point(Place::Archive);
+        f.write_all(tail)?;
         f.sync_all()?;
     }
     std::fs::rename(&tmp, path)?;

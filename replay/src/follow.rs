@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use tidemark_log::{Log, LogError, Position, Record, StoredRecord};
+use tidemark_model::crash::{self, Place};
 use tidemark_model::{EventTime, Point, Update};
 use tidemark_processor::driver::{
     run_driver, BoxFuture, DriverConfig, PointSink, ProcessorMetrics,
@@ -92,12 +93,18 @@ impl PointSink for FromSink {
             if kept.is_empty() {
                 return Ok(());
             }
+            crash::point(Place::Follow);
             Ok(self.writer.send(kept).await?)
         })
     }
 
     fn flush(&self) -> BoxFuture<'_, Result<(), ProcessorError>> {
-        Box::pin(async move { Ok(self.writer.flush().await?) })
+        Box::pin(async move {
+            self.writer.flush().await?;
+            // A checkpoint is next: a kill here leaves the store ahead of it.
+            crash::point(Place::Follow);
+            Ok(())
+        })
     }
 }
 

@@ -94,6 +94,8 @@ pub struct Tidemark {
     pub port: u16,
     pub data_dir: PathBuf,
     extra_args: Vec<String>,
+    /// Environment of the next start, beyond the test's own.
+    env: Vec<(String, String)>,
     /// An admin service token of the data folder's users file.
     pub token: String,
 }
@@ -108,9 +110,12 @@ impl Tidemark {
             port,
             data_dir: data_dir.to_path_buf(),
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
             token: create_token(&["--data-dir", &data_dir.display().to_string()]),
         };
-        t.spawn().await;
+        t.spawn()
+            .await
+            .unwrap_or_else(|status| panic!("tidemark exited before it became healthy: {status}"));
         t
     }
 
@@ -123,8 +128,9 @@ impl Tidemark {
         .await
     }
 
-    async fn spawn(&mut self) {
-        let child = Command::new(tidemark_bin())
+    fn command(&self) -> Command {
+        let mut command = Command::new(tidemark_bin());
+        command
             .arg("run")
             .arg("--listen")
             .arg(format!("127.0.0.1:{}", self.port))
@@ -134,21 +140,35 @@ impl Tidemark {
             .arg(API_KEY)
             .args(&self.extra_args)
             .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("tidemark starts");
-        self.child = Some(child);
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null());
+        command
+    }
+
+    /// Starts the process and waits until it is healthy, or has ended.
+    async fn spawn(&mut self) -> Result<(), std::process::ExitStatus> {
+        self.child = Some(self.command().spawn().expect("tidemark starts"));
+        self.healthy_or_exited().await
+    }
+
+    /// Waits until the process answers its health check, or ends.
+    async fn healthy_or_exited(&mut self) -> Result<(), std::process::ExitStatus> {
         let client = reqwest::Client::new();
         let health = format!("{}/api/v1/health", self.base);
-        wait_until(
-            "tidemark to become healthy",
-            Duration::from_secs(30),
-            || {
-                let request = client.get(&health).send();
-                async move { matches!(request.await, Ok(r) if r.status().is_success()) }
-            },
-        )
-        .await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if matches!(client.get(&health).send().await, Ok(r) if r.status().is_success()) {
+                return Ok(());
+            }
+            if let Some(status) = self.exit_status() {
+                return Err(status);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tidemark did not become healthy within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Kills the process with SIGKILL (no shutdown, no final checkpoint).
@@ -171,8 +191,16 @@ impl Tidemark {
 
     /// Starts again on the same port and data folder.
     pub async fn restart(&mut self) {
+        self.try_restart()
+            .await
+            .unwrap_or_else(|status| panic!("tidemark exited before it became healthy: {status}"));
+    }
+
+    /// Starts again like [`restart`](Self::restart), and returns how the
+    /// process ended if it did before it became healthy.
+    pub async fn try_restart(&mut self) -> Result<(), std::process::ExitStatus> {
         self.kill();
-        self.spawn().await;
+        self.spawn().await
     }
 
     /// Whether the process is still running.
@@ -180,17 +208,38 @@ impl Tidemark {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
 
-    /// Posts events (a JSON array) and returns status and reply.
-    pub async fn post(&self, events: &[Value]) -> (u16, Value) {
+    /// How the process ended, once it has.
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Sets (or with `None` removes) an environment variable for the next
+    /// [`restart`](Self::restart).
+    pub fn set_env(&mut self, key: &str, value: Option<String>) {
+        self.env.retain(|(k, _)| k != key);
+        if let Some(value) = value {
+            self.env.push((key.to_string(), value));
+        }
+    }
+
+    /// Posts events like [`post`](Self::post), and returns the transport
+    /// error when no answer came (the process died, say).
+    pub async fn try_post(&self, events: &[Value]) -> Result<(u16, Value), reqwest::Error> {
         let reply = reqwest::Client::new()
             .post(format!("{}/v1/events", self.base))
             .bearer_auth(API_KEY)
             .json(events)
             .send()
-            .await
-            .expect("ingest reachable");
+            .await?;
         let status = reply.status().as_u16();
-        (status, reply.json().await.unwrap_or(Value::Null))
+        Ok((status, reply.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// Posts events (a JSON array) and returns status and reply.
+    pub async fn post(&self, events: &[Value]) -> (u16, Value) {
+        self.try_post(events).await.expect("ingest reachable")
     }
 
     /// GET a JSON API path.
@@ -387,4 +436,30 @@ pub fn metric_value(text: &str, name: &str, label: &str) -> f64 {
         .filter(|l| !l.starts_with('#') && l.starts_with(name) && l.contains(label))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// A random test's seed: `var` if set (to repeat a run), else the clock.
+pub fn seed_from_env(var: &str) -> u64 {
+    std::env::var(var)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        })
+}
+
+/// The stored points of every pipeline whose windows lie inside the hour
+/// starting at `hour`, from the SQLite store at `path`.
+pub async fn hour_points(path: &Path, hour: i64) -> Vec<tidemark_model::Point> {
+    let store = tidemark_tsdb_writer::sqlite::SqliteStore::open(path).unwrap();
+    let measurements = ["traffic", "active_users", "engagement", "trending", "ads"];
+    let (from, to) = (
+        tidemark_model::EventTime(hour),
+        tidemark_model::EventTime(hour + 3_600_000),
+    );
+    tidemark_replay::verify::stored_points(&store, &measurements, from, to)
+        .await
+        .unwrap()
 }

@@ -44,16 +44,7 @@ fn budget() -> Duration {
 /// The run's seed: `TIDEMARK_FUZZ_SEED`, or the clock.
 fn seed() -> u64 {
     static SEED: OnceLock<u64> = OnceLock::new();
-    *SEED.get_or_init(|| {
-        std::env::var("TIDEMARK_FUZZ_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(1, |d| d.as_nanos() as u64)
-            })
-    })
+    *SEED.get_or_init(|| tidemark_tests::seed_from_env("TIDEMARK_FUZZ_SEED"))
 }
 
 /// Runs `check` on values of `strategy` until the budget is spent, in
@@ -418,7 +409,7 @@ fn a_corrupt_checkpoint_is_an_error_never_another_state() {
             for id in &ids {
                 dedup.check_and_insert(id, EventTime(NOW));
             }
-            cp.dedup.insert(("user-events".into(), 0), dedup);
+            cp.dedup.insert(("user-events".into(), 0), dedup.snapshot());
             let dir = tempfile::tempdir().expect("temp dir");
             checkpoint::save(dir.path(), &cp).expect("save");
             let file = checkpoint::path(dir.path());

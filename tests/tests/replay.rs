@@ -14,8 +14,8 @@ use serde_json::Value;
 use tidemark_tests::services::OverviewClient;
 use tidemark_tests::workload::Workload;
 use tidemark_tests::{
-    post_and_settle, replay, replay_summary, settle, settle_at, tidemark_bin, InfluxServer,
-    Tidemark,
+    hour_points, post_and_settle, replay, replay_summary, settle, settle_at, tidemark_bin,
+    InfluxServer, Tidemark,
 };
 
 const HOUR: i64 = 3_600_000;
@@ -565,19 +565,6 @@ impl Drop for Follower {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// The points of every pipeline whose windows lie inside the workload's hour.
-async fn hour_points(path: &Path, hour: i64) -> Vec<tidemark_model::Point> {
-    let store = tidemark_tsdb_writer::sqlite::SqliteStore::open(path).unwrap();
-    let measurements = ["traffic", "active_users", "engagement", "trending", "ads"];
-    let (from, to) = (
-        tidemark_model::EventTime(hour),
-        tidemark_model::EventTime(hour + HOUR),
-    );
-    tidemark_replay::verify::stored_points(&store, &measurements, from, to)
-        .await
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde_json::{Map, Value};
+use tidemark_model::crash::{self, Place};
 use tidemark_model::{EventTime, FieldValue, Point, Tier};
 
 use crate::{Aggregator, GroupId, MetricQuery, Series, Store, StoreError};
@@ -413,6 +414,7 @@ impl Store for SqliteStore {
             let tx = inner.conn.transaction().map_err(io_error)?;
             let mut fresh = NewSeries::default();
             write_points(&tx, &inner.series, &mut fresh, &points)?;
+            crash::point(Place::StoreWrite);
             tx.commit().map_err(io_error)?;
             fresh.commit_into(&mut inner.series);
             Ok(())

@@ -1,120 +1,46 @@
-import { useCallback, useEffect, useMemo, useRef, useState } from 'react';
-import { HistoryChart } from './Chart';
-import {
-  elapsedSeconds,
-  fetchLastHour,
-  mergeHistory,
-  mergeLive,
-  type WireWindow,
-  type Windows,
-  type MinuteWindow,
-} from './data';
-import { useOverview, type Status } from './live';
-import { logout, type Session } from './auth';
+// The signed-in dashboard: the header with the pages the role may open, the
+// connection badge and the account, and the page the path names.
+import { useEffect } from 'react';
 import { countDashboardView } from './analytics';
+import { logout, type Session } from './auth';
+import { useChannel, useConnectionStatus } from './live';
+import { Admin } from './pages/Admin';
+import { Ads } from './pages/Ads';
+import { Campaign } from './pages/Campaign';
+import { Engagement } from './pages/Engagement';
+import { Overview } from './pages/Overview';
+import { Query } from './pages/Query';
+import { Trending } from './pages/Trending';
+import { mayOpen, pageOf, PAGES } from './roles';
+import { followLink, usePath } from './router';
+import { NotAllowed, NotFound, StatusBadge } from './ui';
 
-interface RateSample {
-  start: number;
-  total: number;
-  at: number;
-}
-
-const number = Intl.NumberFormat('en', { maximumFractionDigits: 1 });
-
-function StatusBadge({ status }: { status: Status }) {
-  const label =
-    status.kind === 'live'
-      ? 'live'
-      : status.kind === 'connecting'
-        ? 'connecting…'
-        : `reconnecting in ${status.inSeconds}s`;
-  return (
-    <span className={`status status-${status.kind}`} data-testid="ws-status" data-status={status.kind}>
-      <span className="dot" aria-hidden="true" />
-      {label}
-    </span>
-  );
-}
-
-function useNow(intervalMs: number): number {
-  const [now, setNow] = useState(() => Date.now());
-  useEffect(() => {
-    const id = window.setInterval(() => setNow(Date.now()), intervalMs);
-    return () => window.clearInterval(id);
-  }, [intervalMs]);
-  return now;
+function PageFor({ path }: { path: string }) {
+  if (path === '/') return <Overview />;
+  if (path === '/trending') return <Trending />;
+  if (path === '/ads') return <Ads />;
+  if (path === '/engagement') return <Engagement />;
+  if (path === '/query') return <Query />;
+  if (path === '/admin') return <Admin />;
+  if (path.startsWith('/ads/')) return <Campaign id={decodeURIComponent(path.slice('/ads/'.length))} />;
+  return <NotFound />;
 }
 
 export function App({ session }: { session: Session }) {
-  const [windows, setWindows] = useState<Windows>(() => new Map());
-  const [rate, setRate] = useState<number | null>(null);
-  const [historyError, setHistoryError] = useState<string | null>(null);
-  const lastSample = useRef<RateSample | null>(null);
-  const now = useNow(1000);
-  // Per user, not per session object: a token refresh is not a new view.
+  const path = usePath();
+  // The shell follows the (light) alerts channel, so the socket, and the
+  // badge saying how it is, stay up on pages that follow no channel of
+  // their own (Query, Admin) and between pages.
+  useChannel('alerts', () => {});
+  const status = useConnectionStatus();
+  const page = pageOf(path);
+  // Per user and page, not per session object: a token refresh is not a new view.
   useEffect(() => {
     void countDashboardView(session.name);
-  }, [session.name]);
-
-  // The merged windows also live in a ref so both sources merge into the
-  // latest value without side effects inside state updaters.
-  const windowsRef = useRef<Windows>(new Map());
-  const publish = (next: Windows) => {
-    windowsRef.current = next;
-    setWindows(next);
-  };
-
-  const onWindows = useCallback((incoming: WireWindow[]) => {
-    const at = Date.now();
-    const next = mergeLive(windowsRef.current, incoming, at);
-    publish(next);
-    const newest = [...next.values()].reduce<MinuteWindow | null>(
-      (a, w) => (a === null || w.start > a.start ? w : a),
-      null,
-    );
-    if (!newest) return;
-    // Events/s from successive values of the open window; the first value of
-    // a window only gives its average so far.
-    const prev = lastSample.current;
-    if (!prev || prev.start !== newest.start) {
-      setRate(newest.total / elapsedSeconds(newest.start, at));
-      lastSample.current = { start: newest.start, total: newest.total, at };
-    } else if (at - prev.at >= 250) {
-      if (newest.total >= prev.total) setRate((newest.total - prev.total) / ((at - prev.at) / 1000));
-      lastSample.current = { start: newest.start, total: newest.total, at };
-    }
-  }, []);
-
-  const status = useOverview(onWindows);
-
+  }, [session.name, path]);
   useEffect(() => {
-    let cancelled = false;
-    Promise.all([fetchLastHour('traffic', 'events'), fetchLastHour('active_users', 'users')])
-      .then(([totals, users]) => {
-        if (!cancelled) publish(mergeHistory(windowsRef.current, totals, users, Date.now()));
-      })
-      .catch((e: unknown) => {
-        if (!cancelled) setHistoryError(e instanceof Error ? e.message : String(e));
-      });
-    return () => {
-      cancelled = true;
-    };
-  }, []);
-
-  const sorted = useMemo(() => [...windows.values()].sort((a, b) => a.start - b.start), [windows]);
-  const current = sorted.length > 0 ? sorted[sorted.length - 1] : null;
-  const elapsed = current ? elapsedSeconds(current.start, now) : 1;
-  const types = current
-    ? Object.entries(current.traffic).sort((a, b) => b[1] - a[1] || a[0].localeCompare(b[0]))
-    : [];
-  const maxTypeCount = Math.max(1, ...types.map(([, c]) => c));
-  // A rate from an update older than a few seconds says nothing about now.
-  const stale = lastSample.current === null || now - lastSample.current.at > 5000;
-  const liveRate = current === null ? null : stale ? current.total / elapsed : rate;
-  // Each type's share of this minute's events, applied to the live rate, so
-  // the rows add up to the headline figure.
-  const typeRate = (count: number) =>
-    current && current.total > 0 && liveRate !== null ? (liveRate * count) / current.total : count / elapsed;
+    document.title = `tidemark — ${page?.title ?? 'live'}`;
+  }, [page]);
 
   return (
     <div className="page">
@@ -132,58 +58,16 @@ export function App({ session }: { session: Session }) {
           </button>
         </div>
       </header>
-
-      <section className="cards">
-        <div className="card">
-          <div className="label">Events / s</div>
-          <div className="value" data-testid="events-per-sec">
-            {liveRate === null ? '–' : number.format(liveRate)}
-          </div>
-          <div className="hint">
-            {current ? `${number.format(current.total)} events this minute` : 'waiting for data'}
-          </div>
-        </div>
-        <div className="card">
-          <div className="label">Unique users</div>
-          <div className="value" data-testid="unique-users">
-            {current ? number.format(current.activeUsers) : '–'}
-          </div>
-          <div className="hint">active in the current minute</div>
-        </div>
-        <div className="card wide">
-          <div className="label">Events / s by type</div>
-          <table className="types" data-testid="type-table">
-            <tbody>
-              {types.length === 0 && (
-                <tr>
-                  <td className="dim">no events yet</td>
-                </tr>
-              )}
-              {types.map(([type, count]) => (
-                <tr key={type} data-event-type={type}>
-                  <td className="type">{type}</td>
-                  <td className="bar-cell">
-                    <div className="bar" style={{ width: `${(count / maxTypeCount) * 100}%` }} />
-                  </td>
-                  <td className="num">{number.format(typeRate(count))}</td>
-                </tr>
-              ))}
-            </tbody>
-          </table>
-        </div>
-      </section>
-
-      <section className="card chart-card" data-testid="history-chart">
-        <div className="chart-head">
-          <div className="label">Last hour, per minute</div>
-          <div className="legend">
-            <span className="key events">events</span>
-            <span className="key users">active users</span>
-          </div>
-        </div>
-        <HistoryChart windows={sorted} now={now} />
-        {historyError && <div className="hint error">history unavailable: {historyError}</div>}
-      </section>
+      <nav className="tabs" aria-label="Pages">
+        {PAGES.filter((p) => mayOpen(session.role, p)).map((p) => (
+          <a key={p.path} href={p.path} onClick={followLink} aria-current={page === p ? 'page' : undefined}>
+            {p.title}
+          </a>
+        ))}
+      </nav>
+      <main>
+        {page && !mayOpen(session.role, page) ? <NotAllowed title={page.title} /> : <PageFor path={path} />}
+      </main>
     </div>
   );
 }

@@ -103,6 +103,11 @@ export async function authFetch(input: string, init: RequestInit = {}): Promise<
   return response;
 }
 
+/** Calls `listener` on every sign-in, refresh and sign-out. */
+export function onSessionChange(listener: () => void): () => void {
+  return subscribe(listener);
+}
+
 function subscribe(listener: () => void): () => void {
   listeners.add(listener);
   return () => listeners.delete(listener);
