@@ -60,6 +60,18 @@ impl InfluxServer {
     }
 
     fn start_with(tls: Option<(&Path, &Path)>) -> Result<InfluxServer, String> {
+        // A free port can be taken by another process between the probe and
+        // influxd's bind (tests run in parallel): try fresh ports then.
+        let mut attempts = 0;
+        loop {
+            match InfluxServer::start_on_free_ports(tls) {
+                Err(e) if e.contains("address already in use") && attempts < 4 => attempts += 1,
+                result => return result,
+            }
+        }
+    }
+
+    fn start_on_free_ports(tls: Option<(&Path, &Path)>) -> Result<InfluxServer, String> {
         let dir =
             tempfile::tempdir().map_err(|e| format!("cannot create a temporary directory: {e}"))?;
         let http_port = free_port()?;
