@@ -40,8 +40,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use tidemark_model::keyring::{sealed_key_id, OpenError, SEAL_PREFIX};
 use tidemark_model::crash::{self, Place};
+use tidemark_model::keyring::{sealed_key_id, OpenError, SEAL_PREFIX};
 use tidemark_model::topic::partition_for_key;
 use tidemark_model::{EventTime, KeyRing};
 

@@ -19,9 +19,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use tidemark_model::crash::{self, Place};
 use tidemark_model::keyring::{sealed_key_id, OpenError};
 use tidemark_model::{KeyRing, Watermark};
-use tidemark_model::crash::{self, Place};
 
 use crate::dedup::DedupSnapshot;
 use crate::error::ProcessorError;

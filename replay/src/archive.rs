@@ -33,9 +33,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tidemark_log::{Log, LogError, Position, Record, StoredRecord};
+use tidemark_model::crash::{self, Place};
 use tidemark_model::keyring::{sealed_key_id, OpenError};
 use tidemark_model::{EventTime, KeyRing};
-use tidemark_model::crash::{self, Place};
 
 use crate::ReplayError;
 
