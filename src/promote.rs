@@ -9,8 +9,11 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::Args;
+use tidemark_model::EventTime;
 use tidemark_tsdb_writer::target::check_name;
-use tidemark_ws_server::serving_file::{read_serving, write_serving, Serving};
+use tidemark_ws_server::serving_file::{
+    read_serving, write_serving, Serving, ServingAction, ServingChange,
+};
 
 use crate::args::InfluxArgs;
 
@@ -37,14 +40,12 @@ pub async fn run(args: PromoteArgs) -> anyhow::Result<()> {
     let serving_now = current
         .as_ref()
         .map_or_else(|| live.clone(), |s| s.database.clone());
-    let next = if args.rollback {
+    let (action, database) = if args.rollback {
         let previous = current
-            .and_then(|s| s.previous)
+            .as_ref()
+            .and_then(|s| s.previous.clone())
             .context("nothing to roll back: no database was promoted")?;
-        Serving {
-            database: previous,
-            previous: Some(serving_now),
-        }
+        (ServingAction::Rollback, previous)
     } else {
         let database = args.database.unwrap_or_default();
         check_name(&database)?;
@@ -57,11 +58,20 @@ pub async fn run(args: PromoteArgs) -> anyhow::Result<()> {
             "no database {database} ({})",
             target.describe(&database)
         );
-        Serving {
-            database,
-            previous: Some(serving_now),
-        }
+        (ServingAction::Promote, database)
     };
+    let change = ServingChange {
+        time: EventTime::now().to_rfc3339(),
+        action,
+        database,
+        previous: serving_now,
+        // Named as the audit log names command-line actors.
+        by: format!(
+            "cli:{}",
+            std::env::var("USER").unwrap_or_else(|_| "unknown".into())
+        ),
+    };
+    let next = Serving::switched(current, change);
     write_serving(&args.data_dir, &next).with_context(|| {
         format!(
             "cannot record the served database in {}",

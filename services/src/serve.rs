@@ -140,6 +140,7 @@ pub async fn run(
     if let Some(dir) = &args.data_dir {
         // `tidemark promote` switches every serve that shares the folder.
         let target = args.influx.target(dir);
+        server.set_serving_dir(dir.clone());
         tidemark_ws_server::serving_file::sync_serving(dir, &target, &live, &server);
         tasks.push(tokio::spawn(
             tidemark_ws_server::serving_file::follow_serving(

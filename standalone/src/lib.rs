@@ -170,6 +170,7 @@ pub async fn run(
     let target = config.store.clone();
     let live = (target.live_database().to_string(), store.clone());
     server.set_live_database(&live.0);
+    server.set_serving_dir(config.data_dir.clone());
     tidemark_ws_server::serving_file::sync_serving(&config.data_dir, &target, &live, &server);
     tokio::spawn(tidemark_ws_server::serving_file::follow_serving(
         config.data_dir.clone(),

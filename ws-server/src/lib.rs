@@ -288,6 +288,8 @@ pub struct ServerState {
     hot_points: Arc<hot::HotPoints>,
     /// See [`ServerState::set_dashboard_ingest_key`].
     dashboard_ingest_key: std::sync::OnceLock<String>,
+    /// See [`ServerState::set_serving_dir`].
+    serving_dir: std::sync::OnceLock<PathBuf>,
 }
 
 impl ServerState {
@@ -334,6 +336,7 @@ impl ServerState {
             query_turns: tokio::sync::Semaphore::new(query::CONCURRENT_QUERIES),
             hot_points,
             dashboard_ingest_key: std::sync::OnceLock::new(),
+            serving_dir: std::sync::OnceLock::new(),
         }
     }
 
@@ -390,6 +393,18 @@ impl ServerState {
     /// are ignored.
     pub fn set_dashboard_ingest_key(&self, key: String) {
         let _ = self.dashboard_ingest_key.set(key);
+    }
+
+    /// Names the folder whose [`serving_file`] this server follows, so
+    /// `GET /api/v1/serving/history` can read its promotes and rollbacks.
+    /// Without one the history is empty. Set once; later calls are ignored.
+    pub fn set_serving_dir(&self, dir: PathBuf) {
+        let _ = self.serving_dir.set(dir);
+    }
+
+    /// See [`ServerState::set_serving_dir`].
+    pub(crate) fn serving_dir(&self) -> Option<&std::path::Path> {
+        self.serving_dir.get().map(PathBuf::as_path)
     }
 
     pub fn set_live_database(&self, name: &str) {
@@ -647,6 +662,16 @@ pub fn router_and_routes(state: Arc<ServerState>) -> (Router, Vec<Route>) {
                 &[],
             ),
             a::serving,
+        )
+        .add(
+            route(
+                Get,
+                "/api/v1/serving/history",
+                Some(ReadOperations),
+                "Every promote and rollback of the served database, newest first",
+                &[],
+            ),
+            a::serving_history,
         )
         // The socket authenticates in its first message or on the upgrade,
         // and each subscription by channel.

@@ -73,6 +73,7 @@ fn server() -> Server {
         None,
         access,
     ));
+    state.set_serving_dir(dir.path().to_path_buf());
     Server { state, dir }
 }
 
@@ -214,6 +215,7 @@ fn cases() -> Vec<Case> {
         case(Method::DELETE, "/api/v1/tokens/{id}", ManageUsers, None),
         case(Method::GET, "/api/v1/audit", ReadAudit, None),
         case(Method::GET, "/api/v1/serving", ReadOperations, None),
+        case(Method::GET, "/api/v1/serving/history", ReadOperations, None),
         case(Method::GET, "/api/v1/sdk", ReadMetrics, None),
     ]
 }
@@ -551,4 +553,71 @@ async fn admin_actions_are_audited_and_an_edited_line_breaks_the_chain() {
         audit::verify(&path).unwrap(),
         Err(ChainError::Broken { .. })
     ));
+}
+
+#[tokio::test]
+async fn the_serving_history_lists_promotes_and_rollbacks_newest_first() {
+    use tidemark_ws_server::serving_file::{
+        write_serving, Serving, ServingAction, ServingChange, SERVING_FILE,
+    };
+    let server = server();
+    let (_, tokens) = server.login("admin", PASSWORD).await;
+    let admin = tokens["access_token"].as_str().unwrap();
+    let history = || server.call(Method::GET, "/api/v1/serving/history", Some(admin), None);
+
+    let (status, _, answer) = history().await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["history"], json!([]), "nothing promoted yet");
+    assert_eq!(answer["database"], "tidemark");
+
+    let change = |time: &str, action, database: &str, previous: &str| ServingChange {
+        time: time.into(),
+        action,
+        database: database.into(),
+        previous: previous.into(),
+        by: "cli:alice".into(),
+    };
+    let promoted = Serving::switched(
+        None,
+        change(
+            "2026-12-03T10:00:00Z",
+            ServingAction::Promote,
+            "v2",
+            "tidemark",
+        ),
+    );
+    let rolled_back = Serving::switched(
+        Some(promoted),
+        change(
+            "2026-12-03T11:00:00Z",
+            ServingAction::Rollback,
+            "tidemark",
+            "v2",
+        ),
+    );
+    write_serving(server.dir.path(), &rolled_back).unwrap();
+    let (status, _, answer) = history().await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(
+        answer["history"],
+        json!([
+            {"time": "2026-12-03T11:00:00Z", "action": "rollback", "database": "tidemark", "previous": "v2", "by": "cli:alice"},
+            {"time": "2026-12-03T10:00:00Z", "action": "promote", "database": "v2", "previous": "tidemark", "by": "cli:alice"},
+        ])
+    );
+    assert!(server
+        .audit_entries()
+        .iter()
+        .any(|e| e["action"] == "serving_history_read" && e["actor"] == "user:admin"));
+
+    // A damaged file is the server's trouble, said plainly, never a crash.
+    std::fs::write(server.dir.path().join(SERVING_FILE), "{not json").unwrap();
+    let (status, _, answer) = history().await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("serving file")),
+        "{answer}"
+    );
 }

@@ -311,3 +311,31 @@ pub(crate) async fn serving(
         "store": state.store.get().kind(),
     })))
 }
+
+/// `GET /api/v1/serving/history`: the served database and every promote
+/// and rollback recorded in the serving file, newest first.
+pub(crate) async fn serving_history(
+    State(state): State<Arc<ServerState>>,
+    Extension(principal): Extension<Principal>,
+) -> Result<Json<Value>, ServerError> {
+    admin_action(&state, &principal, "serving_history_read", json!({}))?;
+    let recorded = match state.serving_dir() {
+        Some(dir) => {
+            let dir = dir.to_path_buf();
+            tokio::task::spawn_blocking(move || crate::serving_file::read_serving(&dir))
+                .await
+                .map_err(|e| ServerError::Internal(format!("serving file read failed: {e}")))?
+                .map_err(|e| {
+                    ServerError::Unavailable(format!("cannot read the serving file: {e}"))
+                })?
+        }
+        None => None,
+    };
+    let mut history = recorded.map(|s| s.history).unwrap_or_default();
+    history.reverse();
+    Ok(Json(json!({
+        "database": state.store.name(),
+        "live_database": state.live_database(),
+        "history": history,
+    })))
+}
