@@ -2,6 +2,7 @@
 // script injected into another page cannot read them), refreshed a minute
 // before they expire. A 401 from any call ends the session.
 import { useSyncExternalStore } from 'react';
+import type { TokenAnswer } from './wire/types';
 
 export interface Session {
   name: string;
@@ -10,13 +11,6 @@ export interface Session {
   refreshToken: string;
 }
 
-interface TokenAnswer {
-  access_token: string;
-  refresh_token: string;
-  expires_in: number;
-  name: string;
-  role: string;
-}
 
 const REFRESH_EARLY_MS = 60_000;
 

@@ -1,4 +1,5 @@
 import { authFetch } from './auth';
+import type { MetricsAnswer } from './wire/types';
 
 // The dashboard's view of the last hour: one entry per 1-minute window, merged
 // from the REST history (totals) and the WebSocket overview channel (by type).
@@ -23,10 +24,6 @@ export interface WireWindow {
   active_users: number;
 }
 
-/** The overview channel's data: the last hour's windows by start. */
-export interface OverviewData {
-  windows: Record<string, WireWindow>;
-}
 
 export type Json = null | boolean | number | string | Json[] | { [key: string]: Json };
 
@@ -123,9 +120,6 @@ function trim(windows: Windows, now: number): Windows {
   return windows;
 }
 
-interface MetricsAnswer {
-  series: { tags: Record<string, string>; points: { t: string; v: number | null }[] }[];
-}
 
 /** Per-minute totals of one field over the last hour, from the REST API. */
 export async function fetchLastHour(name: string, field: string): Promise<Map<number, number>> {

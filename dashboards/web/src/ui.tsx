@@ -48,7 +48,11 @@ interface TileProps {
 export function Tile({ title, scope, updatedAt, now, children, className, testId, actions }: TileProps) {
   const stale = updatedAt !== null && now - updatedAt > STALE_AFTER_MS;
   return (
-    <section className={`card tile ${stale ? 'is-stale' : ''} ${className ?? ''}`} data-testid={testId}>
+    <section
+      className={`card tile ${stale ? 'is-stale' : ''} ${className ?? ''}`}
+      data-testid={testId}
+      data-updated-at={updatedAt ?? undefined}
+    >
       <div className="tile-head">
         <div>
           <div className="label">{title}</div>

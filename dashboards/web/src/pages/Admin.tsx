@@ -3,34 +3,10 @@ import { apiGet, apiSend, messageOf } from '../api';
 import { useSession } from '../auth';
 import { formatCount, formatDateTime } from '../format';
 import { ErrorLine } from '../ui';
+import type { AuditAnswer, ServingAnswer, ServingHistory, TokenCreated, TokensAnswer, UsersAnswer } from '../wire/types';
 
 const ROLES = ['analyst', 'manager', 'admin'];
 
-interface User {
-  name: string;
-  role: string;
-}
-
-interface Token {
-  id: string;
-  role: string;
-  name: string | null;
-  created: string;
-}
-
-interface AuditEntry {
-  time: string;
-  actor: string;
-  action: string;
-  client: string | null;
-  detail: Record<string, unknown>;
-}
-
-interface Serving {
-  database: string;
-  live_database: string;
-  store: string;
-}
 
 /** Loads `path` now and again after every change `reload` is called for. */
 function useResource<T>(path: string) {
@@ -52,7 +28,7 @@ function useResource<T>(path: string) {
 
 function Users() {
   const me = useSession();
-  const users = useResource<{ users: User[] }>('/api/v1/users');
+  const users = useResource<UsersAnswer>('/api/v1/users');
   const [name, setName] = useState('');
   const [role, setRole] = useState('analyst');
   const [password, setPassword] = useState('');
@@ -137,7 +113,7 @@ function Users() {
 }
 
 function Tokens() {
-  const tokens = useResource<{ tokens: Token[] }>('/api/v1/tokens');
+  const tokens = useResource<TokensAnswer>('/api/v1/tokens');
   const [name, setName] = useState('');
   const [role, setRole] = useState('analyst');
   const [created, setCreated] = useState<{ token: string; id: string } | null>(null);
@@ -146,7 +122,7 @@ function Tokens() {
   const create = async (event: FormEvent) => {
     event.preventDefault();
     try {
-      const answer = await apiSend<{ token: string; id: string }>('POST', '/api/v1/tokens', { role, name });
+      const answer = await apiSend<TokenCreated>('POST', '/api/v1/tokens', { role, name });
       setCreated(answer);
       setError(null);
       setName('');
@@ -251,7 +227,7 @@ function Audit() {
   const [action, setAction] = useState('');
   const [actor, setActor] = useState('');
   const path = `/api/v1/audit?${new URLSearchParams({ from: `${from}:00Z`, to: `${to}:00Z` })}`;
-  const audit = useResource<{ entries: AuditEntry[]; truncated: boolean }>(path);
+  const audit = useResource<AuditAnswer>(path);
   const entries = audit.value?.entries ?? [];
   const actions = [...new Set(entries.map((e) => e.action))].sort();
   const shown = entries
@@ -317,7 +293,7 @@ function Audit() {
 }
 
 function ServingState() {
-  const serving = useResource<Serving>('/api/v1/serving');
+  const serving = useResource<ServingAnswer>('/api/v1/serving');
   const s = serving.value;
   const promoted = s !== null && s.database !== s.live_database;
   return (
@@ -346,11 +322,61 @@ function ServingState() {
           </tbody>
         </table>
       )}
-      <div className="hint">
-        The server keeps no history of promotions and rollbacks beyond the database served now and the live one.
-      </div>
       <ErrorLine error={serving.error} />
+      <ServingHistoryTable />
     </section>
+  );
+}
+
+const ACTION_LABEL: Record<ServingHistory['history'][number]['action'], string> = {
+  promote: 'promote',
+  rollback: 'rollback',
+};
+
+function ServingHistoryTable() {
+  const history = useResource<ServingHistory>('/api/v1/serving/history');
+  const changes = history.value?.history ?? [];
+  return (
+    <>
+      <div className="label sub-label">Promotes and rollbacks</div>
+      <div className="scope">newest first; times in UTC</div>
+      {history.value && changes.length === 0 && (
+        <div className="hint" data-testid="serving-history-empty">
+          No database has been promoted: the live one has been served throughout.
+        </div>
+      )}
+      {changes.length > 0 && (
+        <div className="table-scroll">
+          <table className="data" data-testid="serving-history">
+            <thead>
+              <tr>
+                <th>Time</th>
+                <th>Action</th>
+                <th>Database</th>
+                <th>Before</th>
+                <th>By</th>
+              </tr>
+            </thead>
+            <tbody>
+              {changes.map((c, i) => (
+                <tr key={`${c.time}-${i}`} data-action={c.action}>
+                  <td>{formatDateTime(Date.parse(c.time))}</td>
+                  <td>{ACTION_LABEL[c.action]}</td>
+                  <td>
+                    <code>{c.database}</code>
+                  </td>
+                  <td>
+                    <code>{c.previous}</code>
+                  </td>
+                  <td>{c.by}</td>
+                </tr>
+              ))}
+            </tbody>
+          </table>
+        </div>
+      )}
+      <ErrorLine error={history.error} />
+    </>
   );
 }
 

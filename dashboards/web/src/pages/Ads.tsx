@@ -5,7 +5,6 @@ import {
   columnValue,
   utcMidnight,
   type CampaignColumn,
-  type CampaignRow,
   type CampaignTable,
 } from '../ads';
 import { formatClock, formatCount, formatDecimal, formatMultiple, formatPercent } from '../format';
@@ -13,6 +12,7 @@ import { useLive, useNow } from '../live';
 import { followLink } from '../router';
 import { sortRows, toggleSort, type SortState } from '../sorting';
 import { ErrorLine, Tile } from '../ui';
+import type { CampaignsAnswer } from '../wire/types';
 
 interface Column {
   key: Exclude<CampaignColumn, 'campaign_id'>;
@@ -33,11 +33,6 @@ export const CAMPAIGN_COLUMNS: Column[] = [
   { key: 'roas', title: 'ROAS', format: formatMultiple, hint: 'revenue / spend' },
 ];
 
-interface CampaignsAnswer {
-  from: string;
-  to: string;
-  campaigns: CampaignRow[];
-}
 
 function scopeOf(table: CampaignTable | null): string {
   if (!table?.day) return 'today (UTC), closed minutes, event time';

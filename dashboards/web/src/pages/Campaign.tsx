@@ -8,25 +8,10 @@ import { useLive, useNow } from '../live';
 import { followLink } from '../router';
 import { ErrorLine, Tile } from '../ui';
 import { CAMPAIGN_COLUMNS } from './Ads';
+import type { CampaignChannel, CampaignSeriesAnswer } from '../wire/types';
 
-interface Split {
-  total?: CampaignFields;
-  by_device?: Record<string, CampaignFields>;
-  by_country?: Record<string, CampaignFields>;
-}
-
-/** The `campaign:<id>` channel's data. */
-interface CampaignLive {
-  day?: string;
-  minute?: string;
-  final?: boolean;
-  current?: Split;
-  today?: Split;
-}
-
-interface SeriesAnswer {
-  series: { tags: Record<string, string>; points: ({ t: string } & CampaignFields)[] }[];
-}
+type CampaignLive = CampaignChannel;
+type SeriesAnswer = CampaignSeriesAnswer;
 
 type SeriesField = 'impressions' | 'clicks' | 'conversions' | 'spend' | 'revenue';
 const SERIES_FIELDS: { key: SeriesField; title: string; unit: string; format: (v: number | null) => string }[] = [

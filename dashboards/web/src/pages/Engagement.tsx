@@ -10,11 +10,8 @@ import { formatClock, formatCount, formatRate, formatSeconds } from '../format';
 import { LineChart } from '../LineChart';
 import { useLive, useNow } from '../live';
 import { ErrorLine, Tile } from '../ui';
+import type { EngagementAnswer } from '../wire/types';
 
-interface EngagementAnswer {
-  step: string;
-  series: { tags: Record<string, string>; points: ({ t: string } & EngagementFields)[] }[];
-}
 
 type Metric = 'active_sessions' | 'avg_session_seconds' | 'events_per_session' | 'engagement_score';
 

@@ -1,22 +1,9 @@
 import { useEffect, useRef, useState, type KeyboardEvent } from 'react';
 import { ApiError, apiGet, apiSend, messageOf } from '../api';
 import { formatCount, formatRate } from '../format';
+import type { QueryAnswer, QueryTable, QueryTablesAnswer } from '../wire/types';
 
-interface Table {
-  name: string;
-  columns: string[];
-  tags: string[];
-  fields: string[];
-}
-
-interface QueryAnswer {
-  columns: string[];
-  rows: (string | number | null)[][];
-  row_count: number;
-  truncated: boolean;
-  points_read: number;
-  elapsed_ms: number;
-}
+type Table = QueryTable;
 
 type Outcome =
   | { kind: 'rows'; answer: QueryAnswer }
@@ -47,7 +34,7 @@ export function Query() {
   const editor = useRef<HTMLTextAreaElement>(null);
 
   useEffect(() => {
-    apiGet<{ tables: Table[] }>('/api/v1/query/tables')
+    apiGet<QueryTablesAnswer>('/api/v1/query/tables')
       .then((t) => setTables(t.tables))
       .catch((e: unknown) => setTablesError(messageOf(e)));
   }, []);

@@ -15,14 +15,11 @@ import {
   type TrendingWindow,
 } from '../trending';
 import { ErrorLine, Tile } from '../ui';
+import type { TagHistory } from '../wire/types';
 
 const WINDOW_LABEL: Record<TrendingWindow, string> = { '1m': '1 minute', '5m': '5 minutes', '15m': '15 minutes' };
 const HISTORY_HOURS = 6;
 
-interface TagHistory {
-  tag: string;
-  points: { t: string; rank: number; score: number; users: number; events: number }[];
-}
 
 function Change({ change }: { change: RankChange | undefined }) {
   if (!change || change.kind === 'same') return <span className="change same" title="same rank as the window before">·</span>;
