@@ -2,9 +2,12 @@
 // real `tidemark demo`: each page shows live data within 30 s of the demo's
 // start, the Trending and Ads pages show what the REST API answers for the
 // same closed window, and an analyst is offered no Admin page and is told
-// "not allowed" on its URL. The last test freezes and then stops the demo,
-// for the stale tiles and the reconnecting badge. Keeps a screenshot of
-// every page at 1280 and 390 px wide in artifacts/ (dashboard-PAGE-WIDTH.png).
+// "not allowed" on its URL. One measures how busy 50 live trending rows keep
+// the main thread (printed as a JSON line). The last test freezes, stops and
+// restarts the demo on the same port and data folder, for the stale tiles,
+// the reconnecting badge and the resubscription. Keeps a screenshot of every
+// page at 1280 and 390 px wide in both themes in artifacts/
+// (PAGE-WIDTH-THEME.png).
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
@@ -15,13 +18,10 @@ import { bin, freePort, launchChromium, root, waitFor } from './harness.mjs';
 
 const artifacts = join(root, 'artifacts');
 const ANALYST = { name: 'ana', password: 'analyst-password-1' };
-let demo, dataDir, base, admin, adminToken, browser, started;
+let demo, port, dataDir, base, admin, adminToken, browser, started;
 
-before(async () => {
-  const port = await freePort();
-  dataDir = mkdtempSync(join(tmpdir(), 'tidemark-pages-'));
-  base = `http://127.0.0.1:${port}`;
-  started = Date.now();
+/** Starts `tidemark demo` on `port` over `dataDir`; resolves to its admin once it answers. */
+async function startDemo() {
   demo = spawn(bin, ['demo', '--listen', `127.0.0.1:${port}`, '--data-dir', dataDir,
     '--web-dir', join(root, 'dashboards', 'web', 'dist'), '--rate', '2000'], { stdio: ['ignore', 'pipe', 'inherit'] });
   let printed = '';
@@ -31,7 +31,15 @@ before(async () => {
   await waitFor('health', async () => (await fetch(`${base}/api/v1/health`)).ok, 30_000);
   const [, name, password] = await waitFor('the demo admin', async () =>
     printed.match(/Log in as (\S+) with password (\S+)/), 30_000);
-  admin = { name, password };
+  return { name, password };
+}
+
+before(async () => {
+  port = await freePort();
+  dataDir = mkdtempSync(join(tmpdir(), 'tidemark-pages-'));
+  base = `http://127.0.0.1:${port}`;
+  started = Date.now();
+  admin = await startDemo();
   adminToken = (await post('/api/v1/auth/login', admin)).access_token;
   const put = await fetch(`${base}/api/v1/users/${ANALYST.name}`, {
     method: 'PUT',
@@ -82,16 +90,29 @@ async function open(path, who = admin, width = 1280, colorScheme = 'dark') {
   return page;
 }
 
-/** Both widths' screenshots of the page at `path`, after `prepare` on each. */
+const LAYOUTS = [[1280, 'dark'], [1280, 'light'], [390, 'dark'], [390, 'light']];
+
+/** The page at `path` at both widths in both themes, after `prepare` on each. */
 async function screenshots(name, path, prepare = async () => {}) {
-  // The wide one in the dark theme, the narrow one in the light theme.
-  for (const [width, colorScheme] of [[1280, 'dark'], [390, 'light']]) {
+  for (const [width, colorScheme] of LAYOUTS) {
     const page = await open(path, admin, width, colorScheme);
     await prepare(page);
-    await page.waitForTimeout(1000);
-    await page.screenshot({ path: join(artifacts, `dashboard-${name}-${width}.png`), fullPage: true });
+    await settle(page);
+    await page.screenshot({ path: join(artifacts, `${name}-${width}-${colorScheme}.png`), fullPage: true });
     await page.close();
   }
+}
+
+/** Waits until every chart on the page has drawn its points and fonts are in. */
+async function settle(page) {
+  await page.evaluate(() => document.fonts.ready);
+  await waitFor('charts drawn', () => page.evaluate(() =>
+    [...document.querySelectorAll('[data-points]')].every((c) => Number(c.dataset.points) === 0 || c.querySelector('svg'))), 10_000);
+}
+
+/** Whether the page is wider than its viewport (something overflows sideways). */
+async function overflowsSideways(page) {
+  return page.evaluate(() => document.documentElement.scrollWidth > window.innerWidth + 1);
 }
 
 const withinStartup = () => Math.max(1_000, 30_000 - (Date.now() - started));
@@ -178,6 +199,9 @@ test('trending shows the REST answer for the last closed 1-minute window', async
 
 test('trending screenshots', async () => {
   await screenshots('trending', '/trending', async (page) => {
+    await waitFor('trending rows', async () => (await page.locator('tr[data-tag]').count()) > 0, 30_000);
+  });
+  await screenshots('trending-tag', '/trending', async (page) => {
     await waitFor('trending rows', async () => (await page.locator('tr[data-tag]').count()) > 0, 30_000);
     await page.locator('tr[data-tag]').first().click();
     await waitFor('the tag history', async () =>
@@ -308,6 +332,8 @@ test('admin lists users, creates a token shown once, revokes it, and filters the
   await waitFor('users and audit entries', () => firstData['/admin'](page), 30_000);
   assert.ok(await page.locator(`tr[data-user="${ANALYST.name}"]`).count() > 0);
   assert.match(await page.getByTestId('served-database').innerText(), /tidemark/);
+  // A new demo has promoted nothing: the history says so rather than showing an empty table.
+  await waitFor('the promote history', async () => (await page.getByTestId('serving-history-empty').count()) > 0, 10_000);
   await page.getByLabel('Token name').fill('grafana');
   await page.getByLabel('Token role').selectOption('analyst');
   await page.getByRole('button', { name: 'Create token' }).click();
@@ -341,8 +367,37 @@ test('an analyst is not offered Admin and is told "not allowed" on its URL', asy
   await waitFor('not allowed', async () => (await page.getByTestId('not-allowed').count()) > 0, 10_000);
   assert.match(await page.getByTestId('not-allowed').innerText(), /Not allowed/);
   assert.equal(new URL(page.url()).pathname, '/admin');
-  await page.screenshot({ path: join(artifacts, 'dashboard-not-allowed-1280.png') });
   await page.close();
+  for (const [width, colorScheme] of LAYOUTS) {
+    const shot = await browser.newPage({ viewport: { width, height: 900 }, colorScheme });
+    await shot.goto(`${base}/admin`);
+    await shot.getByLabel('Name').fill(ANALYST.name);
+    await shot.getByLabel('Password').fill(ANALYST.password);
+    await shot.getByRole('button', { name: 'Log in' }).click();
+    await waitFor('not allowed', async () => (await shot.getByTestId('not-allowed').count()) > 0, 10_000);
+    await shot.screenshot({ path: join(artifacts, `not-allowed-${width}-${colorScheme}.png`), fullPage: true });
+    await shot.close();
+  }
+});
+
+test('login screenshots', async () => {
+  for (const [width, colorScheme] of LAYOUTS) {
+    const page = await browser.newPage({ viewport: { width, height: 900 }, colorScheme });
+    await page.goto(`${base}/login`);
+    await page.getByLabel('Name').waitFor();
+    await page.screenshot({ path: join(artifacts, `login-${width}-${colorScheme}.png`), fullPage: true });
+    await page.close();
+  }
+});
+
+test('no page is wider than a 390 px screen', async () => {
+  const paths = ['/', '/trending', '/ads', '/engagement', '/query', '/admin'];
+  for (const path of paths) {
+    const page = await open(path, admin, 390, 'light');
+    await waitFor(`live data on ${path}`, async () => !firstData[path] || firstData[path](page), 30_000);
+    assert.equal(await overflowsSideways(page), false, `${path} is wider than 390 px`);
+    await page.close();
+  }
 });
 
 test('engagement, query and admin screenshots', async () => {
@@ -359,6 +414,58 @@ test('engagement, query and admin screenshots', async () => {
   await screenshots('admin', '/admin', async (page) => {
     await waitFor('users and audit entries', () => firstData['/admin'](page), 30_000);
   });
+});
+
+test('50 trending rows updating live leave the main thread idle most of the time', async () => {
+  const page = await open('/trending');
+  await page.getByRole('button', { name: '15 minutes' }).click();
+  const rows = await waitFor('50 trending rows', async () => {
+    const n = await page.locator('[data-testid=trending-table] tr[data-tag]').count();
+    return n >= 50 ? n : null;
+  }, 90_000);
+  let updates = 0;
+  const counting = { on: false };
+  // The socket is already open, so its frames are counted through CDP.
+  const cdp = await page.context().newCDPSession(page);
+  await cdp.send('Network.enable');
+  cdp.on('Network.webSocketFrameReceived', ({ response }) => {
+    if (counting.on && response.payloadData.includes('"channel":"trending:15m"')) updates += 1;
+  });
+  await cdp.send('Performance.enable', { timeDomain: 'timeTicks' });
+  const metrics = async () => Object.fromEntries((await cdp.send('Performance.getMetrics')).metrics.map((m) => [m.name, m.value]));
+  await page.evaluate(() => {
+    window.__longTasks = [];
+    new PerformanceObserver((list) => window.__longTasks.push(...list.getEntries().map((e) => e.duration)))
+      .observe({ type: 'longtask', buffered: false });
+  });
+  const seconds = 15;
+  const before = await metrics();
+  counting.on = true;
+  const wallStart = Date.now();
+  await new Promise((ok) => setTimeout(ok, seconds * 1000)); // the measurement's span, not a synchronisation
+  counting.on = false;
+  const after = await metrics();
+  const wall = (Date.now() - wallStart) / 1000;
+  const busy = after.TaskDuration - before.TaskDuration;
+  const longTasks = await page.evaluate(() => window.__longTasks);
+  const figure = {
+    measure: 'trending_main_thread_busy',
+    rows,
+    seconds: Number(wall.toFixed(2)),
+    channel_updates_per_second: Number((updates / wall).toFixed(2)),
+    busy_seconds: Number(busy.toFixed(3)),
+    busy_fraction: Number((busy / wall).toFixed(4)),
+    script_seconds: Number((after.ScriptDuration - before.ScriptDuration).toFixed(3)),
+    layout_seconds: Number((after.LayoutDuration - before.LayoutDuration).toFixed(3)),
+    long_tasks: longTasks.length,
+    longest_task_ms: Math.round(Math.max(0, ...longTasks)),
+  };
+  console.log(JSON.stringify(figure));
+  assert.ok(rows >= 50, `${rows} rows`);
+  assert.ok(figure.channel_updates_per_second >= 2, `the list updated ${figure.channel_updates_per_second} times a second`);
+  assert.ok(figure.busy_fraction < 0.5, `the main thread was busy ${(figure.busy_fraction * 100).toFixed(1)} % of the time`);
+  await cdp.detach();
+  await page.close();
 });
 
 test('tiles say when they are stale and the badge when the connection is lost', async () => {
@@ -381,5 +488,22 @@ test('tiles say when they are stale and the badge when the connection is lost', 
   await exited;
   await waitFor('reconnecting', async () => (await page.getByTestId('ws-status').getAttribute('data-status')) === 'retrying', 10_000);
   assert.match(await page.getByTestId('ws-status').innerText(), /reconnecting in \d+s/);
+
+  // The same server again, on the same port and data: the page reconnects,
+  // subscribes again and shows new updates, with the session it had (the
+  // signing key is kept in the data folder).
+  const snapshotAfterRestart = new Promise((ok) => page.on('websocket', (ws) => ws.on('framereceived', ({ payload }) => {
+    if (typeof payload === 'string' && payload.includes('"type":"snapshot"') && payload.includes('"channel":"trending:')) ok();
+  })));
+  const stoppedAt = Date.now();
+  admin = await startDemo();
+  adminToken = (await post('/api/v1/auth/login', admin)).access_token;
+  await waitFor('live again', async () => (await page.getByTestId('ws-status').getAttribute('data-status')) === 'live', 40_000);
+  await snapshotAfterRestart;
+  await waitFor('an update after the restart', async () =>
+    Number(await page.getByTestId('trending-tile').getAttribute('data-updated-at')) > stoppedAt, 30_000);
+  await waitFor('fresh after the restart', async () =>
+    (await page.locator('[data-testid=trending-tile] [data-stale=true]').count()) === 0, 30_000);
+  assert.equal(new URL(page.url()).pathname, '/trending', 'still signed in on the same page');
   await page.close();
 });
