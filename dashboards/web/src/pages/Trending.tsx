@@ -113,7 +113,7 @@ function History({ tag, size, live }: { tag: string; size: TrendingWindow; live:
       </div>
       <div className="hint" data-testid="tag-history-count">
         {history
-          ? `${formatCount(stored.length)} closed windows in the top 50${live ? ', and the open window (early result)' : ''}`
+          ? `${formatCount(stored.length)} closed window${stored.length === 1 ? '' : 's'} in the top 50${live ? ', and the open window (early result)' : ''}`
           : 'loading…'}
       </div>
       <ErrorLine error={error} />
