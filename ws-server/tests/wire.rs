@@ -64,10 +64,7 @@ fn point(
         tags.iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
-        fields
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.clone()))
-            .collect(),
+        fields.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
     )
 }
 
