@@ -11,6 +11,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use tidemark_model::EventTime;
 use tidemark_tests::services::OverviewClient;
 use tidemark_tests::workload::Workload;
 use tidemark_tests::{
@@ -488,6 +489,35 @@ async fn promote_and_rollback_switch_the_rest_api_without_a_failed_request() {
         .output()
         .unwrap();
     assert!(!out.status.success());
+    // Every switch is in the history, newest first; the refused one is not.
+    let history = t.get_json("/api/v1/serving/history").await;
+    let switches: Vec<(String, String, String)> = history["history"]
+        .as_array()
+        .expect("a history")
+        .iter()
+        .map(|c| {
+            assert!(
+                c["by"].as_str().is_some_and(|by| by.starts_with("cli:")),
+                "{c}"
+            );
+            assert!(
+                EventTime::parse(c["time"].as_str().unwrap()).is_some(),
+                "{c}"
+            );
+            let text = |k: &str| c[k].as_str().unwrap().to_string();
+            (text("action"), text("database"), text("previous"))
+        })
+        .collect();
+    let switch = |a: &str, d: &str, p: &str| (a.to_string(), d.to_string(), p.to_string());
+    assert_eq!(
+        switches,
+        [
+            switch("rollback", "tidemark", "v3"),
+            switch("promote", "v3", "tidemark"),
+            switch("rollback", "tidemark", "v2"),
+            switch("promote", "v2", "tidemark"),
+        ]
+    );
 }
 
 fn archive(data_dir: &Path, topic: &str, before: &str) -> Value {
