@@ -49,17 +49,27 @@
 //! and the aggregates by the campaigns × devices × countries active in the
 //! open windows. The campaign name table only grows with distinct campaigns
 //! (it is rebuilt with the live ones on restore).
+//!
+//! With a spill directory ([`Pipeline::spill_to`], which the live driver
+//! sets beside its checkpoint), the join state older than the watermark
+//! minus the lateness and a minute moves to run files on disk (see
+//! [`spill`]): memory then holds only the last few minutes of it, and the
+//! outcomes are the same.
+
+mod spill;
 
 use std::collections::hash_map::Entry;
 use std::collections::BTreeMap;
 use std::ops::Bound::{Excluded, Unbounded};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use smallvec::{smallvec, SmallVec};
 use tidemark_model::{
-    Country, Device, Event, EventTime, EventType, FieldValue, Point, Tier, Watermark,
+    Country, Device, Event, EventTime, EventType, FieldValue, KeyRing, Point, Tier, Watermark,
 };
 use xxhash_rust::xxh3::xxh3_128;
 
@@ -69,6 +79,7 @@ use crate::partial::{from_micros, row_key, to_micros, Partial, WindowId};
 use crate::pipeline::{Finisher, Pipeline};
 use crate::pipeline::{Measurement, PipelineSpec, StateReach};
 use crate::window::{millis, Slot, Tumbling};
+use spill::{Side, Spill, SpillState};
 
 /// The tiers of the window sets, by [`WindowId::kind`].
 const TIERS: [Tier; 3] = [Tier::Rt, Tier::Hourly, Tier::Daily];
@@ -86,13 +97,20 @@ const UNKNOWN_CAMPAIGN_ID: u32 = 0;
 const MEASUREMENT: &str = "ads";
 /// Granularity of the eviction indexes, in milliseconds of event time.
 const INDEX_BUCKET_MS: i64 = 1_000;
-/// Version of the [`AdsState`] encoding.
-const STATE_VERSION: u32 = 3;
+/// Version of the [`AdsState`] encoding: followed by a [`SpillState`].
+const STATE_VERSION: u32 = 4;
+/// The encoding before join state could be spilled.
+const STATE_VERSION_UNSPILLED: u32 = 3;
 /// The encoding before pending events were kept per partition.
 const STATE_VERSION_UNSLOTTED: u32 = 2;
 /// The partition slot of events offered without one ([`Pipeline::on_event`]):
 /// decided by the combined watermark alone.
 const NO_SLOT: u32 = u32::MAX;
+/// How often cold join state is spilled, in milliseconds of event time.
+const SPILL_EVERY_MS: i64 = 60_000;
+/// How far behind the lateness horizon join state is still kept in memory:
+/// most clicks and conversions come within it.
+const SPILL_AFTER_MS: i64 = 60_000;
 
 /// Join windows and lateness of the ads pipeline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -322,6 +340,8 @@ pub struct AdsPipeline {
     pending: PendingBySlot,
     seq: u64,
     last_wm: Watermark,
+    /// Cold join state on disk, when a spill directory is set.
+    spill: Option<Spill>,
 }
 
 /// A checkpoint of [`AdsPipeline`]. Campaigns are numbers into `campaigns`,
@@ -402,6 +422,7 @@ impl AdsPipeline {
             pending: BTreeMap::new(),
             seq: 0,
             last_wm: EventTime::MIN,
+            spill: None,
         }
     }
 
@@ -412,6 +433,12 @@ impl AdsPipeline {
             conversion_window: d(self.conversion_ms),
             allowed_lateness: d(self.lateness_ms),
         }
+    }
+
+    /// Touches held in spill run files (dead ones included until their run
+    /// expires).
+    pub fn spilled_records(&self) -> u64 {
+        self.spill.as_ref().map_or(0, Spill::records)
     }
 
     /// Entries held by the joins: impression ids with impressions, impression
@@ -508,6 +535,7 @@ impl AdsPipeline {
             return;
         }
         let id = imp_key(id);
+        self.unspill(Side::Impressions, id);
         let touch = Touch { time: ts, campaign };
         let added = match self.impressions.entry(id) {
             Entry::Occupied(mut e) => e.get_mut().add(touch, MAX_IMPRESSIONS_PER_ID),
@@ -542,9 +570,12 @@ impl AdsPipeline {
         match kind {
             Kind::Click => {
                 let imp = p.impression.and_then(|id| {
-                    self.impressions
-                        .get(&id)?
-                        .latest_in(ts.saturating_sub(self.attribution_ms), ts)
+                    self.latest(
+                        Side::Impressions,
+                        id,
+                        ts.saturating_sub(self.attribution_ms),
+                        ts,
+                    )
                 });
                 let campaign = p
                     .campaign
@@ -561,9 +592,7 @@ impl AdsPipeline {
             }
             Kind::Conversion => {
                 let click = p.impression.and_then(|id| {
-                    self.clicks
-                        .get(&id)?
-                        .latest_in(ts.saturating_sub(self.conversion_ms), ts)
+                    self.latest(Side::Clicks, id, ts.saturating_sub(self.conversion_ms), ts)
                 });
                 // Unattributed conversions are not reported.
                 let Some(click) = click else {
@@ -582,6 +611,7 @@ impl AdsPipeline {
 
     fn remember_click(&mut self, id: ImpKey, campaign: u32, ts: i64, wm: i64) {
         let expired = self.click_expired(ts, wm);
+        self.unspill(Side::Clicks, id);
         let touch = Touch { time: ts, campaign };
         let added = match self.clicks.entry(id) {
             Entry::Occupied(mut e) => e.get_mut().add(touch, MAX_CLICKS_PER_IMPRESSION),
@@ -608,6 +638,120 @@ impl AdsPipeline {
         evict_index(&mut self.click_index, &mut self.clicks, |t| {
             wm > t.saturating_add(conversion).saturating_add(lateness)
         });
+        self.spill_cold(wm);
+    }
+
+    /// How long a touch of `side` is kept past its time.
+    fn horizon(&self, side: Side) -> i64 {
+        let window = match side {
+            Side::Impressions => self.attribution_ms,
+            Side::Clicks => self.conversion_ms,
+        };
+        window.saturating_add(self.lateness_ms)
+    }
+
+    /// Whether a touch at `time` of `side` is still held at watermark `wm`:
+    /// the rule of [`evict_index`], which drops whole seconds.
+    fn held(horizon: i64, wm: i64) -> impl Fn(i64) -> bool {
+        move |time| wm <= bucket_last(index_bucket(time)).saturating_add(horizon)
+    }
+
+    fn join(&self, side: Side) -> &FxHashMap<ImpKey, Touches> {
+        match side {
+            Side::Impressions => &self.impressions,
+            Side::Clicks => &self.clicks,
+        }
+    }
+
+    /// The latest touch of `id` on `side` at a time in `lo..=hi`, in memory
+    /// or spilled.
+    fn latest(&mut self, side: Side, id: ImpKey, lo: i64, hi: i64) -> Option<Touch> {
+        if let Some(t) = self.join(side).get(&id) {
+            return t.latest_in(lo, hi);
+        }
+        let held = Self::held(self.horizon(side), self.last_wm.0);
+        let spill = self.spill.as_mut()?;
+        spill
+            .get(side, id, held, &mut self.campaigns)?
+            .latest_in(lo, hi)
+    }
+
+    /// Takes a spilled `id` back into memory before a touch is added to it,
+    /// so that an id lives in one place.
+    fn unspill(&mut self, side: Side, id: ImpKey) {
+        if self.spill.is_none() || self.join(side).contains_key(&id) {
+            return;
+        }
+        let held = Self::held(self.horizon(side), self.last_wm.0);
+        let Some(spill) = self.spill.as_mut() else {
+            return;
+        };
+        let Some(touches) = spill.take(side, id, held, &mut self.campaigns) else {
+            return;
+        };
+        let (map, index) = match side {
+            Side::Impressions => (&mut self.impressions, &mut self.impression_index),
+            Side::Clicks => (&mut self.clicks, &mut self.click_index),
+        };
+        for t in touches.as_slice() {
+            index.entry(index_bucket(t.time)).or_default().push(id);
+        }
+        map.insert(id, touches);
+    }
+
+    /// Every [`SPILL_EVERY_MS`] of event time: drops the runs the watermark
+    /// has expired, and moves the ids whose newest touch is older than the
+    /// lateness horizon by [`SPILL_AFTER_MS`] into a run per side.
+    fn spill_cold(&mut self, wm: i64) {
+        let horizons = [Side::Impressions, Side::Clicks].map(|side| (side, self.horizon(side)));
+        let Some(spill) = self.spill.as_mut() else {
+            return;
+        };
+        if wm == i64::MAX || wm < spill.last_spill.saturating_add(SPILL_EVERY_MS) {
+            return;
+        }
+        spill.last_spill = wm;
+        let threshold = wm.saturating_sub(self.lateness_ms.saturating_add(SPILL_AFTER_MS));
+        // The buckets whose every time is at or before the threshold.
+        let drain_upto = threshold
+            .saturating_sub(INDEX_BUCKET_MS - 1)
+            .div_euclid(INDEX_BUCKET_MS);
+        for (side, horizon) in horizons {
+            let (map, index) = match side {
+                Side::Impressions => (&mut self.impressions, &mut self.impression_index),
+                Side::Clicks => (&mut self.clicks, &mut self.click_index),
+            };
+            let held = Self::held(horizon, wm);
+            spill.expire(side, |newest| !held(newest));
+            let mut cold: Vec<ImpKey> = (index.range(..=drain_upto))
+                .flat_map(|(_, ids)| ids.iter().copied())
+                .filter(|id| {
+                    map.get(id)
+                        .and_then(|t| t.as_slice().last())
+                        .is_some_and(|newest| newest.time <= threshold)
+                })
+                .collect();
+            cold.sort_unstable();
+            cold.dedup();
+            let entries: Vec<(ImpKey, &[Touch])> = (cold.iter())
+                .filter_map(|id| Some((*id, map.get(id)?.as_slice())))
+                .collect();
+            if let Err(e) = spill.write(side, &entries, &self.campaigns) {
+                // Kept in memory; tried again at the next spill.
+                tracing::warn!(error = %e, "Spilling cold ads join state failed");
+                continue;
+            }
+            for id in &cold {
+                map.remove(id);
+            }
+            // Every id left in these buckets has a newer touch, indexed later.
+            while index
+                .first_key_value()
+                .is_some_and(|(&b, _)| b <= drain_upto)
+            {
+                index.pop_first();
+            }
+        }
     }
 
     fn partial(campaigns: &Campaigns, window: WindowId, aggs: &Aggs) -> Partial {
@@ -828,27 +972,60 @@ impl Pipeline for AdsPipeline {
             seq: self.seq,
             last_wm: self.last_wm,
         };
-        bincode::serialize(&state).map_err(|e| ProcessorError::Snapshot(format!("ads state: {e}")))
+        let spilled = match &self.spill {
+            Some(spill) => spill.state()?,
+            None => SpillState::default(),
+        };
+        bincode::serialize(&(state, spilled))
+            .map_err(|e| ProcessorError::Snapshot(format!("ads state: {e}")))
+    }
+
+    fn spill_to(&mut self, dir: &Path, keys: Option<Arc<KeyRing>>) -> Result<(), ProcessorError> {
+        self.spill = Some(Spill::new(dir, keys)?);
+        Ok(())
+    }
+
+    fn checkpoint_saved(&mut self) {
+        if let Some(spill) = &mut self.spill {
+            spill.checkpoint_saved();
+        }
     }
 
     fn restore(&mut self, state: &[u8]) -> Result<(), ProcessorError> {
         let corrupt =
             |what: String| ProcessorError::CorruptCheckpoint(format!("ads state: {what}"));
         let version: u32 = bincode::deserialize(state).map_err(|e| corrupt(e.to_string()))?;
-        let state: AdsState = match version {
+        let (state, spilled): (AdsState, SpillState) = match version {
             STATE_VERSION => bincode::deserialize(state).map_err(|e| corrupt(e.to_string()))?,
-            STATE_VERSION_UNSLOTTED => {
+            STATE_VERSION_UNSPILLED => (
+                bincode::deserialize(state).map_err(|e| corrupt(e.to_string()))?,
+                SpillState::default(),
+            ),
+            STATE_VERSION_UNSLOTTED => (
                 bincode::deserialize::<AdsState<(PendingKey, PendingState)>>(state)
                     .map_err(|e| corrupt(e.to_string()))?
-                    .slotted()
-            }
+                    .slotted(),
+                SpillState::default(),
+            ),
             other => {
                 return Err(corrupt(format!(
-                    "encoding version {other} (this build reads {STATE_VERSION_UNSLOTTED} and {STATE_VERSION})"
+                    "encoding version {other} (this build reads {STATE_VERSION_UNSLOTTED} to {STATE_VERSION})"
                 )))
             }
         };
         let mut fresh = AdsPipeline::new(self.config());
+        fresh.spill = self.spill.as_ref().map(Spill::empty_like).transpose()?;
+        match &mut fresh.spill {
+            Some(spill) => spill.restore(spilled)?,
+            None if spilled != SpillState::default() => {
+                return Err(ProcessorError::Setup(
+                    "the checkpoint's ads state is partly spilled to disk, and this processor \
+                     has no spill directory (it is kept beside the checkpoint of `tidemark run`)"
+                        .into(),
+                ))
+            }
+            None => {}
+        }
         let ids: Vec<u32> = state
             .campaigns
             .iter()
@@ -1841,5 +2018,96 @@ mod tests {
             n as f64 / skip / 1e6,
             std::mem::size_of::<(ImpKey, Touches)>()
         );
+    }
+
+    /// A workload over three hours of event time whose clicks and
+    /// conversions reach back past the spill horizon, onto repeated ids too.
+    fn spill_workload() -> Vec<(Event, Option<i64>)> {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let mut out = Vec::new();
+        for step in 0..3 * 60 * 6i64 {
+            let now = step * 10_000;
+            for _ in 0..6 {
+                let at = now + next(10_000) as i64;
+                // A few ids repeat, hours apart.
+                let id = format!("i{}", next(400 + step as u64 * 4));
+                let back = |n: u64| at - n as i64;
+                match next(10) {
+                    0..=5 => out.push((impression(&id, at, 0.01), None)),
+                    6..=7 => out.push((click(&id, back(next(40 * MIN as u64))), None)),
+                    _ => out.push((conversion(&id, back(next(2 * HOUR as u64)), 2.0), None)),
+                }
+            }
+            out.push((impression("tick", now, 0.0), Some(now)));
+        }
+        out
+    }
+
+    #[test]
+    fn spilling_changes_no_outcome_across_a_restore() {
+        let dir = tempfile::tempdir().unwrap();
+        let workload = spill_workload();
+        let mut plain = solo();
+        let mut spilling = solo();
+        spilling.pipeline.spill_to(dir.path(), None).unwrap();
+        let (mut want, mut got) = (Vec::new(), Vec::new());
+        let mut most_spilled = 0;
+        for (i, (ev, wm)) in workload.iter().enumerate() {
+            plain.on_event(ev, &mut want);
+            spilling.on_event(ev, &mut got);
+            if let Some(wm) = wm {
+                plain.on_watermark(EventTime(*wm), &mut want);
+                spilling.on_watermark(EventTime(*wm), &mut got);
+                most_spilled = most_spilled.max(spilling.pipeline.spilled_records());
+            }
+            if i == workload.len() / 2 {
+                // A checkpoint, a durable save, and a new process from it.
+                let state = spilling.snapshot();
+                spilling.pipeline.checkpoint_saved();
+                let mut restored = solo();
+                restored.pipeline.spill_to(dir.path(), None).unwrap();
+                restored.restore(&state).unwrap();
+                spilling = restored;
+            }
+        }
+        plain.on_watermark(EventTime(4 * HOUR), &mut want);
+        spilling.on_watermark(EventTime(4 * HOUR), &mut got);
+        assert!(most_spilled > 500, "{most_spilled} records spilled");
+        assert!(
+            spilling.pipeline.impressions.len() * 4 < plain.pipeline.impressions.len()
+                || plain.pipeline.impressions.is_empty()
+        );
+        let (want, got) = (finals(&want), finals(&got));
+        assert!(want.values().any(|f| f
+            .iter()
+            .any(|(n, v)| n == "conversions" && *v != FieldValue::Int(0))));
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn a_spilled_checkpoint_needs_its_spill_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spilling = solo();
+        spilling.pipeline.spill_to(dir.path(), None).unwrap();
+        let mut out = Vec::new();
+        for (ev, wm) in spill_workload().iter().take(2_000) {
+            spilling.on_event(ev, &mut out);
+            if let Some(wm) = wm {
+                spilling.on_watermark(EventTime(*wm), &mut out);
+            }
+        }
+        assert!(spilling.pipeline.spilled_records() > 0);
+        let state = spilling.pipeline.snapshot().unwrap();
+        let err = AdsPipeline::default()
+            .restore(&state)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("spill directory"), "{err}");
     }
 }

@@ -14,13 +14,13 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::Write as _;
+use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use tidemark_model::crash::{self, Place};
-use tidemark_model::keyring::{sealed_key_id, OpenError};
+use tidemark_model::keyring::{sealed_key_id, OpenError, SEAL_PREFIX};
 use tidemark_model::{KeyRing, Watermark};
 
 use crate::dedup::DedupSnapshot;
@@ -65,29 +65,110 @@ pub fn save<T: Serialize>(dir: &Path, cp: &T) -> Result<u64, ProcessorError> {
 }
 
 /// [`save`], sealed with the current key of `keys` when given.
+///
+/// The state streams through the encoder into the file: no copy of it is
+/// built in memory, only of its compressed form when it is sealed (the seal
+/// covers the whole file).
 pub fn save_keyed<T: Serialize>(
     dir: &Path,
     cp: &T,
     keys: Option<&KeyRing>,
 ) -> Result<u64, ProcessorError> {
     fs::create_dir_all(dir)?;
-    let raw = bincode::serialize(cp).map_err(|e| ProcessorError::Io(std::io::Error::other(e)))?;
-    let mut compressed = zstd::bulk::compress(&raw, ZSTD_LEVEL)?;
-    if let Some(keys) = keys {
-        compressed = keys.seal(&compressed, AAD);
-    }
     let tmp = dir.join(TMP_NAME);
-    {
-        let mut f = File::create(&tmp)?;
-        f.write_all(if keys.is_some() { MAGIC_SEALED } else { MAGIC })?;
-        f.write_all(&crc32fast::hash(&compressed).to_le_bytes())?;
-        crash::point(Place::Checkpoint);
-        f.write_all(&compressed)?;
-        f.sync_all()?;
-    }
+    let raw_len = match keys {
+        None => {
+            let mut f = File::create(&tmp)?;
+            // The CRC is known at the end: written into its place then.
+            f.write_all(MAGIC)?;
+            f.write_all(&[0; 4])?;
+            crash::point(Place::Checkpoint);
+            let checksummed = Checksummed::new(BufWriter::with_capacity(1 << 20, f));
+            let (raw_len, checksummed) = encode_compressed(cp, checksummed)?;
+            let crc = checksummed.crc.finalize();
+            let mut f = checksummed.inner.into_inner().map_err(|e| e.into_error())?;
+            f.seek(SeekFrom::Start(MAGIC.len() as u64))?;
+            f.write_all(&crc.to_le_bytes())?;
+            f.sync_all()?;
+            raw_len
+        }
+        Some(keys) => {
+            let (raw_len, mut sealed) = encode_compressed(cp, vec![0; SEAL_PREFIX])?;
+            keys.seal_tail(&mut sealed, 0, AAD);
+            let mut f = File::create(&tmp)?;
+            f.write_all(MAGIC_SEALED)?;
+            f.write_all(&crc32fast::hash(&sealed).to_le_bytes())?;
+            crash::point(Place::Checkpoint);
+            f.write_all(&sealed)?;
+            f.sync_all()?;
+            raw_len
+        }
+    };
     fs::rename(&tmp, path(dir))?;
     File::open(dir)?.sync_all()?;
-    Ok(raw.len() as u64)
+    Ok(raw_len)
+}
+
+/// Writes `cp`'s bincode, zstd-compressed, into `out`; the bincode length
+/// and `out` back.
+fn encode_compressed<T: Serialize, W: Write>(cp: &T, out: W) -> Result<(u64, W), ProcessorError> {
+    let encoder = zstd::Encoder::new(out, ZSTD_LEVEL)?;
+    let mut counted = BufWriter::with_capacity(
+        1 << 20,
+        Counted {
+            inner: encoder,
+            len: 0,
+        },
+    );
+    bincode::serialize_into(&mut counted, cp)
+        .map_err(|e| ProcessorError::Io(std::io::Error::other(e)))?;
+    let counted = counted.into_inner().map_err(|e| e.into_error())?;
+    Ok((counted.len, counted.inner.finish()?))
+}
+
+/// Counts what is written through it.
+struct Counted<W> {
+    inner: W,
+    len: u64,
+}
+
+impl<W: Write> Write for Counted<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.len += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Keeps the CRC of what is written through it.
+struct Checksummed<W> {
+    inner: W,
+    crc: crc32fast::Hasher,
+}
+
+impl<W> Checksummed<W> {
+    fn new(inner: W) -> Self {
+        Checksummed {
+            inner,
+            crc: crc32fast::Hasher::new(),
+        }
+    }
+}
+
+impl<W: Write> Write for Checksummed<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.crc.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 /// Reads the checkpoint in `dir`; `None` when there is none.

@@ -406,6 +406,8 @@ pub(crate) enum ToWorker {
     Resume,
     /// Stop (after a barrier: without reading further).
     Stop,
+    /// The checkpoint of the last barrier is durable.
+    Saved,
 }
 
 /// Runs the processor until `cancel`: one thread per stage-1 worker reads its
@@ -438,6 +440,10 @@ pub async fn run_driver(
     }
     let mut combiner = Combiner::new(pipelines.stage2(), workers, pipelines.allowed_lateness);
     if let Some(dir) = &config.checkpoint_dir {
+        for (index, engine) in engines.iter_mut().enumerate() {
+            let spill = dir.join("spill").join(format!("worker-{index}"));
+            engine.spill_to(&spill, config.checkpoint_keys.clone())?;
+        }
         if let Some(cp) =
             checkpoint::load_keyed::<ProcessorCheckpoint>(dir, config.checkpoint_keys.as_deref())?
         {
@@ -520,7 +526,7 @@ pub(crate) struct Combining {
     lag: LagProbe,
     global_wm: Arc<AtomicI64>,
     /// The checkpoint being written, while the workers go on.
-    saving: Option<tokio::task::JoinHandle<Result<(), ProcessorError>>>,
+    saving: Option<tokio::task::JoinHandle<Result<bool, ProcessorError>>>,
 }
 
 /// Whether to go on after handling a message.
@@ -683,9 +689,16 @@ impl Combining {
                 self.saving = Some(saving);
                 return Ok(Flow::Continue);
             }
-            saving
+            let saved = saving
                 .await
                 .map_err(|e| ProcessorError::Io(std::io::Error::other(e)))??;
+            if saved {
+                // Before the next barrier: what that checkpoint no longer
+                // refers to may go.
+                for c in commands {
+                    let _ = c.send(ToWorker::Saved);
+                }
+            }
         }
         let mut barriers: Vec<Option<Checkpoint>> = vec![None; commands.len()];
         let mut asked = 0;
@@ -748,7 +761,7 @@ impl Combining {
         for c in commands {
             let _ = c.send(then);
         }
-        saved.map(|()| Flow::Continue)
+        saved.map(|_| Flow::Continue)
     }
 }
 
@@ -955,7 +968,7 @@ impl LiveRounds {
     }
 
     /// Handles a command; `false` when the worker must stop.
-    fn obey(&mut self, command: ToWorker, engine: &Worker, parts: &[Part]) -> bool {
+    fn obey(&mut self, command: ToWorker, engine: &mut Worker, parts: &[Part]) -> bool {
         match command {
             ToWorker::Checkpoint => {
                 let checkpoint = match engine.checkpoint(next_offsets(parts)) {
@@ -978,12 +991,16 @@ impl LiveRounds {
                 loop {
                     match self.commands.recv() {
                         Ok(ToWorker::Resume) => return true,
-                        Ok(ToWorker::Checkpoint) => continue,
+                        Ok(ToWorker::Checkpoint | ToWorker::Saved) => continue,
                         Ok(ToWorker::Stop) | Err(_) => return false,
                     }
                 }
             }
             ToWorker::Resume => true,
+            ToWorker::Saved => {
+                engine.checkpoint_saved();
+                true
+            }
             ToWorker::Stop => false,
         }
     }
@@ -1118,25 +1135,25 @@ pub(crate) async fn append_dead_letters(
 
 /// Flushes the sink, then saves the checkpoint. A failing sink skips the
 /// checkpoint (it is retried at the next interval); a failing save is an error
-/// only when it can never succeed.
+/// only when it can never succeed. Whether the checkpoint was saved.
 pub(crate) async fn write_checkpoint<T: serde::Serialize + Send + 'static>(
     dir: Option<PathBuf>,
     keys: Option<Arc<KeyRing>>,
     cp: Option<T>,
     sink: &dyn PointSink,
     metrics: &ProcessorMetrics,
-) -> Result<(), ProcessorError> {
+) -> Result<bool, ProcessorError> {
     let (Some(dir), Some(cp)) = (dir, cp) else {
         if let Err(e) = sink.flush().await {
             tracing::warn!(error = %e, "Flushing points failed");
         }
-        return Ok(());
+        return Ok(false);
     };
     let timer = metrics.checkpoint_duration_seconds.start_timer();
     if let Err(e) = sink.flush().await {
         tracing::warn!(error = %e, "Flushing points failed; not checkpointing");
         timer.stop_and_discard();
-        return if e.is_retryable() { Ok(()) } else { Err(e) };
+        return if e.is_retryable() { Ok(false) } else { Err(e) };
     }
     let saved =
         tokio::task::spawn_blocking(move || checkpoint::save_keyed(&dir, &cp, keys.as_deref()))
@@ -1147,12 +1164,12 @@ pub(crate) async fn write_checkpoint<T: serde::Serialize + Send + 'static>(
         Ok(state_bytes) => {
             timer.observe_duration();
             metrics.checkpoint_saved(state_bytes);
-            Ok(())
+            Ok(true)
         }
         Err(e) if e.is_retryable() => {
             tracing::warn!(error = %e, "Saving checkpoint failed");
             timer.stop_and_discard();
-            Ok(())
+            Ok(false)
         }
         Err(e) => Err(e),
     }

@@ -2,9 +2,11 @@
 //! it describes itself to the rest of the system ([`PipelineSpec`]).
 
 use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tidemark_model::{Event, Point, Tier, Watermark};
+use tidemark_model::{Event, KeyRing, Point, Tier, Watermark};
 
 use crate::error::ProcessorError;
 use crate::partial::Partial;
@@ -57,6 +59,19 @@ pub trait Pipeline: Send {
 
     /// Replaces the state with one taken by [`Pipeline::snapshot`].
     fn restore(&mut self, state: &[u8]) -> Result<(), ProcessorError>;
+
+    /// Lets the pipeline keep cold state in files under `dir` (sealed with
+    /// `keys` when given), referred to by its snapshots. Called before
+    /// [`Pipeline::restore`], by a driver that checkpoints; the others keep
+    /// everything in memory.
+    fn spill_to(&mut self, dir: &Path, keys: Option<Arc<KeyRing>>) -> Result<(), ProcessorError> {
+        let _ = (dir, keys);
+        Ok(())
+    }
+
+    /// The last snapshot taken is durable: files only older snapshots
+    /// referred to may go.
+    fn checkpoint_saved(&mut self) {}
 }
 
 /// Stage 2 of a pipeline: turns one window's merged partial into points.

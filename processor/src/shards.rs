@@ -731,7 +731,7 @@ pub async fn run_combiner(
     )
     .await;
     match flushed {
-        Ok(r) => r,
+        Ok(r) => r.map(|_| ()),
         Err(_) => {
             tracing::warn!("The store did not take the last points in time; not checkpointing");
             Ok(())

@@ -307,6 +307,26 @@ impl Worker {
         })
     }
 
+    /// Lets each pipeline keep cold state in its own folder under `dir`
+    /// (see [`Pipeline::spill_to`]).
+    pub fn spill_to(
+        &mut self,
+        dir: &std::path::Path,
+        keys: Option<std::sync::Arc<tidemark_model::KeyRing>>,
+    ) -> Result<(), ProcessorError> {
+        for p in &mut self.pipelines {
+            p.spill_to(&dir.join(p.name()), keys.clone())?;
+        }
+        Ok(())
+    }
+
+    /// The last checkpoint taken is durable (see [`Pipeline::checkpoint_saved`]).
+    pub fn checkpoint_saved(&mut self) {
+        for p in &mut self.pipelines {
+            p.checkpoint_saved();
+        }
+    }
+
     /// Restores state from a checkpoint into registered partitions and the pipelines.
     pub fn restore(&mut self, cp: &Checkpoint) -> Result<(), ProcessorError> {
         self.wms.restore(&cp.watermarks);
