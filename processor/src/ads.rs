@@ -56,6 +56,7 @@
 //! [`spill`]): memory then holds only the last few minutes of it, and the
 //! outcomes are the same.
 
+mod join;
 mod spill;
 
 use std::collections::hash_map::Entry;
@@ -67,18 +68,17 @@ use std::time::Duration;
 
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
-use smallvec::{smallvec, SmallVec};
+use smallvec::smallvec;
 use tidemark_model::{
     Country, Device, Event, EventTime, EventType, FieldValue, KeyRing, Point, Tier, Watermark,
 };
-use xxhash_rust::xxh3::xxh3_128;
 
 use crate::error::ProcessorError;
-use crate::intern::Names;
 use crate::partial::{from_micros, row_key, to_micros, Partial, WindowId};
 use crate::pipeline::{Finisher, Pipeline};
 use crate::pipeline::{Measurement, PipelineSpec, StateReach};
 use crate::window::{millis, Slot, Tumbling};
+use join::{imp_key, Campaigns, ImpKey, Touch, Touches, UNKNOWN_CAMPAIGN_ID};
 use spill::{Side, Spill, SpillState};
 
 /// The tiers of the window sets, by [`WindowId::kind`].
@@ -90,10 +90,6 @@ const MAX_CLICKS_PER_IMPRESSION: usize = 16;
 /// Impression times remembered per impression id (ids should be unique; a
 /// repeated one keeps its newest impressions).
 const MAX_IMPRESSIONS_PER_ID: usize = 16;
-/// Tag value of an ad event without a campaign.
-const UNKNOWN_CAMPAIGN: &str = "unknown";
-/// Interned number of [`UNKNOWN_CAMPAIGN`].
-const UNKNOWN_CAMPAIGN_ID: u32 = 0;
 const MEASUREMENT: &str = "ads";
 /// Granularity of the eviction indexes, in milliseconds of event time.
 const INDEX_BUCKET_MS: i64 = 1_000;
@@ -152,45 +148,6 @@ fn split_agg_key(key: AggKey) -> (u32, u8, [u8; 2]) {
     )
 }
 
-/// The 128-bit XXH3 hash of an impression id: the join key (see the module
-/// documentation). Two halves rather than a `u128`, whose 16-byte alignment
-/// would pad every map entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-struct ImpKey(u64, u64);
-
-fn imp_key(id: &str) -> ImpKey {
-    let h = xxh3_128(id.as_bytes());
-    ImpKey((h >> 64) as u64, h as u64)
-}
-
-/// Campaign ids interned to numbers; number 0 is [`UNKNOWN_CAMPAIGN`].
-#[derive(Debug, Clone)]
-struct Campaigns(Names);
-
-impl Default for Campaigns {
-    fn default() -> Self {
-        Campaigns(Names::with_unknown(UNKNOWN_CAMPAIGN))
-    }
-}
-
-impl Campaigns {
-    fn intern(&mut self, name: &str) -> u32 {
-        self.0.intern(name)
-    }
-
-    fn intern_opt(&mut self, name: Option<&str>) -> u32 {
-        name.map_or(UNKNOWN_CAMPAIGN_ID, |n| self.intern(n))
-    }
-
-    fn name(&self, id: u32) -> &str {
-        self.0.name(id)
-    }
-
-    fn len(&self) -> usize {
-        self.0.len()
-    }
-}
-
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 struct Agg {
     impressions: i64,
@@ -204,62 +161,6 @@ struct Agg {
 
 /// One window's aggregates.
 type Aggs = FxHashMap<AggKey, Agg>;
-
-/// One impression or attributed click of an impression id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Touch {
-    time: i64,
-    campaign: u32,
-}
-
-/// The impressions (or clicks) of one impression id, ascending by time and
-/// with distinct times; nearly always one, which is kept inline.
-#[derive(Debug, Clone)]
-struct Touches(SmallVec<[Touch; 1]>);
-
-impl Touches {
-    fn one(t: Touch) -> Self {
-        Touches(smallvec![t])
-    }
-
-    fn as_slice(&self) -> &[Touch] {
-        &self.0
-    }
-
-    /// Adds `t`, keeping the newest `cap` (at least 2). A repeat of a time
-    /// already held is ignored. Whether `t` was added.
-    fn add(&mut self, t: Touch, cap: usize) -> bool {
-        let held = &mut self.0;
-        match held.binary_search_by_key(&t.time, |x| x.time) {
-            Ok(_) => false,
-            // Older than every one of a full set: it would go first.
-            Err(0) if held.len() >= cap.max(2) => false,
-            Err(pos) => {
-                held.insert(pos, t);
-                if held.len() > cap.max(2) {
-                    held.remove(0);
-                }
-                true
-            }
-        }
-    }
-
-    /// The latest touch at a time in `lo..=hi`.
-    fn latest_in(&self, lo: i64, hi: i64) -> Option<Touch> {
-        let s = self.as_slice();
-        let end = s.partition_point(|x| x.time <= hi);
-        s[..end].last().filter(|x| x.time >= lo).copied()
-    }
-
-    /// Drops the touches whose time is `expired`; whether none is left.
-    fn evict(&mut self, expired: impl Fn(i64) -> bool) -> bool {
-        self.0.retain(|t| !expired(t.time));
-        if self.0.spilled() && self.0.len() <= 1 {
-            self.0.shrink_to_fit();
-        }
-        self.0.is_empty()
-    }
-}
 
 /// Impression ids by second of a touch's time, for eviction in time order.
 type EvictionIndex = BTreeMap<i64, Vec<ImpKey>>;
@@ -1143,6 +1044,7 @@ impl PipelineSpec for AdsSpec {
 
 #[cfg(test)]
 mod tests {
+    use super::join::UNKNOWN_CAMPAIGN;
     use super::*;
     use crate::combiner::Combiner;
     use crate::solo::Solo;

@@ -32,7 +32,7 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
 use tidemark_model::KeyRing;
 
-use super::{Campaigns, ImpKey, Touch, Touches};
+use super::join::{Campaigns, ImpKey, Touch, Touches};
 use crate::error::ProcessorError;
 
 const MAGIC: &[u8; 4] = b"TDS1";
