@@ -655,6 +655,20 @@ mod tests {
         v
     }
 
+    /// A spill in a new folder holding `n` ids of `side` in one run, and the ids.
+    fn spilled(
+        n: u64,
+        side: Side,
+        keys: Option<Arc<KeyRing>>,
+    ) -> (tempfile::TempDir, Vec<(ImpKey, Vec<Touch>)>, Spill) {
+        let dir = tempfile::tempdir().unwrap();
+        let all = entries(n);
+        let refs: Vec<(ImpKey, &[Touch])> = all.iter().map(|(k, t)| (*k, &t[..])).collect();
+        let mut spill = Spill::new(dir.path(), keys).unwrap();
+        spill.write(side, &refs, &names()).unwrap();
+        (dir, all, spill)
+    }
+
     fn names() -> Campaigns {
         let mut c = Campaigns::default();
         c.intern("campaign-one");
@@ -663,11 +677,7 @@ mod tests {
     }
 
     fn write_and_find(keys: Option<Arc<KeyRing>>) {
-        let dir = tempfile::tempdir().unwrap();
-        let all = entries(2_000);
-        let refs: Vec<(ImpKey, &[Touch])> = all.iter().map(|(k, t)| (*k, &t[..])).collect();
-        let mut spill = Spill::new(dir.path(), keys.clone()).unwrap();
-        spill.write(Side::Impressions, &refs, &names()).unwrap();
+        let (dir, all, spill) = spilled(2_000, Side::Impressions, keys.clone());
         let state = spill.state().unwrap();
         let mut reopened = Spill::new(dir.path(), keys).unwrap();
         reopened.restore(state).unwrap();
@@ -701,11 +711,7 @@ mod tests {
     fn a_sealed_run_finds_what_was_written_and_holds_no_plain_records() {
         let ring = Arc::new(KeyRing::from_keys(&[(1, [7; 32])], Path::new("keys")));
         write_and_find(Some(ring.clone()));
-        let dir = tempfile::tempdir().unwrap();
-        let all = entries(10);
-        let refs: Vec<(ImpKey, &[Touch])> = all.iter().map(|(k, t)| (*k, &t[..])).collect();
-        let mut spill = Spill::new(dir.path(), Some(ring)).unwrap();
-        spill.write(Side::Clicks, &refs, &names()).unwrap();
+        let (dir, all, _spill) = spilled(10, Side::Clicks, Some(ring));
         let bytes = fs::read(dir.path().join(run_name(0))).unwrap();
         let needle = all[0].0 .0.to_le_bytes();
         assert!(!bytes.windows(8).any(|w| w == needle));
@@ -714,11 +720,7 @@ mod tests {
 
     #[test]
     fn taken_ids_are_gone_from_their_run_and_the_tombstone_is_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let all = entries(100);
-        let refs: Vec<(ImpKey, &[Touch])> = all.iter().map(|(k, t)| (*k, &t[..])).collect();
-        let mut spill = Spill::new(dir.path(), None).unwrap();
-        spill.write(Side::Clicks, &refs, &names()).unwrap();
+        let (dir, all, mut spill) = spilled(100, Side::Clicks, None);
         let mut here = Campaigns::default();
         assert!(spill
             .take(Side::Clicks, all[5].0, |_| true, &mut here)
@@ -742,11 +744,7 @@ mod tests {
 
     #[test]
     fn an_expired_run_is_deleted_only_after_a_checkpoint_without_it_is_saved() {
-        let dir = tempfile::tempdir().unwrap();
-        let all = entries(10);
-        let refs: Vec<(ImpKey, &[Touch])> = all.iter().map(|(k, t)| (*k, &t[..])).collect();
-        let mut spill = Spill::new(dir.path(), None).unwrap();
-        spill.write(Side::Impressions, &refs, &names()).unwrap();
+        let (dir, _all, mut spill) = spilled(10, Side::Impressions, None);
         let file = dir.path().join(run_name(0));
         let before = spill.state().unwrap();
         spill.expire(Side::Impressions, |_| true);
@@ -766,11 +764,7 @@ mod tests {
 
     #[test]
     fn damage_is_an_error_naming_the_file_never_a_panic() {
-        let dir = tempfile::tempdir().unwrap();
-        let all = entries(500);
-        let refs: Vec<(ImpKey, &[Touch])> = all.iter().map(|(k, t)| (*k, &t[..])).collect();
-        let mut spill = Spill::new(dir.path(), None).unwrap();
-        spill.write(Side::Impressions, &refs, &names()).unwrap();
+        let (dir, all, spill) = spilled(500, Side::Impressions, None);
         let state = spill.state().unwrap();
         let path = dir.path().join(run_name(0));
         let mut bytes = fs::read(&path).unwrap();
