@@ -45,7 +45,7 @@ export const samples: WireSamples = {
             "revenue": 80,
             "roas": 6.4,
             "spend": 12.5,
-            "t": "2026-12-03T10:00:00Z"
+            "t": "2026-12-03T00:00:00Z"
           },
           {
             "clicks": 62,
@@ -58,7 +58,7 @@ export const samples: WireSamples = {
             "revenue": 160,
             "roas": 6.4,
             "spend": 25,
-            "t": "2026-12-03T10:01:00Z"
+            "t": "2026-12-03T00:01:00Z"
           }
         ],
         "tags": {
@@ -78,7 +78,7 @@ export const samples: WireSamples = {
             "revenue": 80,
             "roas": 6.4,
             "spend": 12.5,
-            "t": "2026-12-03T10:00:00Z"
+            "t": "2026-12-03T00:00:00Z"
           },
           {
             "clicks": 62,
@@ -91,7 +91,7 @@ export const samples: WireSamples = {
             "revenue": 160,
             "roas": 6.4,
             "spend": 25,
-            "t": "2026-12-03T10:01:00Z"
+            "t": "2026-12-03T00:01:00Z"
           }
         ],
         "tags": {
@@ -130,9 +130,9 @@ export const samples: WireSamples = {
         "spend": 1.5
       }
     ],
-    "from": "2026-12-03T10:00:00Z",
+    "from": "2026-12-03T00:00:00Z",
     "step": "1m",
-    "to": "2026-12-03T10:02:00Z"
+    "to": "2026-12-03T00:02:00Z"
   },
   "rest_engagement": {
     "group_by": "segment",
@@ -146,7 +146,7 @@ export const samples: WireSamples = {
             "events_per_session": 7.25,
             "sessions_ended": 2,
             "sessions_started": 4,
-            "t": "2026-12-03T10:00:00Z"
+            "t": "2026-12-03T00:00:00Z"
           },
           {
             "active_sessions": 24,
@@ -155,7 +155,7 @@ export const samples: WireSamples = {
             "events_per_session": 7.25,
             "sessions_ended": 4,
             "sessions_started": 8,
-            "t": "2026-12-03T10:01:00Z"
+            "t": "2026-12-03T00:01:00Z"
           }
         ],
         "tags": {
@@ -171,7 +171,7 @@ export const samples: WireSamples = {
             "events_per_session": null,
             "sessions_ended": 0,
             "sessions_started": 1,
-            "t": "2026-12-03T10:00:00Z"
+            "t": "2026-12-03T00:00:00Z"
           },
           {
             "active_sessions": 10,
@@ -180,7 +180,7 @@ export const samples: WireSamples = {
             "events_per_session": null,
             "sessions_ended": 0,
             "sessions_started": 2,
-            "t": "2026-12-03T10:01:00Z"
+            "t": "2026-12-03T00:01:00Z"
           }
         ],
         "tags": {
@@ -201,11 +201,11 @@ export const samples: WireSamples = {
       {
         "points": [
           {
-            "t": "2026-12-03T10:00:00Z",
+            "t": "2026-12-03T00:00:00Z",
             "v": 40
           },
           {
-            "t": "2026-12-03T10:01:00Z",
+            "t": "2026-12-03T00:01:00Z",
             "v": 80
           }
         ],
@@ -216,11 +216,11 @@ export const samples: WireSamples = {
       {
         "points": [
           {
-            "t": "2026-12-03T10:00:00Z",
+            "t": "2026-12-03T00:00:00Z",
             "v": 100
           },
           {
-            "t": "2026-12-03T10:01:00Z",
+            "t": "2026-12-03T00:01:00Z",
             "v": 200
           }
         ],
@@ -412,9 +412,9 @@ export const samples: WireSamples = {
     ]
   },
   "rest_trending": {
-    "end": "2026-12-03T10:06:00Z",
+    "end": "2026-12-03T00:06:00Z",
     "final": true,
-    "start": "2026-12-03T10:01:00Z",
+    "start": "2026-12-03T00:01:00Z",
     "tags": [
       {
         "events": 720,
@@ -434,32 +434,32 @@ export const samples: WireSamples = {
     "window": "5m"
   },
   "rest_trending_empty": {
-    "end": "2026-12-03T10:02:00Z",
+    "end": "2026-12-03T00:02:00Z",
     "final": true,
-    "start": "2026-12-03T10:01:00Z",
+    "start": "2026-12-03T00:01:00Z",
     "tags": [],
     "window": "1m"
   },
   "rest_trending_tag": {
-    "from": "2026-12-03T10:00:00Z",
+    "from": "2026-12-03T00:00:00Z",
     "points": [
       {
         "events": 360,
         "rank": 1,
         "score": 3,
-        "t": "2026-12-03T10:00:00Z",
+        "t": "2026-12-03T00:00:00Z",
         "users": 120
       },
       {
         "events": 720,
         "rank": 1,
         "score": 6,
-        "t": "2026-12-03T10:01:00Z",
+        "t": "2026-12-03T00:01:00Z",
         "users": 240
       }
     ],
     "tag": "rust",
-    "to": "2026-12-03T10:02:00Z",
+    "to": "2026-12-03T00:02:00Z",
     "window": "5m"
   },
   "rest_users": {
@@ -546,7 +546,7 @@ export const samples: WireSamples = {
       },
       "day": "2026-12-03T00:00:00Z",
       "final": true,
-      "minute": "2026-12-03T10:01:00Z",
+      "minute": "2026-12-03T00:01:00Z",
       "today": {
         "by_country": {
           "DE": {
@@ -662,7 +662,7 @@ export const samples: WireSamples = {
         }
       },
       "final": false,
-      "minute": "2026-12-03T10:02:00Z"
+      "minute": "2026-12-03T00:02:00Z"
     },
     "seq": 8,
     "type": "update"
@@ -722,7 +722,7 @@ export const samples: WireSamples = {
       },
       "day": "2026-12-03T00:00:00Z",
       "final": true,
-      "minute": "2026-12-03T10:01:00Z"
+      "minute": "2026-12-03T00:01:00Z"
     },
     "seq": 7,
     "type": "snapshot"
@@ -748,7 +748,7 @@ export const samples: WireSamples = {
         }
       },
       "final": false,
-      "minute": "2026-12-03T10:02:00Z"
+      "minute": "2026-12-03T00:02:00Z"
     },
     "seq": 8,
     "type": "update"
@@ -773,7 +773,7 @@ export const samples: WireSamples = {
           "sessions_started": 8
         }
       },
-      "minute": "2026-12-03T10:01:00Z"
+      "minute": "2026-12-03T00:01:00Z"
     },
     "seq": 7,
     "type": "snapshot"
@@ -795,7 +795,7 @@ export const samples: WireSamples = {
           "sessions_started": 12
         }
       },
-      "minute": "2026-12-03T10:02:00Z"
+      "minute": "2026-12-03T00:02:00Z"
     },
     "seq": 8,
     "type": "update"
@@ -809,14 +809,23 @@ export const samples: WireSamples = {
     "channel": "overview",
     "data": {
       "windows": {
-        "2026-12-03T10:01:00Z": {
+        "2026-12-03T00:00:00Z": {
+          "active_users": 30,
+          "final": true,
+          "traffic": {
+            "like": 40,
+            "view": 100
+          },
+          "window_start": "2026-12-03T00:00:00Z"
+        },
+        "2026-12-03T00:01:00Z": {
           "active_users": 60,
           "final": true,
           "traffic": {
             "like": 80,
             "view": 200
           },
-          "window_start": "2026-12-03T10:01:00Z"
+          "window_start": "2026-12-03T00:01:00Z"
         }
       }
     },
@@ -827,14 +836,14 @@ export const samples: WireSamples = {
     "channel": "overview",
     "data": {
       "windows": {
-        "2026-12-03T10:02:00Z": {
+        "2026-12-03T00:02:00Z": {
           "active_users": 90,
           "final": false,
           "traffic": {
             "like": 120,
             "view": 300
           },
-          "window_start": "2026-12-03T10:02:00Z"
+          "window_start": "2026-12-03T00:02:00Z"
         }
       }
     },
@@ -844,9 +853,9 @@ export const samples: WireSamples = {
   "ws_trending_snapshot": {
     "channel": "trending:5m",
     "data": {
-      "end": "2026-12-03T10:06:00Z",
+      "end": "2026-12-03T00:06:00Z",
       "final": true,
-      "start": "2026-12-03T10:01:00Z",
+      "start": "2026-12-03T00:01:00Z",
       "tags": [
         {
           "events": 720,
@@ -871,9 +880,9 @@ export const samples: WireSamples = {
   "ws_trending_update": {
     "channel": "trending:5m",
     "data": {
-      "end": "2026-12-03T10:07:00Z",
+      "end": "2026-12-03T00:07:00Z",
       "final": false,
-      "start": "2026-12-03T10:02:00Z",
+      "start": "2026-12-03T00:02:00Z",
       "tags": [
         {
           "events": 1080,
