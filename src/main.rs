@@ -2,6 +2,14 @@
 
 use clap::Parser as _;
 
+// jemalloc: its statistics tell live allocations from resident pages (what
+// `bench soak` reports, to tell state from fragmentation), and it hands
+// freed pages back to the system after a few seconds, where glibc's
+// per-thread arenas may keep them for good.
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> anyhow::Result<()> {
     #[cfg(feature = "kafka")]
     tidemark::config_file::apply(&std::env::args_os().collect::<Vec<_>>())?;

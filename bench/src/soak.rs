@@ -2,8 +2,9 @@
 //! embedded log, both processor stages with checkpoints, SQLite, live
 //! updates) in this process under a steady offered load of `--rate` events a
 //! second for `--minutes`. Every minute it prints one JSON line: resident
-//! memory, lag, events processed a second, and the state in the newest
-//! checkpoint; at the end a summary whose `rss_growth_after_minute_10_pct`
+//! memory, lag, events processed a second, the state in the newest
+//! checkpoint, and what the allocator holds (live bytes, and the pages it
+//! keeps for them); at the end a summary whose `rss_growth_after_minute_10_pct`
 //! is the memory limit's figure (under 5 %).
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -59,10 +60,13 @@ pub(crate) async fn run(args: &BenchArgs) -> anyhow::Result<Value> {
         let seconds = now.duration_since(last_at).as_secs_f64();
         let processed = sample(&text, "tidemark_processor_events_total");
         let accepted = load.accepted.load(Ordering::Relaxed);
+        let heap = heap_bytes();
         let line = json!({
             "bench": "soak",
             "minute": minute,
             "rss_bytes": rss_bytes(),
+            "heap_allocated_bytes": heap.map(|h| h.allocated),
+            "heap_resident_bytes": heap.map(|h| h.resident),
             "lag_records": sample(&text, "tidemark_processor_lag_records") as u64,
             "watermark_delay_seconds": round1(sample(&text, "tidemark_processor_watermark_delay_seconds")),
             "events_per_sec": ((processed - last_processed) / seconds).round(),
@@ -109,7 +113,10 @@ fn soak_summary(args: &BenchArgs, minutes: &[Value], seconds: f64) -> Value {
             "rss_growth_after_minute_10_pct": growth.map(round1),
             "rss_growth_limit_pct": RSS_GROWTH_LIMIT_PCT,
             "within_memory_limit": growth.map(|g| g < RSS_GROWTH_LIMIT_PCT),
+            "state_bytes_minute_10": minutes.get(WARM_MINUTES - 1).map(|m| m["state_bytes"].clone()),
             "state_bytes_last": minutes.last().map(|m| m["state_bytes"].clone()),
+            "heap_allocated_bytes_minute_10": minutes.get(WARM_MINUTES - 1).map(|m| m["heap_allocated_bytes"].clone()),
+            "heap_allocated_bytes_last": minutes.last().map(|m| m["heap_allocated_bytes"].clone()),
         }),
     )
 }
@@ -188,6 +195,31 @@ fn rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// What the allocator holds: bytes in live allocations, and the pages it
+/// keeps resident for them. RSS growing while `allocated` stays flat is
+/// fragmentation, not state.
+#[derive(Debug, Clone, Copy)]
+struct Heap {
+    allocated: u64,
+    resident: u64,
+}
+
+#[cfg(not(target_env = "msvc"))]
+fn heap_bytes() -> Option<Heap> {
+    use tikv_jemalloc_ctl::{epoch, stats};
+    // The statistics are a snapshot taken at the last epoch.
+    epoch::advance().ok()?;
+    Some(Heap {
+        allocated: stats::allocated::read().ok()? as u64,
+        resident: stats::resident::read().ok()? as u64,
+    })
+}
+
+#[cfg(target_env = "msvc")]
+fn heap_bytes() -> Option<Heap> {
+    None
 }
 
 fn round1(x: f64) -> f64 {
