@@ -1,13 +1,21 @@
 //! Per-partition duplicate detection by `event_id` within a bounded event-time
-//! horizon. Ids are kept as 64-bit hashes in one-minute buckets of event time,
-//! and whole buckets are evicted once the partition's watermark has moved
-//! past them by the horizon.
+//! horizon. Ids are kept as 64-bit hashes in one set per minute of event
+//! time, and whole minutes are forgotten once the partition's watermark has
+//! moved past them by the horizon.
+//!
+//! One set per minute, rather than one set of every id plus a list per
+//! minute, keeps each id once, and keeps memory flat once the horizon is
+//! full: a minute's set is built as the minute fills and dropped whole, where
+//! one big set doubled its table whenever the ids of the horizon outgrew it,
+//! and never gave the room back. A lookup probes every minute's set (the
+//! horizon's eleven or so), newest first.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rustc_hash::FxHashSet;
+use serde::de::{SeqAccess, Visitor};
 use serde::ser::SerializeSeq;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use tidemark_model::{EventTime, Watermark};
@@ -16,62 +24,49 @@ use tidemark_model::{EventTime, Watermark};
 pub const DEFAULT_HORIZON: Duration = Duration::from_secs(600);
 
 const BUCKET_MS: i64 = 60_000;
-/// Ids per chunk of a [`Bucket`].
-const CHUNK: usize = 16_384;
 
-/// The ids of one minute of event time, in chunks shared with the snapshots
-/// taken of them: a snapshot copies pointers, not ids, and a chunk a
-/// snapshot holds is never written again (the next id starts a new one).
-/// Encoded as one sequence of ids, as a plain vector would be.
-#[derive(Debug, Clone, Default)]
-pub struct Bucket(Vec<Arc<Vec<u64>>>);
+/// The ids of one minute of event time, shared with the snapshots taken of
+/// them: a snapshot copies a pointer, and the first id added to the minute
+/// after a snapshot copies that minute's set alone (the current one, and
+/// rarely the one before). Encoded as one sequence of ids.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Ids(Arc<FxHashSet<u64>>);
 
-impl Bucket {
-    fn push(&mut self, h: u64) {
-        if let Some(last) = self.0.last_mut() {
-            if last.len() < CHUNK {
-                if let Some(chunk) = Arc::get_mut(last) {
-                    chunk.push(h);
-                    return;
-                }
-            }
-        }
-        let mut chunk = Vec::with_capacity(CHUNK);
-        chunk.push(h);
-        self.0.push(Arc::new(chunk));
-    }
-
-    fn iter(&self) -> impl Iterator<Item = u64> + '_ {
-        self.0.iter().flat_map(|chunk| chunk.iter().copied())
-    }
-
+impl Ids {
     fn len(&self) -> usize {
-        self.0.iter().map(|chunk| chunk.len()).sum()
+        self.0.len()
     }
 }
 
-impl PartialEq for Bucket {
-    fn eq(&self, other: &Self) -> bool {
-        self.len() == other.len() && self.iter().eq(other.iter())
-    }
-}
-
-impl Serialize for Bucket {
+impl Serialize for Ids {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut seq = serializer.serialize_seq(Some(self.len()))?;
-        for h in self.iter() {
-            seq.serialize_element(&h)?;
+        let mut seq = serializer.serialize_seq(Some(self.0.len()))?;
+        for h in self.0.iter() {
+            seq.serialize_element(h)?;
         }
         seq.end()
     }
 }
 
-impl<'de> Deserialize<'de> for Bucket {
+impl<'de> Deserialize<'de> for Ids {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let ids = Vec::<u64>::deserialize(deserializer)?;
-        Ok(Bucket(
-            ids.chunks(CHUNK).map(|c| Arc::new(c.to_vec())).collect(),
-        ))
+        struct IdsVisitor;
+        impl<'de> Visitor<'de> for IdsVisitor {
+            type Value = Ids;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a sequence of event id hashes")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Ids, A::Error> {
+                // Capped: a damaged length must not reserve gigabytes.
+                let hint = seq.size_hint().unwrap_or(0).min(1 << 20);
+                let mut set = FxHashSet::with_capacity_and_hasher(hint, rustc_hash::FxBuildHasher);
+                while let Some(h) = seq.next_element::<u64>()? {
+                    set.insert(h);
+                }
+                Ok(Ids(Arc::new(set)))
+            }
+        }
+        deserializer.deserialize_seq(IdsVisitor)
     }
 }
 
@@ -79,23 +74,22 @@ impl<'de> Deserialize<'de> for Bucket {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(from = "DedupSnapshot", into = "DedupSnapshot")]
 pub struct PartitionDedup {
-    seen: FxHashSet<u64>,
-    buckets: BTreeMap<i64, Bucket>,
+    /// By minute of event time (epoch minutes).
+    buckets: BTreeMap<i64, Ids>,
+    len: usize,
 }
 
-/// What a checkpoint keeps of a [`PartitionDedup`]: the buckets alone, from
-/// which the set is rebuilt. Taking one shares the buckets' chunks, so the
-/// worker waits at its barrier for no copy of the ids.
+/// What a checkpoint keeps of a [`PartitionDedup`]: its minutes, shared, so
+/// the worker waits at its barrier for no copy of the ids.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct DedupSnapshot {
-    buckets: BTreeMap<i64, Bucket>,
+    buckets: BTreeMap<i64, Ids>,
 }
 
 impl From<DedupSnapshot> for PartitionDedup {
     fn from(s: DedupSnapshot) -> Self {
-        let seen = s.buckets.values().flat_map(Bucket::iter).collect();
         PartitionDedup {
-            seen,
+            len: s.buckets.values().map(Ids::len).sum(),
             buckets: s.buckets,
         }
     }
@@ -132,24 +126,32 @@ impl PartitionDedup {
         xxhash_rust::xxh3::xxh3_64(event_id.as_bytes())
     }
 
+    #[inline]
+    fn contains(&self, h: u64) -> bool {
+        // Newest first: a retried event is usually a recent one.
+        self.buckets.values().rev().any(|ids| ids.0.contains(&h))
+    }
+
     /// Looks the hashes up without changing anything, so that a run of
     /// [`PartitionDedup::check_and_insert_hash`] after it finds them cached.
     pub fn warm(&self, hashes: &[u64]) {
-        let found = hashes.iter().filter(|h| self.seen.contains(h)).count();
+        let found = hashes.iter().filter(|&&h| self.contains(h)).count();
         std::hint::black_box(found);
     }
 
     /// [`PartitionDedup::check_and_insert`] by the id's [`PartitionDedup::hash`].
     #[inline]
     pub fn check_and_insert_hash(&mut self, h: u64, ts: EventTime) -> bool {
-        if !self.seen.insert(h) {
+        if self.contains(h) {
             return false;
         }
         let bucket = ts.0.div_euclid(BUCKET_MS);
-        match self.buckets.last_entry() {
-            Some(mut e) if *e.key() == bucket => e.get_mut().push(h),
-            _ => self.buckets.entry(bucket).or_default().push(h),
-        }
+        let ids = match self.buckets.last_entry() {
+            Some(e) if *e.key() == bucket => e.into_mut(),
+            _ => self.buckets.entry(bucket).or_default(),
+        };
+        Arc::make_mut(&mut ids.0).insert(h);
+        self.len += 1;
         true
     }
 
@@ -161,19 +163,17 @@ impl PartitionDedup {
             if bucket_end > cutoff {
                 break;
             }
-            for h in e.remove().iter() {
-                self.seen.remove(&h);
-            }
+            self.len -= e.remove().len();
         }
     }
 
     /// Number of remembered ids.
     pub fn len(&self) -> usize {
-        self.seen.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.seen.is_empty()
+        self.len == 0
     }
 }
 
@@ -196,29 +196,35 @@ mod tests {
     }
 
     #[test]
-    fn a_snapshot_shares_chunks_and_keeps_the_ids_it_was_taken_with() {
+    fn a_snapshot_shares_minutes_and_keeps_the_ids_it_was_taken_with() {
         let mut d = PartitionDedup::new();
-        let n = CHUNK as u64 + 10;
-        for i in 0..n {
+        for i in 0..100 {
             d.check_and_insert_hash(i, EventTime(5));
+            d.check_and_insert_hash(1_000 + i, EventTime(60_005));
         }
         let snap = d.snapshot();
-        for i in n..n + 5 {
-            d.check_and_insert_hash(i, EventTime(5));
+        for i in 200..205 {
+            d.check_and_insert_hash(i, EventTime(60_005));
         }
-        let bucket = &snap.buckets[&0];
-        assert_eq!(bucket.len(), n as usize);
-        assert!(Arc::ptr_eq(&bucket.0[0], &d.buckets[&0].0[0]));
-        assert_eq!(d.buckets[&0].len(), n as usize + 5);
-        // Encoded as one plain sequence, whatever the chunks.
-        let plain: Vec<u64> = (0..n).collect();
-        assert_eq!(
-            bincode::serialize(bucket).unwrap(),
-            bincode::serialize(&plain).unwrap()
-        );
+        // The minute written after the snapshot was copied; the other is shared.
+        assert!(Arc::ptr_eq(&snap.buckets[&0].0, &d.buckets[&0].0));
+        assert!(!Arc::ptr_eq(&snap.buckets[&1].0, &d.buckets[&1].0));
+        assert_eq!((snap.buckets[&1].len(), d.buckets[&1].len()), (100, 105));
+        assert_eq!(d.len(), 205);
         let back: DedupSnapshot =
             bincode::deserialize(&bincode::serialize(&snap).unwrap()).unwrap();
         assert_eq!(back, snap);
+    }
+
+    #[test]
+    fn a_minute_reads_from_the_encoding_of_a_plain_list_of_ids() {
+        // The encoding of earlier versions, which kept each minute as a list.
+        let older: BTreeMap<i64, Vec<u64>> = [(0, vec![7, 8]), (1, vec![9])].into();
+        let d: PartitionDedup = bincode::deserialize(&bincode::serialize(&older).unwrap()).unwrap();
+        assert_eq!(d.len(), 3);
+        let mut d = d;
+        assert!(!d.check_and_insert_hash(9, EventTime(5)));
+        assert!(d.check_and_insert_hash(10, EventTime(5)));
     }
 
     #[test]
