@@ -274,17 +274,22 @@ impl Run {
         }
         fs::rename(&tmp, &path)?;
         File::open(dir)?.sync_all()?;
-        Ok(Run {
+        let file = File::open(&path)?;
+        Ok(Run::from_footer(id, path, file, footer))
+    }
+
+    fn from_footer(id: u64, path: PathBuf, file: File, footer: Footer) -> Run {
+        Run {
             id,
-            side,
-            file: File::open(&path)?,
+            side: footer.side,
+            file,
             path,
             newest: footer.newest,
             records: footer.records,
             campaigns: footer.campaigns,
             blocks: footer.blocks,
             bloom: footer.bloom,
-        })
+        }
     }
 
     /// Opens run `id` in `dir`, checking its trailer and footer.
@@ -322,17 +327,7 @@ impl Run {
         {
             return Err(corrupt(&path, "Bloom filter size"));
         }
-        Ok(Run {
-            id,
-            side: footer.side,
-            file,
-            path,
-            newest: footer.newest,
-            records: footer.records,
-            campaigns: footer.campaigns,
-            blocks: footer.blocks,
-            bloom: footer.bloom,
-        })
+        Ok(Run::from_footer(id, path, file, footer))
     }
 
     /// The records of `key`, as (time, campaign name index).
