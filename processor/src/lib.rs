@@ -24,6 +24,7 @@ mod error;
 pub mod hll;
 mod intern;
 pub mod partial;
+pub mod patterns;
 pub mod pipeline;
 mod read_loop;
 pub mod registry;
