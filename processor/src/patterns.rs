@@ -206,6 +206,16 @@ struct Chain {
     last: Option<(i64, bool)>,
 }
 
+impl Chain {
+    /// Whether no event decided from now on (every one at or after
+    /// `before`) can reach back to this chain: nothing undecided is left,
+    /// and the newest decided event is more than `within` before.
+    fn out_of_reach(&self, before: i64, within: i64) -> bool {
+        self.decided == self.seen.len()
+            && (self.last).is_none_or(|(t, _)| t < before.saturating_sub(within))
+    }
+}
+
 /// Which chain: user hash, pattern index, interned group value (0 = none).
 type ChainKey = (u64, u8, u32);
 
@@ -392,11 +402,7 @@ impl PatternsPipeline {
                 Some(next) => {
                     self.due.insert((next.time, key));
                 }
-                // Nothing left that a later event's window could reach.
-                None if chain
-                    .last
-                    .is_none_or(|(t, _)| t < before.saturating_sub(within)) =>
-                {
+                None if chain.out_of_reach(before, within) => {
                     self.chains.remove(&key);
                 }
                 None => {}
@@ -420,12 +426,9 @@ impl PatternsPipeline {
             times.drain(..keep_from);
             !times.is_empty()
         });
-        // Chains whose newest decided event is out of reach.
-        let reach = self.config.longest_within().as_millis() as i64;
-        self.chains.retain(|_, c| {
-            c.decided < c.seen.len()
-                || c.last
-                    .is_some_and(|(t, _)| t >= before.saturating_sub(reach))
+        self.chains.retain(|&(_, index, _), c| {
+            let within = patterns.get(index as usize).map_or(0, Pattern::within_ms);
+            !c.out_of_reach(before, within)
         });
     }
 
