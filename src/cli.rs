@@ -99,6 +99,8 @@ pub struct RunArgs {
     pub access: AccessArgs,
     #[command(flatten)]
     pub rate_limit: RateLimitArgs,
+    #[command(flatten)]
+    pub alerts: tidemark_ws_server::alerting::AlertArgs,
 }
 
 #[derive(Debug, Args)]
@@ -176,6 +178,7 @@ fn run_config(args: RunArgs, fallback_key: impl FnOnce() -> String) -> anyhow::R
         early_interval: args.early_interval,
         access: args.access,
         keys,
+        alerts: args.alerts,
     })
 }
 

@@ -61,9 +61,13 @@ pub struct BenchArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "traffic,engagement,trending,ads"
+        default_value = "traffic,engagement,trending,ads,patterns"
     )]
     pub pipelines: Vec<String>,
+    /// Business alert rules (TOML) the combiner evaluates in `pipeline` and
+    /// `process`, e.g. `bench/alert-rules.toml`.
+    #[arg(long)]
+    pub alert_rules: Option<std::path::PathBuf>,
     /// Distinct users of generated events.
     #[arg(long, default_value_t = 1_000_000)]
     pub users: usize,

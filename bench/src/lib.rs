@@ -200,9 +200,22 @@ async fn bench_log(args: &BenchArgs) -> anyhow::Result<Value> {
     ))
 }
 
-async fn bench_pipeline(args: &BenchArgs) -> anyhow::Result<Value> {
+/// The pipelines of `--pipelines`, with the rules of `--alert-rules`.
+fn pipeline_set(args: &BenchArgs) -> anyhow::Result<PipelineSet> {
     let set = PipelineSet::named(&args.pipelines, DriverConfig::default().allowed_lateness)
         .map_err(anyhow::Error::msg)?;
+    let Some(path) = &args.alert_rules else {
+        return Ok(set);
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the alert rules {}", path.display()))?;
+    let rules = tidemark_processor::alerts::AlertRules::from_toml(&text)?;
+    Ok(set.with_alert_rules(Arc::new(rules)))
+}
+
+async fn bench_pipeline(args: &BenchArgs) -> anyhow::Result<Value> {
+    let set = pipeline_set(args)?;
+    let alert_rules = set.alert_rules().map_or(0, |r| r.rules().len());
     let scratch = tempfile::tempdir()?;
     let (dir, reuse) = match &args.log_dir {
         Some(dir) => (dir.clone(), dir.join("log").exists()),
@@ -241,6 +254,7 @@ async fn bench_pipeline(args: &BenchArgs) -> anyhow::Result<Value> {
             "peak_rss_bytes": peak_rss_bytes(),
             "cpu_seconds": cpu_seconds,
             "pipelines": args.pipelines,
+            "alert_rules": alert_rules,
             "encrypted": encrypted,
         }),
     ))
@@ -419,8 +433,7 @@ async fn bench_process(args: &BenchArgs, kafka: Option<KafkaLogOpener>) -> anyho
         .influx_url
         .clone()
         .context("bench process needs --influx-url")?;
-    let set = PipelineSet::named(&args.pipelines, DriverConfig::default().allowed_lateness)
-        .map_err(anyhow::Error::msg)?;
+    let set = pipeline_set(args)?;
     let mut events = load_events(args)?;
     // Event times ending now, as in a live run.
     if let Some(last) = events.iter().map(|e| e.timestamp).max() {
@@ -466,6 +479,7 @@ async fn bench_process(args: &BenchArgs, kafka: Option<KafkaLogOpener>) -> anyho
         early_interval: args.early_interval,
         access: Default::default(),
         keys: args.encryption.keys()?,
+        alerts: Default::default(),
     };
     let (store, _) = app::open_store(&config.store, &cancel).await?;
     let registry = prometheus::Registry::new();
@@ -681,6 +695,7 @@ impl InProcess {
             early_interval: args.early_interval,
             access: Default::default(),
             keys: args.encryption.keys()?,
+            alerts: Default::default(),
         };
         let (token, _) =
             tidemark_ws_server::auth::UsersFile::new(config.access.users_file(&config.data_dir))

@@ -17,6 +17,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tidemark_model::{EventTime, Point, Watermark};
 
+use crate::alerts::AlertEngine;
 use crate::error::ProcessorError;
 use crate::partial::{Partial, WindowId};
 use crate::pipeline::Finisher;
@@ -70,6 +71,7 @@ impl Step {
         windows: &mut BTreeMap<WindowId, Slot>,
         horizon_ms: i64,
         out: &mut Vec<Point>,
+        mut closed: Option<&mut Vec<Vec<Point>>>,
     ) {
         // Corrections of fired windows first: what closes below must see them.
         for (id, slot) in windows.iter_mut() {
@@ -121,6 +123,11 @@ impl Step {
             if action == CLOSE {
                 f.on_closed(&merged);
                 slot.closed = true;
+                if let Some(closed) = closed.as_deref_mut() {
+                    let mut points = Vec::new();
+                    f.finish(&merged, &mut points);
+                    closed.push(points);
+                }
             } else if close_at(&id) <= wm.0 {
                 merged_to_close.insert(id, merged);
             }
@@ -155,7 +162,28 @@ pub struct Combiner {
     /// Per pipeline (the index is `WindowId::pipeline`): its windows.
     windows: Vec<BTreeMap<WindowId, Slot>>,
     late_partials: u64,
+    /// The pipelines' names, by index: a checkpoint is restored by name,
+    /// so pipelines can be added (empty: by position, counts equal).
+    names: Vec<&'static str>,
+    /// The alert rules over closed windows, and which pipelines they read.
+    alerts: Option<(AlertEngine, Vec<bool>)>,
 }
+
+/// What [`Combiner::snapshot`] writes since pipelines are named: the magic,
+/// then bincode of [`NamedState`]. An older snapshot is a bare
+/// [`CombinerState`], whose first bytes (the worker count) never spell it.
+const NAMED_MAGIC: &[u8; 4] = b"TCB2";
+
+#[derive(Serialize, Deserialize)]
+struct NamedState {
+    names: Vec<String>,
+    state: CombinerState,
+    alerts: Option<Vec<u8>>,
+}
+
+/// The pipelines of the default set before `patterns` joined it: an unnamed
+/// checkpoint of four pipelines is theirs.
+const FIRST_BUILTINS: [&str; 4] = ["traffic", "engagement", "trending", "ads"];
 
 impl std::fmt::Debug for Combiner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -185,7 +213,31 @@ impl Combiner {
             worker_idle: vec![false; workers],
             last_wm: EventTime::MIN,
             late_partials: 0,
+            names: Vec::new(),
+            alerts: None,
         }
+    }
+
+    /// Names the pipelines (in the finishers' order), so that a checkpoint
+    /// taken with another set of pipelines restores those they share.
+    pub fn named(mut self, names: Vec<&'static str>) -> Self {
+        self.names = names;
+        self
+    }
+
+    /// Evaluates `engine`'s rules over the closed windows of the pipelines
+    /// marked in `reads` (by index).
+    pub fn with_alerts(mut self, engine: AlertEngine, reads: Vec<bool>) -> Self {
+        self.alerts = Some((engine, reads));
+        self
+    }
+
+    /// Series firing now per alert rule (empty without rules).
+    pub fn alerts_firing(&self) -> BTreeMap<&str, usize> {
+        self.alerts
+            .as_ref()
+            .map(|(engine, _)| engine.firing())
+            .unwrap_or_default()
     }
 
     /// The number of workers it merges.
@@ -338,6 +390,14 @@ impl Combiner {
             to: wm.max(self.last_wm),
             grace_ms: self.grace_ms,
         };
+        let reads: Vec<bool> = match &self.alerts {
+            Some((_, reads)) => (0..self.finishers.len())
+                .map(|i| reads.get(i).copied().unwrap_or(false))
+                .collect(),
+            None => vec![false; self.finishers.len()],
+        };
+        // Per pipeline, the points of each window it closed, for the rules.
+        let mut closed: Vec<Vec<Vec<Point>>> = vec![Vec::new(); self.finishers.len()];
         // The end of a bounded input closes everything at once: the
         // pipelines are independent, so each closes on its own thread.
         let at_once = step.to == EventTime::MAX && self.finishers.len() > 1;
@@ -345,19 +405,21 @@ impl Combiner {
             .finishers
             .iter_mut()
             .zip(self.windows.iter_mut())
-            .zip(&self.horizons_ms);
+            .zip(&self.horizons_ms)
+            .zip(closed.iter_mut().zip(&reads));
         if at_once {
             let mut outs: Vec<Vec<Point>> = Vec::new();
             let mut left: Vec<usize> = Vec::new();
             std::thread::scope(|scope| {
                 let handles: Vec<_> = pipelines
                     .enumerate()
-                    .map(|(i, ((f, windows), &horizon_ms))| {
+                    .map(|(i, (((f, windows), &horizon_ms), (closed, &reads)))| {
                         let spawned = std::thread::Builder::new()
                             .name(format!("tidemark-close-{i}"))
                             .spawn_scoped(scope, move || {
                                 let mut out = Vec::new();
-                                step.run(f.as_mut(), windows, horizon_ms, &mut out);
+                                let closed = reads.then_some(closed);
+                                step.run(f.as_mut(), windows, horizon_ms, &mut out, closed);
                                 out
                             });
                         (i, spawned)
@@ -381,14 +443,28 @@ impl Combiner {
                     &mut self.windows[i],
                     self.horizons_ms[i],
                     out,
+                    reads[i].then_some(&mut closed[i]),
                 );
             }
         } else {
-            for ((f, windows), &horizon_ms) in pipelines {
-                step.run(f.as_mut(), windows, horizon_ms, out);
+            for (((f, windows), &horizon_ms), (closed, &reads)) in pipelines {
+                step.run(
+                    f.as_mut(),
+                    windows,
+                    horizon_ms,
+                    out,
+                    reads.then_some(closed),
+                );
             }
         }
         self.last_wm = step.to;
+        if let Some((engine, _)) = &mut self.alerts {
+            // Each rule reads one pipeline, whose windows closed in order:
+            // the verdicts do not depend on how far one step advanced.
+            for window in closed.iter().flatten() {
+                engine.on_closed(window, out);
+            }
+        }
     }
 
     /// Early points of windows that have not fired: every worker's newest
@@ -426,24 +502,82 @@ impl Combiner {
             finishers: (self.finishers.iter().map(|f| f.snapshot())).collect::<Result<_, _>>()?,
             late_partials: self.late_partials,
         };
-        bincode::serialize(&state)
-            .map_err(|e| ProcessorError::Snapshot(format!("combiner state: {e}")))
+        let encode_error = |e| ProcessorError::Snapshot(format!("combiner state: {e}"));
+        if self.names.is_empty() && self.alerts.is_none() {
+            return bincode::serialize(&state).map_err(encode_error);
+        }
+        let named = NamedState {
+            names: self.names.iter().map(|n| n.to_string()).collect(),
+            state,
+            alerts: match &self.alerts {
+                Some((engine, _)) => Some(engine.snapshot()?),
+                None => None,
+            },
+        };
+        let mut out = NAMED_MAGIC.to_vec();
+        bincode::serialize_into(&mut out, &named).map_err(encode_error)?;
+        Ok(out)
     }
 
-    /// Restores a state taken by [`Combiner::snapshot`] with the same number of workers.
+    /// Restores a state taken by [`Combiner::snapshot`] with the same number
+    /// of workers. Pipelines are matched by name: one the checkpoint does
+    /// not hold starts empty, one it holds that no longer runs is dropped.
     pub fn restore(&mut self, state: &[u8]) -> Result<(), ProcessorError> {
-        let state: CombinerState = bincode::deserialize(state)
-            .map_err(|e| ProcessorError::CorruptCheckpoint(format!("combiner state: {e}")))?;
+        let decode_error = |e| ProcessorError::CorruptCheckpoint(format!("combiner state: {e}"));
+        let (names, state, alerts) = match state.strip_prefix(NAMED_MAGIC) {
+            Some(named) => {
+                let named: NamedState = bincode::deserialize(named).map_err(decode_error)?;
+                (Some(named.names), named.state, named.alerts)
+            }
+            None => (
+                None,
+                bincode::deserialize(state).map_err(decode_error)?,
+                None,
+            ),
+        };
         crate::checkpoint::check_worker_count(state.workers, self.workers)?;
-        if state.finishers.len() != self.finishers.len() {
+        let saved_names = match names {
+            Some(names) if !names.is_empty() => names,
+            _ if state.finishers.len() == self.finishers.len() => (self.names.iter())
+                .map(|n| n.to_string())
+                .chain((self.names.len()..self.finishers.len()).map(|i| format!("#{i}")))
+                .collect(),
+            _ if state.finishers.len() == FIRST_BUILTINS.len()
+                && self.names.starts_with(&FIRST_BUILTINS) =>
+            {
+                FIRST_BUILTINS.map(String::from).to_vec()
+            }
+            _ => {
+                return Err(ProcessorError::CorruptCheckpoint(format!(
+                    "the checkpoint holds {} pipelines, this processor runs {}",
+                    state.finishers.len(),
+                    self.finishers.len()
+                )))
+            }
+        };
+        if saved_names.len() != state.finishers.len() {
             return Err(ProcessorError::CorruptCheckpoint(format!(
-                "the checkpoint holds {} pipelines, this processor runs {}",
-                state.finishers.len(),
-                self.finishers.len()
+                "the checkpoint names {} pipelines and holds {}",
+                saved_names.len(),
+                state.finishers.len()
             )));
         }
-        for (f, s) in self.finishers.iter_mut().zip(&state.finishers) {
-            f.restore(s)?;
+        let names = (self.names.iter())
+            .map(|n| n.to_string())
+            .chain((self.names.len()..self.finishers.len()).map(|i| format!("#{i}")));
+        // Saved index -> index now.
+        let mut moved: Vec<Option<u8>> = vec![None; saved_names.len()];
+        for (now, name) in names.enumerate() {
+            match saved_names.iter().position(|n| *n == name) {
+                Some(then) => {
+                    self.finishers[now].restore(&state.finishers[then])?;
+                    moved[then] = u8::try_from(now).ok();
+                }
+                None => tracing::warn!(
+                    pipeline = name,
+                    "Checkpoint has no stage-2 state for pipeline; starting empty"
+                ),
+            }
         }
         self.worker_wm = state.worker_wm;
         self.last_wm = state.last_wm;
@@ -451,11 +585,18 @@ impl Combiner {
         for windows in &mut self.windows {
             windows.clear();
         }
-        for (id, mut slot) in state.windows {
+        for (mut id, mut slot) in state.windows {
+            let Some(Some(now)) = moved.get(usize::from(id.pipeline)) else {
+                continue;
+            };
+            id.pipeline = *now;
             slot.early = vec![None; self.workers];
             if let Some(windows) = self.windows.get_mut(usize::from(id.pipeline)) {
                 windows.insert(id, slot);
             }
+        }
+        if let (Some((engine, _)), Some(saved)) = (&mut self.alerts, alerts) {
+            engine.restore(&saved)?;
         }
         Ok(())
     }
@@ -610,5 +751,125 @@ mod tests {
         assert_eq!(sums(&a), [(0, 7)]);
         assert_eq!(a, b);
         assert!(restored.restore(b"garbage").is_err());
+    }
+
+    fn in_pipeline(mut p: Partial, pipeline: u8) -> Partial {
+        p.window.pipeline = pipeline;
+        p
+    }
+
+    fn pair(names: Vec<&'static str>) -> Combiner {
+        Combiner::new(
+            vec![Box::new(Sum), Box::new(Sum)],
+            1,
+            Duration::from_secs(60),
+        )
+        .named(names)
+    }
+
+    #[test]
+    fn a_checkpoint_restores_by_pipeline_name_into_another_set() {
+        let mut original = pair(vec!["a", "b"]);
+        original.on_partial(0, partial(0, 3)).unwrap();
+        original
+            .on_partial(0, in_pipeline(partial(0, 5), 1))
+            .unwrap();
+        let taken = original.snapshot().unwrap();
+
+        // `b` moved first, `a` is gone, `c` is new.
+        let mut moved = pair(vec!["b", "c"]);
+        moved.restore(&taken).unwrap();
+        let mut out = Vec::new();
+        moved.on_watermark(0, EventTime(MIN), &mut out);
+        assert_eq!(sums(&out), [(0, 5)], "b's window, now pipeline 0");
+
+        // A checkpoint from before names: the four first built-ins.
+        let mut four = Combiner::new(
+            (0..4).map(|_| Box::new(Sum) as Box<dyn Finisher>).collect(),
+            1,
+            Duration::from_secs(60),
+        );
+        four.on_partial(0, in_pipeline(partial(0, 2), 3)).unwrap();
+        let unnamed = four.snapshot().unwrap();
+        let mut five = Combiner::new(
+            (0..5).map(|_| Box::new(Sum) as Box<dyn Finisher>).collect(),
+            1,
+            Duration::from_secs(60),
+        )
+        .named(vec!["traffic", "engagement", "trending", "ads", "patterns"]);
+        five.restore(&unnamed).unwrap();
+        let mut out = Vec::new();
+        five.on_watermark(0, EventTime(MIN), &mut out);
+        assert_eq!(sums(&out), [(0, 2)]);
+        // Any other count without names is still refused.
+        assert!(pair(vec!["x", "y"]).restore(&unnamed).is_err());
+    }
+
+    #[test]
+    fn alert_rules_see_each_window_once_it_closed_whatever_the_steps() {
+        let rules = crate::alerts::AlertRules::from_toml(
+            r#"
+            [[rule]]
+            name = "low"
+            kind = "threshold"
+            measurement = "sum"
+            field = "n"
+            op = "<"
+            value = 10
+            for = 2
+            "#,
+        )
+        .unwrap();
+        let engine = AlertEngine::new(std::sync::Arc::new(rules));
+        let alerts = |out: &[Point]| -> Vec<(i64, Option<FieldValue>)> {
+            out.iter()
+                .filter(|p| p.measurement == "alerts")
+                .map(|p| (p.time.0 / MIN, p.field("state")))
+                .collect()
+        };
+        let counts = [20, 5, 4, 3, 30];
+        let run = |steps: &[i64]| {
+            let mut c = combiner(1).with_alerts(engine.clone(), vec![true]);
+            for (i, n) in counts.iter().enumerate() {
+                c.on_partial(0, partial(i as i64 * MIN, *n)).unwrap();
+            }
+            let mut out = Vec::new();
+            for &to in steps {
+                c.on_watermark(0, EventTime(to * MIN), &mut out);
+            }
+            (out, c.alerts_firing().get("low").copied())
+        };
+        // Windows fire at their end and close a lateness (1 min) later.
+        let (one_by_one, _) = run(&[1, 2, 3, 4, 5, 6, 7]);
+        let (at_once, firing) = run(&[7]);
+        assert_eq!(
+            alerts(&one_by_one),
+            [
+                (1, Some(FieldValue::Int(1))),
+                (2, Some(FieldValue::Int(2))),
+                (3, Some(FieldValue::Int(2))),
+                (4, Some(FieldValue::Int(0)))
+            ]
+        );
+        assert_eq!(alerts(&at_once), alerts(&one_by_one));
+        assert_eq!(firing, Some(0));
+        // A window closed at step 3 (end 2 min + 1) gives the first verdict then.
+        let (early, firing) = run(&[3]);
+        assert_eq!(alerts(&early), [(1, Some(FieldValue::Int(1)))]);
+        assert_eq!(firing, Some(0));
+
+        // The engine's state rides in the checkpoint.
+        let mut c = combiner(1).with_alerts(engine.clone(), vec![true]);
+        for (i, n) in counts.iter().enumerate().take(3) {
+            c.on_partial(0, partial(i as i64 * MIN, *n)).unwrap();
+        }
+        let mut out = Vec::new();
+        c.on_watermark(0, EventTime(3 * MIN), &mut out);
+        let mut restored = combiner(1).with_alerts(engine, vec![true]);
+        restored.restore(&c.snapshot().unwrap()).unwrap();
+        let mut out = Vec::new();
+        restored.on_watermark(0, EventTime(4 * MIN), &mut out);
+        assert_eq!(alerts(&out), [(2, Some(FieldValue::Int(2)))]);
+        assert_eq!(restored.alerts_firing()["low"], 1);
     }
 }

@@ -150,6 +150,8 @@ pub struct ProcessorMetrics {
     pub shard_reports: IntCounter,
     /// The state's size in the newest checkpoint saved (before compression).
     pub state_bytes: IntGauge,
+    /// Series firing now, per business alert rule.
+    pub alerts_firing: IntGaugeVec,
 }
 
 impl ProcessorMetrics {
@@ -246,11 +248,32 @@ impl ProcessorMetrics {
                 register(registry, Box::new(g.clone()));
                 g
             },
+            alerts_firing: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "tidemark_alerts_firing",
+                        "Series of a business alert rule firing now",
+                    ),
+                    &["rule"],
+                )
+                .unwrap_or_else(|_| unreachable_metric());
+                register(registry, Box::new(g.clone()));
+                g
+            },
         }
     }
 }
 
 impl ProcessorMetrics {
+    /// Sets the firing gauge of every rule the combiner evaluates.
+    pub(crate) fn observe_alerts(&self, combiner: &Combiner) {
+        for (rule, firing) in combiner.alerts_firing() {
+            self.alerts_firing
+                .with_label_values(&[rule])
+                .set(firing as i64);
+        }
+    }
+
     /// Counts what happened to a batch of records.
     pub(crate) fn count(&self, counts: Counts, decode_errors: u64) {
         self.events_processed.inc_by(counts.accepted);
@@ -438,7 +461,7 @@ pub async fn run_driver(
     for (index, engine) in engines.iter_mut().enumerate() {
         parts.push(parts_of(log.as_ref(), &config.topics, index, workers, engine).await?);
     }
-    let mut combiner = Combiner::new(pipelines.stage2(), workers, pipelines.allowed_lateness);
+    let mut combiner = pipelines.combiner(workers);
     if let Some(dir) = &config.checkpoint_dir {
         for (index, engine) in engines.iter_mut().enumerate() {
             let spill = dir.join("spill").join(format!("worker-{index}"));
@@ -453,6 +476,7 @@ pub async fn run_driver(
                 resume(ps, &wc.offsets);
             }
             combiner.restore(&cp.combiner)?;
+            metrics.observe_alerts(&combiner);
             tracing::info!(workers, "Restored processor checkpoint");
         }
     }
@@ -624,6 +648,7 @@ impl Combining {
                 }
                 self.combiner.set_idle(worker, idle);
                 self.combiner.on_watermark(worker, wm, &mut out);
+                self.metrics.observe_alerts(&self.combiner);
                 self.global_wm
                     .store(self.combiner.target().0, Ordering::Release);
                 self.metrics.observe_watermark(self.combiner.watermark());

@@ -15,6 +15,7 @@
 //! same code runs live, in crash recovery and in replay.
 
 pub mod ads;
+pub mod alerts;
 pub mod checkpoint;
 pub mod combiner;
 pub mod dedup;

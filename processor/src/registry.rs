@@ -11,7 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::ads::{AdsConfig, AdsSpec};
+use crate::alerts::{AlertEngine, AlertRules};
+use crate::combiner::Combiner;
 use crate::engagement::{EngagementConfig, EngagementSpec};
+use crate::patterns::{PatternsConfig, PatternsSpec};
 use crate::pipeline::{Finisher, Measurement, Pipeline, PipelineSpec, StateReach};
 use crate::traffic::{TrafficSpec, DEFAULT_ALLOWED_LATENESS};
 use crate::trending::{TrendingConfig, TrendingSpec};
@@ -22,6 +25,7 @@ pub struct PipelineConfigs {
     pub engagement: EngagementConfig,
     pub trending: TrendingConfig,
     pub ads: AdsConfig,
+    pub patterns: PatternsConfig,
 }
 
 /// A name that is no registered pipeline.
@@ -45,7 +49,9 @@ impl Default for Registry {
 }
 
 impl Registry {
-    /// The built-in pipelines: traffic, engagement, trending and ads.
+    /// The built-in pipelines: traffic, engagement, trending, ads and
+    /// patterns (the last joined later: checkpoints of the first four still
+    /// restore, see [`Combiner::restore`]).
     pub fn builtin(configs: &PipelineConfigs) -> Registry {
         Registry {
             specs: vec![
@@ -53,6 +59,7 @@ impl Registry {
                 Arc::new(EngagementSpec(configs.engagement.clone())),
                 Arc::new(TrendingSpec(configs.trending.clone())),
                 Arc::new(AdsSpec(configs.ads)),
+                Arc::new(PatternsSpec(configs.patterns.clone())),
             ],
         }
     }
@@ -76,6 +83,7 @@ impl Registry {
         PipelineSet {
             specs: self.specs.clone(),
             allowed_lateness,
+            alert_rules: None,
         }
     }
 
@@ -103,6 +111,7 @@ impl Registry {
         Ok(PipelineSet {
             specs,
             allowed_lateness,
+            alert_rules: None,
         })
     }
 }
@@ -116,6 +125,8 @@ pub struct PipelineSet {
     /// How long a fired window still accepts events; must match
     /// [`DriverConfig::allowed_lateness`](crate::DriverConfig::allowed_lateness).
     pub allowed_lateness: Duration,
+    /// Business alert rules, evaluated by the combiner over closed windows.
+    alert_rules: Option<Arc<AlertRules>>,
 }
 
 impl Default for PipelineSet {
@@ -143,19 +154,45 @@ impl PipelineSet {
         self.specs.iter().map(|s| s.name()).collect()
     }
 
-    /// Every measurement the pipelines write.
+    /// The set with `rules` evaluated over its closed windows (none when
+    /// empty).
+    pub fn with_alert_rules(mut self, rules: Arc<AlertRules>) -> Self {
+        self.alert_rules = (!rules.is_empty()).then_some(rules);
+        self
+    }
+
+    /// The alert rules the combiner evaluates.
+    pub fn alert_rules(&self) -> Option<&Arc<AlertRules>> {
+        self.alert_rules.as_ref()
+    }
+
+    /// Every measurement the pipelines write (and `alerts`, with rules).
     pub fn measurements(&self) -> Vec<Measurement> {
+        let alerts = self.alert_rules.as_ref().map(|_| Measurement {
+            name: crate::alerts::MEASUREMENT,
+            tiers: &[tidemark_model::Tier::Rt],
+        });
         self.specs
             .iter()
             .flat_map(|s| s.measurements().iter().copied())
+            .chain(alerts)
             .collect()
     }
 
-    /// The longest reach of any of the pipelines.
+    /// The longest reach of any of the pipelines, or of the alert rules
+    /// beyond the pipelines they read.
     pub fn reach(&self) -> StateReach {
-        self.specs
+        let pipelines = self
+            .specs
             .iter()
-            .fold(StateReach::default(), |r, s| r.max(s.reach()))
+            .fold(StateReach::default(), |r, s| r.max(s.reach()));
+        let Some(rules) = &self.alert_rules else {
+            return pipelines;
+        };
+        pipelines.max(StateReach {
+            back: pipelines.back + rules.reach_back(),
+            ahead: pipelines.ahead,
+        })
     }
 
     /// A fresh set of stage-1 pipelines (one per worker).
@@ -173,6 +210,23 @@ impl PipelineSet {
             .map(|s| s.stage2(self.allowed_lateness))
             .collect()
     }
+
+    /// A combiner of `workers` workers' partials: the stage-2 finishers,
+    /// named, with the alert rules.
+    pub fn combiner(&self, workers: usize) -> Combiner {
+        let combiner =
+            Combiner::new(self.stage2(), workers, self.allowed_lateness).named(self.names());
+        match &self.alert_rules {
+            Some(rules) => {
+                let engine = AlertEngine::new(rules.clone());
+                let reads = (self.specs.iter())
+                    .map(|s| s.measurements().iter().any(|m| engine.reads(m.name)))
+                    .collect();
+                combiner.with_alerts(engine, reads)
+            }
+            None => combiner,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -185,7 +239,7 @@ mod tests {
             .expect_err("unknown");
         assert_eq!(
             err.to_string(),
-            "unknown pipeline `tides` (known: traffic, engagement, trending, ads)"
+            "unknown pipeline `tides` (known: traffic, engagement, trending, ads, patterns)"
         );
     }
 

@@ -87,7 +87,7 @@ impl Stages {
         Stages {
             workers: (0..n).map(|_| Worker::new(config, set.stage1())).collect(),
             slots: BTreeMap::new(),
-            combiner: Combiner::new(set.stage2(), n, set.allowed_lateness),
+            combiner: set.combiner(n),
             partials: Vec::new(),
         }
     }
@@ -329,7 +329,7 @@ where
     E: FnMut(Vec<Point>) -> Result<(), ProcessorError>,
 {
     let n = workers.max(1);
-    let mut combiner = Combiner::new(set.stage2(), n, set.allowed_lateness);
+    let mut combiner = set.combiner(n);
     let mut per_worker: Vec<Vec<PartitionRange>> = vec![Vec::new(); n];
     for r in ranges {
         per_worker[worker_of(r.partition, n)].push(r);

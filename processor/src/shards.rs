@@ -40,7 +40,6 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::{self, Checkpoint, NextOffsets};
-use crate::combiner::Combiner;
 use crate::driver::{
     append_dead_letters, next_backoff, pause, stop_workers, write_checkpoint, Combining,
     DriverConfig, Flow, FromWorker, LagProbe, LiveWorker, PointSink, ProcessorMetrics, ToWorker,
@@ -578,7 +577,7 @@ pub async fn run_combiner(
 ) -> Result<(), ProcessorError> {
     let (config, partials_topic, dir, count) = sharded.open(log.as_ref()).await?;
     let partials_topic = partials_topic.as_str();
-    let mut combiner = Combiner::new(pipelines.stage2(), count, pipelines.allowed_lateness);
+    let mut combiner = pipelines.combiner(count);
     let mut read_offsets = BTreeMap::new();
     for partition in 0..log.partition_count(partials_topic).await? {
         read_offsets.insert(

@@ -55,7 +55,7 @@ pub struct ReplayArgs {
         long,
         value_delimiter = ',',
         env = "TIDEMARK_REPLAY_PIPELINES",
-        default_value = "traffic,engagement,trending,ads"
+        default_value = "traffic,engagement,trending,ads,patterns"
     )]
     pub pipelines: Vec<String>,
     /// Target database (default: a new `tidemark_replay_<UTC date>_<time>`).
@@ -82,6 +82,10 @@ pub struct ReplayArgs {
     /// Stage-1 worker threads (default: one per core).
     #[arg(long, env = "TIDEMARK_REPLAY_THREADS")]
     pub threads: Option<usize>,
+    /// Business alert rules (TOML) to rebuild the `alerts` measurement with,
+    /// as live evaluates them.
+    #[arg(long, env = "TIDEMARK_ALERT_RULES")]
+    pub alert_rules: Option<std::path::PathBuf>,
     /// Engagement score weights, e.g. `view=1,like=3` (others keep their defaults).
     #[arg(long, env = "TIDEMARK_ENGAGEMENT_WEIGHTS", value_parser = parse_weights)]
     pub engagement_weights: Option<ActionWeights>,
@@ -196,6 +200,16 @@ pub async fn run(
     let pipelines = Registry::builtin(&configs)
         .select(&args.pipelines, lateness)
         .map_err(|e| anyhow::anyhow!(ReplayError::Invalid(e.to_string())))?;
+    let pipelines = match &args.alert_rules {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the alert rules {}", path.display()))?;
+            let rules = tidemark_processor::alerts::AlertRules::from_toml(&text)
+                .map_err(|e| anyhow::anyhow!(ReplayError::Invalid(e.to_string())))?;
+            pipelines.with_alert_rules(std::sync::Arc::new(rules))
+        }
+        None => pipelines,
+    };
     if args.to <= args.from {
         anyhow::bail!(
             "--to ({}) must be after --from ({})",

@@ -98,6 +98,10 @@ pub struct ProcessArgs {
     /// Seals the checkpoints.
     #[command(flatten)]
     pub encryption: tidemark_model::keyring::EncryptionArgs,
+    /// Business alert rules, evaluated by whichever instance holds the
+    /// combiner, and the Alertmanager it sends them to.
+    #[command(flatten)]
+    pub alerts: tidemark_ws_server::alerting::AlertArgs,
     /// TOML file with defaults for these flags (see docs/operations.md).
     #[arg(long, env = "TIDEMARK_CONFIG")]
     pub config: Option<PathBuf>,
@@ -193,6 +197,7 @@ pub async fn run(
         WriterMetrics::new(&registry)?,
     );
     let (updates, updates_rx) = broadcast::channel::<Update>(4096);
+    let alert_rules = args.alerts.rules()?;
     let publisher = tokio::spawn(publish_updates(
         updates_rx,
         log.clone(),
@@ -200,6 +205,8 @@ pub async fn run(
     ));
 
     let background = CancellationToken::new();
+    let alert_sender =
+        (args.alerts).spawn_sender(alert_rules.clone(), updates.subscribe(), background.clone());
     let monitor = tokio::spawn(health.clone().monitor(
         log.clone(),
         topic::DEAD_LETTER,
@@ -257,6 +264,7 @@ pub async fn run(
         owned: owned.clone(),
         shards: None,
         combiner: None,
+        alert_rules: alert_rules.clone(),
     };
     let group = |role: &str| format!("{}-process{role}", args.kafka.kafka_client_id);
     let alive_dir = args.data_dir.join(ALIVE_DIR);
@@ -289,6 +297,9 @@ pub async fn run(
     drop(writer);
     let _ = writer_task.await;
     let _ = tokio::join!(monitor, lag);
+    if let Some(sender) = alert_sender {
+        let _ = sender.await;
+    }
     if let Ok(Err(e)) = http.await {
         tracing::warn!(error = %e, "HTTP server failed");
     }
@@ -323,6 +334,7 @@ struct Roles {
     owned: Arc<Mutex<Vec<usize>>>,
     shards: Option<Running>,
     combiner: Option<Running>,
+    alert_rules: Arc<tidemark_processor::alerts::AlertRules>,
 }
 
 type Running = (
@@ -466,7 +478,7 @@ impl Roles {
         let handle = tokio::spawn(run_combiner(
             sharded(self.config.clone()),
             self.log.clone(),
-            PipelineSet::default(),
+            PipelineSet::default().with_alert_rules(self.alert_rules.clone()),
             self.sink.clone(),
             self.updates.clone(),
             self.processor_metrics.clone(),

@@ -46,6 +46,9 @@ pub struct RunConfig {
     /// Seals the log, the checkpoints and the audit log
     /// (`--encryption-key-file`); `None` writes them in the clear.
     pub keys: Option<Arc<KeyRing>>,
+    /// Business alert rules (`--alert-rules`) and where alerts go
+    /// (`--alertmanager-url`).
+    pub alerts: tidemark_ws_server::alerting::AlertArgs,
 }
 
 /// Partitions per topic of the embedded log. One process on one machine gains
@@ -125,6 +128,7 @@ pub async fn run(
     );
     let (updates, _) = tokio::sync::broadcast::channel::<Update>(1024);
 
+    let alert_rules = config.alerts.rules()?;
     let processor_cancel = CancellationToken::new();
     let driver_config = DriverConfig {
         checkpoint_dir: Some(checkpoints),
@@ -136,7 +140,7 @@ pub async fn run(
     let processor = tokio::spawn(run_driver(
         driver_config,
         log.clone() as Arc<dyn Log>,
-        tidemark_processor::PipelineSet::default(),
+        tidemark_processor::PipelineSet::default().with_alert_rules(alert_rules.clone()),
         Arc::new(WriterSink(writer.clone())),
         updates.clone(),
         ProcessorMetrics::new(&registry),
@@ -183,6 +187,8 @@ pub async fn run(
         tidemark_ingest::router(Arc::new(ingest)).merge(tidemark_ws_server::router(server));
 
     let housekeeping = tokio::spawn(housekeeping(log.clone(), sqlite, cancel.clone()));
+    let alert_sender =
+        (config.alerts).spawn_sender(alert_rules, updates.subscribe(), processor_cancel.clone());
     let http_cancel = cancel.clone();
     tidemark_ws_server::serve(
         listener,
@@ -194,6 +200,9 @@ pub async fn run(
 
     processor_cancel.cancel();
     let processed = processor.await.context("processor task panicked")?;
+    if let Some(sender) = alert_sender {
+        let _ = sender.await;
+    }
     drop(writer);
     let _ = writer_task.await;
     housekeeping.abort();

@@ -184,7 +184,7 @@ impl Hub {
             Some((day, rows)) => campaigns::Campaigns::seeded(*day, rows),
             None => campaigns::Campaigns::default(),
         }));
-        channels.push(Box::new(Alerts));
+        channels.push(Box::new(Alerts::default()));
         channels
     }
 
@@ -531,8 +531,30 @@ impl Channel for Engagement {
     }
 }
 
-/// `alerts`: reserved for business alerts; its snapshot is empty.
-struct Alerts;
+/// `alerts`: the business alerts pending or firing now, keyed by rule and
+/// series (`<rule>` or `<rule>{tag=value,...}`), from the points of
+/// measurement `alerts`: `{"alerts": {key: {"rule", "tags", "state",
+/// "value", "threshold", "since", "window"}}}`. A resolved alert's key goes
+/// (`null` in the patch). After a restart an alert still firing reappears
+/// with its next window's point.
+#[derive(Default)]
+struct Alerts {
+    active: BTreeMap<String, Value>,
+}
+
+/// The key of an alert's series in the `alerts` channel.
+fn alert_key(p: &tidemark_model::Point) -> String {
+    let rule = p.tag("rule").unwrap_or("");
+    let tags: Vec<String> = (p.tags.iter())
+        .filter(|(k, _)| k != "rule")
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    if tags.is_empty() {
+        rule.to_string()
+    } else {
+        format!("{rule}{{{}}}", tags.join(","))
+    }
+}
 
 impl Channel for Alerts {
     fn name(&self) -> String {
@@ -540,11 +562,57 @@ impl Channel for Alerts {
     }
 
     fn snapshot(&self) -> Value {
-        json!({ "alerts": [] })
+        json!({ "alerts": Value::Object(self.active.clone().into_iter().collect()) })
     }
 
-    fn apply(&mut self, _: &Update) -> Option<Map<String, Value>> {
-        None
+    fn apply(&mut self, update: &Update) -> Option<Map<String, Value>> {
+        let mut changed = Map::new();
+        let points = (update.points.iter())
+            .filter(|p| p.measurement == "alerts" && p.tier == Tier::Rt && update.is_final);
+        for p in points {
+            let key = alert_key(p);
+            let state = match p.field("state").map(|v| v.as_f64() as i64) {
+                Some(1) => "pending",
+                Some(2) => "firing",
+                _ => {
+                    if self.active.remove(&key).is_some() {
+                        changed.insert(key, Value::Null);
+                    }
+                    continue;
+                }
+            };
+            let window = p.time.to_rfc3339();
+            let since = match self.active.get(&key) {
+                Some(old) if old["state"] == state => old["since"].clone(),
+                _ => json!(window),
+            };
+            let tags: Map<String, Value> = (p.tags.iter())
+                .filter(|(k, _)| k != "rule")
+                .map(|(k, v)| (k.clone(), json!(v)))
+                .collect();
+            let mut alert = Map::new();
+            alert.insert("rule".into(), json!(p.tag("rule").unwrap_or("")));
+            alert.insert("tags".into(), Value::Object(tags));
+            alert.insert("state".into(), json!(state));
+            alert.extend(numbers(
+                ["value", "threshold"]
+                    .into_iter()
+                    .filter_map(|f| p.field(f).map(|v| (f, v.as_f64()))),
+            ));
+            alert.insert("since".into(), since);
+            alert.insert("window".into(), json!(window));
+            let alert = Value::Object(alert);
+            if self.active.get(&key) != Some(&alert) {
+                self.active.insert(key.clone(), alert.clone());
+                changed.insert(key, alert);
+            }
+        }
+        if changed.is_empty() {
+            return None;
+        }
+        let mut patch = Map::new();
+        patch.insert("alerts".into(), Value::Object(changed));
+        Some(patch)
     }
 
     fn as_any(&self) -> &dyn Any {
@@ -651,6 +719,72 @@ mod tests {
                 .err(),
             Some(Refused::Forbidden(Permission::ReadMetrics))
         );
+    }
+
+    fn alert(minute: i64, rule: &str, country: Option<&str>, state: i64, value: f64) -> Point {
+        let mut tags = vec![("rule".to_string(), rule.to_string())];
+        tags.extend(country.map(|c| ("country".to_string(), c.to_string())));
+        Point::new(
+            "alerts",
+            Tier::Rt,
+            EventTime(minute * 60_000),
+            tags,
+            vec![
+                ("state".into(), FieldValue::Int(state)),
+                ("value".into(), FieldValue::Float(value)),
+                ("threshold".into(), FieldValue::Float(100.0)),
+            ],
+        )
+    }
+
+    #[test]
+    fn the_alerts_channel_holds_what_is_pending_or_firing() {
+        let hub = Hub::default();
+        let mut sub = hub.subscribe("alerts", |_| true).unwrap();
+        assert_eq!(
+            serde_json::from_str::<Value>(&sub.snapshot).unwrap()["data"],
+            json!({"alerts": {}})
+        );
+        hub.publish(&update(0, true, vec![alert(0, "low", None, 1, 60.0)]));
+        hub.publish(&update(
+            60_000,
+            true,
+            vec![
+                alert(1, "low", None, 2, 40.0),
+                alert(1, "busy", Some("de"), 2, 7.5),
+            ],
+        ));
+        hub.publish(&update(
+            120_000,
+            true,
+            vec![alert(2, "low", None, 0, 150.0)],
+        ));
+        let patches: Vec<Value> = std::iter::from_fn(|| sub.updates.try_recv().ok())
+            .map(|m| serde_json::from_str::<Value>(&m.text).unwrap()["data"].clone())
+            .collect();
+        let t = |m: i64| EventTime(m * 60_000).to_rfc3339();
+        assert_eq!(
+            patches,
+            [
+                json!({"alerts": {"low": {"rule": "low", "tags": {}, "state": "pending",
+                    "value": 60, "threshold": 100, "since": t(0), "window": t(0)}}}),
+                json!({"alerts": {
+                    "low": {"rule": "low", "tags": {}, "state": "firing",
+                        "value": 40, "threshold": 100, "since": t(1), "window": t(1)},
+                    "busy{country=de}": {"rule": "busy", "tags": {"country": "de"},
+                        "state": "firing", "value": 7.5, "threshold": 100,
+                        "since": t(1), "window": t(1)}}}),
+                json!({"alerts": {"low": null}}),
+            ]
+        );
+        let late = hub.subscribe("alerts", |_| true).unwrap();
+        let snapshot: Value = serde_json::from_str(&late.snapshot).unwrap();
+        let keys: Vec<&String> = snapshot["data"]["alerts"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .collect();
+        assert_eq!(keys, ["busy{country=de}"]);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! HTTP from one route table (`routes`) and [`serve`] runs the router until
 //! shutdown.
 
+pub mod alerting;
 pub mod audit;
 pub mod auth;
 mod channels;

@@ -533,7 +533,7 @@ async fn unsubscribe(tx: &mut ClientTx, rx: &mut ClientRx, copies: &mut Copies, 
     op(tx, "unsubscribe", channel).await;
     copies.remove(channel);
     subscribe(tx, rx, copies, "alerts").await;
-    assert_eq!(copies["alerts"].1, json!({"alerts": []}));
+    assert_eq!(copies["alerts"].1, json!({"alerts": {}}));
 }
 
 /// Reads until `done`, and checks that `quiet` said nothing meanwhile.
@@ -954,7 +954,7 @@ async fn trending_channel_numbers_its_changes_and_ends_equal_to_rest() {
         .await
         .unwrap();
     let alerts = recv(&mut client_rx).await;
-    assert_eq!(alerts["data"], json!({"alerts": []}));
+    assert_eq!(alerts["data"], json!({"alerts": {}}));
     client_tx
         .send(r#"{"op":"subscribe","channel":"trending:2m"}"#.into())
         .await
