@@ -103,11 +103,27 @@ async function screenshots(name, path, prepare = async () => {}) {
   }
 }
 
-/** Waits until every chart on the page has drawn its points and fonts are in. */
+/**
+ * Waits until the socket is live, every chart on the page has drawn its
+ * points, fonts are in and the page has stopped growing (a full-page shot is
+ * as tall as the page was when it began), with the pointer off the page (no
+ * row shown as hovered).
+ */
 async function settle(page) {
+  await page.mouse.move(0, 0);
+  await waitFor('the socket live', async () =>
+    (await page.getByTestId('ws-status').getAttribute('data-status')) === 'live', 10_000);
   await page.evaluate(() => document.fonts.ready);
   await waitFor('charts drawn', () => page.evaluate(() =>
     [...document.querySelectorAll('[data-points]')].every((c) => Number(c.dataset.points) === 0 || c.querySelector('svg'))), 10_000);
+  let height = -1;
+  await waitFor('the page\'s height to settle', async () => {
+    const now = await page.evaluate(() => document.documentElement.scrollHeight);
+    const same = now === height;
+    height = now;
+    if (!same) await page.waitForTimeout(250);
+    return same;
+  }, 10_000);
 }
 
 /** Whether the page is wider than its viewport (something overflows sideways). */
@@ -277,8 +293,9 @@ test('ads screenshots', async () => {
   });
   const id = (await rest('/api/v1/campaigns')).campaigns[0].campaign_id;
   await screenshots('campaign', `/ads/${id}`, async (page) => {
-    await waitFor('the device chart', async () =>
-      Number(await page.getByTestId('campaign-device-chart').getAttribute('data-points')) > 0, 90_000);
+    for (const chart of ['campaign-device-chart', 'campaign-country-chart']) {
+      await waitFor(chart, async () => Number(await page.getByTestId(chart).getAttribute('data-points')) > 0, 90_000);
+    }
   });
 });
 
@@ -375,6 +392,7 @@ test('an analyst is not offered Admin and is told "not allowed" on its URL', asy
     await shot.getByLabel('Password').fill(ANALYST.password);
     await shot.getByRole('button', { name: 'Log in' }).click();
     await waitFor('not allowed', async () => (await shot.getByTestId('not-allowed').count()) > 0, 10_000);
+    await settle(shot);
     await shot.screenshot({ path: join(artifacts, `not-allowed-${width}-${colorScheme}.png`), fullPage: true });
     await shot.close();
   }
@@ -411,8 +429,26 @@ test('engagement, query and admin screenshots', async () => {
   await screenshots('query', '/query', async (page) => {
     await waitFor('query rows', () => queryAnswered(page), 30_000);
   });
+  // A query whose SQL holds a long unbroken literal: its audit entry's
+  // detail must wrap inside the card, at every width.
+  const response = await fetch(`${base}/api/v1/query`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${adminToken}`, 'content-type': 'application/json' },
+    body: JSON.stringify({
+      sql: `SELECT count(*) AS n FROM traffic WHERE time >= '${new Date(Date.now() - 3_600_000).toISOString()}'`
+        + ` AND event_type <> '${'no_such_event_type_'.repeat(12)}'`,
+    }),
+  });
+  assert.ok(response.ok, `the long query: ${response.status}`);
   await screenshots('admin', '/admin', async (page) => {
     await waitFor('users and audit entries', () => firstData['/admin'](page), 30_000);
+    await waitFor('the long query in the audit log', async () =>
+      (await page.getByTestId('audit-table').innerText()).includes('no_such_event_type_no_such'), 10_000);
+    const box = await page.getByTestId('audit-table').evaluate((table) => {
+      const scroll = table.closest('.table-scroll');
+      return { table: table.scrollWidth, shown: scroll.clientWidth };
+    });
+    assert.ok(box.table <= box.shown, `the audit table is ${box.table} px wide in ${box.shown} px`);
   });
 });
 

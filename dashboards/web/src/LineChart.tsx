@@ -35,6 +35,8 @@ interface Props {
 
 const PAD = { left: 52, right: 14, top: 22, bottom: 26 };
 export const SERIES_COLOURS = 8;
+/** A line shorter than this many pixels is drawn as dots as well. */
+const SHORT_LINE_PX = 12;
 
 function niceMax(v: number): number {
   if (v <= 0) return 1;
@@ -82,10 +84,11 @@ export function LineChart({ series, unit, format, from, to, inverted = false, yM
   const timeTicks = Array.from({ length: tickCount }, (_, i) => start + (i / (tickCount - 1)) * span);
   const longSpan = span > 20 * 3_600_000;
 
-  const paths = series.map((s) => {
+  const sorted = series.map((s) => [...s.points].sort((a, b) => a.t - b.t));
+  const paths = sorted.map((points) => {
     let d = '';
     let pen = false;
-    for (const p of [...s.points].sort((a, b) => a.t - b.t)) {
+    for (const p of points) {
       if (p.v === null) {
         pen = false;
         continue;
@@ -94,6 +97,20 @@ export function LineChart({ series, unit, format, from, to, inverted = false, yM
       pen = true;
     }
     return d;
+  });
+  // Points a line would not show: one between gaps draws no line, and a
+  // series whose line is only a few pixels long (two windows of the last six
+  // hours) reads as nothing, or hides in a gridline. Those are marked.
+  const dots = sorted.map((points) => {
+    const drawn = points.filter((p): p is { t: number; v: number } => p.v !== null);
+    if (drawn.length === 0) return [];
+    const xs = drawn.map((p) => x(p.t));
+    const ys = drawn.map((p) => y(p.v));
+    const extent = Math.hypot(Math.max(...xs) - Math.min(...xs), Math.max(...ys) - Math.min(...ys));
+    if (extent < SHORT_LINE_PX) return drawn;
+    return points.filter(
+      (p, i) => p.v !== null && (points[i - 1]?.v ?? null) === null && (points[i + 1]?.v ?? null) === null,
+    ) as { t: number; v: number }[];
   });
 
   const onMove = (event: PointerEvent<SVGSVGElement>) => {
@@ -144,17 +161,16 @@ export function LineChart({ series, unit, format, from, to, inverted = false, yM
           </text>
         ))}
         {paths.map((d, i) => d && <path key={series[i].name} className={`series series-${i % SERIES_COLOURS}`} d={d} />)}
-        {series.map((s, i) =>
-          // A lone point draws no line: mark it, so one minute of data shows too.
-          s.points.filter((p) => p.v !== null).length === 1 ? (
+        {dots.map((points, i) =>
+          points.map((p) => (
             <circle
-              key={`${s.name}-dot`}
+              key={`${series[i].name}-dot-${p.t}`}
               className={`dot series-${i % SERIES_COLOURS}`}
-              cx={x(s.points.find((p) => p.v !== null)!.t)}
-              cy={y(s.points.find((p) => p.v !== null)!.v!)}
+              cx={x(p.t)}
+              cy={y(p.v)}
               r={3.5}
             />
-          ) : null,
+          )),
         )}
         {hoverT !== null && <line className="cursor" x1={x(hoverT)} x2={x(hoverT)} y1={PAD.top} y2={PAD.top + innerH} />}
         {values.length === 0 && (

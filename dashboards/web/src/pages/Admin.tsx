@@ -253,16 +253,18 @@ function Audit() {
           ))}
         </select>
         <input aria-label="Audit actor" placeholder="actor contains" value={actor} onChange={(e) => setActor(e.target.value)} />
+      </div>
+      <div className="toolbar audit-count">
+        <span className="hint">
+          {formatCount(shown.length)} of {formatCount(entries.length)} entries
+          {audit.value?.truncated ? ' (the range holds more: only the newest 10,000 are read)' : ''}
+        </span>
         <button type="button" className="plain" onClick={audit.reload}>
           Refresh
         </button>
       </div>
-      <div className="hint">
-        {formatCount(shown.length)} of {formatCount(entries.length)} entries
-        {audit.value?.truncated ? ' (the range holds more: only the newest 10,000 are read)' : ''}
-      </div>
       <div className="table-scroll result-scroll">
-        <table className="data" data-testid="audit-table">
+        <table className="data audit" data-testid="audit-table">
           <thead>
             <tr>
               <th>Time</th>
@@ -277,8 +279,8 @@ function Audit() {
               <tr key={`${e.time}-${i}`} data-action={e.action}>
                 <td>{e.time.replace('T', ' ').slice(0, 19)}</td>
                 <td>{e.actor}</td>
-                <td>{e.action}</td>
-                <td>{e.client ?? ''}</td>
+                <td className="action">{e.action}</td>
+                <td className="client">{e.client ?? ''}</td>
                 <td className="detail">
                   <code>{JSON.stringify(e.detail)}</code>
                 </td>
