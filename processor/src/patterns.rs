@@ -204,6 +204,12 @@ struct Chain {
     decided: usize,
     /// The newest decided event's time, and whether the condition held there.
     last: Option<(i64, bool)>,
+    /// The time it is listed under in `due`. A chain with fewer events than
+    /// its pattern needs is not listed: none of its events can match, so
+    /// their (empty) decisions wait for the minute's prune or for the chain
+    /// to grow, which saves most chains (one event each) a lookup.
+    #[serde(skip)]
+    due_at: Option<i64>,
 }
 
 impl Chain {
@@ -325,18 +331,12 @@ impl PatternsPipeline {
             };
             let key = (user, index, group);
             let chain = self.chains.entry(key).or_default();
-            let oldest_due = chain.seen.get(chain.decided).map(|s| s.time);
             // Never among the decided ones: an accepted event is newer.
             let at = (chain.seen)
                 .partition_point(|s| (s.time, s.order) <= (time, seen.order))
                 .max(chain.decided);
             chain.seen.insert(at, seen);
-            if oldest_due.is_none_or(|t| time < t) {
-                if let Some(t) = oldest_due {
-                    self.due.remove(&(t, key));
-                }
-                self.due.insert((time, key));
-            }
+            list_if_due(&mut self.due, chain, key, pattern.at_least);
         }
     }
 
@@ -354,58 +354,20 @@ impl PatternsPipeline {
             let Some(chain) = self.chains.get_mut(&key) else {
                 continue;
             };
+            chain.due_at = None;
             let pattern = &self.config.patterns[key.1 as usize];
-            let within = pattern.within_ms();
-            let (user, index, _) = key;
-            while let Some(&e) = chain.seen.get(chain.decided) {
-                if e.time >= before {
-                    break;
-                }
-                let from = e.time.saturating_sub(within);
-                let excluded = pattern.unless.is_some()
-                    && (self.absences.get(&(user, index, e.joined)))
-                        .is_some_and(|times| has_time_in(times, from, e.time));
-                if excluded {
-                    chain.seen.remove(chain.decided);
-                    continue;
-                }
-                chain.decided += 1;
-                let window = (chain.seen.range(..chain.decided))
-                    .rev()
-                    .take_while(|s| s.time >= from);
-                let reached = match pattern.distinct {
-                    Some(_) => {
-                        let mut values: Vec<u64> = window.map(|s| s.value).collect();
-                        values.sort_unstable();
-                        values.dedup();
-                        values.len()
-                    }
-                    None => window.count(),
-                } >= pattern.at_least as usize;
-                let held_before = chain.last.is_some_and(|(t, held)| held && t >= from);
-                if reached && !held_before {
-                    let minute = e.time.div_euclid(MINUTE_MS) * MINUTE_MS;
-                    let row = (self.minutes.entry(minute).or_default())
-                        .entry((index, e.tag))
-                        .or_default();
-                    row.0 += 1;
-                    row.1.insert(user);
-                }
-                chain.last = Some((e.time, reached));
-                // What the next events' windows no longer reach.
-                while chain.decided > 0 && chain.seen[0].time < from {
-                    chain.seen.pop_front();
-                    chain.decided -= 1;
-                }
-            }
-            match chain.seen.get(chain.decided) {
-                Some(next) => {
-                    self.due.insert((next.time, key));
-                }
-                None if chain.out_of_reach(before, within) => {
-                    self.chains.remove(&key);
-                }
-                None => {}
+            decide_chain(
+                chain,
+                key,
+                pattern,
+                before,
+                &self.absences,
+                &mut self.minutes,
+            );
+            if chain.out_of_reach(before, pattern.within_ms()) {
+                self.chains.remove(&key);
+            } else {
+                list_if_due(&mut self.due, chain, key, pattern.at_least);
             }
         }
         self.prune(before);
@@ -426,9 +388,15 @@ impl PatternsPipeline {
             times.drain(..keep_from);
             !times.is_empty()
         });
-        self.chains.retain(|&(_, index, _), c| {
-            let within = patterns.get(index as usize).map_or(0, Pattern::within_ms);
-            !c.out_of_reach(before, within)
+        let (absences, minutes) = (&self.absences, &mut self.minutes);
+        self.chains.retain(|&key, c| {
+            let Some(pattern) = patterns.get(key.1 as usize) else {
+                return false;
+            };
+            if c.due_at.is_none() {
+                decide_chain(c, key, pattern, before, absences, minutes);
+            }
+            !c.out_of_reach(before, pattern.within_ms())
         });
     }
 
@@ -462,6 +430,83 @@ impl PatternsPipeline {
     }
 }
 
+/// Lists `chain` in `due` under its oldest undecided event, once it holds
+/// as many events as a match needs.
+fn list_if_due(
+    due: &mut BTreeSet<(i64, ChainKey)>,
+    chain: &mut Chain,
+    key: ChainKey,
+    at_least: u32,
+) {
+    let oldest = chain.seen.get(chain.decided).map(|s| s.time);
+    let wanted = oldest.filter(|_| chain.seen.len() >= at_least as usize);
+    if wanted == chain.due_at {
+        return;
+    }
+    if let Some(t) = chain.due_at {
+        due.remove(&(t, key));
+    }
+    if let Some(t) = wanted {
+        due.insert((t, key));
+    }
+    chain.due_at = wanted;
+}
+
+/// Decides the chain's events older than `before`, in order, counting its
+/// matches into `minutes`.
+fn decide_chain(
+    chain: &mut Chain,
+    key: ChainKey,
+    pattern: &Pattern,
+    before: i64,
+    absences: &FxHashMap<(u64, u8, u64), Vec<i64>>,
+    minutes: &mut BTreeMap<i64, MinuteRows>,
+) {
+    let within = pattern.within_ms();
+    let (user, index, _) = key;
+    while let Some(&e) = chain.seen.get(chain.decided) {
+        if e.time >= before {
+            break;
+        }
+        let from = e.time.saturating_sub(within);
+        let excluded = pattern.unless.is_some()
+            && (absences.get(&(user, index, e.joined)))
+                .is_some_and(|times| has_time_in(times, from, e.time));
+        if excluded {
+            chain.seen.remove(chain.decided);
+            continue;
+        }
+        chain.decided += 1;
+        // What this and the next events' windows no longer reach: the
+        // decided events left are then exactly this one's window.
+        while chain.seen[0].time < from {
+            chain.seen.pop_front();
+            chain.decided -= 1;
+        }
+        let reached = match pattern.distinct {
+            Some(_) => {
+                let mut values: Vec<u64> = (chain.seen.range(..chain.decided))
+                    .map(|s| s.value)
+                    .collect();
+                values.sort_unstable();
+                values.dedup();
+                values.len()
+            }
+            None => chain.decided,
+        } >= pattern.at_least as usize;
+        let held_before = chain.last.is_some_and(|(t, held)| held && t >= from);
+        if reached && !held_before {
+            let minute = e.time.div_euclid(MINUTE_MS) * MINUTE_MS;
+            let row = (minutes.entry(minute).or_default())
+                .entry((index, e.tag))
+                .or_default();
+            row.0 += 1;
+            row.1.insert(user);
+        }
+        chain.last = Some((e.time, reached));
+    }
+}
+
 /// Whether sorted `times` holds one in `[from, to]`.
 fn has_time_in(times: &[i64], from: i64, to: i64) -> bool {
     let i = times.partition_point(|&t| t < from);
@@ -475,6 +520,24 @@ impl Pipeline for PatternsPipeline {
 
     fn on_event(&mut self, ev: &Event) {
         self.offer(ev);
+    }
+
+    fn on_events(&mut self, events: &[&Event]) {
+        // Touch the chains first: independent look-ups whose cache misses
+        // overlap, where the offers below would take them one by one.
+        let mut found = 0;
+        for ev in events {
+            for (i, pattern) in self.config.patterns.iter().enumerate() {
+                if ev.event_type == pattern.event_type && pattern.per.is_none() {
+                    let key = (xxh3_64(ev.user_id.as_bytes()), i as u8, 0);
+                    found += usize::from(self.chains.contains_key(&key));
+                }
+            }
+        }
+        std::hint::black_box(found);
+        for ev in events {
+            self.offer(ev);
+        }
     }
 
     fn on_watermark(&mut self, wm: Watermark, out: &mut Vec<Partial>) {
@@ -554,9 +617,10 @@ impl Pipeline for PatternsPipeline {
                 return Err(corrupt("chain".into()));
             }
             let key = (user, index, group);
-            if let Some(next) = chain.seen.get(chain.decided) {
-                fresh.due.insert((next.time, key));
-            }
+            let mut chain = chain;
+            chain.due_at = None;
+            let at_least = fresh.config.patterns[index as usize].at_least;
+            list_if_due(&mut fresh.due, &mut chain, key, at_least);
             fresh.chains.insert(key, chain);
         }
         for ((user, index, value), times) in state.absences {
