@@ -12,12 +12,13 @@
 //! Like stage 1 it is synchronous and clock-free.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tidemark_model::{EventTime, Point, Watermark};
 
-use crate::alerts::AlertEngine;
+use crate::alerts::{AlertEngine, AlertRules};
 use crate::error::ProcessorError;
 use crate::partial::{Partial, WindowId};
 use crate::pipeline::Finisher;
@@ -167,6 +168,8 @@ pub struct Combiner {
     names: Vec<&'static str>,
     /// The alert rules over closed windows, and which pipelines they read.
     alerts: Option<(AlertEngine, Vec<bool>)>,
+    /// What each pipeline writes, to tell which ones new rules read.
+    measurements: Vec<Vec<&'static str>>,
 }
 
 /// What [`Combiner::snapshot`] writes since pipelines are named: the magic,
@@ -215,7 +218,35 @@ impl Combiner {
             late_partials: 0,
             names: Vec::new(),
             alerts: None,
+            measurements: Vec::new(),
         }
+    }
+
+    /// Tells the combiner what each pipeline writes, so that
+    /// [`Combiner::set_alert_rules`] can tell which ones a rule reads.
+    pub fn measuring(mut self, measurements: Vec<Vec<&'static str>>) -> Self {
+        self.measurements = measurements;
+        self
+    }
+
+    /// Replaces the alert rules: a rule defined as before keeps its state,
+    /// a new or changed one starts from the next closed window.
+    pub fn set_alert_rules(&mut self, rules: Arc<AlertRules>) {
+        if rules.is_empty() {
+            self.alerts = None;
+            return;
+        }
+        let mut engine = AlertEngine::new(rules);
+        if let Some((old, _)) = &self.alerts {
+            let kept = old.snapshot().and_then(|state| engine.restore(&state));
+            if let Err(e) = kept {
+                tracing::warn!(error = %e, "Alert rules start over");
+            }
+        }
+        let reads = (self.measurements.iter())
+            .map(|written| written.iter().any(|m| engine.reads(m)))
+            .collect();
+        self.alerts = Some((engine, reads));
     }
 
     /// Names the pipelines (in the finishers' order), so that a checkpoint

@@ -24,6 +24,7 @@ use tidemark_model::{DeadLetter, Event, EventTime, KeyRing, Point, Tier, Update,
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
+use crate::alerts::AlertRules;
 use crate::checkpoint::{self, Checkpoint, NextOffsets};
 use crate::combiner::Combiner;
 use crate::dedup::DEFAULT_HORIZON;
@@ -90,6 +91,9 @@ pub struct DriverConfig {
     pub codec: EventCodec,
     /// Stage-1 workers (partition `p` goes to worker `p % workers`).
     pub workers: usize,
+    /// Changes of the business alert rules (the rules API's): the combiner
+    /// evaluates the new rules from the next closed window on.
+    pub alert_rules: Option<tokio::sync::watch::Receiver<Arc<AlertRules>>>,
 }
 
 impl DriverConfig {
@@ -123,8 +127,23 @@ impl Default for DriverConfig {
             idle_sleep: Duration::from_millis(25),
             codec: EventCodec::default(),
             workers: 2,
+            alert_rules: None,
         }
     }
+}
+
+/// The next change of the rules; never, without a source of changes.
+async fn rules_changed(
+    rules: &mut Option<tokio::sync::watch::Receiver<Arc<AlertRules>>>,
+) -> Arc<AlertRules> {
+    if let Some(rx) = rules {
+        if rx.changed().await.is_ok() {
+            return rx.borrow_and_update().clone();
+        }
+    }
+    // No source, or it is gone: nothing will change.
+    *rules = None;
+    std::future::pending().await
 }
 
 /// The processor's metrics; clones share the same series.
@@ -594,10 +613,22 @@ impl Combining {
         let mut checkpoint_tick = tokio::time::interval(config.checkpoint_interval);
         checkpoint_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         checkpoint_tick.reset();
+        let mut rules = config.alert_rules.clone();
+        if let Some(rx) = &mut rules {
+            // The rules at the start are the set's; only changes count.
+            rx.mark_unchanged();
+        }
         loop {
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
+                changed = rules_changed(&mut rules) => {
+                    tracing::info!(rules = changed.rules().len(), "Alert rules changed");
+                    self.combiner.set_alert_rules(changed);
+                    // Rules removed leave no series behind.
+                    self.metrics.alerts_firing.reset();
+                    self.metrics.observe_alerts(&self.combiner);
+                }
                 msg = rx.recv() => {
                     let Some(msg) = msg else { break };
                     match self.handle(msg, cancel).await? {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::ads::{AdsConfig, AdsSpec};
-use crate::alerts::{AlertEngine, AlertRules};
+use crate::alerts::AlertRules;
 use crate::combiner::Combiner;
 use crate::engagement::{EngagementConfig, EngagementSpec};
 use crate::patterns::{PatternsConfig, PatternsSpec};
@@ -214,18 +214,16 @@ impl PipelineSet {
     /// A combiner of `workers` workers' partials: the stage-2 finishers,
     /// named, with the alert rules.
     pub fn combiner(&self, workers: usize) -> Combiner {
-        let combiner =
-            Combiner::new(self.stage2(), workers, self.allowed_lateness).named(self.names());
-        match &self.alert_rules {
-            Some(rules) => {
-                let engine = AlertEngine::new(rules.clone());
-                let reads = (self.specs.iter())
-                    .map(|s| s.measurements().iter().any(|m| engine.reads(m.name)))
-                    .collect();
-                combiner.with_alerts(engine, reads)
-            }
-            None => combiner,
+        let measurements = (self.specs.iter())
+            .map(|s| s.measurements().iter().map(|m| m.name).collect())
+            .collect();
+        let mut combiner = Combiner::new(self.stage2(), workers, self.allowed_lateness)
+            .named(self.names())
+            .measuring(measurements);
+        if let Some(rules) = &self.alert_rules {
+            combiner.set_alert_rules(rules.clone());
         }
+        combiner
     }
 }
 

@@ -205,8 +205,11 @@ pub async fn run(
     ));
 
     let background = CancellationToken::new();
-    let alert_sender =
-        (args.alerts).spawn_sender(alert_rules.clone(), updates.subscribe(), background.clone());
+    let alert_sender = (args.alerts).spawn_sender(
+        tokio::sync::watch::channel(alert_rules.clone()).1,
+        updates.subscribe(),
+        background.clone(),
+    );
     let monitor = tokio::spawn(health.clone().monitor(
         log.clone(),
         topic::DEAD_LETTER,

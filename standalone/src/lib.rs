@@ -128,13 +128,23 @@ pub async fn run(
     );
     let (updates, _) = tokio::sync::broadcast::channel::<Update>(1024);
 
-    let alert_rules = config.alerts.rules()?;
+    // The rules file the rules API edits: `--alert-rules`, or one in the
+    // data folder.
+    let rules_book = Arc::new(
+        (config.alerts).book(
+            config
+                .data_dir
+                .join(tidemark_ws_server::alerting::RULES_FILE),
+        )?,
+    );
+    let alert_rules = rules_book.rules();
     let processor_cancel = CancellationToken::new();
     let driver_config = DriverConfig {
         checkpoint_dir: Some(checkpoints),
         checkpoint_keys: config.keys.clone(),
         workers: config.workers,
         early_interval: config.early_interval,
+        alert_rules: Some(rules_book.subscribe()),
         ..DriverConfig::default()
     };
     let processor = tokio::spawn(run_driver(
@@ -171,6 +181,7 @@ pub async fn run(
     if let Some(key) = config.api_keys.first() {
         server.set_dashboard_ingest_key(key.clone());
     }
+    server.set_alert_rules(rules_book.clone());
     let target = config.store.clone();
     let live = (target.live_database().to_string(), store.clone());
     server.set_live_database(&live.0);
@@ -187,8 +198,11 @@ pub async fn run(
         tidemark_ingest::router(Arc::new(ingest)).merge(tidemark_ws_server::router(server));
 
     let housekeeping = tokio::spawn(housekeeping(log.clone(), sqlite, cancel.clone()));
-    let alert_sender =
-        (config.alerts).spawn_sender(alert_rules, updates.subscribe(), processor_cancel.clone());
+    let alert_sender = (config.alerts).spawn_sender(
+        rules_book.subscribe(),
+        updates.subscribe(),
+        processor_cancel.clone(),
+    );
     let http_cancel = cancel.clone();
     tidemark_ws_server::serve(
         listener,

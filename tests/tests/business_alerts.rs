@@ -53,7 +53,7 @@ fn minute(start: i64, likes: usize, tag: &str) -> Vec<Value> {
 /// (minute from `base`, state, value) of the stored `alerts` points.
 async fn stored_alerts(data_dir: &std::path::Path, base: i64) -> Vec<(i64, i64, f64)> {
     let store =
-        tidemark_tsdb_writer::sqlite::SqliteStore::open(&data_dir.join("store.sqlite")).unwrap();
+        tidemark_tsdb_writer::sqlite::SqliteStore::open(data_dir.join("store.sqlite")).unwrap();
     let points = tidemark_replay::verify::stored_points(
         &store,
         &["alerts"],
@@ -190,6 +190,31 @@ async fn a_threshold_fires_and_resolves_in_its_windows_in_the_store_in_alertmana
     assert_eq!(summary["verify"]["changed"], 0, "{summary}");
     assert_eq!(summary["verify"]["missing"], 0, "{summary}");
     assert_eq!(summary["verify"]["extra"], 0, "{summary}");
+
+    // A rule added over the API is written to the file and evaluated at once.
+    let added = reqwest::Client::new()
+        .put(format!("{}/api/v1/alerts/rules/views_low", t.base))
+        .bearer_auth(&t.token)
+        .json(
+            &json!({"kind": "threshold", "measurement": "traffic", "field": "events",
+            "where": {"event_type": "view"}, "op": "<", "value": 1}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(added.status(), 201);
+    wait_until(
+        "the processor to take the new rule",
+        Duration::from_secs(10),
+        || async {
+            t.metrics_text()
+                .await
+                .contains("tidemark_alerts_firing{rule=\"views_low\"} 0")
+        },
+    )
+    .await;
+    let file = std::fs::read_to_string(&rules).unwrap();
+    assert!(file.contains("name = \"views_low\""), "{file}");
 }
 
 async fn metric(t: &Tidemark, rule: &str) -> f64 {

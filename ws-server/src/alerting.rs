@@ -15,10 +15,12 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde_json::{json, Value};
 use tidemark_model::{EventTime, Point, Tier, Update};
-use tidemark_processor::alerts::{AlertRules, AlertState, MEASUREMENT};
-use tokio::sync::broadcast;
+use tidemark_processor::alerts::{AlertRules, AlertState, Rule, RuleError, MEASUREMENT};
+use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
+/// The rules file in the data folder of `run` without `--alert-rules`.
+pub const RULES_FILE: &str = "alert-rules.toml";
 /// How often firing alerts are sent again (Alertmanager's default
 /// `resolve_timeout` is 5 minutes).
 pub const RESEND_EVERY: Duration = Duration::from_secs(60);
@@ -61,10 +63,15 @@ impl AlertArgs {
         Ok(Arc::new(rules))
     }
 
+    /// The rules book of `--alert-rules`, or of `default` without it.
+    pub fn book(&self, default: PathBuf) -> anyhow::Result<RulesBook> {
+        RulesBook::open(self.alert_rules.clone().unwrap_or(default))
+    }
+
     /// Starts the Alertmanager sender when `--alertmanager-url` is given.
     pub fn spawn_sender(
         &self,
-        rules: Arc<AlertRules>,
+        rules: watch::Receiver<Arc<AlertRules>>,
         updates: broadcast::Receiver<Update>,
         cancel: CancellationToken,
     ) -> Option<tokio::task::JoinHandle<()>> {
@@ -74,12 +81,243 @@ impl AlertArgs {
     }
 }
 
+/// The alert rules of one file, as the rules API changes them: each change
+/// is written to the file (atomically) and handed to the processor, which
+/// evaluates the new rules from the next closed window on.
+#[derive(Debug)]
+pub struct RulesBook {
+    path: PathBuf,
+    current: watch::Sender<Arc<AlertRules>>,
+    /// One change at a time: read, change, write.
+    writing: std::sync::Mutex<()>,
+}
+
+/// Why a change of the rules was not made.
+#[derive(Debug, thiserror::Error)]
+pub enum BookError {
+    #[error(transparent)]
+    Invalid(#[from] RuleError),
+    #[error("cannot write the alert rules {path}: {error}")]
+    Write { path: String, error: std::io::Error },
+}
+
+impl RulesBook {
+    /// The rules of `path` (none while it does not exist), checked.
+    pub fn open(path: PathBuf) -> anyhow::Result<RulesBook> {
+        let rules = match std::fs::read_to_string(&path) {
+            Ok(text) => AlertRules::from_toml(&text)
+                .with_context(|| format!("in the alert rules {}", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => AlertRules::default(),
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("cannot read the alert rules {}", path.display()))
+            }
+        };
+        Ok(RulesBook {
+            path,
+            current: watch::channel(Arc::new(rules)).0,
+            writing: std::sync::Mutex::new(()),
+        })
+    }
+
+    pub fn rules(&self) -> Arc<AlertRules> {
+        self.current.borrow().clone()
+    }
+
+    /// The rules now and every change after.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<AlertRules>> {
+        self.current.subscribe()
+    }
+
+    /// Adds `rule`, or replaces the rule of its name; whether it is new.
+    pub fn put(&self, rule: Rule) -> Result<bool, BookError> {
+        self.change(
+            |rules| match rules.iter().position(|r| r.name == rule.name) {
+                Some(i) => {
+                    rules[i] = rule;
+                    false
+                }
+                None => {
+                    rules.push(rule);
+                    true
+                }
+            },
+        )
+    }
+
+    /// Removes the rule `name`; whether there was one.
+    pub fn delete(&self, name: &str) -> Result<bool, BookError> {
+        self.change(|rules| {
+            let before = rules.len();
+            rules.retain(|r| r.name != name);
+            rules.len() != before
+        })
+    }
+
+    fn change(&self, edit: impl FnOnce(&mut Vec<Rule>) -> bool) -> Result<bool, BookError> {
+        let _turn = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        let mut rules = self.rules().rules().to_vec();
+        let changed = edit(&mut rules);
+        let rules = AlertRules::new(rules)?;
+        let write_error = |error| BookError::Write {
+            path: self.path.display().to_string(),
+            error,
+        };
+        let tmp = self.path.with_extension("toml.tmp");
+        std::fs::write(&tmp, to_toml(&rules)).map_err(write_error)?;
+        std::fs::rename(&tmp, &self.path).map_err(write_error)?;
+        self.current.send_replace(Arc::new(rules));
+        Ok(changed)
+    }
+}
+
+/// The rules as a file of `[[rule]]` tables, read back as the same rules.
+pub fn to_toml(rules: &AlertRules) -> String {
+    let mut tables = toml_edit::ArrayOfTables::new();
+    for rule in rules.rules() {
+        let mut table = toml_edit::Table::new();
+        if let Ok(Value::Object(fields)) = serde_json::to_value(rule) {
+            // Name and kind first, as people write them.
+            let ordered = ["name", "kind"]
+                .into_iter()
+                .filter_map(|k| fields.get(k).map(|v| (k.to_string(), v)))
+                .chain(
+                    (fields.iter())
+                        .filter(|(k, _)| *k != "name" && *k != "kind")
+                        .map(|(k, v)| (k.clone(), v)),
+                );
+            for (key, value) in ordered {
+                if let Some(value) = toml_value(value) {
+                    table.insert(&key, toml_edit::Item::Value(value));
+                }
+            }
+        }
+        tables.push(table);
+    }
+    let mut doc = toml_edit::DocumentMut::new();
+    doc.insert("rule", toml_edit::Item::ArrayOfTables(tables));
+    format!("# Business alert rules (see docs/alerts.md); the rules API rewrites this file.\n{doc}")
+}
+
+fn toml_value(value: &Value) -> Option<toml_edit::Value> {
+    Some(match value {
+        Value::String(s) => s.as_str().into(),
+        Value::Bool(b) => (*b).into(),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => i.into(),
+            None => n.as_f64()?.into(),
+        },
+        Value::Array(items) => {
+            let mut array = toml_edit::Array::new();
+            for item in items {
+                array.push(toml_value(item)?);
+            }
+            array.into()
+        }
+        Value::Object(fields) => {
+            let mut table = toml_edit::InlineTable::new();
+            for (k, v) in fields {
+                table.insert(k, toml_value(v)?);
+            }
+            table.into()
+        }
+        Value::Null => return None,
+    })
+}
+
+fn book(state: &crate::ServerState) -> Result<&Arc<RulesBook>, crate::ServerError> {
+    state.alert_rules().ok_or_else(|| {
+        crate::ServerError::Unavailable(
+            "this server keeps no alert rules: the process that runs the combiner does".into(),
+        )
+    })
+}
+
+fn audited(
+    state: &crate::ServerState,
+    principal: &crate::Principal,
+    action: &str,
+    detail: Value,
+) -> Result<(), crate::ServerError> {
+    // A change that cannot be recorded is not made.
+    (state.access.audit)
+        .append(&principal.actor(), action, None, detail)
+        .map(|_| ())
+        .map_err(|e| crate::ServerError::Unavailable(format!("cannot write the audit log: {e}")))
+}
+
+/// `GET /api/v1/alerts/rules`: `{"rules": [...]}`.
+pub(crate) async fn list_rules(
+    axum::extract::State(state): axum::extract::State<Arc<crate::ServerState>>,
+) -> Result<axum::Json<Value>, crate::ServerError> {
+    let rules = book(&state)?.rules();
+    Ok(axum::Json(json!({ "rules": rules.rules() })))
+}
+
+/// `PUT /api/v1/alerts/rules/{name}`: 201 with the rule when new, 200 when
+/// it replaced one; 400 naming the field of a bad rule.
+pub(crate) async fn put_rule(
+    axum::extract::State(state): axum::extract::State<Arc<crate::ServerState>>,
+    axum::Extension(principal): axum::Extension<crate::Principal>,
+    crate::PathSegment(name): crate::PathSegment,
+    body: Result<axum::Json<Value>, axum::extract::rejection::JsonRejection>,
+) -> Result<axum::response::Response, crate::ServerError> {
+    use axum::response::IntoResponse as _;
+    let axum::Json(body) = body.map_err(|e| crate::ServerError::BadRequest(e.body_text()))?;
+    let rule = Rule::from_json(&body, Some(&name))
+        .map_err(|e| crate::ServerError::BadRequest(e.to_string()))?;
+    let book = book(&state)?;
+    audited(
+        &state,
+        &principal,
+        "alert_rule_put",
+        json!({ "name": name, "rule": rule }),
+    )?;
+    let created = book.put(rule.clone()).map_err(book_error)?;
+    let status = if created {
+        axum::http::StatusCode::CREATED
+    } else {
+        axum::http::StatusCode::OK
+    };
+    Ok((status, axum::Json(json!(rule))).into_response())
+}
+
+/// `DELETE /api/v1/alerts/rules/{name}`: 204, or 404 when there is none.
+pub(crate) async fn delete_rule(
+    axum::extract::State(state): axum::extract::State<Arc<crate::ServerState>>,
+    axum::Extension(principal): axum::Extension<crate::Principal>,
+    crate::PathSegment(name): crate::PathSegment,
+) -> Result<axum::response::Response, crate::ServerError> {
+    use axum::response::IntoResponse as _;
+    let book = book(&state)?;
+    if !book.rules().rules().iter().any(|r| r.name == name) {
+        return Err(crate::ServerError::NotFound(format!(
+            "no alert rule {name:?}"
+        )));
+    }
+    audited(
+        &state,
+        &principal,
+        "alert_rule_delete",
+        json!({ "name": name }),
+    )?;
+    book.delete(&name).map_err(book_error)?;
+    Ok(axum::http::StatusCode::NO_CONTENT.into_response())
+}
+
+fn book_error(e: BookError) -> crate::ServerError {
+    match e {
+        BookError::Invalid(e) => crate::ServerError::BadRequest(e.to_string()),
+        BookError::Write { .. } => crate::ServerError::Unavailable(e.to_string()),
+    }
+}
+
 /// Forwards alerts to one Alertmanager.
 #[derive(Debug)]
 pub struct Sender {
     endpoint: String,
     client: reqwest::Client,
-    rules: Arc<AlertRules>,
+    rules: watch::Receiver<Arc<AlertRules>>,
     /// Firing alerts by their labels, as last sent.
     firing: BTreeMap<BTreeMap<String, String>, Value>,
     /// Resolved alerts not delivered yet.
@@ -88,7 +326,7 @@ pub struct Sender {
 
 impl Sender {
     /// A sender to the Alertmanager at `url` (its root, without `/api/v2`).
-    pub fn new(url: &str, rules: Arc<AlertRules>) -> Sender {
+    pub fn new(url: &str, rules: watch::Receiver<Arc<AlertRules>>) -> Sender {
         Sender {
             endpoint: format!("{}/api/v2/alerts", url.trim_end_matches('/')),
             client: reqwest::Client::builder()
@@ -207,6 +445,7 @@ impl Sender {
         let rule = p.tag("rule").unwrap_or("");
         let mut labels: BTreeMap<String, String> = self
             .rules
+            .borrow()
             .rules()
             .iter()
             .find(|r| r.name == rule)
@@ -227,7 +466,7 @@ impl Sender {
         let field = |name: &str| p.field(name).map(|v| v.as_f64());
         let (value, threshold) = (field("value"), field("threshold"));
         let shown = |v: Option<f64>| v.map_or("none".to_string(), |v| format!("{v}"));
-        let summary = (self.rules.rules().iter())
+        let summary = (self.rules.borrow().rules().iter())
             .find(|r| r.name == rule)
             .and_then(|r| r.summary.clone())
             .unwrap_or_else(|| {
@@ -284,7 +523,8 @@ mod tests {
             "[[rule]]\nname = \"low\"\nkind = \"threshold\"\nmeasurement = \"traffic\"\nfield = \"events\"\nop = \"<\"\nvalue = 100\nsummary = \"Likes are low\"\nlabels = { severity = \"page\" }\n",
         )
         .unwrap();
-        let mut sender = Sender::new("http://127.0.0.1:1/", Arc::new(rules));
+        let (_keep, rules) = watch::channel(Arc::new(rules));
+        let mut sender = Sender::new("http://127.0.0.1:1/", rules);
         assert_eq!(sender.endpoint, "http://127.0.0.1:1/api/v2/alerts");
         assert!(!sender.take(&update(vec![point(0, AlertState::Pending, 90.0)])));
         assert!(sender.take(&update(vec![point(1, AlertState::Firing, 80.0)])));
@@ -305,5 +545,38 @@ mod tests {
         assert_eq!(out[0]["endsAt"], EventTime(4 * 60_000).to_rfc3339());
         // A resolution of nothing firing sends nothing.
         assert!(!sender.take(&update(vec![point(4, AlertState::Resolved, 120.0)])));
+    }
+
+    #[test]
+    fn the_book_writes_each_change_to_its_file_and_reads_it_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rules.toml");
+        let book = RulesBook::open(path.clone()).unwrap();
+        assert!(book.rules().is_empty());
+        let changes = book.subscribe();
+        let rule = |value: i64| {
+            Rule::from_json(
+                &json!({"kind": "threshold", "measurement": "traffic", "field": "events",
+                    "where": {"event_type": "like"}, "group_by": ["country"],
+                    "op": "<", "value": value, "for": 3, "labels": {"severity": "page"}}),
+                Some("likes_low"),
+            )
+            .unwrap()
+        };
+        assert!(book.put(rule(100)).unwrap(), "new");
+        assert!(changes.has_changed().unwrap());
+        assert!(!book.put(rule(50)).unwrap(), "replaced");
+        let reread = RulesBook::open(path.clone()).unwrap();
+        assert_eq!(reread.rules().rules(), [rule(50)]);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.contains("[[rule]]\nname = \"likes_low\"\nkind = \"threshold\""),
+            "{text}"
+        );
+        assert!(book.delete("likes_low").unwrap());
+        assert!(!book.delete("likes_low").unwrap());
+        assert!(RulesBook::open(path).unwrap().rules().is_empty());
+        std::fs::write(dir.path().join("bad.toml"), "[[rule]]\nname = 1\n").unwrap();
+        assert!(RulesBook::open(dir.path().join("bad.toml")).is_err());
     }
 }

@@ -291,6 +291,8 @@ pub struct ServerState {
     dashboard_ingest_key: std::sync::OnceLock<String>,
     /// See [`ServerState::set_serving_dir`].
     serving_dir: std::sync::OnceLock<PathBuf>,
+    /// See [`ServerState::set_alert_rules`].
+    alert_rules: std::sync::OnceLock<Arc<alerting::RulesBook>>,
 }
 
 impl ServerState {
@@ -338,7 +340,18 @@ impl ServerState {
             hot_points,
             dashboard_ingest_key: std::sync::OnceLock::new(),
             serving_dir: std::sync::OnceLock::new(),
+            alert_rules: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The alert rules the rules API reads and changes (a server without
+    /// them answers that API with 503).
+    pub fn set_alert_rules(&self, book: Arc<alerting::RulesBook>) {
+        let _ = self.alert_rules.set(book);
+    }
+
+    pub(crate) fn alert_rules(&self) -> Option<&Arc<alerting::RulesBook>> {
+        self.alert_rules.get()
     }
 
     /// Credentials and the audit log.
@@ -589,6 +602,36 @@ pub fn router_and_routes(state: Arc<ServerState>) -> (Router, Vec<Route>) {
                 &[],
             ),
             metrics_page,
+        )
+        .add(
+            route(
+                Get,
+                "/api/v1/alerts/rules",
+                Some(ReadMetrics),
+                "The business alert rules",
+                &[],
+            ),
+            alerting::list_rules,
+        )
+        .add(
+            route(
+                Put,
+                "/api/v1/alerts/rules/{name}",
+                Some(WriteAlerts),
+                "Add an alert rule or replace the rule of that name",
+                &[],
+            ),
+            alerting::put_rule,
+        )
+        .add(
+            route(
+                Delete,
+                "/api/v1/alerts/rules/{name}",
+                Some(WriteAlerts),
+                "Remove an alert rule",
+                &[],
+            ),
+            alerting::delete_rule,
         )
         .add(
             route(Get, "/api/v1/users", Some(ManageUsers), "The users", &[]),

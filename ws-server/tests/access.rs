@@ -46,6 +46,16 @@ impl Store for EmptyStore {
 struct Server {
     state: Arc<ServerState>,
     dir: tempfile::TempDir,
+    rules: Arc<tidemark_ws_server::alerting::RulesBook>,
+}
+
+fn rule(name: &str) -> tidemark_processor::alerts::Rule {
+    tidemark_processor::alerts::Rule::from_json(&rule_json(), Some(name)).unwrap()
+}
+
+fn rule_json() -> Value {
+    json!({"kind": "threshold", "measurement": "traffic", "field": "events",
+        "where": {"event_type": "like"}, "op": "<", "value": 100, "for": 3})
 }
 
 const PASSWORD: &str = "a long password";
@@ -74,7 +84,11 @@ fn server() -> Server {
         access,
     ));
     state.set_serving_dir(dir.path().to_path_buf());
-    Server { state, dir }
+    let rules = Arc::new(
+        tidemark_ws_server::alerting::RulesBook::open(dir.path().join("alert-rules.toml")).unwrap(),
+    );
+    state.set_alert_rules(rules.clone());
+    Server { state, dir, rules }
 }
 
 impl Server {
@@ -197,6 +211,19 @@ fn cases() -> Vec<Case> {
         ),
         case(Method::GET, "/api/v1/query/tables", RunQueries, None),
         case(Method::GET, "/metrics", ReadMetrics, None),
+        case(Method::GET, "/api/v1/alerts/rules", ReadMetrics, None),
+        case(
+            Method::PUT,
+            "/api/v1/alerts/rules/likes_low",
+            WriteAlerts,
+            Some(rule_json()),
+        ),
+        case(
+            Method::DELETE,
+            "/api/v1/alerts/rules/doomed",
+            WriteAlerts,
+            None,
+        ),
         case(Method::GET, "/api/v1/users", ManageUsers, None),
         case(
             Method::PUT,
@@ -310,6 +337,7 @@ async fn every_route_answers_each_credential_as_its_role_allows() {
                 .users()
                 .create_token(Role::Analyst, "doomed")
                 .unwrap();
+            server.rules.put(rule("doomed")).unwrap();
             let path = case.path.replace("{id}", &id);
             let (status, _, body) = server
                 .call(
@@ -619,5 +647,59 @@ async fn the_serving_history_lists_promotes_and_rollbacks_newest_first() {
             .as_str()
             .is_some_and(|e| e.contains("serving file")),
         "{answer}"
+    );
+}
+
+#[tokio::test]
+async fn managers_change_alert_rules_checked_written_and_audited() {
+    let server = server();
+    let (_, tokens) = server.login("manager", PASSWORD).await;
+    let manager = tokens["access_token"].as_str().unwrap().to_string();
+    let call = |method: Method, path: &'static str, body: Option<Value>| {
+        let (server, manager) = (&server, manager.clone());
+        async move { server.call(method, path, Some(&manager), body).await }
+    };
+    let path = "/api/v1/alerts/rules/likes_low";
+
+    let (status, _, body) = call(Method::PUT, path, Some(json!({"kind": "threshold"}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(
+        body["error"],
+        "alert rule `likes_low`: `measurement` is missing"
+    );
+    let (status, _, body) = call(Method::PUT, path, Some(rule_json())).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["name"], "likes_low");
+    let mut changed = rule_json();
+    changed["value"] = json!(50);
+    let (status, _, _) = call(Method::PUT, path, Some(changed)).await;
+    assert_eq!(status, StatusCode::OK, "replaced");
+    let (status, _, body) = call(Method::GET, "/api/v1/alerts/rules", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["rules"][0]["value"], 50.0);
+    assert_eq!(body["rules"][0]["for"], 3);
+    // The file holds what the API answers.
+    let file =
+        tidemark_ws_server::alerting::RulesBook::open(server.dir.path().join("alert-rules.toml"))
+            .unwrap();
+    assert_eq!(file.rules().rules().len(), 1);
+
+    let (status, _, _) = call(Method::DELETE, path, None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _, body) = call(Method::DELETE, path, None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    let actions: Vec<(String, String)> = server
+        .audit_entries()
+        .iter()
+        .filter(|e| e["action"].as_str().unwrap_or("").starts_with("alert_rule"))
+        .map(|e| (e["action"].as_str().unwrap().into(), e["actor"].to_string()))
+        .collect();
+    assert_eq!(
+        actions.iter().map(|(a, _)| a.as_str()).collect::<Vec<_>>(),
+        ["alert_rule_put", "alert_rule_put", "alert_rule_delete"]
+    );
+    assert!(
+        actions.iter().all(|(_, actor)| actor.contains("manager")),
+        "{actions:?}"
     );
 }
