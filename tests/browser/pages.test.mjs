@@ -11,7 +11,7 @@
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { bin, freePort, launchChromium, root, waitFor } from './harness.mjs';
@@ -38,6 +38,12 @@ before(async () => {
   port = await freePort();
   dataDir = mkdtempSync(join(tmpdir(), 'tidemark-pages-'));
   base = `http://127.0.0.1:${port}`;
+  // A rule that fires in every window with views, so the Alerts page, its
+  // history and the banner have something to show.
+  writeFileSync(join(dataDir, 'alert-rules.toml'), [
+    '[[rule]]', 'name = "views_seen"', 'kind = "threshold"', 'measurement = "traffic"', 'field = "events"',
+    'where = { event_type = "view" }', 'op = ">="', 'value = 1', 'summary = "Views are coming in"', '',
+  ].join('\n'));
   started = Date.now();
   admin = await startDemo();
   adminToken = (await post('/api/v1/auth/login', admin)).access_token;
@@ -409,7 +415,7 @@ test('login screenshots', async () => {
 });
 
 test('no page is wider than a 390 px screen', async () => {
-  const paths = ['/', '/trending', '/ads', '/engagement', '/query', '/admin'];
+  const paths = ['/', '/trending', '/ads', '/engagement', '/alerts', '/query', '/admin'];
   for (const path of paths) {
     const page = await open(path, admin, 390, 'light');
     await waitFor(`live data on ${path}`, async () => !firstData[path] || firstData[path](page), 30_000);
@@ -449,6 +455,34 @@ test('engagement, query and admin screenshots', async () => {
       return { table: table.scrollWidth, shown: scroll.clientWidth };
     });
     assert.ok(box.table <= box.shown, `the audit table is ${box.table} px wide in ${box.shown} px`);
+  });
+});
+
+test('alerts: a firing rule is listed live, in the history and as a banner on other pages', async () => {
+  const page = await open('/alerts');
+  await waitFor('the rule', async () => (await page.locator('[data-rule="views_seen"]').count()) === 1, 30_000);
+  // The first window closes a minute after its end (the allowed lateness).
+  await waitFor('views_seen firing', async () =>
+    (await page.locator('[data-alert="views_seen"] .state-firing').count()) === 1, 240_000);
+  // Stored once the writer's batch is in.
+  const history = await waitFor('the stored alerts', async () => {
+    const answer = await fetch(`${base}/api/v1/alerts?rule=views_seen`, {
+      headers: { authorization: `Bearer ${adminToken}` },
+    }).then((r) => r.json());
+    return answer.alerts.length > 0 && answer;
+  }, 30_000);
+  assert.ok(history.alerts.every((a) => a.state === 'firing' && a.rule === 'views_seen'), JSON.stringify(history));
+  await waitFor('the history table', async () =>
+    (await page.getByTestId('alerts-history').innerText()).includes('views_seen'), 60_000);
+  await page.close();
+  const overview = await open('/');
+  await waitFor('the banner', async () =>
+    (await overview.getByTestId('alert-banner').count()) === 1
+    && (await overview.getByTestId('alert-banner').innerText()).includes('views_seen'), 30_000);
+  await overview.close();
+  await screenshots('alerts', '/alerts', async (p) => {
+    await waitFor('views_seen firing', async () =>
+      (await p.locator('[data-alert="views_seen"] .state-firing').count()) === 1, 30_000);
   });
 });
 

@@ -165,6 +165,19 @@ async fn a_threshold_fires_and_resolves_in_its_windows_in_the_store_in_alertmana
         ]
     );
 
+    let history = t
+        .get_json(&format!("/api/v1/alerts?from={base}&to={}", at(10)))
+        .await;
+    let states: Vec<&str> = (history["alerts"].as_array().unwrap().iter())
+        .map(|a| a["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        states,
+        ["resolved", "firing", "firing", "firing", "pending"],
+        "{history}"
+    );
+    assert_eq!(history["alerts"][0]["time"], EventTime(at(6)).to_rfc3339());
+
     // Replay rebuilds the alerts from the log alone, equal to live's.
     let (from, to) = (base.to_string(), at(8).to_string());
     let out = replay(

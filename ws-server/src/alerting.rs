@@ -305,6 +305,67 @@ pub(crate) async fn delete_rule(
     Ok(axum::http::StatusCode::NO_CONTENT.into_response())
 }
 
+#[derive(Debug, serde::Deserialize)]
+pub(crate) struct HistoryParams {
+    from: Option<String>,
+    to: Option<String>,
+    rule: Option<String>,
+}
+
+/// The most alert points one history answer holds (the newest).
+const HISTORY_LIMIT: usize = 5_000;
+
+/// `GET /api/v1/alerts?from=T&to=T&rule=R` (default: the last 24 hours):
+/// the stored `alerts` points, newest first, as `{"alerts": [{"time",
+/// "rule", "tags", "state", "value", "threshold"}], "truncated"}`.
+pub(crate) async fn history(
+    axum::extract::State(state): axum::extract::State<Arc<crate::ServerState>>,
+    query: Result<axum::extract::Query<HistoryParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<axum::Json<Value>, crate::ServerError> {
+    let axum::extract::Query(p) =
+        query.map_err(|e| crate::ServerError::BadRequest(e.body_text()))?;
+    let (from, to) = crate::pipelines::range(
+        p.from.as_deref(),
+        p.to.as_deref(),
+        Duration::from_secs(24 * 3600),
+        EventTime::now(),
+    )?;
+    let points = state
+        .reader()
+        .points(Tier::Rt, MEASUREMENT, from, to)
+        .await?;
+    let mut alerts: Vec<&Point> = (points.iter())
+        .filter(|p| p.time >= from && p.time < to)
+        .filter(|pt| p.rule.as_deref().is_none_or(|r| pt.tag("rule") == Some(r)))
+        .collect();
+    alerts.sort_by(|a, b| b.time.cmp(&a.time).then_with(|| a.tags.cmp(&b.tags)));
+    let truncated = alerts.len() > HISTORY_LIMIT;
+    let alerts: Vec<Value> = (alerts.iter().take(HISTORY_LIMIT))
+        .map(|pt| {
+            let tags: serde_json::Map<String, Value> = (pt.tags.iter())
+                .filter(|(k, _)| k != "rule")
+                .map(|(k, v)| (k.clone(), json!(v)))
+                .collect();
+            let state = pt
+                .field("state")
+                .and_then(|s| AlertState::from_code(s.as_f64() as i64))
+                .map(AlertState::name);
+            let number = |f: &str| pt.field(f).map(|v| crate::json_number(v.as_f64()));
+            json!({
+                "time": pt.time.to_rfc3339(),
+                "rule": pt.tag("rule").unwrap_or(""),
+                "tags": tags,
+                "state": state,
+                "value": number("value"),
+                "threshold": number("threshold"),
+            })
+        })
+        .collect();
+    Ok(axum::Json(
+        json!({ "alerts": alerts, "truncated": truncated }),
+    ))
+}
+
 fn book_error(e: BookError) -> crate::ServerError {
     match e {
         BookError::Invalid(e) => crate::ServerError::BadRequest(e.to_string()),

@@ -606,6 +606,16 @@ pub fn router_and_routes(state: Arc<ServerState>) -> (Router, Vec<Route>) {
         .add(
             route(
                 Get,
+                "/api/v1/alerts",
+                Some(ReadMetrics),
+                "Business alerts over time: each window a rule was pending, firing or resolved in",
+                &["from", "to", "rule"],
+            ),
+            alerting::history,
+        )
+        .add(
+            route(
+                Get,
                 "/api/v1/alerts/rules",
                 Some(ReadMetrics),
                 "The business alert rules",

@@ -211,6 +211,12 @@ fn cases() -> Vec<Case> {
         ),
         case(Method::GET, "/api/v1/query/tables", RunQueries, None),
         case(Method::GET, "/metrics", ReadMetrics, None),
+        case(
+            Method::GET,
+            leak(format!("/api/v1/alerts?{range}")),
+            ReadMetrics,
+            None,
+        ),
         case(Method::GET, "/api/v1/alerts/rules", ReadMetrics, None),
         case(
             Method::PUT,

@@ -25,6 +25,7 @@ export const PAGES: PageEntry[] = [
   { path: '/trending', title: 'Trending', needs: ['metrics:read'] },
   { path: '/ads', title: 'Ads', needs: ['metrics:read'] },
   { path: '/engagement', title: 'Engagement', needs: ['metrics:read'] },
+  { path: '/alerts', title: 'Alerts', needs: ['metrics:read'] },
   { path: '/query', title: 'Query', needs: ['query:run'] },
   { path: '/admin', title: 'Admin', needs: ['users:manage', 'audit:read', 'operations:read'] },
 ];
