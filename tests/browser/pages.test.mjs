@@ -382,7 +382,7 @@ test('admin lists users, creates a token shown once, revokes it, and filters the
 test('an analyst is not offered Admin and is told "not allowed" on its URL', async () => {
   const page = await open('/', ANALYST);
   const offered = await page.getByRole('navigation', { name: 'Pages' }).getByRole('link').allInnerTexts();
-  assert.deepEqual(offered, ['Overview', 'Trending', 'Ads', 'Engagement', 'Query']);
+  assert.deepEqual(offered, ['Overview', 'Trending', 'Ads', 'Engagement', 'Alerts', 'Query']);
   await page.goto(`${base}/admin`);
   await page.getByLabel('Name').fill(ANALYST.name);
   await page.getByLabel('Password').fill(ANALYST.password);
