@@ -151,6 +151,18 @@ impl PrometheusServer {
             .unwrap_or_default()
     }
 
+    /// Each scrape target's URL, health and last error, for failure messages.
+    pub async fn targets(&self) -> String {
+        let reply = get_json(&format!("{}/api/v1/targets", self.url)).await;
+        let targets = reply["data"]["activeTargets"].as_array().cloned();
+        targets
+            .unwrap_or_default()
+            .iter()
+            .map(|t| format!("{} {} {}", t["scrapeUrl"], t["health"], t["lastError"]))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// Prometheus' own log, for failure messages.
     pub fn output(&self) -> String {
         self.daemon.output()

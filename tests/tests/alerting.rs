@@ -15,6 +15,11 @@ use tidemark_tests::{Generator, InfluxServer, Tidemark};
 
 const ALERT: &str = "TidemarkStoreWritesFailing";
 
+/// From the start to the store seen up: the first write comes when the
+/// first minute closes (at most 60 s plus the 5 s out-of-orderness), then a
+/// 1 s scrape.
+const STORE_UP_TIMEOUT: Duration = Duration::from_secs(150);
+
 /// From InfluxDB stopping to the alert in Alertmanager: the next write comes
 /// when the next minute closes (at most 60 s plus the 5 s out-of-orderness),
 /// fails at once, and Prometheus (1 s scrapes and evaluations) passes it on.
@@ -126,17 +131,24 @@ async fn a_stopped_store_fires_store_writes_failing_in_alertmanager_and_its_retu
     .await;
 
     // Scraped with the token, and writing: the store is up.
-    tidemark_tests::wait_until(
-        "Prometheus to see the store up",
-        Duration::from_secs(60),
-        || async {
-            !prometheus
-                .query("tidemark_writer_store_up == 1 and tidemark_writer_batches_total > 0")
+    let up = "tidemark_writer_store_up == 1 and tidemark_writer_batches_total > 0";
+    let started = Instant::now();
+    while prometheus.query(up).await.is_empty() {
+        assert!(
+            started.elapsed() < STORE_UP_TIMEOUT,
+            "Prometheus did not see the store up within {STORE_UP_TIMEOUT:?}\n\
+             targets: {}\nthe run's metrics: {}\nPrometheus: {}",
+            prometheus.targets().await,
+            t.metrics_text()
                 .await
-                .is_empty()
-        },
-    )
-    .await;
+                .lines()
+                .filter(|l| l.starts_with("tidemark_writer"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            prometheus.output(),
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     assert!(!am.alerts().await.iter().any(is_active));
 
     influx.stop();
