@@ -199,8 +199,10 @@ async fn server() -> Server {
         None,
         access,
     ));
-    let change = |time: &str, action, database: &str, previous: &str| ServingChange {
-        time: time.into(),
+    // Times of today, as every time here, so that the samples' times
+    // (shifted to `SAMPLE_DAY`) do not change with the day the test runs on.
+    let change = |minute_of_day: i64, action, database: &str, previous: &str| ServingChange {
+        time: EventTime(today() + minute_of_day * MINUTE).to_rfc3339(),
         action,
         database: database.into(),
         previous: previous.into(),
@@ -208,21 +210,11 @@ async fn server() -> Server {
     };
     let promoted = Serving::switched(
         None,
-        change(
-            "2026-12-03T09:00:00Z",
-            ServingAction::Promote,
-            "v2",
-            "tidemark",
-        ),
+        change(9 * 60, ServingAction::Promote, "v2", "tidemark"),
     );
     let rolled_back = Serving::switched(
         Some(promoted),
-        change(
-            "2026-12-03T09:30:00Z",
-            ServingAction::Rollback,
-            "tidemark",
-            "v2",
-        ),
+        change(9 * 60 + 30, ServingAction::Rollback, "tidemark", "v2"),
     );
     write_serving(dir.path(), &rolled_back).unwrap();
     state.set_serving_dir(dir.path().to_path_buf());

@@ -383,14 +383,14 @@ export const samples: WireSamples = {
         "by": "cli:alice",
         "database": "tidemark",
         "previous": "v2",
-        "time": "2026-11-29T09:30:00Z"
+        "time": "2026-12-03T09:30:00Z"
       },
       {
         "action": "promote",
         "by": "cli:alice",
         "database": "v2",
         "previous": "tidemark",
-        "time": "2026-11-29T09:00:00Z"
+        "time": "2026-12-03T09:00:00Z"
       }
     ],
     "live_database": "tidemark"
