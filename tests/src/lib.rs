@@ -415,10 +415,26 @@ pub async fn settle_at(t: &Tidemark, watermark: i64) {
 }
 
 /// Polls `probe` every 100 ms until it holds; panics after `timeout`.
-pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut probe: F)
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, probe: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
+{
+    wait_until_else(what, timeout, probe, || async { String::new() }).await;
+}
+
+/// [`wait_until`], and on the timeout the panic says what `explain` finds
+/// then (the services' state and logs), so a failure shows its reason.
+pub async fn wait_until_else<F, Fut, E, EFut>(
+    what: &str,
+    timeout: Duration,
+    mut probe: F,
+    explain: E,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+    E: FnOnce() -> EFut,
+    EFut: std::future::Future<Output = String>,
 {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
@@ -427,7 +443,10 @@ where
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("timed out after {timeout:?} waiting for {what}");
+    panic!(
+        "timed out after {timeout:?} waiting for {what}\n{}",
+        explain().await
+    );
 }
 
 /// The value of a Prometheus sample whose name and labels contain all of `parts`.

@@ -230,13 +230,35 @@ pub fn serve_args(brokers: &str, influx_url: &str) -> Vec<String> {
 /// merged in (a JSON merge patch), as docs/api.md describes.
 #[derive(Debug)]
 pub struct OverviewClient {
-    ws: tokio_tungstenite::WebSocketStream<
-        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-    >,
+    ws: WebSocket,
     /// The channel's data and the `seq` it is at, once a snapshot came.
     data: Option<(u64, Value)>,
     /// Window start (ms) → (final, events per event type).
     pub windows: BTreeMap<i64, (bool, BTreeMap<String, u64>)>,
+}
+
+/// A client's connection to the server's `/ws`.
+pub type WebSocket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Connects to `base`'s `/ws`, authenticates with `token` and subscribes to
+/// `channel`; its messages are the caller's to read.
+pub async fn subscribe(base: &str, token: &str, channel: &str) -> WebSocket {
+    let url = format!("{}/ws", base.replacen("http://", "ws://", 1));
+    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("WebSocket connects");
+    for op in [
+        serde_json::json!({"op": "auth", "token": token}),
+        serde_json::json!({"op": "subscribe", "channel": channel}),
+    ] {
+        (ws.send(tokio_tungstenite::tungstenite::Message::text(
+            op.to_string(),
+        ))
+        .await)
+            .expect("auth and subscribe sent");
+    }
+    ws
 }
 
 const SUBSCRIBE_OVERVIEW: &str = r#"{"op":"subscribe","channel":"overview"}"#;
@@ -244,20 +266,7 @@ const SUBSCRIBE_OVERVIEW: &str = r#"{"op":"subscribe","channel":"overview"}"#;
 impl OverviewClient {
     /// Connects to `base`'s `/ws` with `token` and subscribes.
     pub async fn connect(base: &str, token: &str) -> OverviewClient {
-        let url = format!("{}/ws", base.replacen("http://", "ws://", 1));
-        let (mut ws, _) = tokio_tungstenite::connect_async(url)
-            .await
-            .expect("WebSocket connects");
-        ws.send(tokio_tungstenite::tungstenite::Message::text(
-            serde_json::json!({"op": "auth", "token": token}).to_string(),
-        ))
-        .await
-        .expect("auth");
-        ws.send(tokio_tungstenite::tungstenite::Message::text(
-            SUBSCRIBE_OVERVIEW,
-        ))
-        .await
-        .expect("subscribe");
+        let ws = subscribe(base, token, "overview").await;
         OverviewClient {
             ws,
             data: None,

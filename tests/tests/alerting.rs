@@ -132,23 +132,24 @@ async fn a_stopped_store_fires_store_writes_failing_in_alertmanager_and_its_retu
 
     // Scraped with the token, and writing: the store is up.
     let up = "tidemark_writer_store_up == 1 and tidemark_writer_batches_total > 0";
-    let started = Instant::now();
-    while prometheus.query(up).await.is_empty() {
-        assert!(
-            started.elapsed() < STORE_UP_TIMEOUT,
-            "Prometheus did not see the store up within {STORE_UP_TIMEOUT:?}\n\
-             targets: {}\nthe run's metrics: {}\nPrometheus: {}",
-            prometheus.targets().await,
-            t.metrics_text()
-                .await
-                .lines()
+    tidemark_tests::wait_until_else(
+        "Prometheus to see the store up",
+        STORE_UP_TIMEOUT,
+        || async { !prometheus.query(up).await.is_empty() },
+        || async {
+            let metrics = t.metrics_text().await;
+            let writer: Vec<&str> = (metrics.lines())
                 .filter(|l| l.starts_with("tidemark_writer"))
-                .collect::<Vec<_>>()
-                .join("\n"),
-            prometheus.output(),
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+                .collect();
+            format!(
+                "targets: {}\nthe run's metrics: {}\nPrometheus: {}",
+                prometheus.targets().await,
+                writer.join("\n"),
+                prometheus.output()
+            )
+        },
+    )
+    .await;
     assert!(!am.alerts().await.iter().any(is_active));
 
     influx.stop();
